@@ -1,0 +1,19 @@
+"""Errors that reach the user as one line and exit code 2, and the lazy import guard for optional extras."""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+class UsageError(Exception):
+    """Bad input: the message says what to change. The CLI prints it on one line and exits 2."""
+
+
+class LengthError(UsageError):
+    """A prompt cannot be built, or was seen, at the exact requested token length."""
+
+
+def require_extra(module: str, extra: str) -> None:
+    """Fail with the install line when an optional dependency is missing (before importing it)."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{module} is not installed: pip install 'evalctx[{extra}]'")

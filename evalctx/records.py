@@ -1,0 +1,151 @@
+"""The typed records that flow through evalctx: sample -> generation result -> score -> one flat row.
+
+Units live in the names (``latency_s``, ``context_length`` in tokens, ``depth`` as a fraction). Missing values are
+``None``, never sentinels; an error is a field of its own and never text handed to a scorer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Sample:
+    """One prompt of one task at one exact length and depth."""
+
+    id: str
+    """Stable hash of (task, task version, parameters, seed, tokenizer fingerprint, prompt mode)."""
+    task: str
+    """Task name, e.g. ``passkey`` or ``niah_single``."""
+    context_length: int
+    """Requested and asserted length of the whole prompt in tokens (BOS included when the tokenizer adds one)."""
+    depth: float
+    """Requested needle depth as a fraction of the haystack: 0.0 = start, 1.0 = end."""
+    seed: int
+    """Seed that, with the other fields, reproduces this sample exactly."""
+    prompt: str
+    """The whole rendered prompt text (raw completion text or the chat-templated text)."""
+    prompt_ids: list[int]
+    """Token ids of ``prompt`` as the tokenizer gives them; ``len(prompt_ids) == context_length``."""
+    target: list[str]
+    """Reference answers; scorers define how they are matched."""
+    needle_token_index: int
+    """Index in ``prompt_ids`` of the first token of the (first) needle."""
+    max_new_tokens: int
+    """Generation budget for this sample."""
+    add_special_tokens: bool = True
+    """Whether ``prompt_ids`` were made with the tokenizer's special tokens (raw mode) or not (chat mode)."""
+    prompt_mode: str = "raw"
+    """``raw`` (completion text ending in the answer prefix) or ``chat`` (the tokenizer's chat template)."""
+    depth_actual: float | None = None
+    """Where the needle really sits: needle token offset within the haystack / haystack tokens."""
+    scorer: str = "string_match_all"
+    """Name of the scorer in :mod:`evalctx.scoring`."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Task-specific extras (haystack name, key, template variant); flattened as ``meta_*`` columns."""
+
+    def to_json(self, with_ids: bool = False) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not with_ids:
+            d.pop("prompt_ids")
+        return d
+
+
+@dataclass
+class GenerationRequest:
+    """What a backend receives for one sample: token ids are authoritative, text is for servers that need it."""
+
+    sample_id: str
+    prompt_ids: list[int]
+    prompt: str
+    max_new_tokens: int
+    add_special_tokens: bool = True
+    prompt_mode: str = "raw"
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Per-request options (e.g. a LoRA task uid)."""
+
+
+@dataclass
+class GenerationResult:
+    """What a backend returns for one request, in the same order as the batch."""
+
+    text: str | None
+    """Generated text (None when ``error`` is set)."""
+    n_prompt_tokens: int | None = None
+    """Prompt length in tokens as the backend saw it (checked against the request)."""
+    n_output_tokens: int | None = None
+    latency_s: float | None = None
+    """Wall time of this request, prefill and decode."""
+    ttft_s: float | None = None
+    """Time to first token (prefill time); None where it cannot be measured."""
+    batch_size: int = 1
+    finish_reason: str | None = None
+    error: str | None = None
+    """One-line error; the sample becomes an error row and is not scored."""
+    peak_memory_bytes: int | None = None
+    """Peak accelerator memory during this request, where the backend can tell."""
+
+
+@dataclass
+class Score:
+    value: float
+    """In 0..1."""
+    extracted: str | None
+    """The answer the scorer read from the completion."""
+    why: str = ""
+
+
+@dataclass
+class SampleRecord:
+    """One flat row of results.parquet: one sample, one attempt."""
+
+    run_id: str
+    sample_id: str
+    task: str
+    context_length: int
+    depth: float
+    depth_actual: float | None
+    seed: int
+    prompt_mode: str
+    needle_token_index: int
+    target: str
+    """Reference answers joined with ``|`` (the list is in ``meta``/the journal)."""
+    completion: str | None
+    extracted: str | None
+    score: float | None
+    """None for error and unsupported rows: they are counted, never scored as wrong."""
+    status: str
+    """``ok``, ``error`` or ``unsupported``."""
+    n_prompt_tokens: int | None
+    n_output_tokens: int | None
+    latency_s: float | None
+    ttft_s: float | None
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float | None
+    batch_size: int | None
+    finish_reason: str | None
+    peak_memory_bytes: int | None
+    error: str | None
+    prompt_sha1: str
+    scorer: str
+    max_new_tokens: int
+    replica: int = 0
+    finished_at: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Backend/engine columns and task meta; flattened into the row when written."""
+
+    def to_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        extra = row.pop("extra") or {}
+        for k, v in extra.items():
+            row.setdefault(k, v)
+        return row
+
+
+def record_fields() -> list[str]:
+    """Column order of the fixed part of a results row."""
+    return [f.name for f in dataclasses.fields(SampleRecord) if f.name != "extra"]

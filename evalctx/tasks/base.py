@@ -1,0 +1,36 @@
+"""The task contract: a generator of token-exact samples, deterministic from (task, options, seed, tokenizer)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+from evalctx.records import Sample
+from evalctx.tokenizer import Tokenizer
+
+
+class Task:
+    """Subclasses set the class attributes and implement ``make_sample``.
+
+    ``options`` are the task's own suite options (``[tasks.options]``); unknown keys must raise UsageError.
+    """
+
+    name: ClassVar[str] = "base"
+    version: ClassVar[int] = 1
+    """Bump when the prompt or generation changes: it is part of every sample id."""
+    scorer: ClassVar[str] = "string_match_all"
+    default_max_new_tokens: ClassVar[int] = 32
+    description: ClassVar[str] = ""
+
+    def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
+                 prompt_mode: str = "raw") -> None:
+        self.tokenizer = tokenizer
+        self.options = dict(options or {})
+        self.prompt_mode = prompt_mode
+
+    def make_sample(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> Sample:
+        """One sample whose prompt is exactly ``context_length`` tokens; raises LengthError if it cannot be."""
+        raise NotImplementedError
+
+    def min_length(self) -> int:
+        """The shortest context_length this task can build with this tokenizer and mode."""
+        raise NotImplementedError
