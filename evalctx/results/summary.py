@@ -1,0 +1,49 @@
+"""Per-cell summaries of a results DataFrame: counts, accuracy with a Wilson 95% interval, latency percentiles."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+from evalctx.stats import wilson_interval
+
+DEFAULT_BY: tuple[str, ...] = ("task", "context_length", "depth")
+
+SUMMARY_COLUMNS = [
+    "n", "n_ok", "n_error", "n_unsupported", "accuracy", "ci_low", "ci_high",
+    "latency_s_p50", "latency_s_p95", "ttft_s_p50", "prefill_tokens_per_s_p50", "n_empty",
+]
+
+
+def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
+    """One row per group. Accuracy is the mean score over scored (status ok) rows only: error and unsupported
+    rows are counted apart and never scored as wrong; ``n`` is the number of scored rows."""
+    by = [c for c in by if c in df.columns]
+    rows = []
+    for key, g in df.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        ok = g[g["status"] == "ok"]
+        n = int(len(ok))
+        total = float(ok["score"].sum()) if n else 0.0
+        lo, hi = wilson_interval(total, n)
+        lat = ok["latency_s"].dropna()
+        ttft = ok["ttft_s"].dropna() if "ttft_s" in ok else pd.Series(dtype=float)
+        pre = ok["prefill_tokens_per_s"].dropna() if "prefill_tokens_per_s" in ok else pd.Series(dtype=float)
+        comp = ok["completion"].fillna("") if "completion" in ok else pd.Series(dtype=str)
+        rows.append({
+            **dict(zip(by, key)),
+            "n": n,
+            "n_ok": n,
+            "n_error": int((g["status"] == "error").sum()),
+            "n_unsupported": int((g["status"] == "unsupported").sum()),
+            "accuracy": total / n if n else float("nan"),
+            "ci_low": lo,
+            "ci_high": hi,
+            "latency_s_p50": float(lat.median()) if len(lat) else float("nan"),
+            "latency_s_p95": float(lat.quantile(0.95)) if len(lat) else float("nan"),
+            "ttft_s_p50": float(ttft.median()) if len(ttft) else float("nan"),
+            "prefill_tokens_per_s_p50": float(pre.median()) if len(pre) else float("nan"),
+            "n_empty": int((comp.str.strip() == "").sum()),
+        })
+    return pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS])
