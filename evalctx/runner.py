@@ -1,0 +1,358 @@
+"""The evaluation loop: shard specs over replicas, build prompts where they run, generate, score, journal, gather.
+
+Every rank runs ``run()``. Leaders build and broadcast batches, followers only generate; world rank 0 also writes
+the manifest, the unsupported rows, the merged table and the summary. Resume is by sample id across journals, so a
+rerun with any rank count finishes the same run with nothing lost or doubled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import hashlib
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
+from evalctx.config import Suite, config_hash
+from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
+from evalctx.errors import LengthError, UsageError
+from evalctx.progress import Progress
+from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
+from evalctx.results import rundir
+from evalctx.sampling import SampleBuilder, SampleSpec, enumerate_specs
+from evalctx.scoring import get_scorer
+from evalctx.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class RunConfig:
+    suite: Suite
+    backend: str
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer spec; defaults to the model directory."""
+    out_dir: Path = Path("results")
+    run_id: str | None = None
+    label: str | None = None
+    batch_size: int | None = None
+    retry_errors: bool = True
+    progress: bool = True
+    command: str = ""
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    n_total: int
+    n_new: int
+    status: str
+    summary: Any = None
+    """pandas DataFrame (rank 0 only)."""
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("evalctx", "numpy", "pandas", "pyarrow", "torch", "transformers", "tokenizers", "mpi4py",
+                "tensorrt_llm"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _gpus() -> list[str]:
+    torch = sys.modules.get("torch")  # only if a backend already imported it: never import torch for this
+    if torch is None or not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def shard(specs: Sequence[SampleSpec], n_replicas: int) -> list[list[SampleSpec]]:
+    """Longest-processing-time-first: each spec goes to the replica with the fewest tokens so far; within a replica
+    the longest prompts run first so an out-of-memory shows up at once."""
+    loads = [0] * n_replicas
+    shards: list[list[SampleSpec]] = [[] for _ in range(n_replicas)]
+    for s in sorted(specs, key=lambda s: (-s.context_length, s.id)):
+        r = min(range(n_replicas), key=lambda i: (loads[i], i))
+        shards[r].append(s)
+        loads[r] += s.context_length + s.max_new_tokens
+    return shards
+
+
+def batches(specs: Sequence[SampleSpec], batch_size: int) -> list[list[SampleSpec]]:
+    """Consecutive specs of equal length and budget, at most ``batch_size`` each (equal lengths need no padding)."""
+    out: list[list[SampleSpec]] = []
+    for s in specs:
+        if out and len(out[-1]) < batch_size and out[-1][0].context_length == s.context_length \
+                and out[-1][0].max_new_tokens == s.max_new_tokens:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any]) -> dict:
+    status = "error" if res.error is not None or res.text is None else "ok"
+    sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
+    prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
+    decode_tps = None
+    if res.latency_s and res.ttft_s is not None and res.n_output_tokens and res.n_output_tokens > 1 \
+            and res.latency_s > res.ttft_s:
+        decode_tps = (res.n_output_tokens - 1) / (res.latency_s - res.ttft_s)
+    meta = {f"meta_{k}": v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool))}
+    rec = SampleRecord(
+        run_id=run_id, sample_id=sample.id, task=sample.task, context_length=sample.context_length,
+        depth=sample.depth, depth_actual=sample.depth_actual, seed=sample.seed, prompt_mode=sample.prompt_mode,
+        needle_token_index=sample.needle_token_index, target="|".join(sample.target), completion=res.text,
+        extracted=sc.extracted if sc else None, score=sc.value if sc else None, status=status,
+        n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=res.n_output_tokens, latency_s=res.latency_s,
+        ttft_s=res.ttft_s, prefill_tokens_per_s=prefill_tps, decode_tokens_per_s=decode_tps,
+        batch_size=res.batch_size, finish_reason=res.finish_reason, peak_memory_bytes=res.peak_memory_bytes,
+        error=res.error, prompt_sha1=hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest(),
+        scorer=sample.scorer, max_new_tokens=sample.max_new_tokens, replica=replica, finished_at=time.time(),
+        extra={**extra, **meta},
+    )
+    return rec.to_row()
+
+
+def unsupported_record(run_id: str, spec: SampleSpec, reason: str, extra: dict[str, Any]) -> dict:
+    rec = SampleRecord(
+        run_id=run_id, sample_id=spec.id, task=spec.task, context_length=spec.context_length, depth=spec.depth,
+        depth_actual=None, seed=spec.seed, prompt_mode=spec.prompt_mode, needle_token_index=-1, target="",
+        completion=None, extracted=None, score=None, status="unsupported", n_prompt_tokens=None,
+        n_output_tokens=None, latency_s=None, ttft_s=None, prefill_tokens_per_s=None, decode_tokens_per_s=None,
+        batch_size=None, finish_reason=None, peak_memory_bytes=None, error=reason, prompt_sha1="", scorer="",
+        max_new_tokens=spec.max_new_tokens, replica=-1, finished_at=time.time(), extra=dict(extra),
+    )
+    return rec.to_row()
+
+
+def _check_min_lengths(builder: SampleBuilder, suite: Suite) -> None:
+    for i, ts in enumerate(suite.tasks):
+        need = builder.task(i).min_length()
+        short = [n for n in ts.lengths if n < need]
+        if short:
+            raise LengthError(f"task {ts.task}: length(s) {short} are below the {need} tokens its template and "
+                              f"needle need with this tokenizer; use lengths >= {need}")
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.cls: type[Backend] = backend_class(cfg.backend)
+        suite_opts = cfg.suite.backend_options if cfg.suite.backend in (None, cfg.backend) else {}
+        self.options = parse_options(self.cls, {**suite_opts, **cfg.backend_options})
+        k = self.cls.ranks_per_replica(self.options, cfg.model)
+        self.world: World = init_world(k)
+        tok_spec = cfg.tokenizer or cfg.model
+        if tok_spec is None:
+            raise UsageError(f"backend {cfg.backend} needs --tokenizer (or --model with tokenizer files)")
+        self.tokenizer: Tokenizer = load_tokenizer(tok_spec)
+        self.builder = SampleBuilder(cfg.suite, self.tokenizer)
+        _check_min_lengths(self.builder, cfg.suite)
+        self.specs = enumerate_specs(cfg.suite, self.tokenizer)
+        self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
+        self.config = {
+            "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
+                                                                                   "batch_size")},
+            "backend": cfg.backend,
+            "backend_options": dataclasses.asdict(self.options),
+            "model": cfg.model,
+            "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+        }
+        self.config_hash = config_hash(self.config)
+        self.run_id = cfg.run_id or f"{cfg.suite.name}-{Path(self.label).name}-{self.config_hash}"
+        self.run_dir = Path(cfg.out_dir) / self.run_id
+        self.batch_size = cfg.batch_size or cfg.suite.batch_size
+
+    # ------------------------------------------------------------------------------------------------------
+    def _pending(self) -> tuple[list[SampleSpec], dict[str, dict]]:
+        done = rundir.read_journals(self.run_dir)
+        keep = {"ok", "unsupported"} if self.cfg.retry_errors else {"ok", "unsupported", "error"}
+        finished = {sid for sid, r in done.items() if r.get("status") in keep}
+        return [s for s in self.specs if s.id not in finished], done
+
+    def _manifest(self, backend: Backend | None, status: str, created_at: str) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "label": self.label,
+            "status": status,
+            "created_at": created_at,
+            "finished_at": _utc_now() if status != "running" else None,
+            "config_hash": self.config_hash,
+            "suite": self.cfg.suite.to_json(),
+            "backend": backend.info() if backend else {"backend": self.cfg.backend},
+            "model": self.cfg.model,
+            "tokenizer": {"name": self.tokenizer.name, "fingerprint": self.tokenizer.fingerprint()},
+            "versions": _versions(),
+            "git_sha": _git_sha(),
+            "host": socket.gethostname(),
+            "user": getpass.getuser(),
+            "gpus": _gpus(),
+            "world": {"size": self.world.size, "replicas": self.world.n_replicas,
+                      "ranks_per_replica": self.world.ranks_per_replica},
+            "batch_size": self.batch_size,
+            "command": self.cfg.command,
+            "n_samples": len(self.specs),
+        }
+
+    def _check_existing(self) -> str:
+        """Refuse to mix two configurations in one run dir; return the original creation time on resume."""
+        old = rundir.read_manifest(self.run_dir)
+        if old is None:
+            return _utc_now()
+        if old.get("config_hash") != self.config_hash:
+            raise UsageError(f"run dir {self.run_dir} holds a run with another configuration "
+                             f"({old.get('config_hash')} != {self.config_hash}): pass --run-id NEW or remove it")
+        return str(old.get("created_at") or _utc_now())
+
+    # ------------------------------------------------------------------------------------------------------
+    def run(self) -> RunOutcome:
+        w = self.world
+        created_at = _utc_now()
+        if w.is_root:
+            created_at = self._check_existing()
+        created_at = w.bcast_world(created_at)
+        pending, _ = self._pending()
+        extra = {"label": self.label}
+        ctx = BackendContext(
+            model=self.cfg.model, tokenizer=self.tokenizer, world_rank=w.rank, world_size=w.size,
+            replica=w.replica, rank_in_replica=w.rank_in_replica, replica_comm=w.replica_comm,
+            max_input_len=max((s.context_length for s in self.specs), default=0),
+            max_new_tokens=max((s.max_new_tokens for s in self.specs), default=0),
+        )
+        backend = self.cls(self.options, ctx)
+        try:
+            extra.update(backend.row_columns())
+            unsupported = backend.preflight(pending) if pending else {}
+            if w.is_root:
+                rundir.write_manifest(self.run_dir, self._manifest(backend, "running", created_at))
+                if unsupported:
+                    j = rundir.Journal(self.run_dir, "preflight")
+                    j.append(unsupported_record(self.run_id, s, unsupported[s.id], extra)
+                             for s in pending if s.id in unsupported)
+                    j.close()
+                    for reason in sorted(set(unsupported.values())):
+                        print(f"evalctx: unsupported: {reason}", file=sys.stderr)
+            runnable = [s for s in pending if s.id not in unsupported]
+            mine = shard(runnable, w.n_replicas)[w.replica]
+            progress = Progress(len(runnable), sum(s.context_length for s in runnable),
+                                enabled=self.cfg.progress and w.is_root)
+            n_new = self._loop(backend, mine, extra, progress)
+            progress.close()
+        except BaseException:
+            if w.is_root and not w.distributed:
+                status = "interrupted" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "failed"
+                rundir.write_manifest(self.run_dir, self._manifest(backend, status, created_at))
+            raise
+        finally:
+            backend.close()
+        if not w.is_root:
+            return RunOutcome(self.run_dir, len(self.specs), n_new, "complete")
+        return self._finish(backend, created_at, n_new)
+
+    def _loop(self, backend: Backend, mine: list[SampleSpec], extra: dict[str, Any], progress: Progress) -> int:
+        w = self.world
+        if not w.is_leader:
+            while True:
+                reqs = w.bcast_replica(None)
+                if reqs is None:
+                    return 0
+                backend.generate(reqs)
+        journal = rundir.Journal(self.run_dir, f"replica-{w.replica}")
+        n_new = 0
+        try:
+            for batch in batches(mine, self.batch_size):
+                samples = [self.builder.build(s) for s in batch]
+                reqs = [GenerationRequest(sample_id=s.id, prompt_ids=s.prompt_ids, prompt=s.prompt,
+                                          max_new_tokens=s.max_new_tokens, add_special_tokens=s.add_special_tokens,
+                                          prompt_mode=s.prompt_mode) for s in samples]
+                w.bcast_replica(reqs)
+                results = backend.generate(reqs)
+                if len(results) != len(reqs):
+                    raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(reqs)}")
+                for s, r in zip(samples, results):
+                    if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != s.context_length:
+                        raise LengthError(
+                            f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
+                            f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
+                            "own tokenizer with --tokenizer")
+                rows = [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
+                journal.append(rows)
+                n_new += len(rows)
+                n_err = sum(1 for r in rows if r["status"] == "error")
+                msg = (len(rows), sum(s.context_length for s in samples), n_err)
+                if w.is_root:
+                    progress.update(*msg)
+                    for m in w.poll_root(TAG_PROGRESS):
+                        progress.update(*m)
+                else:
+                    w.send_to_root(msg, TAG_PROGRESS)
+        finally:
+            journal.close()
+        w.bcast_replica(None)  # release this replica's followers
+        if w.is_root:
+            pending_leaders = w.n_replicas - 1
+            while pending_leaders:
+                for m in w.poll_root(TAG_PROGRESS):
+                    progress.update(*m)
+                if w.comm is not None and w.comm.iprobe(tag=TAG_DONE):
+                    w.recv_root(TAG_DONE)
+                    pending_leaders -= 1
+                else:
+                    time.sleep(0.01)
+            for m in w.poll_root(TAG_PROGRESS):
+                progress.update(*m)
+        else:
+            w.send_to_root(("done", w.replica, n_new), TAG_DONE)
+        return n_new
+
+    def _finish(self, backend: Backend, created_at: str, n_new: int) -> RunOutcome:
+        import pandas as pd
+
+        from evalctx.records import record_fields
+        from evalctx.results.summary import summarize
+
+        rows = rundir.read_journals(self.run_dir)
+        wanted = {s.id for s in self.specs}
+        df = pd.DataFrame([r for sid, r in rows.items() if sid in wanted])
+        if df.empty:
+            df = pd.DataFrame(columns=record_fields())
+        df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
+        missing = len(wanted) - len(df)
+        status = "complete" if missing == 0 else "incomplete"
+        tmp = self.run_dir / f".{rundir.RESULTS}.tmp"
+        df.to_parquet(tmp, index=False)
+        tmp.replace(self.run_dir / rundir.RESULTS)
+        summary = summarize(df)
+        rundir.atomic_write_text(self.run_dir / rundir.SUMMARY, summary.to_csv(index=False))
+        manifest = self._manifest(backend, status, created_at)
+        manifest["counts"] = {k: int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
+        rundir.write_manifest(self.run_dir, manifest)
+        return RunOutcome(self.run_dir, len(self.specs), n_new, status, summary)

@@ -1,0 +1,96 @@
+"""From a suite to the list of sample specs: cheap to enumerate (no prompt is built), stable ids for resume.
+
+Prompts are built only where a spec is run (on the replica that owns it), so a 1M-token suite is sharded before
+any tokenization and a resumed run builds nothing it already has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from evalctx.config import Suite, TaskSpec
+from evalctx.records import Sample
+from evalctx.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that determines one sample; ``id`` is its stable hash."""
+
+    id: str
+    task: str
+    task_index: int
+    """Index of the [[tasks]] table in the suite (two tables may use the same task with other options)."""
+    context_length: int
+    depth: float
+    seed: int
+    max_new_tokens: int
+    prompt_mode: str
+
+
+def derive_seed(base: int, *parts: Any) -> int:
+    """A per-sample seed that changes with every coordinate, so cells never share keys by accident."""
+    h = hashlib.sha1(json.dumps([base, *parts], default=str).encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def spec_id(task: str, version: int, options: dict[str, Any], length: int, depth: float, seed: int,
+            tokenizer_fp: str, prompt_mode: str, max_new_tokens: int) -> str:
+    payload = [task, version, sorted(options.items()), length, round(depth, 6), seed, tokenizer_fp, prompt_mode,
+               max_new_tokens]
+    return hashlib.sha1(json.dumps(payload, default=str).encode()).hexdigest()[:16]
+
+
+def _task_instance(spec: TaskSpec, tokenizer: Tokenizer) -> Any:
+    from evalctx.tasks import get_task
+
+    return get_task(spec.task)(tokenizer, spec.options, spec.prompt_mode)
+
+
+def enumerate_specs(suite: Suite, tokenizer: Tokenizer) -> list[SampleSpec]:
+    fp = tokenizer.fingerprint()
+    specs: list[SampleSpec] = []
+    seen: set[str] = set()
+    for ti, ts in enumerate(suite.tasks):
+        task = _task_instance(ts, tokenizer)
+        mnt = ts.max_new_tokens or task.default_max_new_tokens
+        for length in ts.lengths:
+            for depth in ts.depths:
+                for k in range(ts.samples):
+                    seed = derive_seed(ts.seed, ts.task, length, round(depth, 6), k)
+                    sid = spec_id(ts.task, task.version, ts.options, length, depth, seed, fp, ts.prompt_mode, mnt)
+                    if sid in seen:  # the same cell listed twice in a suite is run once
+                        continue
+                    seen.add(sid)
+                    specs.append(SampleSpec(sid, ts.task, ti, length, depth, seed, mnt, ts.prompt_mode))
+    return specs
+
+
+class SampleBuilder:
+    """Builds the samples of specs on demand, with one task instance (and its haystack caches) per suite table."""
+
+    def __init__(self, suite: Suite, tokenizer: Tokenizer) -> None:
+        self.suite = suite
+        self.tokenizer = tokenizer
+        self._tasks: dict[int, Any] = {}
+
+    def task(self, index: int) -> Any:
+        if index not in self._tasks:
+            self._tasks[index] = _task_instance(self.suite.tasks[index], self.tokenizer)
+        return self._tasks[index]
+
+    def build(self, spec: SampleSpec) -> Sample:
+        sample = self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed,
+                                                        spec.max_new_tokens)
+        sample.id = spec.id  # the resume key: the spec's hash, known before the prompt exists
+        if len(sample.prompt_ids) != spec.context_length:
+            # The generators assert this too; a violation here is a bug, never a silently shorter prompt.
+            raise AssertionError(f"sample {spec.id}: {len(sample.prompt_ids)} tokens != {spec.context_length}")
+        return sample
+
+    def iter_samples(self, specs: list[SampleSpec]) -> Iterator[Sample]:
+        for s in specs:
+            yield self.build(s)
