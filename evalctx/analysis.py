@@ -1,0 +1,260 @@
+"""Load run directories into one tidy pandas DataFrame and answer the questions asked of it: per-cell summaries,
+effective context length, readable length labels.
+
+A run directory is what the runner writes: ``manifest.json``, ``journal/*.jsonl`` and, once the run finished,
+``results.parquet``. A run killed before the end has no parquet; its journal still holds every finished batch, so
+it is loaded from there (the report then says the run is partial).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from evalctx.errors import UsageError
+from evalctx.results.summary import summarize
+
+# RULER's effective-length threshold is Llama-2-7B's 4K score, 85.6 on a 0-100 scale.
+RULER_THRESHOLD = 0.856
+# NoLiMa: effective while at least 85% of the model's own short-context (base) score.
+NOLIMA_RELATIVE = 0.85
+
+# Engine config fields copied from the manifest when a run is loaded from its journal (the parquet has them).
+_ENGINE_PREFIX = "engine_"
+
+
+def length_label(n: int | float) -> str:
+    """Context length as people write it, 1024-based: 4096 -> "4K", 131072 -> "128K", 1048576 -> "1M".
+
+    Lengths that are not a whole number of K (1000, 1536) stay as digits. So do multiples of 1000: 128000 is
+    125 x 1024, but whoever chose it meant "128K" in decimal, and neither "125K" nor "128K" next to a real 131072
+    would be honest (RULER #34: the two are routinely confused)."""
+    n = int(n)
+    if n % 1000 == 0:
+        return str(n)
+    if n > 0 and n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)}M"
+    if n > 0 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "manifest.json").is_file() or (p / "results.parquet").is_file()
+                           or any((p / "journal").glob("*.jsonl")))
+
+
+def load_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The run's manifest, or {} when there is none (an old or hand-made results folder)."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: manifest is not a JSON object")
+    return data
+
+
+def run_label(manifest: Mapping[str, Any], fallback: str) -> str:
+    backend = manifest.get("backend") or {}
+    return str(manifest.get("label") or backend.get("model") or manifest.get("run_id") or fallback)
+
+
+def _read_journal(run_dir: Path) -> pd.DataFrame:
+    """Journal rows, one per sample id, with the runner's resume rules (evalctx.results.rundir): a torn last
+    line is ignored, rows are ordered by finish time across journals, the last attempt wins, but a finished
+    answer is never replaced by a later failure."""
+    entries: list[dict[str, Any]] = []
+    for path in sorted((run_dir / "journal").glob("*.jsonl")):
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # half a line written by a killed process: that batch did not finish
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "sample_id" in row:
+                    extra = row.pop("extra", None)
+                    if isinstance(extra, dict):
+                        for k, v in extra.items():
+                            row.setdefault(k, v)
+                    entries.append(row)
+    # Several journals (one per replica, or per rank count after a resume) interleave in time.
+    entries.sort(key=lambda r: r.get("finished_at") or 0.0)
+    rows: dict[str, dict[str, Any]] = {}
+    for r in entries:
+        prev = rows.get(r["sample_id"])
+        if prev is not None and prev.get("status") == "ok" and r.get("status") != "ok":
+            continue
+        rows[r["sample_id"]] = r
+    return pd.DataFrame(list(rows.values()))
+
+
+def _constant_columns(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-run constant columns the runner adds to results.parquet, rebuilt from the manifest."""
+    backend = manifest.get("backend") or {}
+    cols: dict[str, Any] = {"backend": backend.get("backend"), "model": backend.get("model")}
+    for k, v in (backend.get("engine") or {}).items():
+        cols[_ENGINE_PREFIX + k] = v
+    return cols
+
+
+def load_run(run_dir: str | Path) -> pd.DataFrame:
+    """One row per sample of one run, with ``label``, ``run_id``, ``created_at`` and ``run_status`` columns.
+
+    Reads results.parquet, or the journal of a run that never got to write it (deduplicated by sample id, the last
+    attempt wins). Raises UsageError when ``run_dir`` is not a run directory."""
+    p = Path(run_dir)
+    if not p.exists():
+        raise UsageError(f"{p}: no such directory")
+    if not is_run_dir(p):
+        raise UsageError(f"{p}: not a run directory (no manifest.json, results.parquet or journal/*.jsonl)")
+    manifest = load_manifest(p)
+    parquet = p / "results.parquet"
+    if parquet.is_file():
+        try:
+            df = pd.read_parquet(parquet)
+        except Exception as exc:  # pyarrow raises several types for a truncated file
+            raise UsageError(f"{parquet}: unreadable ({type(exc).__name__}: {exc})") from None
+        from_journal = False
+    else:
+        df = _read_journal(p)
+        from_journal = True
+    if df.empty:
+        raise UsageError(f"{p}: the run has no results yet")
+    missing = {"task", "context_length", "status"} - set(df.columns)
+    if missing:
+        raise UsageError(f"{p}: results lack the columns {sorted(missing)}")
+    if from_journal:
+        for k, v in _constant_columns(manifest).items():
+            if k not in df.columns:
+                df[k] = v
+    run_id = str(manifest.get("run_id") or (df["run_id"].iloc[0] if "run_id" in df.columns else p.name))
+    df["run_id"] = run_id
+    if "label" not in df.columns or df["label"].isna().all():
+        df["label"] = run_label(manifest, p.name)
+    df["created_at"] = manifest.get("created_at")
+    # A partial run must never read as a finished one: the status travels with every row.
+    df["run_status"] = manifest.get("status") or ("interrupted" if from_journal else "complete")
+    return _tidy(df)
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["context_length"] = pd.to_numeric(df["context_length"]).astype("int64")
+    if "depth" in df.columns:
+        df["depth"] = pd.to_numeric(df["depth"], errors="coerce").astype(float)
+    else:
+        df["depth"] = math.nan
+    for col in ("score", "latency_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        if col in df.columns:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    df["label"] = df["label"].astype(str)
+    return df
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """All runs in one frame (the union of their columns, engine_* included).
+
+    Two runs with the same label (the same model twice) get ``label (run_id)`` so that plots and tables, which
+    group by label, keep them apart."""
+    frames = [load_run(d) for d in run_dirs]
+    if not frames:
+        raise UsageError("no run directories given")
+    run_ids = [f["run_id"].iloc[0] for f in frames]
+    if len(set(run_ids)) < len(run_ids):
+        dup = next(r for r in run_ids if run_ids.count(r) > 1)
+        raise UsageError(f"run {dup} is given twice")
+    ids_per_label: dict[str, set[str]] = {}
+    for f in frames:
+        ids_per_label.setdefault(f["label"].iloc[0], set()).add(f["run_id"].iloc[0])
+    for f in frames:
+        if len(ids_per_label[f["label"].iloc[0]]) > 1:
+            f["label"] = f["label"] + " (" + f["run_id"] + ")"
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def summary(df: pd.DataFrame, by: Sequence[str] = ("label", "task", "context_length", "depth")) -> pd.DataFrame:
+    """Per-cell counts, accuracy with Wilson 95% CI and latency percentiles (see results.summary.summarize).
+
+    Columns of ``by`` that the frame lacks are skipped, so the default works on a single run without labels."""
+    return summarize(df, by=[c for c in by if c in df.columns])
+
+
+def length_accuracy(data: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (label, task, context_length), pooled over depths.
+
+    Takes samples (a ``score`` column) or a summary (``n`` and ``accuracy``); pooling a summary weights each depth
+    by its scored count, which equals summarising the samples directly."""
+    data = data.copy()
+    if "label" not in data.columns:
+        data["label"] = ""
+    if "accuracy" in data.columns and "n" in data.columns and "score" not in data.columns:
+        data = data.assign(_succ=data["accuracy"].fillna(0.0) * data["n"])
+        g = data.groupby(["label", "task", "context_length"], sort=True)[["_succ", "n"]].sum().reset_index()
+        g["accuracy"] = g["_succ"] / g["n"].where(g["n"] > 0)
+        return g.drop(columns="_succ")
+    s = summarize(data, by=["label", "task", "context_length"])
+    return s[["label", "task", "context_length", "n", "accuracy", "ci_low", "ci_high"]]
+
+
+def effective_length(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
+                     relative: float | None = None) -> dict[tuple[str, str], int | None]:
+    """The longest context length whose accuracy, and that of every shorter length, is >= the threshold.
+
+    ``threshold`` is on a 0..1 scale (RULER's 85.6 -> 0.856). With ``relative`` (NoLiMa: 0.85) the threshold is
+    ``relative`` x the accuracy at the shortest length of that (label, task) instead. A length with no scored sample
+    (every one an error or unsupported) counts as failing: the model did not work there. ``None`` means even the
+    shortest length fails (RULER prints "<4K"). Keys are (label, task); label is "" when there is no label column.
+    """
+    out: dict[tuple[str, str], int | None] = {}
+    for (label, task), g in length_accuracy(data).groupby(["label", "task"], sort=True):
+        g = g.sort_values("context_length")
+        acc = g["accuracy"].tolist()
+        limit = threshold if relative is None else relative * (acc[0] if not math.isnan(acc[0]) else math.inf)
+        best: int | None = None
+        for length, a in zip(g["context_length"], acc):
+            if math.isnan(a) or a < limit:
+                break
+            best = int(length)
+        out[(str(label), str(task))] = best
+    return out
+
+
+def effective_length_table(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
+                           relative: float = NOLIMA_RELATIVE) -> pd.DataFrame:
+    """Both definitions side by side, one row per (label, task), for reports."""
+    ruler = effective_length(data, threshold=threshold)
+    nolima = effective_length(data, relative=relative)
+    acc = length_accuracy(data)
+    rows = []
+    for key, eff in ruler.items():
+        g = acc[(acc["label"] == key[0]) & (acc["task"] == key[1])].sort_values("context_length")
+        longest = int(g["context_length"].max())
+        rows.append({
+            "label": key[0], "task": key[1],
+            "shortest_accuracy": float(g["accuracy"].iloc[0]),
+            "longest_tested": length_label(longest),
+            f"effective (>= {threshold:g})": _eff_text(eff, int(g["context_length"].min()), longest),
+            f"effective (>= {relative:g} x shortest)": _eff_text(nolima[key], int(g["context_length"].min()),
+                                                                 longest),
+        })
+    return pd.DataFrame(rows)
+
+
+def _eff_text(eff: int | None, shortest: int, longest: int) -> str:
+    """RULER's notation: "<4K" when nothing passes, ">=128K" when the longest tested length still passes."""
+    if eff is None:
+        return f"<{length_label(shortest)}"
+    if eff == longest:
+        return f">={length_label(eff)}"
+    return length_label(eff)

@@ -1,0 +1,61 @@
+"""``evalctx compare BASE CAND``: the regression gate between two run directories (exit 0 pass, 1 regression)."""
+
+from __future__ import annotations
+
+import argparse
+
+from evalctx.errors import UsageError
+
+
+def add_gate_options(p: argparse.ArgumentParser) -> None:
+    """The gate settings, shared with ``nightly-gate`` so both judge the same way."""
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level of the one-sided Fisher exact test per cell (default 0.05)")
+    p.add_argument("--min-samples", type=int, default=20,
+                   help="scored samples a side below which a cell is 'insufficient' (default 20)")
+    p.add_argument("--latency-tolerance", type=float, default=0.10,
+                   help="allowed rise of the median latency/TTFT per cell, as a fraction (default 0.10)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="cells of the baseline missing from the candidate do not fail the gate")
+    p.add_argument("--correction", choices=("holm", "none"), default="holm",
+                   help="multiple-testing correction across cells (default holm: family-wise error <= alpha)")
+
+
+def gate_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    if not 0.0 < args.alpha < 1.0:
+        raise UsageError(f"--alpha must be between 0 and 1, not {args.alpha}")
+    if args.min_samples < 1:
+        raise UsageError(f"--min-samples must be >= 1, not {args.min_samples}")
+    if args.latency_tolerance < 0:
+        raise UsageError(f"--latency-tolerance must be >= 0, not {args.latency_tolerance}")
+    return {"alpha": args.alpha, "min_samples": args.min_samples, "latency_tolerance": args.latency_tolerance,
+            "allow_missing": args.allow_missing, "correction": args.correction}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compare", help="compare a candidate run with a baseline run, cell by cell (exit 1 on regression)",
+        description="Compare CAND with BASE per (task, context_length, depth) cell: accuracy (one-sided Fisher "
+                    "exact test), error rate, median latency and TTFT, and coverage. Exit 0: no regression, "
+                    "1: regression, 2: bad input.")
+    p.add_argument("base", metavar="BASE", help="baseline run directory")
+    p.add_argument("cand", metavar="CAND", help="candidate run directory")
+    add_gate_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a Markdown table")
+    p.add_argument("--only-notable", action="store_true", help="list only the cells that are not ok")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from evalctx.analysis import load_run
+    from evalctx.compare import compare
+
+    kwargs = gate_kwargs(args)
+    base, cand = load_run(args.base), load_run(args.cand)
+    result = compare(base, cand, **kwargs)  # type: ignore[arg-type]
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result.to_markdown(only_notable=args.only_notable), end="")
+    return 1 if result.regressed else 0

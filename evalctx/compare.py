@@ -1,0 +1,250 @@
+"""The regression gate: compare a candidate run with a baseline cell by cell (task x context_length x depth).
+
+Per cell:
+
+* accuracy: one-sided Fisher exact test that the baseline is better (``p < alpha`` -> ``regression``) and the
+  mirror test for ``improved``. Fractional scores (partial credit) are rounded to whole successes.
+* ``insufficient``: either side has fewer than ``min_samples`` scored samples. Such a cell is listed, never shown
+  as ok, and does not fail the gate, with one exception (a "collapse"): a cell with at least 5 samples a side that
+  the base answered perfectly (accuracy 1, no errors) and the candidate fails completely (accuracy 0, or every
+  sample an error) is a regression. That is the "engine now answers garbage / crashes" failure; its Fisher
+  p-value is at most 1/252, so it is significant even at that size.
+* errors: error + unsupported rows per attempted sample, tested like accuracy (``error_regression``). Without it
+  an engine that starts failing every 128K request would only show as ``insufficient``.
+* latency: the candidate/base ratio of median ``latency_s`` and of median ``ttft_s`` above ``1 + tolerance`` is a
+  ``latency_regression`` (needs ``min_latency_samples`` timings a side; medians of fewer are noise).
+* coverage: a cell only in the baseline (``only_in_base``) is lost coverage and fails the gate unless
+  ``allow_missing``; a cell only in the candidate is reported and never fails.
+
+Multiple testing: a nightly suite has tens of cells, so by default p-values are Holm-adjusted across cells
+(family-wise error <= alpha); otherwise an unchanged model at 50-90% accuracy would fail some night by chance and
+the gate would be ignored. ``correction="none"`` uses raw p-values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+CELL = ["task", "context_length", "depth"]
+FAILING = ("regression", "error_regression", "latency_regression")
+COLLAPSE_MIN_N = 5
+
+
+def _hypergeom_sf(k: int, total: int, good: int, draws: int) -> float:
+    """P(X >= k), X ~ Hypergeometric(total, good, draws), exact in integers."""
+    lo, hi = max(k, 0, draws - (total - good)), min(good, draws)
+    if lo > hi:
+        return 0.0
+    num = sum(math.comb(good, x) * math.comb(total - good, draws - x) for x in range(lo, hi + 1))
+    return num / math.comb(total, draws)
+
+
+def fisher_greater(a: int, b: int, c: int, d: int) -> float:
+    """One-sided Fisher exact p-value for the table [[a, b], [c, d]] with alternative "greater" (the odds ratio
+    of row 1 exceeds row 2: here, the baseline's success rate exceeds the candidate's).
+
+    Uses scipy when installed, else the exact hypergeometric tail, so the gate runs without scipy."""
+    if a + b == 0 or c + d == 0:
+        return 1.0
+    try:
+        from scipy.stats import fisher_exact
+    except ImportError:
+        return min(1.0, _hypergeom_sf(a, a + b + c + d, a + c, a + b))
+    return float(fisher_exact([[a, b], [c, d]], alternative="greater")[1])
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm step-down adjusted p-values (NaN entries are left out of the family and stay NaN)."""
+    idx = sorted((i for i, p in enumerate(pvalues) if not math.isnan(p)), key=lambda i: pvalues[i])
+    m, out, running = len(idx), [math.nan] * len(pvalues), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def _cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell counts, successes and median timings of one run's samples."""
+    df = df.assign(depth=df["depth"].astype(float).round(6))
+    ok = df["status"] == "ok"
+    df = df.assign(_ok=ok, _succ=df["score"].where(ok).fillna(0.0),
+                   _lat=df["latency_s"].where(ok) if "latency_s" in df else math.nan,
+                   _ttft=df["ttft_s"].where(ok) if "ttft_s" in df else math.nan)
+    g = df.groupby(CELL, sort=True)
+    return pd.DataFrame({
+        "attempted": g.size(), "n": g["_ok"].sum(), "succ": g["_succ"].sum(),
+        "lat": g["_lat"].median(), "ttft": g["_ttft"].median(),
+        "n_lat": g["_lat"].count(), "n_ttft": g["_ttft"].count(),
+    })
+
+
+@dataclass
+class CompareResult:
+    table: pd.DataFrame
+    """One row per cell: base/cand counts, accuracies, p-values, error rates, latency ratios, verdict, note."""
+    regressed: bool
+    alpha: float
+    min_samples: int
+    latency_tolerance: float
+    allow_missing: bool
+    correction: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.table["verdict"].value_counts().items()}
+
+    def headline(self) -> str:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
+        word = "REGRESSION" if self.regressed else "PASS"
+        return f"{word}: {len(self.table)} cells ({counts})"
+
+    def to_markdown(self, only_notable: bool = False) -> str:
+        """The headline, the test settings and a Markdown table (all cells, or only those not ``ok``)."""
+        t = self.table if not only_notable else self.table[self.table["verdict"] != "ok"]
+        lines = [f"**{self.headline()}**", "",
+                 f"alpha {self.alpha:g} (one-sided Fisher exact, {self.correction} correction), "
+                 f"min samples {self.min_samples}, latency tolerance {self.latency_tolerance:.0%}"
+                 + (", missing cells allowed" if self.allow_missing else ""), ""]
+        if t.empty:
+            return "\n".join(lines + ["Every cell is ok." if only_notable else "(no cells)"]) + "\n"
+        shown = display_table(t)
+        lines.append("| " + " | ".join(shown.columns) + " |")
+        lines.append("|" + "|".join("---" for _ in shown.columns) + "|")
+        for row in shown.itertuples(index=False):
+            lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "regressed": self.regressed, "headline": self.headline(), "counts": self.counts(),
+            "alpha": self.alpha, "min_samples": self.min_samples, "latency_tolerance": self.latency_tolerance,
+            "allow_missing": self.allow_missing, "correction": self.correction,
+            "cells": json.loads(self.table.to_json(orient="records")),
+        }, indent=2)
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def display_table(t: pd.DataFrame) -> pd.DataFrame:
+    """The table as short strings for Markdown/HTML: accuracy with n, ratios as x1.23."""
+    from evalctx.analysis import length_label
+
+    def acc(a: Any, n: Any) -> str:
+        if pd.isna(n):
+            return ""
+        return f"{a:.3f} (n={int(n)})" if n else "n=0"
+
+    return pd.DataFrame({
+        "task": t["task"], "length": [length_label(x) for x in t["context_length"]],
+        "depth": [f"{d * 100:g}%" for d in t["depth"]],
+        "base": [acc(a, n) for a, n in zip(t["base_accuracy"], t["base_n"])],
+        "cand": [acc(a, n) for a, n in zip(t["cand_accuracy"], t["cand_n"])],
+        "p": [_fmt(p, ".3g") for p in t["p_adjusted"]],  # Holm-adjusted unless correction="none"
+        "err base→cand": [f"{_fmt(a, '.0%')}→{_fmt(b, '.0%')}" for a, b in
+                          zip(t["base_error_rate"], t["cand_error_rate"])],
+        "latency": ["" if pd.isna(r) else f"x{r:.2f}" for r in t["latency_ratio"]],
+        "ttft": ["" if pd.isna(r) else f"x{r:.2f}" for r in t["ttft_ratio"]],
+        "verdict": t["verdict"], "note": t["note"],
+    })
+
+
+def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, min_samples: int = 20,
+            latency_tolerance: float = 0.10, allow_missing: bool = False, correction: str = "holm",
+            min_latency_samples: int = 3) -> CompareResult:
+    """Compare two runs' per-sample frames (see the module docstring for the verdicts)."""
+    if correction not in ("holm", "none"):
+        raise ValueError(f"correction must be 'holm' or 'none', not {correction!r}")
+    base, cand = _cells(base_df), _cells(cand_df)
+    keys = sorted(set(base.index) | set(cand.index))
+    rows: list[dict[str, Any]] = []
+    for key in keys:
+        b = base.loc[key] if key in base.index else None
+        c = cand.loc[key] if key in cand.index else None
+        row: dict[str, Any] = dict(zip(CELL, key))
+        for side, s in (("base", b), ("cand", c)):
+            row[f"{side}_attempted"] = int(s["attempted"]) if s is not None else None
+            row[f"{side}_n"] = int(s["n"]) if s is not None else None
+            row[f"{side}_accuracy"] = s["succ"] / s["n"] if s is not None and s["n"] else math.nan
+            row[f"{side}_error_rate"] = 1 - s["n"] / s["attempted"] if s is not None else math.nan
+            row[f"{side}_latency_s_p50"] = s["lat"] if s is not None else math.nan
+            row[f"{side}_ttft_s_p50"] = s["ttft"] if s is not None else math.nan
+        row["p_value"] = row["p_improved"] = row["p_errors"] = math.nan
+        row["latency_ratio"] = row["ttft_ratio"] = math.nan
+        if b is not None and c is not None:
+            bs, cs = int(round(b["succ"])), int(round(c["succ"]))
+            bn, cn = int(b["n"]), int(c["n"])
+            if bn and cn:
+                row["p_value"] = fisher_greater(bs, bn - bs, cs, cn - cs)
+                row["p_improved"] = fisher_greater(cs, cn - cs, bs, bn - bs)
+            ba, ca = int(b["attempted"]), int(c["attempted"])
+            if min(ba, ca) >= min_samples:
+                # Errors: does the candidate fail (error/unsupported) more often than the base?
+                row["p_errors"] = fisher_greater(bn, ba - bn, cn, ca - cn)
+            for name, col, ncol in (("latency_ratio", "lat", "n_lat"), ("ttft_ratio", "ttft", "n_ttft")):
+                if min(b[ncol], c[ncol]) >= min_latency_samples and b[col] > 0:
+                    row[name] = float(c[col] / b[col])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise ValueError("both runs are empty: nothing to compare")
+    _adjust(table, correction, min_samples)
+    verdicts = [_verdict(r, alpha, min_samples, latency_tolerance) for r in table.to_dict("records")]
+    table["verdict"] = [v for v, _ in verdicts]
+    table["note"] = [n for _, n in verdicts]
+    regressed = bool(table["verdict"].isin(FAILING).any()
+                     or (not allow_missing and (table["verdict"] == "only_in_base").any()))
+    return CompareResult(table=table, regressed=regressed, alpha=alpha, min_samples=min_samples,
+                         latency_tolerance=latency_tolerance, allow_missing=allow_missing, correction=correction,
+                         params={"min_latency_samples": min_latency_samples})
+
+
+def _adjust(table: pd.DataFrame, correction: str, min_samples: int) -> None:
+    """Holm across the cells that can be judged: accuracy tests of cells with enough samples a side, error tests
+    of cells where one ran. Small cells are left out of the family (they cannot be a Fisher regression anyway)."""
+    big = (table["base_n"].fillna(0) >= min_samples) & (table["cand_n"].fillna(0) >= min_samples)
+    for col, out, family in (("p_value", "p_adjusted", big), ("p_improved", "p_improved_adjusted", big),
+                             ("p_errors", "p_errors_adjusted", table["p_errors"].notna())):
+        table[out] = table[col]
+        family = family & table[col].notna()
+        if correction == "holm" and family.any():
+            table.loc[family, out] = holm(table.loc[family, col].tolist())
+
+
+def _verdict(r: dict[str, Any], alpha: float, min_samples: int, tol: float) -> tuple[str, str]:
+    """The worst finding names the cell; the note lists every finding."""
+    if r["base_n"] is None or pd.isna(r["base_n"]):
+        return "only_in_candidate", "new cell"
+    if r["cand_n"] is None or pd.isna(r["cand_n"]):
+        return "only_in_base", "lost coverage: the candidate did not run this cell"
+    bn, cn = int(r["base_n"]), int(r["cand_n"])
+    big = min(bn, cn) >= min_samples
+    accuracy = f"accuracy {_fmt(r['base_accuracy'], '.3f') or 'n/a'} -> {_fmt(r['cand_accuracy'], '.3f') or 'n/a'}"
+    notes = []
+    if r["cand_error_rate"] > r["base_error_rate"]:
+        notes.append(f"error rate {r['base_error_rate']:.0%} -> {r['cand_error_rate']:.0%}")
+    slow = [f"{name} x{r[col]:.2f}" for name, col in (("latency", "latency_ratio"), ("ttft", "ttft_ratio"))
+            if not pd.isna(r[col]) and r[col] > 1.0 + tol]
+    # A small cell that worked perfectly and now fails completely (wrong answers or errors alike).
+    collapse = (not big and min(r["base_attempted"], r["cand_attempted"]) >= COLLAPSE_MIN_N
+                and bn == r["base_attempted"] and r["base_accuracy"] >= 1.0 - 1e-9
+                and (cn == 0 or r["cand_accuracy"] <= 1e-9))
+    if r["p_errors_adjusted"] < alpha:
+        return "error_regression", "; ".join([*notes, *slow])
+    if big and r["p_adjusted"] < alpha:
+        return "regression", "; ".join([accuracy, *notes, *slow])
+    if collapse:
+        return "regression", "; ".join([f"collapse on a small cell: {accuracy}", *notes, *slow])
+    if slow:
+        return "latency_regression", "; ".join([*slow, *notes])
+    if not big:
+        return "insufficient", "; ".join([f"fewer than {min_samples} scored samples a side", *notes])
+    if r["p_improved_adjusted"] < alpha:
+        return "improved", "; ".join([accuracy, *notes])
+    return "ok", "; ".join(notes)

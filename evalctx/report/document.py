@@ -1,0 +1,134 @@
+"""A tiny two-format document builder: every call adds the same content to an HTML page and a Markdown file.
+
+The HTML is self-contained (inline CSS, images as data: URIs, no scripts, no external URLs) so a report mailed
+or archived by CI reads offline. Every piece of text is escaped: labels, error messages and model paths come from
+users and backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { border-bottom: 2px solid #0CD79F; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+tr:nth-child(even) td { background: #fafafa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; margin: .5em 0; }
+.warn { background: #fff4e5; border-left: 4px solid #EBB839; padding: .5em 1em; }
+.fail { background: #fdecef; border-left: 4px solid #F0496E; padding: .5em 1em; }
+.pass { background: #e8fbf5; border-left: 4px solid #0CD79F; padding: .5em 1em; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; white-space: pre-wrap; }
+nav a { margin-right: 1em; }
+"""
+
+_NUMERIC = re.compile(r"^-?[\d.,]+(e[-+]?\d+)?%?$")
+
+
+def fmt(value: Any) -> str:
+    """A table cell as text: blank for missing, 4 significant digits for floats, lists joined."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+    try:
+        if pd.isna(value):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def md_escape(text: str) -> str:
+    """Text safe inside a Markdown table cell: no pipe or newline breaks the row, no raw HTML gets rendered."""
+    return (html.escape(text, quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
+            .replace("`", "\\`"))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+
+
+class Document:
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.html: list[str] = []
+        self.md: list[str] = [f"# {md_escape(title)}", ""]
+        self.sections: list[tuple[str, str]] = []
+
+    def section(self, title: str) -> None:
+        anchor = slug(title)
+        self.sections.append((anchor, title))
+        self.html.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
+        self.md += [f"## {md_escape(title)}", ""]
+
+    def subsection(self, title: str) -> None:
+        self.html.append(f"<h3>{html.escape(title)}</h3>")
+        self.md += [f"### {md_escape(title)}", ""]
+
+    def para(self, text: str, css: str | None = None) -> None:
+        cls = f' class="{css}"' if css else ""
+        self.html.append(f"<p{cls}>{html.escape(text)}</p>")
+        self.md += [f"> {md_escape(text)}" if css else md_escape(text), ""]
+
+    def pre(self, text: str) -> None:
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        fence = "````" if "```" in text else "```"
+        self.md += [fence, text, fence, ""]
+
+    def table(self, df: pd.DataFrame, collapsed: str | None = None) -> None:
+        """A table; with ``collapsed`` (a summary line) the HTML puts it in a closed <details> element."""
+        if df.empty:
+            self.para("(none)")
+            return
+        cols = [str(c) for c in df.columns]
+        rows = [[fmt(v) for v in r] for r in df.itertuples(index=False)]
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join(
+            "<tr>" + "".join(f'<td class="num">{html.escape(v)}</td>' if _NUMERIC.match(v)
+                             else f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        if collapsed:
+            table = f"<details><summary>{html.escape(collapsed)}</summary>{table}</details>"
+        self.html.append(table)
+        if collapsed:
+            self.md += [f"**{md_escape(collapsed)}**", ""]
+        self.md.append("| " + " | ".join(md_escape(c) for c in cols) + " |")
+        self.md.append("|" + "|".join("---" for _ in cols) + "|")
+        self.md += ["| " + " | ".join(md_escape(v) for v in r) + " |" for r in rows]
+        self.md.append("")
+
+    def image(self, png: Path, alt: str, md_dir: Path) -> None:
+        """Embedded in the HTML as a data: URI; linked by relative path from the Markdown."""
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
+        rel = png.resolve().relative_to(md_dir.resolve()).as_posix() if png.resolve().is_relative_to(
+            md_dir.resolve()) else png.resolve().as_posix()
+        self.md += [f"![{md_escape(alt).replace(']', ' ').replace('[', ' ')}]({rel})", ""]
+
+    def render_html(self) -> str:
+        nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in self.sections)
+        return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+                f"<title>{html.escape(self.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+                f"<h1>{html.escape(self.title)}</h1>\n<nav>{nav}</nav>\n" + "\n".join(self.html)
+                + "\n</body>\n</html>\n")
+
+    def render_md(self) -> str:
+        return "\n".join(self.md).rstrip() + "\n"
