@@ -12,7 +12,9 @@ Per cell:
 * errors: error + unsupported rows per attempted sample, tested like accuracy (``error_regression``). Without it
   an engine that starts failing every 128K request would only show as ``insufficient``.
 * latency: the candidate/base ratio of median ``latency_s`` and of median ``ttft_s`` above ``1 + tolerance`` is a
-  ``latency_regression`` (needs ``min_latency_samples`` timings a side; medians of fewer are noise).
+  ``latency_regression`` when the medians also differ by more than ``latency_min_delta_s`` (2 ms): a 10% rise of a
+  sub-millisecond request is timer and scheduler jitter (an identical rerun of the fake backend trips it), not
+  something anyone can act on. Needs ``min_latency_samples`` timings a side; medians of fewer are noise.
 * coverage: a cell only in the baseline (``only_in_base``) is lost coverage and fails the gate unless
   ``allow_missing``; a cell only in the candidate is reported and never fails.
 
@@ -103,13 +105,16 @@ class CompareResult:
         word = "REGRESSION" if self.regressed else "PASS"
         return f"{word}: {len(self.table)} cells ({counts})"
 
+    def settings(self) -> str:
+        delta_ms = 1000 * float(self.params.get("latency_min_delta_s", 0.0))
+        return (f"alpha {self.alpha:g} (one-sided Fisher exact, {self.correction} correction across cells), "
+                f"min samples {self.min_samples}, latency tolerance {self.latency_tolerance:.0%} "
+                f"and > {delta_ms:g} ms" + (", missing cells allowed" if self.allow_missing else ""))
+
     def to_markdown(self, only_notable: bool = False) -> str:
         """The headline, the test settings and a Markdown table (all cells, or only those not ``ok``)."""
         t = self.table if not only_notable else self.table[self.table["verdict"] != "ok"]
-        lines = [f"**{self.headline()}**", "",
-                 f"alpha {self.alpha:g} (one-sided Fisher exact, {self.correction} correction), "
-                 f"min samples {self.min_samples}, latency tolerance {self.latency_tolerance:.0%}"
-                 + (", missing cells allowed" if self.allow_missing else ""), ""]
+        lines = [f"**{self.headline()}**", "", self.settings(), ""]
         if t.empty:
             return "\n".join(lines + ["Every cell is ok." if only_notable else "(no cells)"]) + "\n"
         shown = display_table(t)
@@ -157,7 +162,7 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
 
 def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, min_samples: int = 20,
             latency_tolerance: float = 0.10, allow_missing: bool = False, correction: str = "holm",
-            min_latency_samples: int = 3) -> CompareResult:
+            min_latency_samples: int = 3, latency_min_delta_s: float = 0.002) -> CompareResult:
     """Compare two runs' per-sample frames (see the module docstring for the verdicts)."""
     if correction not in ("holm", "none"):
         raise ValueError(f"correction must be 'holm' or 'none', not {correction!r}")
@@ -195,14 +200,16 @@ def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, m
     if table.empty:
         raise ValueError("both runs are empty: nothing to compare")
     _adjust(table, correction, min_samples)
-    verdicts = [_verdict(r, alpha, min_samples, latency_tolerance) for r in table.to_dict("records")]
+    verdicts = [_verdict(r, alpha, min_samples, latency_tolerance, latency_min_delta_s)
+                for r in table.to_dict("records")]
     table["verdict"] = [v for v, _ in verdicts]
     table["note"] = [n for _, n in verdicts]
     regressed = bool(table["verdict"].isin(FAILING).any()
                      or (not allow_missing and (table["verdict"] == "only_in_base").any()))
     return CompareResult(table=table, regressed=regressed, alpha=alpha, min_samples=min_samples,
                          latency_tolerance=latency_tolerance, allow_missing=allow_missing, correction=correction,
-                         params={"min_latency_samples": min_latency_samples})
+                         params={"min_latency_samples": min_latency_samples,
+                                 "latency_min_delta_s": latency_min_delta_s})
 
 
 def _adjust(table: pd.DataFrame, correction: str, min_samples: int) -> None:
@@ -217,7 +224,8 @@ def _adjust(table: pd.DataFrame, correction: str, min_samples: int) -> None:
             table.loc[family, out] = holm(table.loc[family, col].tolist())
 
 
-def _verdict(r: dict[str, Any], alpha: float, min_samples: int, tol: float) -> tuple[str, str]:
+def _verdict(r: dict[str, Any], alpha: float, min_samples: int, tol: float,
+             min_delta_s: float) -> tuple[str, str]:
     """The worst finding names the cell; the note lists every finding."""
     if r["base_n"] is None or pd.isna(r["base_n"]):
         return "only_in_candidate", "new cell"
@@ -229,8 +237,10 @@ def _verdict(r: dict[str, Any], alpha: float, min_samples: int, tol: float) -> t
     notes = []
     if r["cand_error_rate"] > r["base_error_rate"]:
         notes.append(f"error rate {r['base_error_rate']:.0%} -> {r['cand_error_rate']:.0%}")
-    slow = [f"{name} x{r[col]:.2f}" for name, col in (("latency", "latency_ratio"), ("ttft", "ttft_ratio"))
-            if not pd.isna(r[col]) and r[col] > 1.0 + tol]
+    slow = [f"{name} x{r[ratio]:.2f}" for name, ratio, med in (("latency", "latency_ratio", "latency_s_p50"),
+                                                               ("ttft", "ttft_ratio", "ttft_s_p50"))
+            if not pd.isna(r[ratio]) and r[ratio] > 1.0 + tol
+            and r[f"cand_{med}"] - r[f"base_{med}"] > min_delta_s]
     # A small cell that worked perfectly and now fails completely (wrong answers or errors alike).
     collapse = (not big and min(r["base_attempted"], r["cand_attempted"]) >= COLLAPSE_MIN_N
                 and bn == r["base_attempted"] and r["base_accuracy"] >= 1.0 - 1e-9

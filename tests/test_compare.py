@@ -121,6 +121,14 @@ def test_errors_and_latency(tmp_path) -> None:
                            latency_tolerance=0.5).regressed
 
 
+def test_latency_jitter_below_the_floor_is_not_a_regression(tmp_path) -> None:
+    # Sub-millisecond requests (a fake backend): +30% is well under the 2 ms floor.
+    fast = load_run(write_run(tmp_path, "fast", latency_scale=0.001, **SMALL))
+    jitter = load_run(write_run(tmp_path, "jitter", latency_scale=0.0013, **SMALL))
+    assert not cmp.compare(fast, jitter).regressed
+    assert cmp.compare(fast, jitter, latency_min_delta_s=0.0).regressed
+
+
 def test_fractional_scores_are_rounded(tmp_path) -> None:
     base = load_run(write_run(tmp_path, "base", tasks=("passkey",), lengths=(4096,), depths=(0.5,)))
     cand = base.copy()

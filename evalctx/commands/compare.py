@@ -15,6 +15,8 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
                    help="scored samples a side below which a cell is 'insufficient' (default 20)")
     p.add_argument("--latency-tolerance", type=float, default=0.10,
                    help="allowed rise of the median latency/TTFT per cell, as a fraction (default 0.10)")
+    p.add_argument("--latency-min-delta", type=float, default=0.002, metavar="SECONDS",
+                   help="a latency rise must also exceed this many seconds (default 0.002: below it is jitter)")
     p.add_argument("--allow-missing", action="store_true",
                    help="cells of the baseline missing from the candidate do not fail the gate")
     p.add_argument("--correction", choices=("holm", "none"), default="holm",
@@ -28,8 +30,11 @@ def gate_kwargs(args: argparse.Namespace) -> dict[str, object]:
         raise UsageError(f"--min-samples must be >= 1, not {args.min_samples}")
     if args.latency_tolerance < 0:
         raise UsageError(f"--latency-tolerance must be >= 0, not {args.latency_tolerance}")
+    if args.latency_min_delta < 0:
+        raise UsageError(f"--latency-min-delta must be >= 0, not {args.latency_min_delta}")
     return {"alpha": args.alpha, "min_samples": args.min_samples, "latency_tolerance": args.latency_tolerance,
-            "allow_missing": args.allow_missing, "correction": args.correction}
+            "latency_min_delta_s": args.latency_min_delta, "allow_missing": args.allow_missing,
+            "correction": args.correction}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

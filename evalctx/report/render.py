@@ -219,9 +219,7 @@ def _comparison_section(doc: Document, df: pd.DataFrame, run_ids: list[str], lab
             result = compare(base_df, df[df["run_id"] == rid])
         doc.subsection(f"{label_of[rid]} (run {rid})")
         doc.para(result.headline(), css="fail" if result.regressed else "pass")
-        doc.para(f"alpha {result.alpha:g} (one-sided Fisher exact, {result.correction} correction over cells), "
-                 f"min samples {result.min_samples}, latency tolerance {result.latency_tolerance:.0%}"
-                 + (", missing cells allowed" if result.allow_missing else "") + ".")
+        doc.para(result.settings() + ".")
         notable = result.table[result.table["verdict"] != "ok"]
         if notable.empty:
             doc.para("Every cell is ok.")
