@@ -30,10 +30,5 @@ def mpirun_cmd(n: int, *args: str) -> list[str]:
 
 def mpi_env() -> dict[str, str]:
     env = dict(os.environ)
-    # Loopback-only, shared-memory transport: no network probing on CI machines.
-    env.setdefault("OMPI_MCA_btl", "self,vader,sm")
-    env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
-    env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
-    env.setdefault("PRTE_MCA_oob_tcp_if_include", "lo")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
     return env

@@ -73,10 +73,10 @@ def test_bad_option_values(tiny_llama: Path) -> None:
 def test_end_to_end_run_with_hf(tiny_llama: Path, tmp_path: Path) -> None:
     code = main(["run", "--suite", SUITE, "--backend", "hf", "--model", str(tiny_llama), "--tokenizer", "byte",
                  "--out", str(tmp_path), "--run-id", "hf", "--no-progress", "--backend-opt", "device=cpu",
-                 "--backend-opt", "chunk_size=128", "--lengths", "300", "--samples", "1"])
+                 "--backend-opt", "chunk_size=128", "--lengths", "400", "--samples", "1"])
     assert code == 0
     df = pd.read_parquet(tmp_path / "hf" / "results.parquet")
     assert (df["status"] == "ok").all()
-    assert (df["n_prompt_tokens"] == 300).all()
+    assert (df["n_prompt_tokens"] == 400).all()
     assert df["latency_s"].gt(0).all() and df["ttft_s"].gt(0).all()
     assert (df["hf_chunk_size"] == 128).all()

@@ -77,6 +77,11 @@ class HFBackend(Backend):
         except (OSError, ValueError) as exc:
             raise UsageError(f"backend hf: cannot load a model from {resolved.path}: {exc}".split("\n")[0]) from exc
         self.model = model.to(self.device).eval()
+        # transformers renamed past_key_values to cache (5.2x); pass whichever this version's forward takes.
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = getattr(ctx.tokenizer, "eos_token_id", None)
@@ -144,8 +149,8 @@ class HFBackend(Backend):
             cache = DynamicCache()
             logits = None
             for start in range(0, n, chunk):
-                outp = self.model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
-                                  logits_to_keep=1)
+                outp = self.model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
+                                  **{self._cache_kw: cache})
                 logits = outp.logits
             assert logits is not None
             next_tok = logits[:, -1, :].argmax(dim=-1)
@@ -159,7 +164,7 @@ class HFBackend(Backend):
                     done |= torch.isin(next_tok, eos)
                     if bool(done.all()):
                         break
-                outp = self.model(input_ids=next_tok[:, None], past_key_values=cache, use_cache=True)
+                outp = self.model(input_ids=next_tok[:, None], use_cache=True, **{self._cache_kw: cache})
                 next_tok = outp.logits[:, -1, :].argmax(dim=-1)
                 generated.append(next_tok)
             self._sync()
