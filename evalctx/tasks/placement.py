@@ -1,0 +1,473 @@
+"""The exact-length assembler shared by all tasks: ``pre + haystack-with-needles + post`` at exactly L tokens.
+
+Work happens in token space. The haystack is a window of the cached filler token stream (a slice of the filler
+text found through the token offsets); needles go at sentence boundaries. Only the seams (template/haystack,
+haystack/needle, haystack/post) can tokenize differently from the cached stream, so the length of a candidate
+layout is *estimated* by re-tokenizing just a few tokens of haystack around each seam. The estimate is then
+checked by ONE tokenization of the final text, whose ids become ``Sample.prompt_ids``. When a seam behaves
+non-locally the difference is remembered per (tokenizer, template, haystack) -- the seam calibration -- so later
+builds of the same frame are exact on their first verification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+from evalctx.errors import LengthError, UsageError
+from evalctx.records import Sample
+from evalctx.tasks.base import Task
+from evalctx.tasks.haystack import Haystack, TokenStream
+from evalctx.tokenizer import Tokenizer
+
+SENTINEL = "@@EVALCTX_HAYSTACK@@"
+"""Stands for the haystack while a template (or a chat template) is rendered; split out afterwards."""
+
+PROMPT_MODES = ("raw", "chat")
+_MARGIN = 8  # haystack tokens re-tokenized on each side of a seam: far more than any merge reaches
+_SLACK = 2048  # stream tokens kept beyond the window, so the end can move to the next sentence boundary
+_MAX_VERIFY = 5  # full tokenizations before giving up
+_SEARCH = 8  # how far (in tokens) the cut may move when no budget gives the exact count
+_RESIDUAL: dict[tuple, int] = {}  # seam calibration: verified - estimated, per (tokenizer, frame, haystack)
+_SPECIAL: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The prompt around the haystack, already rendered (chat template and answer prefix included)."""
+
+    pre: str
+    post: str
+    add_special_tokens: bool
+    mode: str
+
+
+@dataclass(frozen=True)
+class Needle:
+    """Text inserted at a boundary, followed by ``sep`` unless it ends the haystack (then ``post`` follows)."""
+
+    text: str
+    sep: str = ""
+
+
+def render_frame(tokenizer: Tokenizer, prompt_mode: str, user_text: str, answer_prefix: str) -> Frame:
+    """Split a prompt around :data:`SENTINEL`.
+
+    Raw mode: ``user_text + answer_prefix``, tokenized with special tokens (BOS counts toward the length).
+    Chat mode: the tokenizer's chat template over one user turn, then the answer prefix (leading whitespace
+    dropped, as lm-eval's ``gen_prefix``) starts the assistant turn; tokenized without special tokens because the
+    rendered template already carries BOS as text.
+    """
+    if user_text.count(SENTINEL) != 1:
+        raise ValueError("user_text must hold the haystack sentinel exactly once")
+    if prompt_mode == "raw":
+        full, add = user_text + answer_prefix, True
+    elif prompt_mode == "chat":
+        if not tokenizer.has_chat_template():
+            raise UsageError(f"tokenizer {tokenizer.name} has no chat template: use prompt_mode = \"raw\"")
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": user_text}])
+        except UsageError:
+            raise
+        except Exception as exc:  # Jinja errors come in many types; the user needs one line
+            raise UsageError(f"chat template of {tokenizer.name} failed: {type(exc).__name__}: {exc}") from exc
+        if rendered.count(SENTINEL) != 1:
+            raise UsageError(f"chat template of {tokenizer.name} rewrites the user text; cannot place a haystack")
+        full, add = rendered + answer_prefix.lstrip(), False
+    else:
+        raise UsageError(f"unknown prompt_mode {prompt_mode!r}: choose raw or chat")
+    pre, post = full.split(SENTINEL)
+    return Frame(pre, post, add, prompt_mode)
+
+
+@dataclass
+class Assembly:
+    """A verified prompt of exactly the asked length, and where its needles landed."""
+
+    text: str
+    ids: list[int]
+    needle_token_indices: list[int]
+    """Index in ``ids`` of each needle's first token, in needle order."""
+    needle_chars: list[int]
+    """Character offset of each needle in ``text``."""
+    haystack_start_token: int
+    haystack_tokens: int
+    """Tokens of the context that are haystack (needles not counted)."""
+    depth_actual: float | None
+    window: tuple[int, int]
+    """Haystack character range in the filler stream."""
+    positions: list[int]
+    """Stream character offset where each needle was inserted."""
+    verifications: int = 1
+
+    @property
+    def needle_token_index(self) -> int:
+        return min(self.needle_token_indices)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    a: int  # first haystack token (stream index)
+    s: int  # first haystack char (stream)
+    e: int  # haystack end char, exclusive (stream)
+    positions: tuple[int, ...]  # insertion char (stream) per needle, non-decreasing
+
+
+def special_token_count(tokenizer: Tokenizer) -> int:
+    """How many ids ``add_special_tokens=True`` adds (BOS, sometimes EOS)."""
+    fp = tokenizer.fingerprint()
+    if fp not in _SPECIAL:
+        probe = "Hello there."
+        _SPECIAL[fp] = len(tokenizer.encode(probe, True)) - len(tokenizer.encode(probe, False))
+    return _SPECIAL[fp]
+
+
+class _Builder:
+    def __init__(self, tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Sequence[Needle],
+                 depths: Sequence[float]) -> None:
+        self.tok, self.frame, self.hay = tokenizer, frame, haystack
+        self.needles, self.depths = list(needles), list(depths)
+        self.end_anchored = max(depths) >= 1.0
+        self.n_special = special_token_count(tokenizer) if frame.add_special_tokens else 0
+        self.st: TokenStream = haystack.stream(tokenizer, _SLACK)
+        self._est: dict[_Layout, int] = {}
+
+    def count(self, text: str) -> int:
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+    def ensure(self, h: int) -> None:
+        if len(self.st) < h + _SLACK:
+            self.st = self.hay.stream(self.tok, h + _SLACK)
+
+    # -- layouts ------------------------------------------------------------------------------------------------------
+    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0) -> _Layout:
+        """The haystack window of ``h`` tokens and its needle positions; ``alt``/``cut``/``shift`` are fallbacks.
+
+        Normally the window starts at stream token 0 and ends at token ``h`` (possibly mid-sentence). A needle at
+        depth 1 must sit at the very end on a sentence boundary, so then the window *ends* at a boundary and starts
+        ``h`` tokens earlier instead. Fallbacks: ``alt`` takes the other nearest boundary (or the next sentence end),
+        ``cut`` ends the haystack inside a token, ``shift`` starts the window ``shift`` tokens later -- this
+        decouples the two ends when the seam with ``post`` makes the count jump over the target.
+        """
+        self.ensure(h + shift)
+        st = self.st
+        if self.end_anchored:
+            e = self.hay.boundary_at_or_after(st.starts[h])
+            for _ in range(alt):
+                e = self.hay.boundary_at_or_after(e + 1)
+            while e >= len(st.text) - 1:  # a very long last sentence: grow the stream past it
+                st = self.st = self.hay.stream(self.tok, 2 * len(st))
+            a = max(st.token_at(e) - h + shift, 0)
+        else:
+            a = shift
+            e = st.starts[a + h]
+            if cut and st.starts[a + h + 1] - e > cut:  # cut inside a token (a partial token ends the haystack)
+                e += cut
+        s = st.starts[a]
+        h_eff = st.token_at(e) - a
+        positions: list[int] = []
+        for i, d in enumerate(self.depths):
+            if d >= 1.0:
+                p = e
+            else:
+                p = self._nearest_boundary(a + round(d * h_eff), s, e, flip=(alt > 0 and i == 0))
+            positions.append(max(p, positions[-1]) if positions else p)
+        return _Layout(a, s, e, tuple(positions))
+
+    def _nearest_boundary(self, x_tok: int, s: int, e: int, flip: bool) -> int:
+        """The sentence boundary in [s, e] nearest (in tokens) to token ``x_tok``; ``flip`` takes the other one."""
+        st = self.st
+        x = st.starts[x_tok]
+        lo = self.hay.boundary_at_or_before(x)
+        hi = self.hay.boundary_at_or_after(x)
+        cands = [c for c in (lo, hi) if s <= c <= e]
+        if not cands:  # no boundary inside the window (only when it holds less than a sentence)
+            return s
+        cands.sort(key=lambda c: abs(st.token_at(c) - x_tok))
+        return cands[-1] if flip else cands[0]
+
+    # -- text and estimate -------------------------------------------------------------------------------------------
+    def _inserts(self, lay: _Layout) -> list[tuple[int, str]]:
+        ins = [(lay.s, self.frame.pre)]
+        for n, p in zip(self.needles, lay.positions):
+            ins.append((p, n.text if p == lay.e else n.text + n.sep))
+        ins.append((lay.e, self.frame.post))
+        return ins
+
+    def _splice(self, u: int, v: int, ins: list[tuple[int, str]]) -> tuple[str, list[int]]:
+        """Stream text [u, v) with the insertions in that range; also the offset of each insertion."""
+        text = self.st.text
+        parts, where, cur, n = [], [], u, 0
+        for p, t in ins:
+            parts.append(text[cur:p])
+            n += p - cur
+            where.append(n)
+            parts.append(t)
+            n += len(t)
+            cur = p
+        parts.append(text[cur:v])
+        return "".join(parts), where
+
+    def estimate(self, lay: _Layout) -> int:
+        """Token count of the layout's text from the cached stream plus local re-tokenization of the seams."""
+        if lay in self._est:
+            return self._est[lay]
+        st, ins = self.st, self._inserts(lay)
+        b_e = st.token_at(lay.e)
+        regions: list[list] = []
+        for p, t in ins:
+            k = st.token_at(p)
+            lo = max(lay.a, k - _MARGIN)
+            hi = k + _MARGIN
+            u = st.starts[lo]
+            v = st.starts[hi] if hi < b_e else lay.e
+            if regions and u <= regions[-1][1]:  # touching regions merge too (zero-width ones at an end)
+                regions[-1][1] = max(regions[-1][1], v)
+                regions[-1][2].append((p, t))
+            else:
+                regions.append([u, v, [(p, t)]])
+        total = self.n_special + (b_e - lay.a)
+        for u, v, rins in regions:
+            inside = st.token_at(v) - st.token_at(u)
+            local = self.count(self._splice(u, v, rins)[0])
+            if u == lay.s:  # the region that starts the prompt: count it as it is
+                total += local - inside
+            else:  # cancel what a standalone encode adds at its start (e.g. a Metaspace prefix)
+                total += local - self.count(st.text[u:v])
+        self._est[lay] = total
+        return total
+
+    def text(self, lay: _Layout) -> tuple[str, list[int]]:
+        """The prompt text and the character offset of each needle's first non-blank character."""
+        text, where = self._splice(lay.s, lay.e, self._inserts(lay))
+        lead = [len(n.text) - len(n.text.lstrip()) for n in self.needles]
+        return text, [w + k for w, k in zip(where[1:-1], lead)]
+
+    # -- search ------------------------------------------------------------------------------------------------------
+    def fixed_tokens(self) -> int:
+        return (self.n_special + self.count(self.frame.pre) + self.count(self.frame.post)
+                + sum(self.count(n.text + n.sep) for n in self.needles))
+
+    def solve(self, target: int, h0: int, exclude: set[_Layout]) -> tuple[_Layout, int] | None:
+        """A layout whose estimate is ``target``: Newton steps on the budget, then a small neighbourhood search."""
+        h, seen = max(h0, 0), set()
+        for _ in range(12):
+            lay = self.layout(h)
+            est = self.estimate(lay)
+            if est == target and lay not in exclude:
+                return lay, est
+            seen.add(h)
+            nh = max(h + target - est, 0)
+            if nh in seen:
+                break
+            h = nh
+        # The seams jump over the target (e.g. a token at the cut merges with ``post``): move the cut a little,
+        # pick the other nearest boundary for the needle, cut inside the last token, or start the window later.
+        for shift in range(4):
+            for alt in (0, 1):
+                for cut in (0, 1, 2):
+                    for dh in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
+                        if h + dh < 0:
+                            continue
+                        lay = self.layout(h + dh, alt, cut, shift)
+                        if lay not in exclude and self.estimate(lay) == target:
+                            return lay, target
+        return None
+
+
+def _token_containing(offsets: Sequence[tuple[int, int]], char: int) -> int:
+    i = max(bisect_right(offsets, char, key=lambda o: o[0]) - 1, 0)
+    while i + 1 < len(offsets) and offsets[i][1] <= char:
+        i += 1
+    return i
+
+
+def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Sequence[Needle],
+             depths: Sequence[float], length: int, label: str = "task") -> Assembly:
+    """Build ``frame.pre + haystack (with needles at depths) + frame.post`` at exactly ``length`` tokens.
+
+    Raises LengthError when ``length`` is below what the frame and needles need, or when no layout tokenizes to
+    exactly ``length`` (never truncates).
+    """
+    if len(needles) != len(depths) or not needles:
+        raise ValueError("one depth per needle, at least one needle")
+    if any(not 0.0 <= d <= 1.0 for d in depths) or list(depths) != sorted(depths):
+        raise ValueError(f"needle depths must be non-decreasing fractions in 0..1, got {list(depths)}")
+    b = _Builder(tokenizer, frame, haystack, needles, depths)
+    where = f"{label} at {length} tokens with tokenizer {tokenizer.name}"
+    if length < b.estimate(b.layout(0)):
+        actual = _verified_minimum(b)
+        if length < actual:
+            raise LengthError(f"{where}: too short; the template and needle alone need {actual} tokens")
+    # Keyed without the frame text: niah questions name a fresh key per sample, the seams stay alike.
+    key = (tokenizer.fingerprint(), frame.mode, haystack.fingerprint, len(needles), b.end_anchored)
+    if key not in _RESIDUAL:
+        _RESIDUAL[key] = _calibrate(b)
+    residual = _RESIDUAL[key]
+    h0 = length - b.fixed_tokens()
+    exclude: set[_Layout] = set()
+    for attempt in range(1, _MAX_VERIFY + 1):
+        got = b.solve(length - residual, h0, exclude)
+        if got is None and residual:
+            got = b.solve(length, h0, exclude)
+        if got is None:
+            break
+        lay, est = got
+        exclude.add(lay)
+        text, where_needles = b.text(lay)
+        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=frame.add_special_tokens)
+        if len(ids) == length:
+            _RESIDUAL[key] = len(ids) - est
+            return _finish(text, ids, offsets, frame, b, lay, where_needles, attempt)
+        residual = len(ids) - est
+        h0 = b.st.token_at(lay.e) - lay.a
+    minimum = _verified_minimum(b)
+    hint = f"the minimum is {minimum}; " if length < minimum + 8 else ""
+    raise LengthError(f"{where}: no haystack cut tokenizes to exactly {length} tokens "
+                      f"(tried {len(exclude)} layouts); {hint}try a length a few tokens away")
+
+
+def minimum_length(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Sequence[Needle],
+                   depths: Sequence[float]) -> int:
+    """Tokens of the prompt with an empty haystack: the shortest length these needles can be built at."""
+    return _verified_minimum(_Builder(tokenizer, frame, haystack, needles, depths))
+
+
+def _verified_minimum(b: _Builder) -> int:
+    return len(b.tok.encode(b.text(b.layout(0))[0], b.frame.add_special_tokens))
+
+
+def _calibrate(b: _Builder) -> int:
+    """Seam correction learnt on a short build of this frame: verified length minus estimated length."""
+    lay = b.layout(256)
+    text = b.text(lay)[0]
+    return len(b.tok.encode(text, b.frame.add_special_tokens)) - b.estimate(lay)
+
+
+def _finish(text: str, ids: list[int], offsets: list[tuple[int, int]], frame: Frame, b: _Builder, lay: _Layout,
+            where_needles: list[int], attempt: int) -> Assembly:
+    """Needle token indices and the actual depth, read from the verified offsets."""
+    idx = [_token_containing(offsets, c) for c in where_needles]
+    hs = _token_containing(offsets, len(frame.pre))
+    ctx_end = len(text) - len(frame.post)
+    he = _token_containing(offsets, ctx_end) if ctx_end < len(text) else len(ids)
+    needle_toks = 0
+    for c, n in zip(where_needles, b.needles):
+        end = c + len(n.text.strip())
+        needle_toks += (_token_containing(offsets, end) if end < len(text) else len(ids)) - _token_containing(
+            offsets, c)
+    hay_toks = max(he - hs - needle_toks, 0)
+    first = min(idx)
+    depth_actual = None if hay_toks == 0 else min(max((first - hs) / hay_toks, 0.0), 1.0)
+    return Assembly(text, list(ids), idx, where_needles, hs, hay_toks, depth_actual, (lay.s, lay.e),
+                    list(lay.positions), attempt)
+
+
+# -- the shared task machinery ----------------------------------------------------------------------------------------
+@dataclass
+class Draw:
+    """What a task draws for one sample: the prompt around the haystack, its needles and the answers."""
+
+    user_text: str
+    """The user-turn text with :data:`SENTINEL` where the haystack goes."""
+    answer_prefix: str
+    needles: list[Needle]
+    depths: list[float]
+    targets: list[str]
+    secrets: list[str]
+    """Strings that must come from the needles only (keys and values): redrawn if the haystack holds one."""
+    meta: dict[str, Any]
+
+
+def sample_id(task: str, version: int, options: Mapping[str, Any], length: int, depth: float, seed: int,
+              tokenizer_fp: str, prompt_mode: str, max_new_tokens: int) -> str:
+    """Stable sha1 (first 16 hex digits) over everything that determines a sample."""
+    payload = json.dumps([task, version, sorted(options.items()), length, depth, seed, tokenizer_fp, prompt_mode,
+                          max_new_tokens], default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+class HaystackTask(Task):
+    """A task that hides needles in a haystack: option checking, deterministic draws, redraws, Sample building.
+
+    Subclasses set ``defaults`` (every option they accept) and implement ``_haystack`` and ``_draw``.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
+                 prompt_mode: str = "raw") -> None:
+        super().__init__(tokenizer, options, prompt_mode)
+        if prompt_mode not in PROMPT_MODES:
+            raise UsageError(f"unknown prompt_mode {prompt_mode!r}: choose raw or chat")
+        unknown = sorted(set(self.options) - set(self.defaults))
+        if unknown:
+            raise UsageError(f"task {self.name}: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(self.defaults))}")
+        self.explicit = dict(self.options)
+        self.options = {**self.defaults, **self.options}
+        if prompt_mode == "chat" and not tokenizer.has_chat_template():
+            raise UsageError(f"tokenizer {tokenizer.name} has no chat template: use prompt_mode = \"raw\"")
+        self.haystack = self._haystack()
+
+    def _haystack(self) -> Haystack:
+        raise NotImplementedError
+
+    def _draw(self, rng: random.Random, depth: float) -> Draw:
+        raise NotImplementedError
+
+    def id_options(self) -> dict[str, Any]:
+        """Options as they enter the sample id: the haystack's content hash stands for its folder path."""
+        opts = {k: v for k, v in self.options.items() if k != "haystack_dir"}
+        opts["haystack_sha"] = self.haystack.fingerprint
+        return opts
+
+    def _rng(self, context_length: int, depth: float, seed: int) -> random.Random:
+        # Per cell, independent of the tokenizer: the same seed hides the same key for every model compared.
+        h = hashlib.sha1(f"{self.name}|{seed}|{context_length}|{depth!r}".encode()).digest()
+        return random.Random(int.from_bytes(h[:8], "big"))
+
+    def _clean(self, text: str, draw: Draw) -> bool:
+        """Each needle occurs once; each key/value occurs only inside the needles (and the question, for keys)."""
+        if any(text.count(n.text.strip()) != 1 for n in draw.needles):
+            return False
+        return all(text.count(t) == sum(n.text.count(t) for n in draw.needles) for t in draw.targets)
+
+    def _frame(self, draw: Draw) -> Frame:
+        return render_frame(self.tokenizer, self.prompt_mode, draw.user_text, draw.answer_prefix)
+
+    def make_sample(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> Sample:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
+        if not 0.0 <= depth <= 1.0:
+            raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
+        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        rng = self._rng(context_length, depth, seed)
+        for _ in range(100):
+            draw = self._draw(rng, depth)
+            if any(self.haystack.contains(s) for s in draw.secrets):
+                continue  # e.g. a short landmark key that an essay happens to contain
+            asm = assemble(self.tokenizer, self._frame(draw), self.haystack, draw.needles, draw.depths,
+                           context_length, label=self.name)
+            if self._clean(asm.text, draw):
+                break
+        else:
+            raise UsageError(f"task {self.name}: could not draw a key that the haystack does not already contain")
+        sid = sample_id(self.name, self.version, self.id_options(), context_length, depth, seed,
+                        self.tokenizer.fingerprint(), self.prompt_mode, mnt)
+        meta = {"haystack": self.haystack.name, **draw.meta}
+        if len(asm.needle_token_indices) > 1:
+            meta["needle_token_indices"] = asm.needle_token_indices
+        return Sample(id=sid, task=self.name, context_length=context_length, depth=depth, seed=seed,
+                      prompt=asm.text, prompt_ids=asm.ids, target=draw.targets,
+                      needle_token_index=asm.needle_token_index, max_new_tokens=mnt,
+                      add_special_tokens=self._frame(draw).add_special_tokens, prompt_mode=self.prompt_mode,
+                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta)
+
+    def min_length(self) -> int:
+        draw = self._draw(self._rng(0, 0.5, 0), 0.5)
+        return minimum_length(self.tokenizer, self._frame(draw), self.haystack, draw.needles, draw.depths)

@@ -1,0 +1,225 @@
+"""The exact-length assembler: property tests over real tokenizers, lengths, depths, needles and prompt modes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HF_KINDS, TOKENIZER_NAMES, get_tokenizer
+
+from evalctx.errors import LengthError, UsageError
+from evalctx.tasks.haystack import NOISE_SENTENCE, Haystack, essay_haystack, noise_haystack
+from evalctx.tasks.placement import SENTINEL, Needle, assemble, minimum_length, render_frame
+from evalctx.tokenizer import ByteTokenizer
+
+HAYSTACKS = {"noise": lambda: noise_haystack("\n"), "noise_inline": lambda: noise_haystack(" "),
+             "essay": lambda: essay_haystack()}
+USER = "Read this.\n\n" + SENTINEL + "\n\nWhat is the pass key?"
+PREFIX = "\n\nThe pass key is"
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def needles_for(hay: Haystack, n: int) -> list[Needle]:
+    sep = "\n" if hay.unit == "line" else " "
+    return [Needle(f"The pass key is {40213 + i}. Remember it. {40213 + i} is the pass key.", sep) for i in range(n)]
+
+
+def spread(depth: float, n: int) -> list[float]:
+    return [depth + i * (1 - depth) / n for i in range(n)]
+
+
+def check(tok, frame, hay, needles, depths, length, asm) -> None:
+    """Every guarantee of the assembler, checked from the outside."""
+    # exact length, and the ids are what a plain tokenization of the text gives
+    assert len(asm.ids) == length
+    assert tok.encode(asm.text, frame.add_special_tokens) == asm.ids
+    assert asm.text.startswith(frame.pre) and asm.text.endswith(frame.post)
+    # the context is one contiguous slice of the filler text with the needles spliced in at their positions
+    stream = hay.stream(tok, 0)
+    s, e = asm.window
+    parts, cur = [], s
+    for n, p in zip(needles, asm.positions):
+        parts += [stream.text[cur:p], n.text if p == e else n.text + n.sep]
+        cur = p
+    parts.append(stream.text[cur:e])
+    assert asm.text[len(frame.pre):len(asm.text) - len(frame.post)] == "".join(parts)
+    # each needle text occurs exactly once
+    for n in needles:
+        assert asm.text.count(n.text.strip()) == 1
+    # needles sit on boundaries, in order
+    assert list(asm.positions) == sorted(asm.positions)
+    inner = hay.boundary_at_or_after(s) <= e
+    for p in asm.positions:
+        assert hay.is_boundary(p) or not inner
+    # the first needle is on a boundary nearest its depth: no other boundary between it and the depth point
+    a = stream.token_at(s)
+    if depths[0] >= 1.0:
+        assert asm.positions[0] == e and hay.is_boundary(e)
+    elif inner:
+        x = stream.starts[a + round(depths[0] * (stream.token_at(e) - a))]
+        lo, hi = sorted((x, asm.positions[0]))
+        assert hay.boundary_at_or_after(lo + 1) >= hi
+    # the needle token index points at the needle's first character
+    ids, offsets = tok.encode_with_offsets(asm.text, frame.add_special_tokens)
+    for c, i in zip(asm.needle_chars, asm.needle_token_indices):
+        assert asm.text[c:].startswith(needles[asm.needle_chars.index(c)].text.strip()[:10])
+        assert offsets[i][0] <= c < max(offsets[i][1], offsets[i][0] + 1) or (
+            offsets[i][0] >= c and offsets[i - 1][1] <= c)
+    assert asm.needle_token_index == min(asm.needle_token_indices)
+    # the actual depth is within about one sentence of the asked one
+    if asm.depth_actual is not None and asm.haystack_tokens > 200:
+        assert 0.0 <= asm.depth_actual <= 1.0
+        longest = max_gap_tokens(hay, stream, s, e)
+        assert abs(asm.depth_actual - depths[0]) * asm.haystack_tokens <= longest + 4
+
+
+def max_gap_tokens(hay, stream, s, e) -> int:
+    gap, c = 0, hay.boundary_at_or_after(s)
+    prev = s
+    while c <= e:
+        gap = max(gap, stream.token_at(c) - stream.token_at(prev))
+        prev, c = c, hay.boundary_at_or_after(c + 1)
+    return max(gap, stream.token_at(e) - stream.token_at(prev))
+
+
+@st.composite
+def cases(draw):
+    name = draw(st.sampled_from(TOKENIZER_NAMES))
+    mode = draw(st.sampled_from(["raw", "chat"])) if name in CHAT_TOKENIZER_NAMES else "raw"
+    hay = draw(st.sampled_from(sorted(HAYSTACKS)))
+    n = draw(st.sampled_from([1, 1, 1, 2, 4]))
+    depth = draw(st.one_of(st.just(0.0), st.just(1.0), st.just(0.5), st.floats(0, 1)))
+    extra = draw(st.one_of(st.integers(0, 40), st.integers(0, 3000)))
+    return name, mode, hay, n, depth, extra
+
+
+@SETTINGS
+@given(cases())
+def test_assemble_exact_length_and_placement(case):
+    name, mode, hay_name, n, depth, extra = case
+    tok, hay = get_tokenizer(name), HAYSTACKS[hay_name]()
+    frame = render_frame(tok, mode, USER, PREFIX)
+    needles, depths = needles_for(hay, n), spread(depth, n)
+    length = minimum_length(tok, frame, hay, needles, depths) + extra
+    try:
+        asm = assemble(tok, frame, hay, needles, depths, length, label="prop")
+    except LengthError as exc:
+        # A haystack of one or two tokens cannot always be made (the needle's separator comes with it).
+        assert extra < 4 and "the minimum is" in str(exc)
+        return
+    check(tok, frame, hay, needles, depths, length, asm)
+
+
+@pytest.mark.parametrize("name", HF_KINDS)
+def test_every_length_in_a_range_builds(name):
+    """Seams make some budgets jump over the target; the fallbacks must still reach every single length."""
+    tok, hay = get_tokenizer(name), noise_haystack("\n")
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    needles = needles_for(hay, 1)
+    lo = minimum_length(tok, frame, hay, needles, [0.0])
+    for length in range(lo + 4, lo + 64):
+        for depth in (0.0, 1.0):
+            asm = assemble(tok, frame, hay, needles, [depth], length)
+            assert len(asm.ids) == length
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_long_builds_verify_once(name):
+    """The seam estimate is exact, so the one full tokenization is the verification that passes."""
+    tok = get_tokenizer(name)
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    for hay in (noise_haystack("\n"), essay_haystack()):
+        needles = needles_for(hay, 1)
+        for length, depth in ((6000, 0.3), (9000, 0.77), (12000, 1.0)):
+            asm = assemble(tok, frame, hay, needles, [depth], length)
+            assert len(asm.ids) == length and asm.verifications == 1
+
+
+def test_too_short_names_the_minimum():
+    tok, hay = get_tokenizer("bpe_llama3"), noise_haystack()
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    needles = needles_for(hay, 1)
+    lo = minimum_length(tok, frame, hay, needles, [0.5])
+    assert len(assemble(tok, frame, hay, needles, [0.5], lo).ids) == lo  # the minimum itself builds
+    with pytest.raises(LengthError, match=f"need {lo} tokens") as info:
+        assemble(tok, frame, hay, needles, [0.5], lo - 1, label="passkey")
+    assert "passkey" in str(info.value) and str(lo - 1) in str(info.value) and tok.name in str(info.value)
+
+
+def test_bos_counts_in_raw_mode_only():
+    tok = get_tokenizer("bpe_chat")
+    hay = noise_haystack()
+    raw = assemble(tok, render_frame(tok, "raw", USER, PREFIX), hay, needles_for(hay, 1), [0.5], 500)
+    chat = assemble(tok, render_frame(tok, "chat", USER, PREFIX), hay, needles_for(hay, 1), [0.5], 500)
+    bos = tok.hf.bos_token_id
+    assert raw.ids[0] == bos and raw.ids.count(bos) == 1
+    assert chat.ids[0] == bos and chat.ids.count(bos) == 1  # from the template text, not added again
+    assert chat.text.startswith("<|begin_of_text|><|start_header_id|>user")
+    assert chat.text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nThe pass key is")
+
+
+def test_render_frame_errors():
+    with pytest.raises(UsageError, match="no chat template"):
+        render_frame(ByteTokenizer(), "chat", USER, PREFIX)
+    with pytest.raises(UsageError, match="prompt_mode"):
+        render_frame(ByteTokenizer(), "completion", USER, PREFIX)
+    with pytest.raises(ValueError):
+        render_frame(ByteTokenizer(), "raw", "no sentinel", PREFIX)
+    frame = render_frame(ByteTokenizer(), "raw", USER, PREFIX)
+    assert frame.pre == "Read this.\n\n" and frame.post == "\n\nWhat is the pass key?" + PREFIX
+    assert frame.add_special_tokens
+    chat = render_frame(ByteTokenizer(chat=True), "chat", USER, PREFIX)
+    assert not chat.add_special_tokens and chat.post.endswith("<|assistant|>\nThe pass key is")
+
+
+def test_depth_validation():
+    tok, hay = ByteTokenizer(), noise_haystack()
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    with pytest.raises(ValueError):
+        assemble(tok, frame, hay, needles_for(hay, 1), [1.5], 1000)
+    with pytest.raises(ValueError):
+        assemble(tok, frame, hay, needles_for(hay, 2), [0.8, 0.2], 1000)
+
+
+def test_stream_is_tokenized_once_and_grows_by_doubling(monkeypatch):
+    calls: list[int] = []
+    orig = Haystack._tokenize
+
+    def counting(self, tokenizer, copies):
+        calls.append(copies)
+        return orig(self, tokenizer, copies)
+
+    monkeypatch.setattr(Haystack, "_tokenize", counting)
+    tok = get_tokenizer("bpe_llama3")
+    hay = Haystack("fresh-noise", NOISE_SENTENCE + "\n", unit="line")
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    needles = needles_for(hay, 1)
+    assemble(tok, frame, hay, needles, [0.5], 20000)
+    n = len(calls)
+    for length, depth in ((20000, 0.1), (15000, 1.0), (3000, 0.0), (19000, 0.6)):
+        assemble(tok, frame, hay, needles, [depth], length)
+    assert len(calls) == n  # shorter builds reuse the cached stream
+    assemble(tok, frame, hay, needles, [0.5], 60000)
+    assert len(calls) == n + 1 and calls[-1] >= 2 * calls[-2]
+    assert len(hay.stream(tok, 0)) >= 60000
+
+
+def test_one_full_tokenization_per_warm_build():
+    tok = get_tokenizer("sp_llama2")
+    big: list[int] = []
+
+    class Spy:
+        def __getattr__(self, item):
+            return getattr(tok, item)
+
+        def encode_with_offsets(self, text, add_special_tokens=False):
+            big.append(len(text))
+            return tok.encode_with_offsets(text, add_special_tokens)
+
+    spy = Spy()
+    hay = essay_haystack()
+    frame = render_frame(spy, "raw", USER, PREFIX)
+    assemble(spy, frame, hay, needles_for(hay, 1), [0.5], 8000)  # warms the stream and the calibration
+    big.clear()
+    asm = assemble(spy, frame, hay, needles_for(hay, 1), [0.3], 7000)
+    assert big == [len(asm.text)]
