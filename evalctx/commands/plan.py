@@ -1,0 +1,131 @@
+"""``evalctx plan``: memory per GPU for a model at a context length, and the KV-cache size to ask TensorRT-LLM for.
+
+Defaults come from the config: an engine config.json gives dtype, KV dtype, tp, pp, max_num_tokens, tokens per
+block and max_seq_len; a Hugging Face config.json gives the shape only. Flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from evalctx.engine_config import EngineConfig, short_dtype
+from evalctx.errors import UsageError
+from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, Plan,
+                          RankMemory, load_shape, plan)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan",
+        help="estimate GPU memory (weights, KV cache, activations) and the KV cache to ask for",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, metavar="PATH",
+                   help="model or engine directory, or its config.json (HF or TensorRT-LLM engine)")
+    p.add_argument("--context", type=int, metavar="TOKENS",
+                   help="tokens per sequence, prompt plus generated (default: the engine's max_seq_len)")
+    p.add_argument("--batch", type=int, default=1, help="sequences resident at once (default 1)")
+    p.add_argument("--beams", type=int, default=1, help="beam width (default 1)")
+    p.add_argument("--tp", type=int, help="tensor parallel size (default: the engine's, else 1)")
+    p.add_argument("--pp", type=int, help="pipeline parallel size (default: the engine's, else 1)")
+    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, help="default: the engine's, the HF torch_dtype, or fp16")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, help="default: the engine's KV dtype, else the weight dtype")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="memory per GPU in GB (10^9 bytes; an 80 GB H100 has about 85); enables the fit check")
+    p.add_argument("--max-num-tokens", type=int,
+                   help=f"engine max_num_tokens, the chunk size (default: the engine's, else {DEFAULT_MAX_NUM_TOKENS})")
+    p.add_argument("--tokens-per-block", type=int,
+                   help=f"paged KV block size (default: the engine's, else {DEFAULT_TOKENS_PER_BLOCK})")
+    p.add_argument("--kv-fraction", type=float, default=0.9,
+                   help="kv_cache_free_gpu_memory_fraction the runtime will use (default 0.9)")
+    p.add_argument("--reserve-gb", type=float, default=2.0,
+                   help="per-GPU memory for CUDA context, NCCL and TensorRT workspaces (default 2)")
+    p.add_argument("--kv-headroom", type=float, default=0.05,
+                   help="extra fraction on max_tokens_in_paged_kv_cache (default 0.05)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def _hf_dtype(path: str) -> str | None:
+    """The checkpoint dtype of a Hugging Face config (``torch_dtype``, or ``dtype`` in newer transformers)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = (data.get("torch_dtype") or data.get("dtype")) if isinstance(data, dict) else None
+    return short_dtype(dtype) if dtype else None
+
+
+def _resolve(args: argparse.Namespace) -> Plan:
+    shape, engine = load_shape(args.config)
+    e: EngineConfig | None = engine
+    weight = args.weight_dtype or (e.weight_dtype if e else None) or _hf_dtype(shape.source) or "fp16"
+    if weight not in WEIGHT_DTYPES:
+        weight = "fp16"
+    kv = args.kv_dtype or (e.kv_dtype if e else None) or (weight if weight in ("fp16", "bf16", "fp32") else "fp16")
+    context = args.context or (e.max_seq_len if e else None)
+    if not context:
+        raise UsageError("evalctx plan: pass --context TOKENS (the config has no max_seq_len)")
+    return plan(
+        shape, context, batch=args.batch, beams=args.beams,
+        tp=args.tp or (e.tp if e else 1), pp=args.pp or (e.pp if e else 1),
+        weight_dtype=weight, kv_dtype=kv, gpu_memory_gb=args.gpu_memory,
+        tokens_per_block=args.tokens_per_block or (e.tokens_per_block if e else DEFAULT_TOKENS_PER_BLOCK),
+        max_num_tokens=args.max_num_tokens or (e.max_num_tokens if e and e.max_num_tokens else DEFAULT_MAX_NUM_TOKENS),
+        kv_fraction=args.kv_fraction, reserve_gb=args.reserve_gb, kv_headroom=args.kv_headroom,
+    )
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:,.2f}"
+
+
+def _fits(m: RankMemory) -> str:
+    return "-" if m.fits is None else "yes" if m.fits else "no"
+
+
+def render(p: Plan) -> str:
+    """The human-readable table ``evalctx plan`` prints."""
+    s, r = p.shape, p.per_rank
+    lines = [
+        f"model    {s.architecture or 'model'} from {s.source}",
+        f"shape    {s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} heads "
+        f"({s.num_kv_heads} KV, head_dim {s.head_dim}), intermediate {s.intermediate_size}, vocab {s.vocab_size}"
+        + (f", {s.num_experts} experts" if s.num_experts > 1 else ""),
+        f"weights  {p.params / 1e9:,.2f} B parameters, {p.weight_dtype}: {_gb(p.weight_bytes)} GB",
+        f"KV cache {p.kv_dtype}: {p.kv_bytes_per_token:,} B/token whole model "
+        f"({p.kv_bytes_per_token / 1024:,.1f} KiB), {p.kv_bytes_per_token_per_rank:,} B/token per rank "
+        f"at tp {r.tp} pp {r.pp}",
+        f"         {p.context:,} tokens x batch {p.batch} x beams {p.beams} = {p.kv_tokens:,} tokens "
+        f"in {p.tokens_per_block}-token blocks: {_gb(p.kv_bytes)} GB whole model",
+        f"ask      --backend-opt max_tokens_in_paged_kv_cache={p.max_tokens_in_paged_kv_cache} "
+        f"(needed {p.kv_tokens:,}, plus headroom)",
+        "",
+        f"per rank at tp {r.tp}, pp {r.pp}".ljust(36) + "GB",
+        f"  weights                        {_gb(r.weights):>8}",
+        f"  KV cache                       {_gb(r.kv_cache):>8}",
+        f"  weights + KV (before act.)     {_gb(r.before_activations):>8}",
+        f"  activations (chunk {p.max_num_tokens:>6})    {_gb(r.activations):>8}",
+        f"  reserve                        {_gb(r.reserve):>8}",
+        f"  total                          {_gb(r.total):>8}",
+    ]
+    if p.gpu_memory_gb:
+        lines.append(f"  fits {p.gpu_memory_gb:g} GB at KV fraction {p.kv_fraction:g}: {_fits(r)}")
+    lines += ["", "  tp   weights        KV      act.     total   fits"]
+    for m in p.by_tp:
+        lines.append(f"  {m.tp:>2} {_gb(m.weights):>9} {_gb(m.kv_cache):>9} {_gb(m.activations):>9} "
+                     f"{_gb(m.total):>9}   {_fits(m)}")
+    if p.gpu_memory_gb:
+        best = f"tp {p.min_tp}" if p.min_tp else "none of tp 1..16 (use pp, a smaller KV dtype or a shorter context)"
+        lines.append(f"smallest tp that fits {p.gpu_memory_gb:g} GB per GPU: {best}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    p = _resolve(args)
+    print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))
+    return 0
