@@ -8,7 +8,7 @@ epfml/landmark-attention ``llama/run_test.py``. What differs is the length contr
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from evalctx.errors import UsageError
 from evalctx.tasks.haystack import Haystack, get_haystack
@@ -39,7 +39,8 @@ class PasskeyTask(HaystackTask):
     scorer = "first_int_match"
     default_max_new_tokens = 6
     description = "Passkey retrieval: a random number hidden in repeated noise text (TensorRT-LLM or Landmark wording)"
-    defaults: dict[str, Any] = {"template": "trtllm", "key_digits": 5, "haystack": "noise", "haystack_dir": None}
+    defaults: ClassVar[dict[str, Any]] = {"template": "trtllm", "key_digits": 5, "haystack": "noise",
+                                          "haystack_dir": None}
 
     def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
                  prompt_mode: str = "raw") -> None:

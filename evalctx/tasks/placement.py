@@ -356,8 +356,8 @@ def _finish(text: str, ids: list[int], offsets: list[tuple[int, int]], frame: Fr
     ctx_end = len(text) - len(frame.post)
     he = _token_containing(offsets, ctx_end) if ctx_end < len(text) else len(ids)
     needle_toks = 0
-    for c, n in zip(where_needles, b.needles):
-        end = c + len(n.text.strip())
+    for c, n, p in zip(where_needles, b.needles, lay.positions):
+        end = c + len((n.text if p == lay.e else n.text + n.sep).lstrip())  # its separator is no haystack
         needle_toks += (_token_containing(offsets, end) if end < len(text) else len(ids)) - _token_containing(
             offsets, c)
     hay_toks = max(he - hs - needle_toks, 0)
@@ -432,7 +432,7 @@ class HaystackTask(Task):
         return random.Random(int.from_bytes(h[:8], "big"))
 
     def _clean(self, text: str, draw: Draw) -> bool:
-        """Each needle occurs once; each key/value occurs only inside the needles (and the question, for keys)."""
+        """Each needle occurs once, and each answer occurs only inside the needles."""
         if any(text.count(n.text.strip()) != 1 for n in draw.needles):
             return False
         return all(text.count(t) == sum(n.text.count(t) for n in draw.needles) for t in draw.targets)
@@ -445,14 +445,16 @@ class HaystackTask(Task):
             raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
         if not 0.0 <= depth <= 1.0:
             raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
+        depth = float(depth)  # a TOML ``1`` and ``1.0`` are the same cell (and the same sample id)
         mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
         for _ in range(100):
             draw = self._draw(rng, depth)
             if any(self.haystack.contains(s) for s in draw.secrets):
                 continue  # e.g. a short landmark key that an essay happens to contain
-            asm = assemble(self.tokenizer, self._frame(draw), self.haystack, draw.needles, draw.depths,
-                           context_length, label=self.name)
+            frame = self._frame(draw)
+            asm = assemble(self.tokenizer, frame, self.haystack, draw.needles, draw.depths, context_length,
+                           label=self.name)
             if self._clean(asm.text, draw):
                 break
         else:
@@ -465,7 +467,7 @@ class HaystackTask(Task):
         return Sample(id=sid, task=self.name, context_length=context_length, depth=depth, seed=seed,
                       prompt=asm.text, prompt_ids=asm.ids, target=draw.targets,
                       needle_token_index=asm.needle_token_index, max_new_tokens=mnt,
-                      add_special_tokens=self._frame(draw).add_special_tokens, prompt_mode=self.prompt_mode,
+                      add_special_tokens=frame.add_special_tokens, prompt_mode=self.prompt_mode,
                       depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta)
 
     def min_length(self) -> int:

@@ -1,0 +1,275 @@
+"""The task generators: registry, prompts as upstream writes them, options, and the per-sample guarantees."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, TOKENIZER_NAMES, get_tokenizer
+
+from evalctx.errors import LengthError, UsageError
+from evalctx.records import Sample
+from evalctx.scoring import get_scorer
+from evalctx.tasks import TASKS, get_task, list_tasks
+from evalctx.tasks.base import Task
+from evalctx.tokenizer import ByteTokenizer
+
+TRTLLM_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information.\n\n")
+NOISE_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+TASK_OPTIONS = [
+    ("passkey", {}), ("passkey", {"haystack": "essay"}), ("passkey", {"template": "landmark"}),
+    ("passkey", {"template": "landmark", "haystack": "essay"}), ("passkey", {"key_digits": 8}),
+    ("niah_single", {}), ("niah_single", {"haystack": "essay"}), ("niah_single", {"value_type": "uuids"}),
+    ("niah_multikey", {}), ("niah_multivalue", {"haystack": "noise"}), ("niah_multiquery", {"value_type": "uuids"}),
+]
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def needle_texts(s: Sample) -> list[str]:
+    if s.task == "passkey":
+        k = s.meta["key"]
+        return [f"The pass key is {k}. Remember it. {k} is the pass key."]
+    return re.findall(r"One of the special magic \w+ for [\w-]+ is: [\w-]+\.", s.prompt)
+
+
+def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) -> None:
+    tok = task.tokenizer
+    assert len(s.prompt_ids) == s.context_length == length
+    assert tok.encode(s.prompt, s.add_special_tokens) == s.prompt_ids
+    assert s.add_special_tokens == (task.prompt_mode == "raw") and s.prompt_mode == task.prompt_mode
+    assert (s.task, s.depth, s.seed, s.scorer) == (task.name, depth, seed, task.scorer)
+    needles = needle_texts(s)
+    assert needles
+    for n in needles:
+        assert s.prompt.count(n) == 1  # each needle exactly once
+    for t in s.target:  # every answer occurs only inside the needles
+        assert s.prompt.count(t) == sum(n.count(t) for n in needles) >= 1
+    # the needle token index points at the (first) needle
+    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens)
+    first = min(s.prompt.index(n) for n in needles)
+    i = s.needle_token_index
+    assert offsets[i][0] <= first < max(offsets[i][1], offsets[i][0] + 1) or (
+        offsets[i][0] >= first and offsets[i - 1][1] <= first)
+    if s.depth_actual is not None:
+        assert 0.0 <= s.depth_actual <= 1.0
+    # the scorer accepts the right answer and rejects a wrong one
+    scorer = get_scorer(s.scorer)
+    assert scorer(" " + ", ".join(s.target) + ".", s.target).value == 1.0
+    assert scorer(" 0", s.target).value == 0.0
+    assert s.meta["haystack"] == task.haystack.name
+
+
+@st.composite
+def cases(draw):
+    name, options = draw(st.sampled_from(TASK_OPTIONS))
+    tok = draw(st.sampled_from(TOKENIZER_NAMES))
+    mode = draw(st.sampled_from(["raw", "chat"])) if tok in CHAT_TOKENIZER_NAMES else "raw"
+    depth = draw(st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1)))
+    seed = draw(st.integers(0, 2**31))
+    extra = draw(st.integers(8, 2500))
+    return name, options, tok, mode, depth, seed, extra
+
+
+@SETTINGS
+@given(cases())
+def test_samples_hold_every_guarantee(case):
+    name, options, tok_name, mode, depth, seed, extra = case
+    task = get_task(name)(get_tokenizer(tok_name), options, mode)
+    length = task.min_length() + extra
+    try:
+        s = task.make_sample(length, depth, seed)
+    except LengthError:
+        # min_length is measured for one representative key; a longer key may need a few more tokens
+        s = task.make_sample(length + 40, depth, seed)
+        length += 40
+    check_sample(task, s, length, depth, seed)
+    # same inputs, same sample -- from a fresh task instance too
+    again = get_task(name)(get_tokenizer(tok_name), dict(options), mode).make_sample(length, depth, seed)
+    assert again == s
+
+
+def test_sample_id_depends_on_everything_that_matters():
+    tok = ByteTokenizer(chat=True)
+    base = get_task("passkey")(tok, {}).make_sample(1500, 0.5, 3)
+    ids = {base.id}
+    variants = [
+        get_task("passkey")(tok, {}).make_sample(1500, 0.5, 4),
+        get_task("passkey")(tok, {}).make_sample(1501, 0.5, 3),
+        get_task("passkey")(tok, {}).make_sample(1500, 0.25, 3),
+        get_task("passkey")(tok, {}).make_sample(1500, 0.5, 3, max_new_tokens=7),
+        get_task("passkey")(tok, {}, "chat").make_sample(1500, 0.5, 3),
+        get_task("passkey")(ByteTokenizer(), {}).make_sample(1500, 0.5, 3),
+        get_task("passkey")(tok, {"haystack": "essay"}).make_sample(1500, 0.5, 3),
+        get_task("passkey")(tok, {"key_digits": 6}).make_sample(1500, 0.5, 3),
+        get_task("niah_single")(tok, {}).make_sample(1500, 0.5, 3),
+    ]
+    for v in variants:
+        assert v.id not in ids
+        ids.add(v.id)
+    # default options spelled out give the same sample
+    same = get_task("passkey")(tok, {"template": "trtllm", "key_digits": 5, "haystack": "noise"}).make_sample(
+        1500, 0.5, 3)
+    assert same == base and re.fullmatch(r"[0-9a-f]{16}", base.id)
+
+
+def test_registry():
+    assert set(TASKS) == {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
+    for name, desc in list_tasks():
+        assert issubclass(get_task(name), Task) and get_task(name).name == name and desc
+    with pytest.raises(UsageError, match="unknown task 'nope'.*niah_single.*passkey"):
+        get_task("nope")
+
+
+def test_passkey_trtllm_prompt_is_upstream():
+    s = get_task("passkey")(ByteTokenizer(), {}).make_sample(2000, 0.5, 0)
+    key = s.meta["key"]
+    assert re.fullmatch(r"\d{5}", key) and s.target == [key]
+    assert s.prompt.startswith(TRTLLM_PREFIX + NOISE_LINE + "\n" + NOISE_LINE + "\n")
+    assert s.prompt.endswith("\n\nWhat is the pass key?\n\nThe pass key is")
+    assert f"\n{NOISE_LINE}\nThe pass key is {key}. Remember it. {key} is the pass key.\n{NOISE_LINE}\n" in s.prompt
+    assert (s.scorer, s.max_new_tokens, s.prompt_ids[0]) == ("first_int_match", 6, ByteTokenizer.BOS)
+    assert s.meta == {"haystack": "noise", "template": "trtllm", "key": key}
+    # at the very start and the very end the needle line touches the template
+    s0 = get_task("passkey")(ByteTokenizer(), {}).make_sample(2000, 0.0, 0)
+    assert s0.prompt.startswith(TRTLLM_PREFIX + f"The pass key is {s0.meta['key']}.")
+    assert s0.depth_actual == 0.0
+    s1 = get_task("passkey")(ByteTokenizer(), {}).make_sample(2000, 1.0, 0)
+    assert s1.prompt.endswith(f"{s1.meta['key']} is the pass key.\n\n\nWhat is the pass key?\n\nThe pass key is")
+    assert s1.depth_actual == 1.0
+
+
+def test_passkey_keys_may_start_with_zero():
+    keys = [get_task("passkey")(ByteTokenizer(), {}).make_sample(600, 0.5, seed).meta["key"] for seed in range(60)]
+    assert all(len(k) == 5 and k.isdigit() for k in keys)
+    assert any(k.startswith("0") for k in keys) and len(set(keys)) > 50
+
+
+def test_passkey_landmark_prompt():
+    s = get_task("passkey")(ByteTokenizer(), {"template": "landmark"}).make_sample(3000, 0.5, 1)
+    key = s.meta["key"]
+    assert 1 <= int(key) <= 50000 and s.target == [key]
+    assert s.prompt.startswith("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                               "memorize them. I will quiz you about the important information there.\n"
+                               + NOISE_LINE + " " + NOISE_LINE + " ")
+    assert f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n" in s.prompt
+    assert s.prompt.endswith("\nWhat is the pass key? The pass key is")
+    assert (s.scorer, s.max_new_tokens) == ("landmark_int_match", 10)
+    assert s.meta["template"] == "landmark"
+
+
+def test_niah_single_prompt_is_ruler():
+    s = get_task("niah_single")(ByteTokenizer(), {}).make_sample(3000, 0.5, 2)
+    key = s.meta["key"]
+    assert re.fullmatch(r"[a-z]+-[a-z]+", key) and re.fullmatch(r"\d{7}", s.target[0])
+    assert s.prompt.startswith("A special magic number is hidden within the following text. Make sure to memorize "
+                               "it. I will quiz you about the number afterwards.\n" + NOISE_LINE + "\n")
+    assert s.prompt.endswith(f"\nWhat is the special magic number for {key} mentioned in the provided text? "
+                             f"The special magic number for {key} mentioned in the provided text is")
+    assert f"\nOne of the special magic numbers for {key} is: {s.target[0]}.\n{NOISE_LINE}" in s.prompt
+    assert (s.scorer, s.max_new_tokens) == ("string_match_all", 128)
+
+
+def test_niah_essay_and_uuids():
+    s = get_task("niah_single")(ByteTokenizer(), {"haystack": "essay", "value_type": "uuids"}).make_sample(
+        4000, 0.5, 2)
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", s.target[0])
+    assert s.prompt.startswith("A special magic uuid is hidden within the following text. Make sure to memorize it. "
+                               "I will quiz you about the uuid afterwards.\nOn Bridges and the People")
+    assert re.search(r"[.?!] One of the special magic uuids for [\w-]+ is: [\w-]+\. [A-Z]", s.prompt)
+
+
+@pytest.mark.parametrize("name,k,v,q", [("niah_multikey", 4, 1, 1), ("niah_multivalue", 1, 4, 1),
+                                        ("niah_multiquery", 4, 1, 4)])
+def test_niah_multi(name, k, v, q):
+    task = get_task(name)(ByteTokenizer(), {})
+    s = task.make_sample(6000, 0.2, 5)
+    needles = needle_texts(s)
+    assert len(needles) == k * v and len(s.meta["keys"]) == k and len(s.target) == v * q
+    assert len(s.meta["needle_token_indices"]) == k * v
+    positions = sorted(s.prompt.index(n) for n in needles)
+    assert s.needle_token_index == min(s.meta["needle_token_indices"])
+    # first at the depth, the rest spread evenly after it (gkamradt): gaps of about (1 - 0.2) / n of the haystack
+    assert positions[0] / len(s.prompt) == pytest.approx(0.2, abs=0.06)
+    gaps = [b - a for a, b in zip(positions, positions[1:])]
+    assert max(gaps) - min(gaps) < 0.06 * len(s.prompt)
+    plural = q * v > 1
+    head = "Some special magic numbers are hidden" if plural else "A special magic number is hidden"
+    assert s.prompt.startswith(head) and s.meta["haystack"] == "essay"
+    tail = "are" if plural else "is"
+    assert s.prompt.endswith(f"mentioned in the provided text {tail}")
+    if q > 1:
+        asked = s.meta["key"]
+        assert re.fullmatch(r"[\w-]+, [\w-]+, [\w-]+, and [\w-]+", asked)
+
+
+def test_chat_mode_puts_the_answer_prefix_in_the_assistant_turn():
+    tok = get_tokenizer("bpe_chat")
+    s = get_task("passkey")(tok, {}, "chat").make_sample(700, 0.5, 1)
+    assert s.prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + TRTLLM_PREFIX)
+    assert s.prompt.endswith("What is the pass key?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                             "The pass key is")
+    assert not s.add_special_tokens and s.prompt_ids.count(tok.hf.bos_token_id) == 1
+    n = get_task("niah_single")(tok, {}, "chat").make_sample(700, 0.5, 1)
+    assert n.prompt.endswith("<|end_header_id|>\n\nThe special magic number for "
+                             f"{n.meta['key']} mentioned in the provided text is")
+    with pytest.raises(UsageError, match="no chat template"):
+        get_task("passkey")(ByteTokenizer(), {}, "chat")
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("passkey", {"colour": "red"}, "unknown option"), ("passkey", {"template": "gpt4"}, "unknown template"),
+    ("passkey", {"template": "landmark", "key_digits": 5}, "key_digits applies"),
+    ("passkey", {"key_digits": 0}, "key_digits"), ("passkey", {"haystack": "lake"}, "unknown haystack"),
+    ("passkey", {"haystack_dir": "/tmp"}, "haystack_dir needs"),
+    ("passkey", {"haystack": "essay", "haystack_dir": "/nonexistent/dir"}, "not found"),
+    ("niah_single", {"value_type": "words"}, "value_type"), ("niah_multikey", {"haystack": "needle"}, "haystack"),
+])
+def test_bad_options(name, options, match):
+    with pytest.raises(UsageError, match=match):
+        get_task(name)(ByteTokenizer(), options)
+
+
+def test_bad_sample_arguments():
+    task = get_task("passkey")(ByteTokenizer(), {})
+    with pytest.raises(UsageError, match="not percent"):
+        task.make_sample(1000, 50, 0)
+    with pytest.raises(UsageError, match="positive integer"):
+        task.make_sample(0, 0.5, 0)
+    with pytest.raises(UsageError, match="prompt_mode"):
+        get_task("passkey")(ByteTokenizer(), {}, "completion")
+    lo = task.min_length()
+    with pytest.raises(LengthError, match=f"{lo} tokens"):
+        task.make_sample(lo - 1, 0.5, 0)
+
+
+def test_custom_haystack_dir_and_key_redraw(tmp_path):
+    tok = ByteTokenizer()
+    first = get_task("passkey")(tok, {"haystack": "essay"}).make_sample(1500, 0.5, 9)
+    key = first.meta["key"]
+    # A corpus that already holds the key that seed would draw: the key is redrawn, deterministically.
+    (tmp_path / "b.txt").write_text(f"Second file.   It mentions {key} once.\n\nAnd more text here? Yes!")
+    (tmp_path / "a.txt").write_text("First file comes first. It has several sentences. Short ones.")
+    (tmp_path / "notes.md").write_text("ignored")
+    task = get_task("passkey")(tok, {"haystack": "essay", "haystack_dir": str(tmp_path)})
+    s = task.make_sample(1500, 0.5, 9)
+    assert s.meta["key"] != key and s.meta["haystack"] == f"essay:{tmp_path.name}"
+    assert key in s.prompt  # where the (cycled) corpus has it, but it is no longer the answer
+    check_sample(task, s, 1500, 0.5, 9)
+    assert task.haystack.text.startswith("First file comes first.") and "ignored" not in task.haystack.text
+    assert "It mentions" in s.prompt and "  " not in task.haystack.text  # whitespace normalised
+    assert task.make_sample(1500, 0.5, 9) == s
+    with pytest.raises(UsageError, match="no .txt files"):
+        get_task("passkey")(tok, {"haystack": "essay", "haystack_dir": str(tmp_path / "..")})
+
+
+def test_shipped_essays_are_digit_free_and_sizeable():
+    from evalctx.tasks.haystack import DEFAULT_ESSAY_DIR, essay_haystack
+
+    files = sorted(DEFAULT_ESSAY_DIR.glob("*.txt"))
+    assert len(files) >= 5 and 25_000 <= sum(f.stat().st_size for f in files) <= 40_000
+    text = essay_haystack().text
+    assert not re.search(r"\d", text) and text.isascii()
+    assert len(essay_haystack().boundaries) > 200
