@@ -223,3 +223,37 @@ def test_one_full_tokenization_per_warm_build():
     big.clear()
     asm = assemble(spy, frame, hay, needles_for(hay, 1), [0.3], 7000)
     assert big == [len(asm.text)]
+
+
+class LongTextTokenizer(ByteTokenizer):
+    """A tokenizer with a non-local quirk: texts over 5000 characters get one extra id at the end.
+
+    The seam estimate cannot see it (it re-tokenizes short pieces), so the verification must catch it and the
+    correction must be remembered for the next build of the same frame.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "long-text-quirk"
+
+    def fingerprint(self) -> str:
+        return "long-text-quirk"
+
+    def encode(self, text, add_special_tokens=False):
+        ids = super().encode(text, add_special_tokens)
+        return ids + [2] if len(text) > 5000 else ids
+
+    def encode_with_offsets(self, text, add_special_tokens=False):
+        ids, offsets = super().encode_with_offsets(text, add_special_tokens)
+        if len(text) > 5000:
+            return ids + [2], offsets + [(len(text), len(text))]
+        return ids, offsets
+
+
+def test_non_local_seams_are_corrected_and_remembered():
+    tok, hay = LongTextTokenizer(), noise_haystack()
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    first = assemble(tok, frame, hay, needles_for(hay, 1), [0.4], 9000)
+    assert len(first.ids) == 9000 and first.verifications == 2  # estimate off by one, then fixed
+    second = assemble(tok, frame, hay, needles_for(hay, 1), [0.7], 12000)
+    assert len(second.ids) == 12000 and second.verifications == 1  # the learnt correction applies
