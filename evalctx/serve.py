@@ -1,0 +1,308 @@
+"""A small OpenAI-compatible server in front of any evalctx backend (``evalctx serve``).
+
+It answers GET /v1/models, GET /health, POST /v1/completions and POST /v1/chat/completions with greedy decoding
+only, so the http backend (or any OpenAI client) can drive a model that evalctx loads itself, and so the http
+path can be checked against the direct one answer for answer.
+
+One model, one lock: requests are generated one at a time, in arrival order of the lock. Streaming is honest but
+not incremental: the answer is sent as one chunk once generation ends (the backends are batch-synchronous), so
+the first chunk never precedes the first token, and TTFT seen by a client is queueing + prefill + decode. The
+backend's own timings travel in each answer under ``evalctx_timings``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from evalctx.backends.base import Backend
+from evalctx.records import GenerationRequest
+
+MAX_BODY_BYTES = 512 * 1024 * 1024  # a 1M-token prompt as ids is ~8 MB of JSON; this only stops nonsense
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class RequestError(Exception):
+    """A request the server refuses: becomes an OpenAI-style JSON error with ``status``."""
+
+    def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.param = param
+
+
+class ModelServer:
+    """The state behind the handler: one backend, its tokenizer, one lock."""
+
+    def __init__(self, backend: Backend, tokenizer: Any, model_name: str, max_model_len: int | None = None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        # Shown in /v1/models only: like the hf backend, the server never refuses a prompt past the trained
+        # window (how a model extrapolates is what a long-context evaluation measures).
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        card: dict[str, Any] = {"id": self.model_name, "object": "model", "created": self.created,
+                                "owned_by": "evalctx", "backend": self.backend.name}
+        if self.max_model_len:
+            card["max_model_len"] = self.max_model_len
+        return {"object": "list", "data": [card]}
+
+    def _check_common(self, body: dict[str, Any]) -> tuple[int, bool]:
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise RequestError(f"The model {model!r} does not exist; this server serves {self.model_name!r}",
+                               status=404, type_="NotFoundError", param="model")
+        temp = body.get("temperature")
+        if temp is not None and (not isinstance(temp, (int, float)) or isinstance(temp, bool) or temp != 0):
+            raise RequestError(f"evalctx serve decodes greedily only: temperature must be 0 or absent, not {temp!r}",
+                               param="temperature")
+        for key, neutral in (("n", 1), ("best_of", 1), ("presence_penalty", 0), ("frequency_penalty", 0),
+                             ("repetition_penalty", 1), ("top_k", None)):
+            v = body.get(key)
+            if v is not None and v != neutral and not (key == "top_k" and v in (-1, 0, 1)):
+                raise RequestError(f"evalctx serve decodes greedily only: {key}={v!r} is not supported",
+                                   param=key)
+        for key in ("stop", "logprobs", "top_logprobs", "suffix", "tools"):
+            if body.get(key):
+                raise RequestError(f"evalctx serve does not support {key!r}", param=key)
+        if body.get("echo"):
+            raise RequestError("evalctx serve does not support echo", param="echo")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", _DEFAULT_MAX_TOKENS))
+        if max_tokens is None:
+            max_tokens = _DEFAULT_MAX_TOKENS
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, not {max_tokens!r}", param="max_tokens")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("stream must be true or false", param="stream")
+        return max_tokens, stream
+
+    @staticmethod
+    def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+        v = body.get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise RequestError(f"{key} must be true or false", param=key)
+        return v
+
+    def _prompt_ids(self, prompt: Any, add_special: bool) -> tuple[list[int], str]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one, as some clients send it
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty", param="prompt")
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special), prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            vocab = getattr(self.tokenizer, "vocab_size", None)
+            if any(t < 0 or (vocab is not None and t >= vocab) for t in prompt):
+                raise RequestError("prompt has token ids outside the vocabulary", param="prompt")
+            return list(prompt), self.tokenizer.decode(prompt)
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise RequestError("one prompt per request, please (send several requests)", param="prompt")
+        raise RequestError("prompt must be a string or a non-empty list of token ids", param="prompt")
+
+    def _render_chat(self, body: dict[str, Any]) -> str:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list", param="messages")
+        clean: list[dict[str, str]] = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise RequestError("each message needs a role and content", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise RequestError("message content must be text", param="messages")
+            clean.append({"role": m["role"], "content": content})
+        cont = self._flag(body, "continue_final_message", False)
+        gen = self._flag(body, "add_generation_prompt", not cont)
+        if cont and gen:
+            raise RequestError("continue_final_message and add_generation_prompt cannot both be true")
+        if cont and clean[-1]["role"] != "assistant":
+            raise RequestError("continue_final_message needs a final assistant message", param="messages")
+        tok = self.tokenizer
+        if not tok.has_chat_template():
+            raise RequestError(f"the served tokenizer {getattr(tok, 'name', '')!r} has no chat template: "
+                               "use /v1/completions")
+        hf = getattr(tok, "hf", None)
+        if hf is not None:  # the template's own handling of prefills and of no generation prompt
+            return hf.apply_chat_template(clean, tokenize=False, add_generation_prompt=gen,
+                                          continue_final_message=cont)
+        if cont:
+            return tok.apply_chat_template(clean[:-1]) + clean[-1]["content"]
+        if not gen:
+            raise RequestError("add_generation_prompt=false needs a Hugging Face tokenizer's template")
+        return tok.apply_chat_template(clean)
+
+    # ------------------------------------------------------------------------------------------------------
+    def complete(self, body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], bool, bool]:
+        """Run one request; returns (the answer fields, stream, include_usage)."""
+        max_tokens, stream = self._check_common(body)
+        if chat:
+            text = self._render_chat(body)
+            # The template already holds the BOS it wants (the vLLM chat default).
+            ids, prompt = self._prompt_ids(text, self._flag(body, "add_special_tokens", False))
+        else:
+            if "prompt" not in body:
+                raise RequestError("missing field 'prompt'", param="prompt")
+            ids, prompt = self._prompt_ids(body["prompt"], self._flag(body, "add_special_tokens", True))
+        opts = body.get("stream_options") or {}
+        include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+        req = GenerationRequest(sample_id=uuid.uuid4().hex, prompt_ids=ids, prompt=prompt,
+                                max_new_tokens=max_tokens, add_special_tokens=False,
+                                prompt_mode="chat" if chat else "raw")
+        t_queue = time.perf_counter()
+        with self.lock:
+            t0 = time.perf_counter()
+            res = self.backend.generate([req])[0]
+            t1 = time.perf_counter()
+        if res.error is not None or res.text is None:
+            raise RequestError(f"generation failed: {res.error or 'no text'}", status=500, type_="server_error")
+        n_out = res.n_output_tokens if res.n_output_tokens is not None \
+            else len(self.tokenizer.encode(res.text, add_special_tokens=False))
+        n_prompt = res.n_prompt_tokens if res.n_prompt_tokens is not None else len(ids)
+        return {
+            "text": res.text,
+            "finish_reason": res.finish_reason or "length",
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
+            "evalctx_timings": {"queue_s": t0 - t_queue, "generate_s": t1 - t0, "ttft_s": res.ttft_s,
+                                "latency_s": res.latency_s},
+        }, stream, include_usage
+
+
+def _answer_json(result: dict[str, Any], chat: bool, model: str) -> dict[str, Any]:
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                  "finish_reason": result["finish_reason"], "logprobs": None}
+    else:
+        choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": result["usage"],
+            "evalctx_timings": result["evalctx_timings"]}
+
+
+def _answer_chunks(result: dict[str, Any], chat: bool, model: str, include_usage: bool) -> list[dict[str, Any]]:
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model}
+
+    def choice(text: str | None, finish: str | None) -> dict[str, Any]:
+        if chat:
+            delta = {"role": "assistant", "content": text} if text is not None else {}
+            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+    chunks = [dict(base, choices=[choice(result["text"], None)]),
+              dict(base, choices=[choice(None if chat else "", result["finish_reason"])])]
+    if include_usage:
+        chunks.append(dict(base, choices=[], usage=result["usage"], evalctx_timings=result["evalctx_timings"]))
+    return chunks
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "evalctx-serve"
+    protocol_version = "HTTP/1.1"
+    model_server: ModelServer  # set on the subclass made by make_server
+    quiet = False
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+        if not self.quiet:
+            sys.stderr.write(f"evalctx serve: {self.address_string()} {format % args}\n")
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, err: RequestError) -> None:
+        self._send_json(err.status, {"error": {"message": str(err), "type": err.type, "param": err.param,
+                                               "code": err.status}})
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/")
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        path = self._path()
+        if path in ("/health", "/v1/health"):
+            self._send_json(200, {"status": "ok"})
+        elif path == "/v1/models":
+            self._send_json(200, self.model_server.models())
+        else:
+            self._send_error(RequestError(f"no route GET {path}", status=404, type_="NotFoundError"))
+
+    def _read_body(self) -> dict[str, Any]:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RequestError("the request needs a Content-Length header and a JSON body", status=411)
+        if int(length) > MAX_BODY_BYTES:
+            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413)
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise RequestError(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self._path()
+        chat = path == "/v1/chat/completions"
+        if not chat and path != "/v1/completions":
+            self.close_connection = True  # the unread body would be read as the next request
+            self._send_error(RequestError(f"no route POST {path}", status=404, type_="NotFoundError"))
+            return
+        ms = self.model_server
+        try:
+            body = self._read_body()
+            result, stream, include_usage = ms.complete(body, chat)
+        except RequestError as err:
+            self._send_error(err)
+            return
+        except Exception as exc:  # a backend bug: tell the client, keep serving
+            self._send_error(RequestError(f"{type(exc).__name__}: {exc}", status=500, type_="server_error"))
+            return
+        if not stream:
+            self._send_json(200, _answer_json(result, chat, ms.model_name))
+            return
+        # No chunked encoding: the stream ends when the connection closes, which every SSE client accepts.
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for chunk in _answer_chunks(result, chat, ms.model_name, include_usage):
+            self.wfile.write(b"data: " + json.dumps(chunk).encode("utf-8") + b"\n\n")
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def make_server(backend: Backend, tokenizer: Any, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                max_model_len: int | None = None, quiet: bool = False) -> ThreadingHTTPServer:
+    """A bound, not yet serving server; call ``serve_forever()`` (port 0 picks a free one: ``server_address``)."""
+    ms = ModelServer(backend, tokenizer, model_name, max_model_len)
+    handler = type("EvalctxHandler", (_Handler,), {"model_server": ms, "quiet": quiet})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server

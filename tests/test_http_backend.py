@@ -1,0 +1,258 @@
+"""The http backend against scripted loopback servers: retries, errors, streaming, request bodies, concurrency;
+and end to end through the runner against `evalctx serve` with the fake backend."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from http_helpers import Reply, StubServer, completion, free_port, serving
+
+from evalctx.backends.base import BackendContext, parse_options
+from evalctx.backends.openai_http import HTTPBackend
+from evalctx.cli import main
+from evalctx.errors import LengthError, UsageError
+from evalctx.records import GenerationRequest
+from evalctx.tokenizer import ByteTokenizer
+
+SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
+TOK = ByteTokenizer()
+PASSKEY = "Grass is green. The pass key is 68142. Remember it. Sky is blue. What is the pass key? The pass key is"
+
+
+def backend(url: str, ctx_model: str | None = "stub-model", **opts: Any) -> HTTPBackend:
+    options = parse_options(HTTPBackend, {"base_url": url, "backoff_s": "0.01", **opts})
+    return HTTPBackend(options, BackendContext(model=ctx_model, tokenizer=TOK))
+
+
+def request(text: str = PASSKEY, max_new_tokens: int = 6, **kw: Any) -> GenerationRequest:
+    return GenerationRequest(sample_id="s", prompt_ids=TOK.encode(text, add_special_tokens=True), prompt=text,
+                             max_new_tokens=max_new_tokens, **kw)
+
+
+def sse(*chunks: Any, done: bool = True, gap: float = 0.0) -> list[tuple[float, str]]:
+    events = [(gap, json.dumps(c)) for c in chunks]
+    return events + ([(0.0, "[DONE]")] if done else [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_503_twice_then_success_is_retried() -> None:
+    stub = StubServer([Reply(503, {"error": {"message": "loading"}}), Reply(503, {"error": {"message": "loading"}}),
+                       Reply(body=completion(" 68142.", prompt_tokens=len(request().prompt_ids)))])
+    with stub.run() as url:
+        res = backend(url, stream="false").generate([request()])[0]
+    assert res.error is None and res.text == " 68142."
+    assert len(stub.bodies) == 3
+    assert res.n_prompt_tokens == len(request().prompt_ids) and res.n_output_tokens == 2
+    assert res.ttft_s is None and res.latency_s is not None  # no stream, no TTFT
+
+
+def test_429_is_retried_like_a_5xx() -> None:
+    n = len(request().prompt_ids)
+    stub = StubServer([Reply(429, {"error": {"message": "slow down"}}, headers={"Retry-After": "0"}),
+                       Reply(body=completion(" 1.", prompt_tokens=n))])
+    with stub.run() as url:
+        res = backend(url, stream="false").generate([request()])[0]
+    assert res.error is None and res.text == " 1." and len(stub.bodies) == 2
+
+
+def test_400_is_one_error_row_without_retry() -> None:
+    msg = "This model's maximum context length is 4096 tokens.\nHowever, you requested 9000 tokens."
+    stub = StubServer([Reply(400, {"error": {"message": msg, "type": "BadRequestError"}})])
+    with stub.run() as url:
+        results = backend(url).generate([request(), request()])
+    assert len(stub.bodies) == 2  # one attempt each
+    for res in results:
+        assert res.text is None
+        assert res.error.startswith("HTTP 400") and "maximum context length is 4096" in res.error
+        assert "\n" not in res.error
+
+
+def test_connection_refused_fails_after_retries_with_backoff() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    b = backend(url, retries="2", backoff_s="0.05")
+    t0 = time.perf_counter()
+    res = b.generate([request()])[0]
+    elapsed = time.perf_counter() - t0
+    assert res.text is None and "after 3 attempts" in res.error and "connection" in res.error
+    assert elapsed >= 0.05 + 0.10  # two exponential waits
+
+
+def test_timeout_is_an_error_row() -> None:
+    stub = StubServer([Reply(body=completion(), delay_s=1.0)])
+    with stub.run() as url:
+        res = backend(url, retries="0", timeout_s="0.2", stream="false").generate([request()])[0]
+    assert res.text is None and "timed out" in res.error
+
+
+def test_streaming_ttft_is_first_token_not_role_chunk() -> None:
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    tok1 = {"choices": [{"index": 0, "delta": {"content": " 68"}, "finish_reason": None}]}
+    tok2 = {"choices": [{"index": 0, "delta": {"content": "142."}, "finish_reason": "stop"}]}
+    n = len(request().prompt_ids)
+    usage = {"choices": [], "usage": {"prompt_tokens": n, "completion_tokens": 3}}
+    stream = [(0.0, json.dumps(role)), (0.15, json.dumps(tok1)), (0.15, json.dumps(tok2)), (0.0, json.dumps(usage)),
+              (0.0, "[DONE]")]
+    stub = StubServer([Reply(sse=stream)])
+    with stub.run() as url:
+        res = backend(url, endpoint="chat").generate([request()])[0]
+    assert res.error is None and res.text == " 68142." and res.finish_reason == "stop"
+    assert res.ttft_s is not None and 0.14 <= res.ttft_s < res.latency_s
+    assert res.latency_s >= 0.3
+    assert res.n_prompt_tokens == n and res.n_output_tokens == 3
+    assert stub.bodies[0]["stream"] is True and stub.bodies[0]["stream_options"] == {"include_usage": True}
+
+
+def test_stream_without_usage_gives_none_and_cut_stream_is_retried(capsys: pytest.CaptureFixture[str]) -> None:
+    chunk = {"choices": [{"index": 0, "text": " 1.", "finish_reason": "length"}]}
+    cut = {"choices": [{"index": 0, "text": " 1", "finish_reason": None}]}
+    stub = StubServer([Reply(sse=sse(cut, done=False)), Reply(sse=sse(chunk))])
+    with stub.run() as url:
+        res = backend(url).generate([request()])[0]
+    assert len(stub.bodies) == 2  # the stream that ended before [DONE] was tried again
+    assert res.error is None and res.text == " 1." and res.finish_reason == "length"
+    assert res.n_prompt_tokens is None and res.n_output_tokens is None
+    assert "not verified" in capsys.readouterr().err
+
+
+def test_error_event_in_stream_is_an_error_row() -> None:
+    stub = StubServer([Reply(sse=sse({"error": {"message": "engine died", "code": 500}}))])
+    with stub.run() as url:
+        res = backend(url).generate([request()])[0]
+    assert res.text is None and "engine died" in res.error and len(stub.bodies) == 1
+
+
+def test_request_body_fields_and_extra_body_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    extra = {"repetition_penalty": 1.0, "top_k": -1, "temperature": 0.0, "skip_special_tokens": False,
+             "nested": {"a": [1, 2]}}
+    stub = StubServer([Reply(body=completion())])
+    with stub.run() as url:
+        req = request(max_new_tokens=9)
+        backend(url, extra_body=json.dumps(extra), add_special_tokens="false", stream="false").generate([req])
+        backend(url, send="ids").generate([req])
+        b = HTTPBackend(parse_options(HTTPBackend, {"base_url": url, "extra_body": extra}),
+                        BackendContext(model="m", tokenizer=TOK))  # a suite-file table
+        b.generate([req])
+    first, ids, table = stub.bodies
+    for k, v in extra.items():
+        assert first[k] == v and table[k] == v
+    assert first["model"] == "stub-model" and first["max_tokens"] == 9 and first["prompt"] == PASSKEY
+    assert first["add_special_tokens"] is False and "stream" not in first
+    assert ids["prompt"] == req.prompt_ids and "add_special_tokens" not in ids and ids["temperature"] == 0.0
+    assert table["model"] == "m"
+    assert stub.headers[0]["Authorization"] == "Bearer sk-test"
+
+
+def test_chat_messages_and_assistant_prefill() -> None:
+    messages = [{"role": "user", "content": "What is the pass key?"},
+                {"role": "assistant", "content": "The pass key is"}]
+    stub = StubServer([Reply(body=completion(" 5.", prompt_tokens=None, chat=True))])
+    with stub.run() as url:
+        b = backend(url, endpoint="chat", stream="false")
+        res = b.generate([request(extra={"messages": messages}), request()])
+    assert [r.text for r in res] == [" 5.", " 5."]
+    prefill, plain = sorted(stub.bodies, key=lambda b: len(b["messages"]), reverse=True)  # sent concurrently
+    assert prefill["messages"] == messages
+    assert prefill["continue_final_message"] is True and prefill["add_generation_prompt"] is False
+    assert plain["messages"] == [{"role": "user", "content": PASSKEY}] and "continue_final_message" not in plain
+    with pytest.raises(UsageError, match="chat-templated"):
+        b.generate([request(prompt_mode="chat")])
+
+
+def test_concurrency_is_bounded_and_order_kept() -> None:
+    echo = Reply(body=lambda b: completion(b["prompt"].rsplit(" ", 1)[1], prompt_tokens=None), delay_s=0.1)
+    stub = StubServer([echo])
+    with stub.run() as url:
+        reqs = [request(text=f"{PASSKEY} {i}") for i in range(6)]
+        res = backend(url, concurrency="2", stream="false").generate(reqs)
+    assert stub.peak_in_flight == 2 and len(stub.bodies) == 6
+    assert [r.text for r in res] == [str(i) for i in range(6)]  # results in request order
+    assert all(r.error is None and r.batch_size == 2 for r in res)
+
+
+def test_model_from_server_and_info() -> None:
+    stub = StubServer(models=["only-one"])
+    with stub.run() as url:
+        b = backend(url.removesuffix("/v1"), ctx_model=None, api_key="secret")
+        assert b.model_name == "only-one" and b.base_url == url
+        info = b.info()
+    assert info["server_models"]["data"][0]["id"] == "only-one"
+    assert info["options"]["api_key"] == "***" and "secret" not in json.dumps(info)
+    two = StubServer(models=["a", "b"])
+    with two.run() as url, pytest.raises(UsageError, match="model=NAME"):
+        backend(url, ctx_model=None)
+
+
+def test_bad_options() -> None:
+    for opts, match in (({"endpoint": "embeddings"}, "endpoint"), ({"send": "tokens"}, "send"),
+                        ({"endpoint": "chat", "send": "ids"}, "token ids"), ({"extra_body": "{oops"}, "JSON"),
+                        ({"extra_body": "[1]"}, "JSON object"), ({"base_url": "localhost:8000"}, "base_url"),
+                        ({"concurrency": "0"}, "concurrency")):
+        with pytest.raises(UsageError, match=match):
+            backend("http://127.0.0.1:1/v1", **opts)
+
+
+def test_double_bos_is_explained() -> None:
+    n = len(request().prompt_ids)
+    stub = StubServer([Reply(body=completion(prompt_tokens=n + 1))])
+    with stub.run() as url, pytest.raises(LengthError, match="add_special_tokens=false"):
+        backend(url, stream="false").generate([request()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the runner, against `evalctx serve` with the fake (oracle) backend.
+
+def _fake_server(**fake_opts: Any) -> Any:
+    from evalctx.backends.fake import FakeBackend
+    from evalctx.serve import make_server
+
+    fake = FakeBackend(parse_options(FakeBackend, fake_opts), BackendContext(tokenizer=TOK))
+    return make_server(fake, TOK, "fake", port=0, quiet=True)
+
+
+def run_http(tmp_path: Path, url: str, run_id: str, *opts: str) -> int:
+    flags = [x for o in ("model=fake", f"base_url={url}", "backoff_s=0.01", *opts) for x in ("--backend-opt", o)]
+    return main(["run", "--suite", SUITE, "--backend", "http", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", run_id, "--no-progress", "--batch-size", "4", *flags])
+
+
+def test_suite_through_http_matches_fake_direct(tmp_path: Path) -> None:
+    assert main(["run", "--suite", SUITE, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", "direct", "--no-progress"]) == 0
+    direct = pd.read_parquet(tmp_path / "direct" / "results.parquet").set_index("sample_id")
+    with serving(_fake_server()) as url:
+        assert run_http(tmp_path, url, "text") == 0
+        assert run_http(tmp_path, url, "ids", "send=ids", "stream=false") == 0
+    for run_id in ("text", "ids"):
+        df = pd.read_parquet(tmp_path / run_id / "results.parquet").set_index("sample_id")
+        assert len(df) == len(direct) > 0
+        assert (df["status"] == "ok").all() and (df["score"] == 1.0).all()
+        assert (df["n_prompt_tokens"] == df["context_length"]).all()
+        assert df.loc[direct.index, "completion"].tolist() == direct["completion"].tolist()
+        assert (df["backend"] == "http").all() and (df["latency_s"] > 0).all()
+    text = pd.read_parquet(tmp_path / "text" / "results.parquet")
+    assert text["ttft_s"].notna().all() and (text["ttft_s"] <= text["latency_s"]).all()
+    manifest = json.loads((tmp_path / "text" / "manifest.json").read_text())
+    assert manifest["backend"]["server_models"]["data"][0]["id"] == "fake"
+
+
+def test_prompt_length_mismatch_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with serving(_fake_server(length_delta=3)) as url:
+        assert run_http(tmp_path, url, "mismatch") == 2
+    assert "prompt tokens" in capsys.readouterr().err
+
+
+def test_server_errors_become_error_rows(tmp_path: Path) -> None:
+    with serving(_fake_server(fail_every=3)) as url:  # the served fake fails every 3rd request -> HTTP 500
+        code = run_http(tmp_path, url, "errs", "retries=0")
+    df = pd.read_parquet(tmp_path / "errs" / "results.parquet")
+    assert code == 0
+    errs = df[df["status"] == "error"]
+    assert len(errs) > 0 and errs["score"].isna().all()
+    assert errs["error"].str.contains("HTTP 500").all() and errs["error"].str.contains("injected error").all()
+    assert (df.loc[df["status"] == "ok", "score"] == 1.0).all()
