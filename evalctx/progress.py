@@ -31,6 +31,7 @@ class Progress:
         self.interval_s = 0.2 if self.tty else interval_s
         self.t0 = time.monotonic()
         self._last = 0.0
+        self._last_line = ""
 
     def update(self, samples: int, tokens: int, errors: int = 0) -> None:
         self.done_samples += samples
@@ -54,10 +55,14 @@ class Progress:
         if not force and now - self._last < self.interval_s and self.done_samples < self.total_samples:
             return
         self._last = now
+        line = self.line()
+        if line == self._last_line:
+            return
+        self._last_line = line
         if self.tty:
-            self.stream.write("\r" + self.line() + "\x1b[K")
+            self.stream.write("\r" + line + "\x1b[K")
         else:
-            self.stream.write(self.line() + "\n")
+            self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
