@@ -16,7 +16,8 @@ HAYSTACKS = {"noise": lambda: noise_haystack("\n"), "noise_inline": lambda: nois
              "essay": lambda: essay_haystack()}
 USER = "Read this.\n\n" + SENTINEL + "\n\nWhat is the pass key?"
 PREFIX = "\n\nThe pass key is"
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+THOROUGH = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def needles_for(hay: Haystack, n: int) -> list[Needle]:
@@ -38,8 +39,9 @@ def check(tok, frame, hay, needles, depths, length, asm) -> None:
     stream = hay.stream(tok, 0)
     s, e = asm.window
     parts, cur = [], s
-    for n, p in zip(needles, asm.positions):
-        parts += [stream.text[cur:p], n.text if p == e else n.text + n.sep]
+    for i, (n, p) in enumerate(zip(needles, asm.positions)):
+        last = i == len(needles) - 1 and p == e  # only the needle that ends the haystack drops its separator
+        parts += [stream.text[cur:p], n.text if last else n.text + n.sep]
         cur = p
     parts.append(stream.text[cur:e])
     assert asm.text[len(frame.pre):len(asm.text) - len(frame.post)] == "".join(parts)
@@ -93,9 +95,7 @@ def cases(draw):
     return name, mode, hay, n, depth, extra
 
 
-@SETTINGS
-@given(cases())
-def test_assemble_exact_length_and_placement(case):
+def _assemble_case(case):
     name, mode, hay_name, n, depth, extra = case
     tok, hay = get_tokenizer(name), HAYSTACKS[hay_name]()
     frame = render_frame(tok, mode, USER, PREFIX)
@@ -108,6 +108,19 @@ def test_assemble_exact_length_and_placement(case):
         assert extra < 4 and "the minimum is" in str(exc)
         return
     check(tok, frame, hay, needles, depths, length, asm)
+
+
+@SETTINGS
+@given(cases())
+def test_assemble_exact_length_and_placement(case):
+    _assemble_case(case)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(cases())
+def test_assemble_exact_length_and_placement_thoroughly(case):
+    _assemble_case(case)
 
 
 @pytest.mark.parametrize("name", HF_KINDS)

@@ -191,10 +191,14 @@ class _Builder:
         return cands[-1] if flip else cands[0]
 
     # -- text and estimate -------------------------------------------------------------------------------------------
+    def needle_insert(self, i: int, lay: _Layout) -> str:
+        """Needle ``i`` with its separator, except for the last one when it ends the haystack (``post`` follows)."""
+        n = self.needles[i]
+        return n.text if i == len(self.needles) - 1 and lay.positions[i] == lay.e else n.text + n.sep
+
     def _inserts(self, lay: _Layout) -> list[tuple[int, str]]:
         ins = [(lay.s, self.frame.pre)]
-        for n, p in zip(self.needles, lay.positions):
-            ins.append((p, n.text if p == lay.e else n.text + n.sep))
+        ins += [(p, self.needle_insert(i, lay)) for i, p in enumerate(lay.positions)]
         ins.append((lay.e, self.frame.post))
         return ins
 
@@ -356,8 +360,8 @@ def _finish(text: str, ids: list[int], offsets: list[tuple[int, int]], frame: Fr
     ctx_end = len(text) - len(frame.post)
     he = _token_containing(offsets, ctx_end) if ctx_end < len(text) else len(ids)
     needle_toks = 0
-    for c, n, p in zip(where_needles, b.needles, lay.positions):
-        end = c + len((n.text if p == lay.e else n.text + n.sep).lstrip())  # its separator is no haystack
+    for i, c in enumerate(where_needles):
+        end = c + len(b.needle_insert(i, lay).lstrip())  # its separator is no haystack either
         needle_toks += (_token_containing(offsets, end) if end < len(text) else len(ids)) - _token_containing(
             offsets, c)
     hay_toks = max(he - hs - needle_toks, 0)
