@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HF_KINDS, TOKENIZER_NAMES, get_tokenizer
+from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HAVE_HF, HF_KINDS, TOKENIZER_NAMES, get_tokenizer
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.tasks.haystack import NOISE_SENTENCE, Haystack, essay_haystack, noise_haystack
@@ -16,6 +16,7 @@ HAYSTACKS = {"noise": lambda: noise_haystack("\n"), "noise_inline": lambda: nois
              "essay": lambda: essay_haystack()}
 USER = "Read this.\n\n" + SENTINEL + "\n\nWhat is the pass key?"
 PREFIX = "\n\nThe pass key is"
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="needs tokenizers and transformers")
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 THOROUGH = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -148,6 +149,7 @@ def test_long_builds_verify_once(name):
             assert len(asm.ids) == length and asm.verifications == 1
 
 
+@needs_hf
 def test_too_short_names_the_minimum():
     tok, hay = get_tokenizer("bpe_llama3"), noise_haystack()
     frame = render_frame(tok, "raw", USER, PREFIX)
@@ -159,6 +161,7 @@ def test_too_short_names_the_minimum():
     assert "passkey" in str(info.value) and str(lo - 1) in str(info.value) and tok.name in str(info.value)
 
 
+@needs_hf
 def test_bos_counts_in_raw_mode_only():
     tok = get_tokenizer("bpe_chat")
     hay = noise_haystack()
@@ -194,6 +197,7 @@ def test_depth_validation():
         assemble(tok, frame, hay, needles_for(hay, 2), [0.8, 0.2], 1000)
 
 
+@needs_hf
 def test_stream_is_tokenized_once_and_grows_by_doubling(monkeypatch):
     calls: list[int] = []
     orig = Haystack._tokenize
@@ -217,6 +221,7 @@ def test_stream_is_tokenized_once_and_grows_by_doubling(monkeypatch):
     assert len(hay.stream(tok, 0)) >= 60000
 
 
+@needs_hf
 def test_one_full_tokenization_per_warm_build():
     tok = get_tokenizer("sp_llama2")
     big: list[int] = []

@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, TOKENIZER_NAMES, get_tokenizer
+from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HAVE_HF, TOKENIZER_NAMES, get_tokenizer
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
@@ -25,6 +25,7 @@ TASK_OPTIONS = [
     ("niah_single", {}), ("niah_single", {"haystack": "essay"}), ("niah_single", {"value_type": "uuids"}),
     ("niah_multikey", {}), ("niah_multivalue", {"haystack": "noise"}), ("niah_multiquery", {"value_type": "uuids"}),
 ]
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="needs tokenizers and transformers")
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 THOROUGH = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -217,6 +218,7 @@ def test_niah_multi(name, k, v, q):
         assert re.fullmatch(r"[\w-]+, [\w-]+, [\w-]+, and [\w-]+", asked)
 
 
+@needs_hf
 def test_chat_mode_puts_the_answer_prefix_in_the_assistant_turn():
     tok = get_tokenizer("bpe_chat")
     s = get_task("passkey")(tok, {}, "chat").make_sample(700, 0.5, 1)

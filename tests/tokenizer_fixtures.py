@@ -9,6 +9,7 @@ Built once per process (module-level cache).
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -27,7 +28,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-HF_KINDS = ("bpe_llama3", "sp_llama2", "bpe_digits", "bpe_chat")
+HAVE_HF = all(importlib.util.find_spec(m) is not None for m in ("tokenizers", "transformers"))
+"""The real-tokenizer cases need ``tokenizers`` and ``transformers`` (extra ``tokenizers``); without them they skip."""
+HF_KINDS = ("bpe_llama3", "sp_llama2", "bpe_digits", "bpe_chat") if HAVE_HF else ()
 """byte-level BPE without BOS; sentencepiece-style BPE (byte fallback, BOS); digits split one by one; chat."""
 
 _ROOT: Path | None = None
@@ -143,4 +146,4 @@ def get_tokenizer(name: str) -> Tokenizer:
 
 
 TOKENIZER_NAMES = ("byte", "byte-chat", *HF_KINDS)
-CHAT_TOKENIZER_NAMES = ("byte-chat", "bpe_chat")
+CHAT_TOKENIZER_NAMES = ("byte-chat", "bpe_chat") if HAVE_HF else ("byte-chat",)
