@@ -9,6 +9,27 @@ from evalctx.records import GenerationRequest, GenerationResult, Sample, SampleR
 
 __version__ = "0.1.0"
 
+# Analysis entry points, imported on first use so that `import evalctx` never loads pandas or matplotlib.
+_LAZY = {
+    "load_run": "evalctx.analysis",
+    "load_runs": "evalctx.analysis",
+    "effective_length": "evalctx.analysis",
+    "summarize": "evalctx.results.summary",
+    "compare": "evalctx.compare",
+    "write_report": "evalctx.report.render",
+    "load_suite": "evalctx.config",
+    "load_tokenizer": "evalctx.tokenizer",
+    "get_task": "evalctx.tasks",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'evalctx' has no attribute {name!r}")
+
 __all__ = [
     "GenerationRequest",
     "GenerationResult",
@@ -18,4 +39,5 @@ __all__ = [
     "Score",
     "UsageError",
     "__version__",
+    *_LAZY,
 ]
