@@ -1,0 +1,65 @@
+"""run_eval.sh end to end: help, MPI launch, exit codes, and the nightly mode with its gate."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mpi_util import find_mpirun, mpi_env
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "run_eval.sh"
+SUITE = str(Path(__file__).parent / "data" / "suites" / "gate_small.toml")
+
+
+def sh(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = mpi_env()
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"  # the venv's evalctx and mpirun
+    e.update(env or {})
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=e, timeout=180)
+
+
+def test_help() -> None:
+    proc = sh("--help")
+    assert proc.returncode == 0 and "Usage: ./run_eval.sh" in proc.stdout and "--nightly" in proc.stdout
+
+
+def test_bad_rank_count_is_usage_error() -> None:
+    proc = sh("-n", "zero")
+    assert proc.returncode == 2 and "positive integer" in proc.stderr
+
+
+def test_exit_code_passes_through(tmp_path: Path) -> None:
+    proc = sh("--out", str(tmp_path), "--suite", "missing.toml", "--backend", "fake", "--tokenizer", "byte")
+    assert proc.returncode == 2 and "suite not found" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_two_ranks_under_mpirun(tmp_path: Path) -> None:
+    if find_mpirun() is None:
+        pytest.skip("no mpirun")
+    proc = sh("-n", "2", "--out", str(tmp_path), "--suite", SUITE, "--backend", "fake", "--tokenizer", "byte",
+              "--run-id", "two", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "mpirun" in proc.stderr.splitlines()[0]
+    df = pd.read_parquet(tmp_path / "two" / "results.parquet")
+    assert sorted(df["replica"].unique()) == [0, 1] and len(df) == 24
+
+
+def test_nightly_passes_then_catches_a_regression(tmp_path: Path) -> None:
+    base = ["--nightly", "--out", str(tmp_path), "--suite", SUITE, "--backend", "fake", "--tokenizer", "byte",
+            "--label", "fake-model", "--no-progress"]
+    first = sh(*base, "--run-id", "night1")
+    assert first.returncode == 0, first.stderr + first.stdout
+    second = sh(*base, "--run-id", "night2")
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert (tmp_path / "night2" / "report.html").is_file()
+    bad = sh(*base, "--run-id", "night3", "--backend-opt", "miss_beyond=500")
+    assert bad.returncode == 1, bad.stderr + bad.stdout
+    history = pd.read_csv(tmp_path / "history" / "summary.csv")
+    assert set(history["run_id"]) == {"night1", "night2", "night3"}
