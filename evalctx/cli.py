@@ -195,8 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         abort_if_distributed(2)
         return 2
     except KeyboardInterrupt:
-        print("evalctx: interrupted; finished samples are in the journal, rerun the same command to resume",
-              file=sys.stderr)
+        from evalctx.dist import abort_if_distributed
+
+        if _is_root_rank():
+            print("evalctx: interrupted; finished samples are in the journal, rerun the same command to resume",
+                  file=sys.stderr)
+        abort_if_distributed(130)
         return 130
     except BrokenPipeError:
         return 0

@@ -267,7 +267,7 @@ class Runner:
             n_new = self._loop(backend, mine, extra, progress)
             progress.close()
         except BaseException:
-            if w.is_root and not w.distributed:
+            if w.is_root:
                 status = "interrupted" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "failed"
                 rundir.write_manifest(self.run_dir, self._manifest(backend, status, created_at))
             raise

@@ -100,3 +100,24 @@ def test_sigkill_mid_run_then_resume_with_other_rank_count(tmp_path: Path) -> No
     assert proc2.returncode == 0, proc2.stderr
     df = pd.read_parquet(tmp_path / "k" / "results.parquet")
     assert df["sample_id"].is_unique and len(df) == 18 and (df["score"] == 1.0).all()
+
+
+def test_ctrl_c_on_the_launcher_ends_the_job(tmp_path: Path) -> None:
+    proc = subprocess.Popen(mpirun_cmd(2, *args(tmp_path, "int", "--backend-opt", "delay_s=0.3")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            start_new_session=True)
+    jdir = tmp_path / "int" / "journal"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (jdir.exists() and any(p.stat().st_size for p in jdir.glob("*"))):
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mpirun did not end within 30 s of Ctrl-C")
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 30
+    rows = sum(len(p.read_text().splitlines()) for p in jdir.glob("*.jsonl"))
+    assert rows >= 1
