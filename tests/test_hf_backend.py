@@ -80,3 +80,30 @@ def test_end_to_end_run_with_hf(tiny_llama: Path, tmp_path: Path) -> None:
     assert (df["n_prompt_tokens"] == 400).all()
     assert df["latency_s"].gt(0).all() and df["ttft_s"].gt(0).all()
     assert (df["hf_chunk_size"] == 128).all()
+
+
+def test_lower_right_sdpa_matches_stock_sdpa(tiny_llama: Path) -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("The grass is green. The pass key is 31415. The sky is blue. " * 4, add_special_tokens=True)
+    req = [GenerationRequest(sample_id="a", prompt_ids=ids, prompt="", max_new_tokens=8)]
+    stock = make_backend(tiny_llama, chunk_size=29).generate(req)[0]
+    ours = make_backend(tiny_llama, chunk_size=29, attn_implementation="evalctx_sdpa").generate(req)[0]
+    assert stock.text == ours.text and stock.n_output_tokens == ours.n_output_tokens
+
+
+def test_lower_right_sdpa_logits_match(tiny_llama: Path) -> None:
+    from transformers import DynamicCache
+
+    from evalctx.backends.hf import register_lower_right_sdpa
+
+    register_lower_right_sdpa()
+    ids = torch.randint(3, 200, (1, 50))
+    outs = []
+    for impl in ("sdpa", "evalctx_sdpa"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=impl).eval()
+        cache = DynamicCache()
+        with torch.inference_mode():
+            logits = [model(input_ids=ids[:, i:i + 16], past_key_values=cache, use_cache=True).logits
+                      for i in range(0, 50, 16)]
+        outs.append(torch.cat(logits, dim=1))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)

@@ -17,6 +17,43 @@ from evalctx.errors import UsageError, require_extra
 from evalctx.records import GenerationRequest, GenerationResult
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOWER_RIGHT_SDPA = "evalctx_sdpa"
+
+
+def register_lower_right_sdpa() -> None:
+    """Register ``attn_implementation="evalctx_sdpa"``: SDPA with a lower-right causal bias and no mask tensor.
+
+    With a KV cache, a prefill chunk of c queries attends to all k keys so far. Stock "sdpa" builds a boolean
+    (c x k) mask for that, which at 1M tokens costs gigabytes and keeps SDPA off its fastest kernels;
+    ``causal_lower_right(c, k)`` states the same causality without a tensor. Valid for causal models without
+    padding or sliding windows, which is what this backend feeds (equal-length batches).
+    """
+    import torch
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                  scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        if key.shape[1] != query.shape[1]:  # grouped-query attention: share each KV head across its group
+            rep = query.shape[1] // key.shape[1]
+            key = key.repeat_interleave(rep, dim=1)
+            value = value.repeat_interleave(rep, dim=1)
+        if q_len == 1:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling)
+        elif q_len == k_len:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=causal_lower_right(q_len, k_len), scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    def no_mask(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    AttentionInterface.register(LOWER_RIGHT_SDPA, attention)
+    AttentionMaskInterface.register(LOWER_RIGHT_SDPA, no_mask)
 
 
 class HFBackend(Backend):
@@ -31,6 +68,8 @@ class HFBackend(Backend):
         chunk_size: int = 4096
         """Prefill chunk in tokens; 0 = the whole prompt at once."""
         attn_implementation: str = "sdpa"
+        """Any transformers attention, or "evalctx_sdpa" (lower-right causal SDPA without a mask tensor: less
+        memory and faster kernels for chunked prefill at long context)."""
         threads: int = 0
         """torch CPU threads (0 = torch's default)."""
         tp: int = 1
@@ -65,6 +104,8 @@ class HFBackend(Backend):
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
+        if options.attn_implementation == LOWER_RIGHT_SDPA:
+            register_lower_right_sdpa()
         resolved = resolve_model(ctx.model)
         self.model_name = resolved.name
         self.model_path = resolved.path
