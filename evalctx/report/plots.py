@@ -92,7 +92,8 @@ def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | P
     grid = grid.sort_index().sort_index(axis=1)
     lengths, depths = [int(c) for c in grid.columns], [float(d) for d in grid.index]
 
-    fig, ax = _figure(1.2 + 0.9 * len(lengths), 1.2 + 0.42 * len(depths))
+    # At least 5 in wide so the title (model and task) fits even for one or two lengths.
+    fig, ax = _figure(max(5.0, 1.2 + 0.9 * len(lengths)), max(2.6, 1.2 + 0.42 * len(depths)))
     cmap = LinearSegmentedColormap.from_list("gkamradt", HEATMAP_COLORS).with_extremes(bad="#cccccc")
     values = grid.to_numpy(dtype=float)
     image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
