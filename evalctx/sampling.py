@@ -37,13 +37,6 @@ def derive_seed(base: int, *parts: Any) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
-def spec_id(task: str, version: int, options: dict[str, Any], length: int, depth: float, seed: int,
-            tokenizer_fp: str, prompt_mode: str, max_new_tokens: int) -> str:
-    payload = [task, version, sorted(options.items()), length, round(depth, 6), seed, tokenizer_fp, prompt_mode,
-               max_new_tokens]
-    return hashlib.sha1(json.dumps(payload, default=str).encode()).hexdigest()[:16]
-
-
 def _task_instance(spec: TaskSpec, tokenizer: Tokenizer) -> Any:
     from evalctx.tasks import get_task
 
@@ -51,17 +44,18 @@ def _task_instance(spec: TaskSpec, tokenizer: Tokenizer) -> Any:
 
 
 def enumerate_specs(suite: Suite, tokenizer: Tokenizer) -> list[SampleSpec]:
-    fp = tokenizer.fingerprint()
     specs: list[SampleSpec] = []
     seen: set[str] = set()
     for ti, ts in enumerate(suite.tasks):
         task = _task_instance(ts, tokenizer)
         mnt = ts.max_new_tokens or task.default_max_new_tokens
         for length in ts.lengths:
-            for depth in ts.depths:
+            for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
                 for k in range(ts.samples):
                     seed = derive_seed(ts.seed, ts.task, length, round(depth, 6), k)
-                    sid = spec_id(ts.task, task.version, ts.options, length, depth, seed, fp, ts.prompt_mode, mnt)
+                    # The task's own id (options with defaults filled in, the haystack's content hash): the
+                    # same id its Sample will carry, known before any prompt is built.
+                    sid = task.sample_id(length, depth, seed, mnt)
                     if sid in seen:  # the same cell listed twice in a suite is run once
                         continue
                     seen.add(sid)
@@ -85,7 +79,8 @@ class SampleBuilder:
     def build(self, spec: SampleSpec) -> Sample:
         sample = self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed,
                                                         spec.max_new_tokens)
-        sample.id = spec.id  # the resume key: the spec's hash, known before the prompt exists
+        if sample.id != spec.id:  # the resume key: both come from the task's sample_id, so this is a bug
+            raise AssertionError(f"sample {spec.id}: built with id {sample.id}")
         if len(sample.prompt_ids) != spec.context_length:
             # The generators assert this too; a violation here is a bug, never a silently shorter prompt.
             raise AssertionError(f"sample {spec.id}: {len(sample.prompt_ids)} tokens != {spec.context_length}")

@@ -57,7 +57,10 @@ def check(tok, frame, hay, needles, depths, length, asm) -> None:
     # the first needle is on a boundary nearest its depth: no other boundary between it and the depth point
     a = stream.token_at(s)
     if depths[0] >= 1.0:
-        assert asm.positions[0] == e and hay.is_boundary(e)
+        # at the very end; or, the last resort when no window start reaches the count, with less than one unit
+        # (sentence or line) of haystack between it and ``post``
+        p = asm.positions[0]
+        assert hay.is_boundary(p) and (p == e or hay.boundary_at_or_after(p + 1) >= e)
     elif inner:
         x = stream.starts[a + round(depths[0] * (stream.token_at(e) - a))]
         lo, hi = sorted((x, asm.positions[0]))
@@ -135,6 +138,29 @@ def test_every_length_in_a_range_builds(name):
         for depth in (0.0, 1.0):
             asm = assemble(tok, frame, hay, needles, [depth], length)
             assert len(asm.ids) == length
+
+
+@pytest.mark.parametrize("mode", ["raw", "chat"])
+def test_depth_one_reaches_every_length_when_the_start_seam_jumps(mode):
+    """GPT-2's pre-tokenizer splits the template's closing "\\n\\n" before ``.``/``The`` but not before `` word``.
+
+    With the needle pinned to the end only the window start moves, and on the periodic noise one count per line was
+    skipped whichever token the window started on: the start cut and the few-tokens-after-the-needle fallbacks reach
+    it. The needle stays at the end whenever some window start reaches the count.
+    """
+    if not HAVE_HF:
+        pytest.skip("needs tokenizers and transformers")
+    tok, hay = get_tokenizer("bpe_gpt2"), noise_haystack("\n")
+    frame = render_frame(tok, mode, USER, PREFIX)
+    assert frame.pre.endswith("\n\n")
+    needles = [Needle("The pass key is 40213. Remember it. 40213 is the pass key.\n")]  # passkey's: no separator
+    lo = minimum_length(tok, frame, hay, needles, [1.0])
+    at_end = 0
+    for length in range(lo + 600, lo + 660):
+        asm = assemble(tok, frame, hay, needles, [1.0], length)
+        check(tok, frame, hay, needles, [1.0], length, asm)
+        at_end += asm.positions[0] == asm.window[1]
+    assert at_end >= 50  # the needle leaves the very end only for the counts no window start reaches
 
 
 @pytest.mark.parametrize("name", TOKENIZER_NAMES)

@@ -104,6 +104,46 @@ def test_samples_hold_every_guarantee_thoroughly(case):
     _sample_case(case)
 
 
+def _sweep(tok_name: str, mode: str, task_name: str, depths, start: int, count: int) -> None:
+    """Every length of ``count`` consecutive ones from ``min_length() + start`` builds at every depth.
+
+    The only LengthErrors allowed: too short for the drawn key (min_length is for one representative key), and the
+    documented set right at a draw's minimum (a haystack of one or two tokens brings the needle's separator along).
+    """
+    task = get_task(task_name)(get_tokenizer(tok_name), {}, mode)
+    lo = task.min_length()
+    bad = []
+    for length in range(lo + start, lo + start + count):
+        for depth in depths:
+            try:
+                s = task.make_sample(length, depth, 1)
+            except LengthError as exc:
+                m = re.search(r"(?:the minimum is|need) (\d+)", str(exc))
+                if "too short" in str(exc) or (m and length - int(m.group(1)) <= 2):
+                    continue
+                bad.append((length, depth))
+                continue
+            assert len(s.prompt_ids) == length and s.depth == depth
+    assert not bad, f"{task_name} {mode} with {tok_name}: no exact build at {bad}"
+
+
+SWEEP = [(t, m, k) for t in TOKENIZER_NAMES for m in ("raw", "chat") if m == "raw" or t in CHAT_TOKENIZER_NAMES
+         for k in ("passkey", "niah_single")]
+
+
+@pytest.mark.parametrize("tok_name,mode,task_name", [c for c in SWEEP if c[0] in ("bpe_gpt2", "byte")])
+def test_every_length_builds(tok_name, mode, task_name):
+    """Consecutive lengths x depths 0, 0.5, 1: a seam that jumps over a count must not make any length unbuildable."""
+    _sweep(tok_name, mode, task_name, (0.0, 0.5, 1.0), 0, 40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tok_name,mode,task_name", SWEEP)
+def test_every_length_builds_thoroughly(tok_name, mode, task_name):
+    _sweep(tok_name, mode, task_name, (0.0, 0.5, 1.0), 0, 150)
+    _sweep(tok_name, mode, task_name, (0.0, 0.5, 1.0), 1500, 150)
+
+
 def test_sample_id_depends_on_everything_that_matters():
     tok = ByteTokenizer(chat=True)
     base = get_task("passkey")(tok, {}).make_sample(1500, 0.5, 3)
@@ -126,6 +166,32 @@ def test_sample_id_depends_on_everything_that_matters():
     same = get_task("passkey")(tok, {"template": "trtllm", "key_digits": 5, "haystack": "noise"}).make_sample(
         1500, 0.5, 3)
     assert same == base and re.fullmatch(r"[0-9a-f]{16}", base.id)
+
+
+def test_spec_ids_are_the_sample_ids(tmp_path):
+    """A suite's spec id is the task's own sample id: options with defaults filled in, the haystack's content."""
+    from evalctx.config import Suite, TaskSpec
+    from evalctx.sampling import SampleBuilder, enumerate_specs
+
+    tok = ByteTokenizer()
+    (tmp_path / "a.txt").write_text("One sentence here. Another one there. And a third.")
+    tables = [TaskSpec("passkey", [700, 900], [0.0, 1], samples=2), TaskSpec("niah_single", [800], [0.5]),
+              TaskSpec("passkey", [700], [0.5], options={"haystack": "essay", "haystack_dir": str(tmp_path)})]
+    suite = Suite("ids", tables)
+    specs = enumerate_specs(suite, tok)
+    builder = SampleBuilder(suite, tok)
+    for spec in specs:
+        assert builder.build(spec).id == spec.id
+    # the defaults spelled out are the same cells (listed twice: run once)
+    spelled = Suite("ids", [TaskSpec("passkey", [700, 900], [0.0, 1.0], samples=2,
+                                     options={"template": "trtllm", "key_digits": 5, "haystack": "noise"}),
+                            TaskSpec("passkey", [700, 900], [0.0, 1.0], samples=2)])
+    assert [s.id for s in enumerate_specs(spelled, tok)] == [s.id for s in specs[:8]]
+    # editing the haystack files changes the ids, and the built samples agree
+    (tmp_path / "a.txt").write_text("One sentence here. Another one there. And a fourth.")
+    edited = enumerate_specs(suite, tok)
+    assert edited[:-1] == specs[:-1] and edited[-1].id != specs[-1].id
+    assert SampleBuilder(suite, tok).build(edited[-1]).id == edited[-1].id
 
 
 def test_registry():

@@ -30,8 +30,15 @@ CHAT_TEMPLATE = (
 
 HAVE_HF = all(importlib.util.find_spec(m) is not None for m in ("tokenizers", "transformers"))
 """The real-tokenizer cases need ``tokenizers`` and ``transformers`` (extra ``tokenizers``); without them they skip."""
-HF_KINDS = ("bpe_llama3", "sp_llama2", "bpe_digits", "bpe_chat") if HAVE_HF else ()
-"""byte-level BPE without BOS; sentencepiece-style BPE (byte fallback, BOS); digits split one by one; chat."""
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""SmolLM2/Qwen-style ChatML, no BOS."""
+
+HF_KINDS = ("bpe_llama3", "sp_llama2", "bpe_digits", "bpe_chat", "bpe_gpt2") if HAVE_HF else ()
+"""byte-level BPE without BOS; sentencepiece-style BPE (byte fallback, BOS); digits split one by one; chat;
+GPT-2 pre-tokenizer with newline-run merges and ChatML (like SmolLM2)."""
 
 _ROOT: Path | None = None
 _CACHE: dict[str, Tokenizer] = {}
@@ -44,6 +51,26 @@ def training_text() -> list[str]:
     extra = ("The pass key is 01234. Remember it. 01234 is the pass key.\nWhat is the pass key? "
              "One of the special magic numbers for quiet-harbor is: 9876543. 5678 4321 0 1 2 3 4 5 6 7 8 9\n")
     return [noise, extra * 5, *essays]
+
+
+def newline_text() -> list[str]:
+    r"""Prose joined by newline runs and sentence joins ("\n\n", "\n\n\n", ". \n") plus prompts shaped like the tasks'.
+
+    Trained on this, newline runs become single tokens as in GPT-2-style vocabularies (GPT-2, SmolLM2, StarCoder).
+    GPT-2's pre-tokenizer (``\s+(?!\S)``) splits a run before a non-space ("\n\n." is "\n", "\n", ".") but not
+    before a space ("\n\n The" is "\n\n", " The"), so the seam between a template that ends in "\n\n" and the
+    haystack costs one token more or less depending on the haystack's first character.
+    """
+    sentences = []
+    for p in sorted(DEFAULT_ESSAY_DIR.glob("*.txt")):
+        sentences += [s.strip() for s in p.read_text().replace("\n", " ").split(". ") if s.strip()]
+    joins = ["\n\n", "\n\n\n", ". \n", ".\n\n", "\n", ". \n\n", ".\n\n\n\n"]
+    prose = "".join(s + joins[i % len(joins)] for i, s in enumerate(sentences))
+    noise = "\n".join([NOISE_SENTENCE] * 12)
+    doc = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz "
+           f"you about the important information.\n\n{noise}\nThe pass key is 12345. Remember it. 12345 is the "
+           f"pass key.\n\n\nWhat is the pass key?\n\nThe pass key is 12345.\n\n\n\n")
+    return [prose, *[doc] * 10]
 
 
 def _root() -> Path:
@@ -81,6 +108,16 @@ def build_rust(kind: str, text: list[str] | None = None, vocab_size: int = 2000)
         tok, trainer = _bytelevel_bpe(vocab_size, kind == "bpe_digits", ["<|endoftext|>"])
         tok.train_from_iterator(text, trainer)
         return tok, {"eos_token": "<|endoftext|>"}
+    if kind == "bpe_gpt2":
+        # GPT-2's own pre-tokenizer: ByteLevel with its regex (`` ?\p{L}+``, ``\s+(?!\S)``, ``\s+`` ...).
+        tok = RustTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(text + newline_text(), trainer)
+        return tok, {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     if kind == "bpe_chat":
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         tok, trainer = _bytelevel_bpe(vocab_size, False, specials)
@@ -125,6 +162,8 @@ def save_hf(kind: str, folder: Path, text: list[str] | None = None, vocab_size: 
     fast = PreTrainedTokenizerFast(tokenizer_object=rust, **specials)
     if kind == "bpe_chat":
         fast.chat_template = CHAT_TEMPLATE
+    if kind == "bpe_gpt2":
+        fast.chat_template = CHATML_TEMPLATE
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
     return folder
@@ -146,4 +185,4 @@ def get_tokenizer(name: str) -> Tokenizer:
 
 
 TOKENIZER_NAMES = ("byte", "byte-chat", *HF_KINDS)
-CHAT_TOKENIZER_NAMES = ("byte-chat", "bpe_chat") if HAVE_HF else ("byte-chat",)
+CHAT_TOKENIZER_NAMES = ("byte-chat", "bpe_chat", "bpe_gpt2") if HAVE_HF else ("byte-chat",)

@@ -111,8 +111,8 @@ class Assembly:
 
 @dataclass(frozen=True)
 class _Layout:
-    a: int  # first haystack token (stream index)
-    s: int  # first haystack char (stream)
+    a: int  # first whole haystack token (stream index)
+    s: int  # first haystack char (stream): starts[a], or inside token a - 1 when the window starts mid-token
     e: int  # haystack end char, exclusive (stream)
     positions: tuple[int, ...]  # insertion char (stream) per needle, non-decreasing
 
@@ -144,14 +144,24 @@ class _Builder:
             self.st = self.hay.stream(self.tok, h + _SLACK)
 
     # -- layouts ------------------------------------------------------------------------------------------------------
-    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0) -> _Layout:
-        """The haystack window of ``h`` tokens and its needle positions; ``alt``/``cut``/``shift`` are fallbacks.
+    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0, back: int = 0) -> _Layout:
+        """The haystack window of ``h`` tokens and its needle positions; the other arguments are fallbacks.
 
         Normally the window starts at stream token 0 and ends at token ``h`` (possibly mid-sentence). A needle at
-        depth 1 must sit at the very end on a sentence boundary, so then the window *ends* at a boundary and starts
-        ``h`` tokens earlier instead. Fallbacks: ``alt`` takes the other nearest boundary (or the next sentence end),
-        ``cut`` ends the haystack inside a token, ``shift`` starts the window ``shift`` tokens later -- this
-        decouples the two ends when the seam with ``post`` makes the count jump over the target.
+        depth 1 sits at the very end on a sentence boundary, so then the window *ends* at a boundary and starts
+        ``h`` tokens earlier instead (the window is end-anchored).
+
+        The fallbacks decouple the two ends of the window when a seam makes the count jump over the target (the
+        count moves by 2 when ``h`` moves by 1): ``alt`` takes the other nearest boundary for the first needle (or,
+        end-anchored, the next sentence end); ``cut`` makes the window's *free* end -- the end, or the start when the
+        window is end-anchored -- fall ``cut`` characters inside a token; ``shift`` starts a free-start window
+        ``shift`` tokens later. An end-anchored window has only its start free, and some tokenizers cannot reach
+        every count through the start alone: a GPT-2-style pre-tokenizer splits the template's closing ``"\n\n"``
+        in two before a haystack that starts with ``.`` or ``The`` but not before one that starts with `` word``,
+        and on a periodic haystack (the noise lines) every start phase repeats with the same offsets while every
+        boundary looks alike, so one count per period is unreachable with the needles touching ``post``. ``back``
+        is the last resort there: ``back`` haystack tokens (less than one sentence or line) follow the depth-1
+        needles, which changes the end seam; their depth stays within one unit of 1.
         """
         self.ensure(h + shift)
         st = self.st
@@ -161,18 +171,27 @@ class _Builder:
                 e = self.hay.boundary_at_or_after(e + 1)
             while e >= len(st.text) - 1:  # a very long last sentence: grow the stream past it
                 st = self.st = self.hay.stream(self.tok, 2 * len(st))
-            a = max(st.token_at(e) - h + shift, 0)
+            b_e = st.token_at(e)
+            a = min(max(b_e - h, 0), b_e)
+            s = st.starts[a]
+            if cut and a < b_e and st.starts[a + 1] - s > cut:  # start inside token a: its tail begins the haystack
+                s += cut
+                a += 1
         else:
             a = shift
             e = st.starts[a + h]
             if cut and st.starts[a + h + 1] - e > cut:  # cut inside a token (a partial token ends the haystack)
                 e += cut
-        s = st.starts[a]
+            s = st.starts[a]
+        end = e  # where depth-1 needles go
+        if back and self.end_anchored:  # ``back`` haystack tokens (less than one unit) follow the needles
+            b_e = st.token_at(e)
+            e = min(st.starts[b_e + back], self.hay.boundary_at_or_after(e + 1))
         h_eff = st.token_at(e) - a
         positions: list[int] = []
         for i, d in enumerate(self.depths):
             if d >= 1.0:
-                p = e
+                p = end
             else:
                 p = self._nearest_boundary(a + round(d * h_eff), s, e, flip=(alt > 0 and i == 0))
             positions.append(max(p, positions[-1]) if positions else p)
@@ -227,7 +246,7 @@ class _Builder:
             k = st.token_at(p)
             lo = max(lay.a, k - _MARGIN)
             hi = k + _MARGIN
-            u = st.starts[lo]
+            u = lay.s if lo == lay.a else st.starts[lo]  # a partial first token starts at lay.s
             v = st.starts[hi] if hi < b_e else lay.e
             if regions and u <= regions[-1][1]:  # touching regions merge too (zero-width ones at an end)
                 regions[-1][1] = max(regions[-1][1], v)
@@ -269,15 +288,19 @@ class _Builder:
             if nh in seen:
                 break
             h = nh
-        # The seams jump over the target (e.g. a token at the cut merges with ``post``): move the cut a little,
-        # pick the other nearest boundary for the needle, cut inside the last token, or start the window later.
-        for shift in range(4):
+        # The seams jump over the target (e.g. a token at the cut merges with ``post``, or the first haystack token
+        # splits the template's last one): move the cut a little, pick the other nearest boundary for the needle,
+        # cut inside the token at the window's free end, start a free-start window later, and only then (an
+        # end-anchored window, whose start moves with ``h`` already) let a few haystack tokens follow the depth-1
+        # needles. Each knob moves a different seam, so together they reach counts that ``h`` alone jumps over.
+        knobs = [(0, b) for b in range(4)] if self.end_anchored else [(sh, 0) for sh in range(4)]
+        for shift, back in knobs:
             for alt in (0, 1):
                 for cut in (0, 1, 2):
                     for dh in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
                         if h + dh < 0:
                             continue
-                        lay = self.layout(h + dh, alt, cut, shift)
+                        lay = self.layout(h + dh, alt, cut, shift, back)
                         if lay not in exclude and self.estimate(lay) == target:
                             return lay, target
         return None
@@ -294,8 +317,11 @@ def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Se
              depths: Sequence[float], length: int, label: str = "task") -> Assembly:
     """Build ``frame.pre + haystack (with needles at depths) + frame.post`` at exactly ``length`` tokens.
 
-    Raises LengthError when ``length`` is below what the frame and needles need, or when no layout tokenizes to
-    exactly ``length`` (never truncates).
+    Every length from the minimum (:func:`minimum_length`) up builds, except possibly one or two right above it: a
+    haystack of one or two tokens cannot always be made, since a needle brings its separator along. Depth-1 needles
+    touch ``post`` unless no window start reaches ``length`` that way; then a few haystack tokens (less than one
+    sentence or line) follow them (see :meth:`_Builder.layout`). Raises LengthError when ``length`` is below the
+    minimum, or when no layout tokenizes to exactly ``length`` (never truncates).
     """
     if len(needles) != len(depths) or not needles:
         raise ValueError("one depth per needle, at least one needle")
@@ -430,6 +456,12 @@ class HaystackTask(Task):
         opts["haystack_sha"] = self.haystack.fingerprint
         return opts
 
+    def sample_id(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> str:
+        """The id :meth:`make_sample` gives this cell, known without building the prompt (a suite's spec id)."""
+        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        return sample_id(self.name, self.version, self.id_options(), context_length, float(depth), seed,
+                         self.tokenizer.fingerprint(), self.prompt_mode, mnt)
+
     def _rng(self, context_length: int, depth: float, seed: int) -> random.Random:
         # Per cell, independent of the tokenizer: the same seed hides the same key for every model compared.
         h = hashlib.sha1(f"{self.name}|{seed}|{context_length}|{depth!r}".encode()).digest()
@@ -463,8 +495,7 @@ class HaystackTask(Task):
                 break
         else:
             raise UsageError(f"task {self.name}: could not draw a key that the haystack does not already contain")
-        sid = sample_id(self.name, self.version, self.id_options(), context_length, depth, seed,
-                        self.tokenizer.fingerprint(), self.prompt_mode, mnt)
+        sid = self.sample_id(context_length, depth, seed, mnt)
         meta = {"haystack": self.haystack.name, **draw.meta}
         if len(asm.needle_token_indices) > 1:
             meta["needle_token_indices"] = asm.needle_token_indices
