@@ -239,7 +239,11 @@ class Runner:
         if w.is_root:
             created_at = self._check_existing()
         created_at = w.bcast_world(created_at)
-        pending, _ = self._pending()
+        # Rank 0 decides what is left and tells everyone: ranks that read the journals themselves, at slightly
+        # different times, would see different leftovers and shard them differently (samples run twice or never).
+        pending_ids = [s.id for s in self._pending()[0]] if w.is_root else None
+        pending_ids = set(w.bcast_world(pending_ids))
+        pending = [s for s in self.specs if s.id in pending_ids]
         extra = {"label": self.label}
         ctx = BackendContext(
             model=self.cfg.model, tokenizer=self.tokenizer, world_rank=w.rank, world_size=w.size,
