@@ -56,6 +56,28 @@ def register_lower_right_sdpa() -> None:
     AttentionMaskInterface.register(LOWER_RIGHT_SDPA, no_mask)
 
 
+# Architectures whose attention is plain causal softmax attention (no soft-capping, sinks or ALiBi), so the
+# lower-right SDPA computes exactly what their own attention would.
+_PLAIN_CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "olmo2", "phi3", "smollm3"}
+
+
+def _auto_attention(resolved: Any) -> str:
+    from transformers import AutoConfig
+
+    kw: dict[str, Any] = {"local_files_only": True}
+    if resolved.gguf_file:
+        kw["gguf_file"] = resolved.gguf_file
+    try:
+        cfg = AutoConfig.from_pretrained(str(resolved.path), **kw)
+    except (OSError, ValueError):
+        return "sdpa"  # the model load below reports the real problem
+    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if cfg.model_type in _PLAIN_CAUSAL and not sliding and all(t == "full_attention" for t in layer_types):
+        return LOWER_RIGHT_SDPA
+    return "sdpa"
+
+
 class HFBackend(Backend):
     name: ClassVar[str] = "hf"
 
@@ -67,9 +89,10 @@ class HFBackend(Backend):
         """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
         chunk_size: int = 4096
         """Prefill chunk in tokens; 0 = the whole prompt at once."""
-        attn_implementation: str = "sdpa"
+        attn_implementation: str = "auto"
         """Any transformers attention, or "evalctx_sdpa" (lower-right causal SDPA without a mask tensor: less
-        memory and faster kernels for chunked prefill at long context)."""
+        memory and faster kernels for chunked prefill at long context). "auto": evalctx_sdpa for plain causal
+        architectures without sliding windows, else "sdpa"."""
         threads: int = 0
         """torch CPU threads (0 = torch's default)."""
         tp: int = 1
@@ -107,13 +130,16 @@ class HFBackend(Backend):
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
-        if options.attn_implementation == LOWER_RIGHT_SDPA:
-            register_lower_right_sdpa()
         resolved = resolve_model(ctx.model)
+        self.attn_implementation = options.attn_implementation
+        if self.attn_implementation == "auto":
+            self.attn_implementation = _auto_attention(resolved)
+        if self.attn_implementation == LOWER_RIGHT_SDPA:
+            register_lower_right_sdpa()
         self.model_name = resolved.name
         self.model_path = resolved.path
         kwargs: dict[str, Any] = {"local_files_only": True, "dtype": self.dtype,
-                                  "attn_implementation": options.attn_implementation}
+                                  "attn_implementation": self.attn_implementation}
         if resolved.gguf_file:
             kwargs["gguf_file"] = resolved.gguf_file
         try:
@@ -235,6 +261,7 @@ class HFBackend(Backend):
             "model_path": str(self.model_path),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn_implementation,
             "model_config": {k: getattr(cfg, k, None) for k in (
                 "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling")},
@@ -246,4 +273,5 @@ class HFBackend(Backend):
 
     def row_columns(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model_name, "hf_dtype": str(self.dtype).replace("torch.", ""),
-                "hf_device": self.device.type, "hf_chunk_size": self.options.chunk_size}
+                "hf_device": self.device.type, "hf_chunk_size": self.options.chunk_size,
+                "hf_attn_implementation": self.attn_implementation}
