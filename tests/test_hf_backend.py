@@ -109,15 +109,22 @@ def test_lower_right_sdpa_logits_match(tiny_llama: Path) -> None:
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 
-def test_auto_attention_picks_lower_right_for_llama(tiny_llama: Path) -> None:
-    backend = make_backend(tiny_llama)
-    assert backend.attn_implementation == "evalctx_sdpa"
-    assert backend.row_columns()["hf_attn_implementation"] == "evalctx_sdpa"
+def test_auto_attention_picks_lower_right_for_llama_on_cuda(tiny_llama: Path) -> None:
+    from evalctx.backends.hf import auto_attention
+    from evalctx.models import ResolvedModel
+
+    assert auto_attention(ResolvedModel("t", tiny_llama), on_cuda=True) == "evalctx_sdpa"
+    assert auto_attention(ResolvedModel("t", tiny_llama), on_cuda=False) == "sdpa"
+    backend = make_backend(tiny_llama)  # cpu
+    assert backend.row_columns()["hf_attn_implementation"] == "sdpa"
 
 
 def test_auto_attention_keeps_sdpa_with_sliding_window(tmp_path: Path) -> None:
+    from evalctx.backends.hf import auto_attention
+    from evalctx.models import ResolvedModel
+
     cfg = transformers.MistralConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                      sliding_window=16)
     transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
-    assert make_backend(tmp_path).attn_implementation == "sdpa"
+    assert auto_attention(ResolvedModel("m", tmp_path), on_cuda=True) == "sdpa"
