@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from evalctx.errors import UsageError
 from evalctx.tasks.haystack import Haystack, get_haystack
-from evalctx.tasks.placement import SENTINEL, Draw, HaystackTask, Needle
+from evalctx.tasks.haystack_task import Draw, HaystackTask
+from evalctx.tasks.placement import SENTINEL, Needle
 
 TEMPLATE = ("Some special magic {type_v} are hidden within the following text. Make sure to memorize it. "
             "I will quiz you about the {type_v} afterwards.\n{context}\n"

@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Mapping
 
 from evalctx.errors import UsageError
 from evalctx.tasks.haystack import Haystack, get_haystack
-from evalctx.tasks.placement import SENTINEL, Draw, HaystackTask, Needle
+from evalctx.tasks.haystack_task import Draw, HaystackTask
+from evalctx.tasks.placement import SENTINEL, Needle
 from evalctx.tokenizer import Tokenizer
 
 TRTLLM_INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "

@@ -1,0 +1,131 @@
+"""The shared machinery of haystack tasks: option checking, deterministic draws, redraws and Sample building.
+
+Tasks (passkey, niah_*) describe what to hide (:class:`Draw`); :func:`evalctx.tasks.placement.assemble` puts it at
+the exact length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from evalctx.errors import UsageError
+from evalctx.records import Sample
+from evalctx.tasks.base import Task
+from evalctx.tasks.haystack import Haystack
+from evalctx.tasks.placement import PROMPT_MODES, Frame, Needle, assemble, minimum_length, render_frame
+from evalctx.tokenizer import Tokenizer
+
+@dataclass
+class Draw:
+    """What a task draws for one sample: the prompt around the haystack, its needles and the answers."""
+
+    user_text: str
+    """The user-turn text with :data:`SENTINEL` where the haystack goes."""
+    answer_prefix: str
+    needles: list[Needle]
+    depths: list[float]
+    targets: list[str]
+    secrets: list[str]
+    """Strings that must come from the needles only (keys and values): redrawn if the haystack holds one."""
+    meta: dict[str, Any]
+
+
+def sample_id(task: str, version: int, options: Mapping[str, Any], length: int, depth: float, seed: int,
+              tokenizer_fp: str, prompt_mode: str, max_new_tokens: int) -> str:
+    """Stable sha1 (first 16 hex digits) over everything that determines a sample."""
+    payload = json.dumps([task, version, sorted(options.items()), length, depth, seed, tokenizer_fp, prompt_mode,
+                          max_new_tokens], default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+class HaystackTask(Task):
+    """A task that hides needles in a haystack: option checking, deterministic draws, redraws, Sample building.
+
+    Subclasses set ``defaults`` (every option they accept) and implement ``_haystack`` and ``_draw``.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
+                 prompt_mode: str = "raw") -> None:
+        super().__init__(tokenizer, options, prompt_mode)
+        if prompt_mode not in PROMPT_MODES:
+            raise UsageError(f"unknown prompt_mode {prompt_mode!r}: choose raw or chat")
+        unknown = sorted(set(self.options) - set(self.defaults))
+        if unknown:
+            raise UsageError(f"task {self.name}: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(self.defaults))}")
+        self.explicit = dict(self.options)
+        self.options = {**self.defaults, **self.options}
+        if prompt_mode == "chat" and not tokenizer.has_chat_template():
+            raise UsageError(f"tokenizer {tokenizer.name} has no chat template: use prompt_mode = \"raw\"")
+        self.haystack = self._haystack()
+
+    def _haystack(self) -> Haystack:
+        raise NotImplementedError
+
+    def _draw(self, rng: random.Random, depth: float) -> Draw:
+        raise NotImplementedError
+
+    def id_options(self) -> dict[str, Any]:
+        """Options as they enter the sample id: the haystack's content hash stands for its folder path."""
+        opts = {k: v for k, v in self.options.items() if k != "haystack_dir"}
+        opts["haystack_sha"] = self.haystack.fingerprint
+        return opts
+
+    def sample_id(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> str:
+        """The id :meth:`make_sample` gives this cell, known without building the prompt (a suite's spec id)."""
+        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        return sample_id(self.name, self.version, self.id_options(), context_length, float(depth), seed,
+                         self.tokenizer.fingerprint(), self.prompt_mode, mnt)
+
+    def _rng(self, context_length: int, depth: float, seed: int) -> random.Random:
+        # Per cell, independent of the tokenizer: the same seed hides the same key for every model compared.
+        h = hashlib.sha1(f"{self.name}|{seed}|{context_length}|{depth!r}".encode()).digest()
+        return random.Random(int.from_bytes(h[:8], "big"))
+
+    def _clean(self, text: str, draw: Draw) -> bool:
+        """Each needle occurs once, and each answer occurs only inside the needles."""
+        if any(text.count(n.text.strip()) != 1 for n in draw.needles):
+            return False
+        return all(text.count(t) == sum(n.text.count(t) for n in draw.needles) for t in draw.targets)
+
+    def _frame(self, draw: Draw) -> Frame:
+        return render_frame(self.tokenizer, self.prompt_mode, draw.user_text, draw.answer_prefix)
+
+    def make_sample(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> Sample:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
+        if not 0.0 <= depth <= 1.0:
+            raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
+        depth = float(depth)  # a TOML ``1`` and ``1.0`` are the same cell (and the same sample id)
+        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        rng = self._rng(context_length, depth, seed)
+        for _ in range(100):
+            draw = self._draw(rng, depth)
+            if any(self.haystack.contains(s) for s in draw.secrets):
+                continue  # e.g. a short landmark key that an essay happens to contain
+            frame = self._frame(draw)
+            asm = assemble(self.tokenizer, frame, self.haystack, draw.needles, draw.depths, context_length,
+                           label=self.name)
+            if self._clean(asm.text, draw):
+                break
+        else:
+            raise UsageError(f"task {self.name}: could not draw a key that the haystack does not already contain")
+        sid = self.sample_id(context_length, depth, seed, mnt)
+        meta = {"haystack": self.haystack.name, **draw.meta}
+        if len(asm.needle_token_indices) > 1:
+            meta["needle_token_indices"] = asm.needle_token_indices
+        return Sample(id=sid, task=self.name, context_length=context_length, depth=depth, seed=seed,
+                      prompt=asm.text, prompt_ids=asm.ids, target=draw.targets,
+                      needle_token_index=asm.needle_token_index, max_new_tokens=mnt,
+                      add_special_tokens=frame.add_special_tokens, prompt_mode=self.prompt_mode,
+                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta)
+
+    def min_length(self) -> int:
+        draw = self._draw(self._rng(0, 0.5, 0), 0.5)
+        return minimum_length(self.tokenizer, self._frame(draw), self.haystack, draw.needles, draw.depths)
