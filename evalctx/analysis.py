@@ -220,7 +220,12 @@ def effective_length(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
     for (label, task), g in length_accuracy(data).groupby(["label", "task"], sort=True):
         g = g.sort_values("context_length")
         acc = g["accuracy"].tolist()
-        limit = threshold if relative is None else relative * (acc[0] if not math.isnan(acc[0]) else math.inf)
+        if relative is not None and (math.isnan(acc[0]) or acc[0] <= 0):
+            # No base score to be relative to: a model that fails at the shortest length has no effective
+            # length, rather than passing everywhere against a threshold of 0.
+            out[(str(label), str(task))] = None
+            continue
+        limit = threshold if relative is None else relative * acc[0]
         best: int | None = None
         for length, a in zip(g["context_length"], acc):
             if math.isnan(a) or a < limit:

@@ -145,3 +145,15 @@ def test_effective_length_table_uses_ruler_notation(tmp_path) -> None:
     assert table.loc["a", "effective (>= 0.856)"] == ">=8K"
     assert table.loc["b", "effective (>= 0.856)"] == "<4K"
     assert table.loc["b", "effective (>= 0.85 x shortest)"] == "4K"
+
+
+def test_relative_effective_length_of_a_model_failing_at_the_shortest_length_is_none() -> None:
+    import pandas as pd
+
+    from evalctx.analysis import effective_length
+
+    rows = [{"label": "m", "task": "passkey", "context_length": n, "depth": 0.5, "status": "ok", "score": 0.0,
+             "latency_s": 0.1, "ttft_s": 0.05} for n in (512, 1024, 2048) for _ in range(5)]
+    df = pd.DataFrame(rows)
+    assert effective_length(df, relative=0.85) == {("m", "passkey"): None}
+    assert effective_length(df) == {("m", "passkey"): None}
