@@ -47,9 +47,13 @@ class Sample:
     """Name of the scorer in :mod:`evalctx.scoring`."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Task-specific extras (haystack name, key, template variant); flattened as ``meta_*`` columns."""
+    messages: list[dict[str, str]] | None = None
+    """Chat mode: the user turn and the assistant prefill that ``prompt`` renders, for servers that apply their
+    own chat template (http ``endpoint=chat``). Not written to JSON: it repeats the whole haystack."""
 
     def to_json(self, with_ids: bool = False) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d.pop("messages")
         if not with_ids:
             d.pop("prompt_ids")
         return d

@@ -296,7 +296,8 @@ class Runner:
                 samples = [self.builder.build(s) for s in batch]
                 reqs = [GenerationRequest(sample_id=s.id, prompt_ids=s.prompt_ids, prompt=s.prompt,
                                           max_new_tokens=s.max_new_tokens, add_special_tokens=s.add_special_tokens,
-                                          prompt_mode=s.prompt_mode) for s in samples]
+                                          prompt_mode=s.prompt_mode,
+                                          extra={"messages": s.messages} if s.messages else {}) for s in samples]
                 w.bcast_replica(reqs)
                 results = backend.generate(reqs)
                 if len(results) != len(reqs):

@@ -256,3 +256,22 @@ def test_server_errors_become_error_rows(tmp_path: Path) -> None:
     assert len(errs) > 0 and errs["score"].isna().all()
     assert errs["error"].str.contains("HTTP 500").all() and errs["error"].str.contains("injected error").all()
     assert (df.loc[df["status"] == "ok", "score"] == 1.0).all()
+
+
+def test_chat_mode_through_the_chat_endpoint_renders_the_same_prompt(tmp_path: Path) -> None:
+    """The runner hands the sample's messages to endpoint=chat; a server with the same chat template renders
+    exactly our prompt (its usage.prompt_tokens matches) and the oracle finds every needle."""
+    chat_tok = ByteTokenizer(chat=True)
+    from evalctx.backends.fake import FakeBackend
+    from evalctx.serve import make_server
+
+    fake = FakeBackend(parse_options(FakeBackend, {}), BackendContext(tokenizer=chat_tok))
+    with serving(make_server(fake, chat_tok, "fake", port=0, quiet=True)) as url:
+        flags = [x for o in ("model=fake", f"base_url={url}", "backoff_s=0.01", "endpoint=chat")
+                 for x in ("--backend-opt", o)]
+        code = main(["run", "--suite", SUITE, "--backend", "http", "--tokenizer", "byte-chat", "--out",
+                     str(tmp_path), "--run-id", "chat", "--no-progress", "--prompt-mode", "chat", *flags])
+    assert code == 0
+    df = pd.read_parquet(tmp_path / "chat" / "results.parquet")
+    assert (df["status"] == "ok").all() and (df["score"] == 1.0).all()
+    assert (df["n_prompt_tokens"] == df["context_length"]).all()

@@ -16,7 +16,8 @@ from evalctx.errors import UsageError
 from evalctx.records import Sample
 from evalctx.tasks.base import Task
 from evalctx.tasks.haystack import Haystack
-from evalctx.tasks.placement import PROMPT_MODES, Frame, Needle, assemble, minimum_length, render_frame
+from evalctx.tasks.placement import (PROMPT_MODES, SENTINEL, Frame, Needle, assemble, minimum_length,
+                                     render_frame)
 from evalctx.tokenizer import Tokenizer
 
 @dataclass
@@ -120,11 +121,18 @@ class HaystackTask(Task):
         meta = {"haystack": self.haystack.name, **draw.meta}
         if len(asm.needle_token_indices) > 1:
             meta["needle_token_indices"] = asm.needle_token_indices
+        messages = None
+        if self.prompt_mode == "chat":
+            # The text between the frame's two halves is the haystack with its needles: put it back into the
+            # user turn, so a server that templates messages itself renders this very prompt.
+            context = asm.text[len(frame.pre):len(asm.text) - len(frame.post)]
+            messages = [{"role": "user", "content": draw.user_text.replace(SENTINEL, context)},
+                        {"role": "assistant", "content": draw.answer_prefix.lstrip()}]
         return Sample(id=sid, task=self.name, context_length=context_length, depth=depth, seed=seed,
                       prompt=asm.text, prompt_ids=asm.ids, target=draw.targets,
                       needle_token_index=asm.needle_token_index, max_new_tokens=mnt,
                       add_special_tokens=frame.add_special_tokens, prompt_mode=self.prompt_mode,
-                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta)
+                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta, messages=messages)
 
     def min_length(self) -> int:
         draw = self._draw(self._rng(0, 0.5, 0), 0.5)
