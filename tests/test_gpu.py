@@ -1,0 +1,45 @@
+"""GPU checks of the hf backend (run on purpose: python -m pytest -m gpu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from evalctx.cli import main  # noqa: E402
+
+SUITE = """
+name = "gpu"
+[[tasks]]
+task = "passkey"
+lengths = [512, 1024, 16384]
+depths = [0.0, 0.5, 1.0]
+samples = 2
+max_new_tokens = 8
+"""
+
+
+def _run(tmp_path: Path, run_id: str, *opts: str) -> pd.DataFrame:
+    suite = tmp_path / "s.toml"
+    suite.write_text(SUITE)
+    flags = [x for o in opts for x in ("--backend-opt", o)]
+    assert main(["run", "--suite", str(suite), "--model", "tiny", "--out", str(tmp_path), "--run-id", run_id,
+                 "--no-progress", *flags]) == 0
+    return pd.read_parquet(tmp_path / run_id / "results.parquet").set_index("sample_id").sort_index()
+
+
+def test_tiny_on_cuda_lower_right_matches_stock_sdpa(tmp_path: Path) -> None:
+    auto = _run(tmp_path, "auto", "chunk_size=1000")
+    stock = _run(tmp_path, "stock", "attn_implementation=sdpa", "chunk_size=1000")
+    assert (auto["hf_attn_implementation"] == "evalctx_sdpa").all()
+    assert (auto["hf_device"] == "cuda").all() and auto["peak_memory_bytes"].gt(0).all()
+    assert auto["completion"].tolist() == stock["completion"].tolist()
+    # Inside its training length the embedded model finds every passkey.
+    assert (auto.loc[auto["context_length"] <= 1024, "score"] == 1.0).all()
