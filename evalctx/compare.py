@@ -1,6 +1,7 @@
-"""The regression gate: compare a candidate run with a baseline cell by cell (task x context_length x depth).
+"""The regression gate: compare a candidate run with a baseline cell by cell (task x context_length x depth), and
+per context length pooled over the depths.
 
-Per cell:
+Per cell (and per pooled length, see below):
 
 * accuracy: one-sided Fisher exact test that the baseline is better (``p < alpha`` -> ``regression``) and the
   mirror test for ``improved``. Fractional scores (partial credit) are rounded to whole successes.
@@ -18,9 +19,20 @@ Per cell:
 * coverage: a cell only in the baseline (``only_in_base``) is lost coverage and fails the gate unless
   ``allow_missing``; a cell only in the candidate is reported and never fails.
 
-Multiple testing: a nightly suite has tens of cells, so by default p-values are Holm-adjusted across cells
-(family-wise error <= alpha); otherwise an unchanged model at 50-90% accuracy would fail some night by chance and
-the gate would be ignored. ``correction="none"`` uses raw p-values.
+Pooled level (``pooled=True``, the default): at 20 samples a cell a drop from 100% to 85% at every depth of one
+length is invisible cell by cell (p = 0.12 each) and obvious pooled (100 samples a side: p ~ 2e-5). So for each
+(task, context_length) the samples of every depth that BOTH runs have are pooled into one row (``level ==
+"length"``, ``depth`` NaN, shown as "all") and judged by the same rules as a cell: Fisher on accuracy and on
+errors, latency medians, min_samples on the pooled counts, collapse. A length with a single common depth gets no
+pooled row: it would repeat that cell's test and count it twice in the family. Cell rows have ``level == "cell"``.
+A failing verdict on a pooled row fails the gate like one on a cell.
+
+Multiple testing: a nightly suite has tens of cells, so by default p-values are Holm-adjusted (family-wise error
+<= alpha); otherwise an unchanged model at 50-90% accuracy would fail some night by chance and the gate would be
+ignored. The family is every row that can be judged: the cells with enough samples a side plus the pooled
+lengths with enough pooled samples a side (for the error test: every row where it ran). The pooled rows make the
+family larger (60 cells + 12 lengths in the nightly suite), which costs the cell tests a little power for much
+more power against drops spread over the depths. ``correction="none"`` uses raw p-values.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from typing import Any
 import pandas as pd
 
 CELL = ["task", "context_length", "depth"]
+LENGTH = ["task", "context_length"]
 FAILING = ("regression", "error_regression", "latency_regression")
 COLLAPSE_MIN_N = 5
 
@@ -70,14 +83,23 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
-def _cells(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-cell counts, successes and median timings of one run's samples."""
+def _prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """One run's samples with the rounded depth and the per-sample columns the counts are made of."""
     df = df.assign(depth=df["depth"].astype(float).round(6))
     ok = df["status"] == "ok"
-    df = df.assign(_ok=ok, _succ=df["score"].where(ok).fillna(0.0),
-                   _lat=df["latency_s"].where(ok) if "latency_s" in df else math.nan,
-                   _ttft=df["ttft_s"].where(ok) if "ttft_s" in df else math.nan)
-    g = df.groupby(CELL, sort=True)
+    return df.assign(_ok=ok, _succ=df["score"].where(ok).fillna(0.0),
+                     _lat=df["latency_s"].where(ok) if "latency_s" in df else math.nan,
+                     _ttft=df["ttft_s"].where(ok) if "ttft_s" in df else math.nan)
+
+
+def _cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell counts, successes and median timings of one run's samples."""
+    return _stats(_prepare(df), CELL)
+
+
+def _stats(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Counts, successes and median timings per group of prepared samples."""
+    g = df.groupby(by, sort=True)
     return pd.DataFrame({
         "attempted": g.size(), "n": g["_ok"].sum(), "succ": g["_succ"].sum(),
         "lat": g["_lat"].median(), "ttft": g["_ttft"].median(),
@@ -88,7 +110,10 @@ def _cells(df: pd.DataFrame) -> pd.DataFrame:
 @dataclass
 class CompareResult:
     table: pd.DataFrame
-    """One row per cell: base/cand counts, accuracies, p-values, error rates, latency ratios, verdict, note."""
+    """One row per cell (``level == "cell"``) and, with ``pooled``, one per (task, context_length) pooled over the
+    depths both runs have (``level == "length"``, ``depth`` NaN, ``pooled_depths`` the number of depths pooled),
+    each after its length's cells: base/cand counts, accuracies, p-values, error rates, latency ratios, verdict,
+    note."""
     regressed: bool
     alpha: float
     min_samples: int
@@ -96,6 +121,7 @@ class CompareResult:
     allow_missing: bool
     correction: str
     params: dict[str, Any] = field(default_factory=dict)
+    pooled: bool = False
 
     def counts(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.table["verdict"].value_counts().items()}
@@ -103,11 +129,15 @@ class CompareResult:
     def headline(self) -> str:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         word = "REGRESSION" if self.regressed else "PASS"
-        return f"{word}: {len(self.table)} cells ({counts})"
+        n_pooled = int((self.table["level"] == "length").sum()) if "level" in self.table else 0
+        if not n_pooled:
+            return f"{word}: {len(self.table)} cells ({counts})"
+        return f"{word}: {len(self.table) - n_pooled} cells + {n_pooled} pooled lengths ({counts})"
 
     def settings(self) -> str:
         delta_ms = 1000 * float(self.params.get("latency_min_delta_s", 0.0))
-        return (f"alpha {self.alpha:g} (one-sided Fisher exact, {self.correction} correction across cells), "
+        family = "cells and pooled lengths" if self.pooled else "cells"
+        return (f"alpha {self.alpha:g} (one-sided Fisher exact, {self.correction} correction across {family}), "
                 f"min samples {self.min_samples}, latency tolerance {self.latency_tolerance:.0%} "
                 f"and > {delta_ms:g} ms" + (", missing cells allowed" if self.allow_missing else ""))
 
@@ -128,7 +158,7 @@ class CompareResult:
         return json.dumps({
             "regressed": self.regressed, "headline": self.headline(), "counts": self.counts(),
             "alpha": self.alpha, "min_samples": self.min_samples, "latency_tolerance": self.latency_tolerance,
-            "allow_missing": self.allow_missing, "correction": self.correction,
+            "allow_missing": self.allow_missing, "correction": self.correction, "pooled": self.pooled,
             "cells": json.loads(self.table.to_json(orient="records")),
         }, indent=2)
 
@@ -148,7 +178,7 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
 
     return pd.DataFrame({
         "task": t["task"], "length": [length_label(x) for x in t["context_length"]],
-        "depth": [f"{d * 100:g}%" for d in t["depth"]],
+        "depth": ["all" if pd.isna(d) else f"{d * 100:g}%" for d in t["depth"]],
         "base": [acc(a, n) for a, n in zip(t["base_accuracy"], t["base_n"])],
         "cand": [acc(a, n) for a, n in zip(t["cand_accuracy"], t["cand_n"])],
         "p": [_fmt(p, ".3g") for p in t["p_adjusted"]],  # Holm-adjusted unless correction="none"
@@ -162,43 +192,40 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
 
 def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, min_samples: int = 20,
             latency_tolerance: float = 0.10, allow_missing: bool = False, correction: str = "holm",
-            min_latency_samples: int = 3, latency_min_delta_s: float = 0.002) -> CompareResult:
-    """Compare two runs' per-sample frames (see the module docstring for the verdicts)."""
+            min_latency_samples: int = 3, latency_min_delta_s: float = 0.002, pooled: bool = True) -> CompareResult:
+    """Compare two runs' per-sample frames (see the module docstring for the verdicts). ``pooled`` adds one row per
+    (task, context_length) pooled over the depths both runs have."""
     if correction not in ("holm", "none"):
         raise ValueError(f"correction must be 'holm' or 'none', not {correction!r}")
-    base, cand = _cells(base_df), _cells(cand_df)
+    base_p, cand_p = _prepare(base_df), _prepare(cand_df)
+    base, cand = _stats(base_p, CELL), _stats(cand_p, CELL)
     keys = sorted(set(base.index) | set(cand.index))
+    pooled_stats: dict[tuple[Any, Any], tuple[pd.Series, pd.Series, int]] = {}
+    if pooled:
+        common = set(base.index) & set(cand.index)
+        depths: dict[tuple[Any, Any], set[float]] = {}
+        for task, length, depth in common:
+            depths.setdefault((task, length), set()).add(depth)
+        keep = [k for k in common if len(depths[k[:2]]) >= 2]
+        if keep:
+            sides = [_stats(p[p.set_index(CELL).index.isin(keep)], LENGTH) for p in (base_p, cand_p)]
+            for lkey in sides[0].index:
+                pooled_stats[lkey] = (sides[0].loc[lkey], sides[1].loc[lkey], len(depths[lkey]))
     rows: list[dict[str, Any]] = []
-    for key in keys:
+    for i, key in enumerate(keys):
         b = base.loc[key] if key in base.index else None
         c = cand.loc[key] if key in cand.index else None
-        row: dict[str, Any] = dict(zip(CELL, key))
-        for side, s in (("base", b), ("cand", c)):
-            row[f"{side}_attempted"] = int(s["attempted"]) if s is not None else None
-            row[f"{side}_n"] = int(s["n"]) if s is not None else None
-            row[f"{side}_accuracy"] = s["succ"] / s["n"] if s is not None and s["n"] else math.nan
-            row[f"{side}_error_rate"] = 1 - s["n"] / s["attempted"] if s is not None else math.nan
-            row[f"{side}_latency_s_p50"] = s["lat"] if s is not None else math.nan
-            row[f"{side}_ttft_s_p50"] = s["ttft"] if s is not None else math.nan
-        row["p_value"] = row["p_improved"] = row["p_errors"] = math.nan
-        row["latency_ratio"] = row["ttft_ratio"] = math.nan
-        if b is not None and c is not None:
-            bs, cs = int(round(b["succ"])), int(round(c["succ"]))
-            bn, cn = int(b["n"]), int(c["n"])
-            if bn and cn:
-                row["p_value"] = fisher_greater(bs, bn - bs, cs, cn - cs)
-                row["p_improved"] = fisher_greater(cs, cn - cs, bs, bn - bs)
-            ba, ca = int(b["attempted"]), int(c["attempted"])
-            if min(ba, ca) >= min_samples:
-                # Errors: does the candidate fail (error/unsupported) more often than the base?
-                row["p_errors"] = fisher_greater(bn, ba - bn, cn, ca - cn)
-            for name, col, ncol in (("latency_ratio", "lat", "n_lat"), ("ttft_ratio", "ttft", "n_ttft")):
-                if min(b[ncol], c[ncol]) >= min_latency_samples and b[col] > 0:
-                    row[name] = float(c[col] / b[col])
-        rows.append(row)
+        rows.append(_row({**dict(zip(CELL, key)), "level": "cell", "pooled_depths": None}, b, c, min_samples, min_latency_samples))
+        lkey = key[:2]
+        if lkey in pooled_stats and (i + 1 == len(keys) or keys[i + 1][:2] != lkey):
+            pb, pc, n_depths = pooled_stats[lkey]
+            rows.append(_row({"task": key[0], "context_length": key[1], "depth": math.nan, "level": "length",
+                              "pooled_depths": n_depths}, pb, pc, min_samples, min_latency_samples))
     table = pd.DataFrame(rows)
     if table.empty:
         raise ValueError("both runs are empty: nothing to compare")
+    if "pooled_depths" in table:
+        table["pooled_depths"] = table["pooled_depths"].astype("Int64")
     _adjust(table, correction, min_samples)
     verdicts = [_verdict(r, alpha, min_samples, latency_tolerance, latency_min_delta_s)
                 for r in table.to_dict("records")]
@@ -209,12 +236,43 @@ def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, m
     return CompareResult(table=table, regressed=regressed, alpha=alpha, min_samples=min_samples,
                          latency_tolerance=latency_tolerance, allow_missing=allow_missing, correction=correction,
                          params={"min_latency_samples": min_latency_samples,
-                                 "latency_min_delta_s": latency_min_delta_s})
+                                 "latency_min_delta_s": latency_min_delta_s},
+                         pooled=pooled)
+
+
+def _row(ident: dict[str, Any], b: pd.Series | None, c: pd.Series | None, min_samples: int,
+         min_latency_samples: int) -> dict[str, Any]:
+    """One table row (a cell, or a length pooled over depths) from the two sides' counts: raw p-values, ratios."""
+    row: dict[str, Any] = dict(ident)
+    for side, s in (("base", b), ("cand", c)):
+        row[f"{side}_attempted"] = int(s["attempted"]) if s is not None else None
+        row[f"{side}_n"] = int(s["n"]) if s is not None else None
+        row[f"{side}_accuracy"] = s["succ"] / s["n"] if s is not None and s["n"] else math.nan
+        row[f"{side}_error_rate"] = 1 - s["n"] / s["attempted"] if s is not None else math.nan
+        row[f"{side}_latency_s_p50"] = s["lat"] if s is not None else math.nan
+        row[f"{side}_ttft_s_p50"] = s["ttft"] if s is not None else math.nan
+    row["p_value"] = row["p_improved"] = row["p_errors"] = math.nan
+    row["latency_ratio"] = row["ttft_ratio"] = math.nan
+    if b is not None and c is not None:
+        bs, cs = int(round(b["succ"])), int(round(c["succ"]))
+        bn, cn = int(b["n"]), int(c["n"])
+        if bn and cn:
+            row["p_value"] = fisher_greater(bs, bn - bs, cs, cn - cs)
+            row["p_improved"] = fisher_greater(cs, cn - cs, bs, bn - bs)
+        ba, ca = int(b["attempted"]), int(c["attempted"])
+        if min(ba, ca) >= min_samples:
+            # Errors: does the candidate fail (error/unsupported) more often than the base?
+            row["p_errors"] = fisher_greater(bn, ba - bn, cn, ca - cn)
+        for name, col, ncol in (("latency_ratio", "lat", "n_lat"), ("ttft_ratio", "ttft", "n_ttft")):
+            if min(b[ncol], c[ncol]) >= min_latency_samples and b[col] > 0:
+                row[name] = float(c[col] / b[col])
+    return row
 
 
 def _adjust(table: pd.DataFrame, correction: str, min_samples: int) -> None:
-    """Holm across the cells that can be judged: accuracy tests of cells with enough samples a side, error tests
-    of cells where one ran. Small cells are left out of the family (they cannot be a Fisher regression anyway)."""
+    """Holm across the rows (cells and pooled lengths alike) that can be judged: accuracy tests of rows with enough
+    samples a side, error tests of rows where one ran. Small rows are left out of the family (they cannot be a
+    Fisher regression anyway)."""
     big = (table["base_n"].fillna(0) >= min_samples) & (table["cand_n"].fillna(0) >= min_samples)
     for col, out, family in (("p_value", "p_adjusted", big), ("p_improved", "p_improved_adjusted", big),
                              ("p_errors", "p_errors_adjusted", table["p_errors"].notna())):
@@ -226,7 +284,15 @@ def _adjust(table: pd.DataFrame, correction: str, min_samples: int) -> None:
 
 def _verdict(r: dict[str, Any], alpha: float, min_samples: int, tol: float,
              min_delta_s: float) -> tuple[str, str]:
-    """The worst finding names the cell; the note lists every finding."""
+    """The worst finding names the cell; the note lists every finding. A pooled row's note says so first."""
+    verdict, note = _cell_verdict(r, alpha, min_samples, tol, min_delta_s)
+    if r.get("level") == "length":
+        note = f"pooled over {r['pooled_depths']} depths" + (f": {note}" if note else "")
+    return verdict, note
+
+
+def _cell_verdict(r: dict[str, Any], alpha: float, min_samples: int, tol: float,
+                  min_delta_s: float) -> tuple[str, str]:
     if r["base_n"] is None or pd.isna(r["base_n"]):
         return "only_in_candidate", "new cell"
     if r["cand_n"] is None or pd.isna(r["cand_n"]):

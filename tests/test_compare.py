@@ -162,3 +162,91 @@ def test_compare_command_exit_codes(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "no such directory" in err and "Traceback" not in err and err.count("\n") == 1
     assert cli_main(["compare", str(base), str(same), "--alpha", "0"]) == 2
+
+
+FIVE_DEPTHS = {"tasks": ("passkey",), "lengths": (4096, 8192, 16384), "depths": (0.0, 0.25, 0.5, 0.75, 1.0)}
+
+
+def _miss_per_cell(run_dir, length: int, misses: int = 3):  # type: ignore[no-untyped-def]
+    """Rewrite the run so that the first ``misses`` samples of every depth at ``length`` miss the needle."""
+    import pandas as pd
+
+    path = run_dir / "results.parquet"
+    df = pd.read_parquet(path)
+    first = df.groupby(["task", "context_length", "depth"]).cumcount() < misses
+    hit = first & (df["context_length"] == length)
+    df.loc[hit, "score"], df.loc[hit, "extracted"], df.loc[hit, "completion"] = 0.0, None, "I don't know"
+    df.to_parquet(path, index=False)
+    return run_dir
+
+
+def test_pooled_length_catches_a_drop_spread_over_the_depths(tmp_path, capsys) -> None:
+    base_dir = write_run(tmp_path, "base", **FIVE_DEPTHS)
+    cand_dir = _miss_per_cell(write_run(tmp_path, "cand", **FIVE_DEPTHS), 8192)  # 20/20 -> 17/20 at every depth
+    base, cand = load_run(base_dir), load_run(cand_dir)
+    result = cmp.compare(base, cand)
+    t = result.table
+    cells, pooled = t[t["level"] == "cell"], t[t["level"] == "length"]
+    assert len(cells) == 15 and len(pooled) == 3 and pooled["depth"].isna().all()
+    assert pooled["pooled_depths"].tolist() == [5, 5, 5]
+    # Cell by cell: p = C(37,20)/C(40,20) = 0.115, not significant even before Holm.
+    drop = cells[cells["context_length"] == 8192]
+    assert (drop["cand_accuracy"] == 0.85).all() and set(drop["verdict"]) == {"ok"}
+    assert drop["p_value"].tolist() == pytest.approx([cmp.fisher_greater(20, 0, 17, 3)] * 5)
+    assert (drop["p_value"] > 0.1).all() and (drop["p_adjusted"] >= drop["p_value"]).all()
+    # Pooled over 5 depths, 100 a side: 100/100 -> 85/100 is p ~ 2e-5, significant after Holm over 18 tests.
+    row = pooled[pooled["context_length"] == 8192].iloc[0]
+    assert (row["base_n"], row["cand_n"], row["cand_accuracy"]) == (100, 100, 0.85)
+    assert row["p_value"] == pytest.approx(cmp.fisher_greater(100, 0, 85, 15)) and row["p_value"] < 1e-4
+    assert row["p_adjusted"] < 0.05 and row["verdict"] == "regression"
+    assert row["note"].startswith("pooled over 5 depths")
+    assert set(pooled.loc[pooled["context_length"] != 8192, "verdict"]) == {"ok"}
+    assert result.regressed and "pooled lengths" in result.headline()
+    md = result.to_markdown(only_notable=True)
+    assert "| all |" in md and "| regression |" in md and "pooled lengths" in md
+    doc = json.loads(result.to_json())
+    assert doc["pooled"] is True and [c["level"] for c in doc["cells"]].count("length") == 3
+    # Each length's pooled row follows its cells.
+    assert t["level"].tolist() == (["cell"] * 5 + ["length"]) * 3
+    # Without the pooled level the drop passes, as it did before.
+    cells_only = cmp.compare(base, cand, pooled=False)
+    assert not cells_only.regressed and set(cells_only.table["level"]) == {"cell"} and len(cells_only.table) == 15
+    # Through the command: exit 1, and 0 with --no-pooled.
+    assert cli_main(["compare", str(base_dir), str(cand_dir)]) == 1
+    assert "| regression |" in capsys.readouterr().out
+    assert cli_main(["compare", str(base_dir), str(cand_dir), "--no-pooled"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_pooled_rows_pass_an_identical_rerun(tmp_path, capsys) -> None:
+    base_dir, same_dir = write_run(tmp_path, "base", **FIVE_DEPTHS), write_run(tmp_path, "same", **FIVE_DEPTHS)
+    result = cmp.compare(load_run(base_dir), load_run(same_dir))
+    pooled = result.table[result.table["level"] == "length"]
+    assert len(pooled) == 3 and (pooled["p_value"] == 1.0).all()
+    assert not result.regressed and set(result.table["verdict"]) == {"ok"}
+    assert cli_main(["compare", str(base_dir), str(same_dir)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    # A chance dip at 70% accuracy (new prompts) stays below the pooled level's bar too.
+    opts = {**FIVE_DEPTHS, "tasks": ("passkey", "niah_single")}
+    noisy = cmp.compare(load_run(write_run(tmp_path, "b70", base_accuracy=0.7, seed=0, **opts)),
+                        load_run(write_run(tmp_path, "c70", base_accuracy=0.7, seed=1, **opts)))
+    assert not noisy.regressed and (noisy.table["level"] == "length").sum() == 6
+
+
+def test_pooled_rows_only_over_depths_both_runs_have(tmp_path) -> None:
+    opts = {"tasks": ("passkey",), "lengths": (4096, 8192)}
+    base = load_run(write_run(tmp_path, "base", depths=(0.0, 0.5, 1.0), **opts))
+    base.loc[base["depth"] == 0.0, "score"] = 0.0  # a base-only depth that would drag the pooled base down
+    cand = load_run(write_run(tmp_path, "cand", depths=(0.25, 0.5, 1.0), **opts))
+    # At 8K the candidate keeps only depth 0.5: one common depth, so no pooled row (it would repeat the cell).
+    cand = cand[(cand["context_length"] == 4096) | (cand["depth"] == 0.5)]
+    result = cmp.compare(base, cand, allow_missing=True)
+    t = result.table
+    pooled = t[t["level"] == "length"]
+    assert pooled["context_length"].tolist() == [4096]
+    row = pooled.iloc[0]
+    assert row["pooled_depths"] == 2 and (row["base_n"], row["cand_n"]) == (40, 40)
+    assert (row["base_accuracy"], row["cand_accuracy"]) == (1.0, 1.0) and row["verdict"] == "ok"
+    assert set(t.loc[t["level"] == "cell", "verdict"]) == {"ok", "only_in_base", "only_in_candidate"}
+    assert not result.regressed
+    assert cmp.compare(base, cand).regressed  # the lost depth is still lost coverage

@@ -94,3 +94,20 @@ def test_gate_writes_the_report_with_the_trend(tmp_path) -> None:
     html = (second / "report.html").read_text()
     assert "Comparison with the baseline" in html and "Nightly trend" in html
     assert (second / "plots" / "trend.png").is_file()
+
+
+def test_a_drop_spread_over_the_depths_fails_through_the_pooled_level(tmp_path, capsys) -> None:
+    import pandas as pd
+
+    history, five = tmp_path / "history", {"depths": (0.0, 0.25, 0.5, 0.75, 1.0)}
+    ref, night = _night(tmp_path, 1, **five), _night(tmp_path, 2, **five)
+    path = night / "results.parquet"
+    df = pd.read_parquet(path)
+    miss = (df.groupby(["task", "context_length", "depth"]).cumcount() < 3) & (df["context_length"] == 8192)
+    df.loc[miss, "score"] = 0.0  # 20/20 -> 17/20 at every depth of 8K: no cell is significant, the length is
+    df.to_parquet(path, index=False)
+    assert _gate(night, history, "--baseline", str(ref)) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "| all |" in out and "pooled over 5 depths" in out
+    assert _gate(night, history, "--baseline", str(ref), "--no-pooled") == 0
+    assert "PASS" in capsys.readouterr().out

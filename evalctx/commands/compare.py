@@ -20,7 +20,11 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-missing", action="store_true",
                    help="cells of the baseline missing from the candidate do not fail the gate")
     p.add_argument("--correction", choices=("holm", "none"), default="holm",
-                   help="multiple-testing correction across cells (default holm: family-wise error <= alpha)")
+                   help="multiple-testing correction across cells and pooled lengths (default holm: family-wise "
+                        "error <= alpha)")
+    p.add_argument("--no-pooled", dest="pooled", action="store_false",
+                   help="judge cells only: no row per (task, context length) pooled over the depths both runs have "
+                        "(pooled rows are on by default; they catch a drop spread thinly over all depths)")
 
 
 def gate_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -34,14 +38,15 @@ def gate_kwargs(args: argparse.Namespace) -> dict[str, object]:
         raise UsageError(f"--latency-min-delta must be >= 0, not {args.latency_min_delta}")
     return {"alpha": args.alpha, "min_samples": args.min_samples, "latency_tolerance": args.latency_tolerance,
             "latency_min_delta_s": args.latency_min_delta, "allow_missing": args.allow_missing,
-            "correction": args.correction}
+            "correction": args.correction, "pooled": args.pooled}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compare", help="compare a candidate run with a baseline run, cell by cell (exit 1 on regression)",
-        description="Compare CAND with BASE per (task, context_length, depth) cell: accuracy (one-sided Fisher "
-                    "exact test), error rate, median latency and TTFT, and coverage. Exit 0: no regression, "
+        description="Compare CAND with BASE per (task, context_length, depth) cell, and per (task, "
+                    "context_length) pooled over the depths both runs have: accuracy (one-sided Fisher exact "
+                    "test), error rate, median latency and TTFT, and coverage. Exit 0: no regression, "
                     "1: regression, 2: bad input.")
     p.add_argument("base", metavar="BASE", help="baseline run directory")
     p.add_argument("cand", metavar="CAND", help="candidate run directory")
