@@ -15,6 +15,8 @@ TensorRT-LLM engine needs tp x pp ranks per replica). Every argument it does not
                      and the exit code is the gate's (0 pass, 1 regression, 2 usage error)
   --baseline DIR     nightly: the run to compare with (default: the last passing run in the history)
   --history DIR      nightly: history folder (default: <out>/history)
+  --gate-opt ARG     nightly: one argument passed on to `evalctx nightly-gate`, repeatable
+                     (e.g. --gate-opt --latency-tolerance=0.2 --gate-opt --min-samples=30)
   --out DIR          parent folder of run dirs (default: results)
   --mpirun PATH      mpirun to use (default: $MPIRUN, the one next to this Python, then PATH)
   -h, --help         this help
@@ -39,6 +41,7 @@ history=""
 out="results"
 mpirun_bin="${MPIRUN:-}"
 args=()
+gate_opts=()
 have_suite=0
 have_run_id=0
 while [ $# -gt 0 ]; do
@@ -49,6 +52,7 @@ while [ $# -gt 0 ]; do
     --history) history="${2:?--history needs a folder}"; shift 2 ;;
     --out) out="${2:?--out needs a folder}"; shift 2 ;;
     --mpirun) mpirun_bin="${2:?--mpirun needs a path}"; shift 2 ;;
+    --gate-opt) gate_opts+=("${2:?--gate-opt needs an argument}"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; args+=("$@"); break ;;
     *)
@@ -76,7 +80,7 @@ if [ "$nightly" = 1 ]; then
   fi
 fi
 
-cmd=("$evalctx_bin" run --out "$out" "${args[@]}")
+cmd=("$evalctx_bin" run --out "$out" ${args[@]+"${args[@]}"})
 if [ "$ranks" -gt 1 ]; then
   if [ -z "$mpirun_bin" ]; then
     if [ -x "$(dirname "$evalctx_bin")/mpirun" ]; then mpirun_bin="$(dirname "$evalctx_bin")/mpirun"
@@ -90,7 +94,7 @@ if [ "$ranks" -gt 1 ]; then
     cores="$(nproc 2>/dev/null || echo 1)"
     [ "$ranks" -gt "$cores" ] && mpi_flags+=(--oversubscribe)
   fi
-  cmd=("$mpirun_bin" "${mpi_flags[@]}" -n "$ranks" "${cmd[@]}")
+  cmd=("$mpirun_bin" ${mpi_flags[@]+"${mpi_flags[@]}"} -n "$ranks" "${cmd[@]}")
 fi
 
 echo "+ ${cmd[*]}" >&2
@@ -106,6 +110,7 @@ if [ -z "$run_id" ]; then
 fi
 gate=("$evalctx_bin" nightly-gate "$out/$run_id" --history "${history:-$out/history}")
 [ -n "$baseline" ] && gate+=(--baseline "$baseline")
+gate+=(${gate_opts[@]+"${gate_opts[@]}"})  # the +-form: empty arrays under set -u on old bash
 echo "+ ${gate[*]}" >&2
 "${gate[@]}"
 exit $?

@@ -63,3 +63,6 @@ def test_nightly_passes_then_catches_a_regression(tmp_path: Path) -> None:
     assert bad.returncode == 1, bad.stderr + bad.stdout
     history = pd.read_csv(tmp_path / "history" / "summary.csv")
     assert set(history["run_id"]) == {"night1", "night2", "night3"}
+    # Gate options pass through: a gate flag the gate rejects is its usage error (exit 2), named in stderr.
+    bad_flag = sh(*base, "--run-id", "night4", "--gate-opt", "--no-such-gate-flag")
+    assert bad_flag.returncode == 2 and "--no-such-gate-flag" in bad_flag.stderr
