@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from evalctx.errors import UsageError
+from evalctx.results.rundir import read_journals
 from evalctx.results.summary import summarize
 
 # RULER's effective-length threshold is Llama-2-7B's 4K score, 85.6 on a 0-100 scale.
@@ -69,34 +70,8 @@ def run_label(manifest: Mapping[str, Any], fallback: str) -> str:
 
 
 def _read_journal(run_dir: Path) -> pd.DataFrame:
-    """Journal rows, one per sample id, with the runner's resume rules (evalctx.results.rundir): a torn last
-    line is ignored, rows are ordered by finish time across journals, the last attempt wins, but a finished
-    answer is never replaced by a later failure."""
-    entries: list[dict[str, Any]] = []
-    for path in sorted((run_dir / "journal").glob("*.jsonl")):
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
-                    break  # half a line written by a killed process: that batch did not finish
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and "sample_id" in row:
-                    extra = row.pop("extra", None)
-                    if isinstance(extra, dict):
-                        for k, v in extra.items():
-                            row.setdefault(k, v)
-                    entries.append(row)
-    # Several journals (one per replica, or per rank count after a resume) interleave in time.
-    entries.sort(key=lambda r: r.get("finished_at") or 0.0)
-    rows: dict[str, dict[str, Any]] = {}
-    for r in entries:
-        prev = rows.get(r["sample_id"])
-        if prev is not None and prev.get("status") == "ok" and r.get("status") != "ok":
-            continue
-        rows[r["sample_id"]] = r
-    return pd.DataFrame(list(rows.values()))
+    """Journal rows, one per sample id, with the runner's own resume rules (one reader for both)."""
+    return pd.DataFrame(list(read_journals(run_dir).values()))
 
 
 def _constant_columns(manifest: Mapping[str, Any]) -> dict[str, Any]:

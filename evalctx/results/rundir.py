@@ -77,9 +77,16 @@ def read_journals(run_dir: Path) -> dict[str, dict[str, Any]]:
                 if not line.endswith("\n"):
                     break  # torn write of a killed process: that batch was not finished
                 try:
-                    entries.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(row, dict) or "sample_id" not in row:
+                    continue  # not a record of ours
+                extra = row.pop("extra", None)  # rows are written flat; tolerate an unflattened one
+                if isinstance(extra, dict):
+                    for k, v in extra.items():
+                        row.setdefault(k, v)
+                entries.append(row)
     # Across journals (a rerun with another rank count writes other replica files) order by finish time.
     entries.sort(key=lambda r: r.get("finished_at") or 0.0)
     for r in entries:
