@@ -9,7 +9,6 @@ Heavy imports happen inside the backend module that needs them, never here.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import types
 import typing
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from evalctx.errors import UsageError
 from evalctx.records import GenerationRequest, GenerationResult, Sample
+from evalctx.registry import load_registered
 
 
 @dataclass
@@ -87,10 +87,7 @@ REGISTRY: dict[str, str] = {
 
 
 def backend_class(name: str) -> type[Backend]:
-    if name not in REGISTRY:
-        raise UsageError(f"unknown backend {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
-    module, _, cls = REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return load_registered(REGISTRY, name, "backend")
 
 
 def _coerce(value: Any, typ: Any, key: str, backend: str) -> Any:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
-from evalctx.errors import UsageError
+from evalctx.registry import load_registered
 from evalctx.tasks.base import Task
 
 TASKS: dict[str, str] = {
@@ -18,10 +16,7 @@ TASKS: dict[str, str] = {
 
 def get_task(name: str) -> type[Task]:
     """The task class registered as ``name``; an unknown name lists the known ones."""
-    if name not in TASKS:
-        raise UsageError(f"unknown task {name!r}: choose one of {', '.join(sorted(TASKS))}")
-    module, _, cls = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return load_registered(TASKS, name, "task")
 
 
 def list_tasks() -> list[tuple[str, str]]:
