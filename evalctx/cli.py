@@ -122,13 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
-    from evalctx.sampling import SampleBuilder, enumerate_specs
+    from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
     suite = _overrides(load_suite(args.suite), args)
     tok = load_tokenizer(args.tokenizer)
-    specs = enumerate_specs(suite, tok)
     builder = SampleBuilder(suite, tok)
+    specs = builder.specs()
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
     try:
         for spec in specs:

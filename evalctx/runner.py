@@ -27,7 +27,7 @@ from evalctx.errors import LengthError, UsageError
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
 from evalctx.results import rundir
-from evalctx.sampling import SampleBuilder, SampleSpec, enumerate_specs
+from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
 from evalctx.tokenizer import Tokenizer, load_tokenizer
 
@@ -175,7 +175,7 @@ class Runner:
         self.tokenizer: Tokenizer = load_tokenizer(tok_spec)
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
         _check_min_lengths(self.builder, cfg.suite)
-        self.specs = enumerate_specs(cfg.suite, self.tokenizer)
+        self.specs = self.builder.specs()
         self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
         self.config = {
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
@@ -191,11 +191,12 @@ class Runner:
         self.batch_size = cfg.batch_size or cfg.suite.batch_size
 
     # ------------------------------------------------------------------------------------------------------
-    def _pending(self) -> tuple[list[SampleSpec], dict[str, dict]]:
+    def _pending_ids(self) -> list[str]:
+        """Spec ids without a finished journal row (error rows count as unfinished when retrying)."""
         done = rundir.read_journals(self.run_dir)
         keep = {"ok", "unsupported"} if self.cfg.retry_errors else {"ok", "unsupported", "error"}
         finished = {sid for sid, r in done.items() if r.get("status") in keep}
-        return [s for s in self.specs if s.id not in finished], done
+        return [s.id for s in self.specs if s.id not in finished]
 
     def _manifest(self, backend: Backend | None, status: str, created_at: str) -> dict[str, Any]:
         return {
@@ -241,8 +242,7 @@ class Runner:
         created_at = w.bcast_world(created_at)
         # Rank 0 decides what is left and tells everyone: ranks that read the journals themselves, at slightly
         # different times, would see different leftovers and shard them differently (samples run twice or never).
-        pending_ids = [s.id for s in self._pending()[0]] if w.is_root else None
-        pending_ids = set(w.bcast_world(pending_ids))
+        pending_ids = set(w.bcast_world(self._pending_ids() if w.is_root else None))
         pending = [s for s in self.specs if s.id in pending_ids]
         extra = {"label": self.label}
         ctx = BackendContext(

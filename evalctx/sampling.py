@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from evalctx.config import Suite, TaskSpec
 from evalctx.records import Sample
@@ -44,23 +44,7 @@ def _task_instance(spec: TaskSpec, tokenizer: Tokenizer) -> Any:
 
 
 def enumerate_specs(suite: Suite, tokenizer: Tokenizer) -> list[SampleSpec]:
-    specs: list[SampleSpec] = []
-    seen: set[str] = set()
-    for ti, ts in enumerate(suite.tasks):
-        task = _task_instance(ts, tokenizer)
-        mnt = ts.max_new_tokens or task.default_max_new_tokens
-        for length in ts.lengths:
-            for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
-                for k in range(ts.samples):
-                    seed = derive_seed(ts.seed, ts.task, length, round(depth, 6), k)
-                    # The task's own id (options with defaults filled in, the haystack's content hash): the
-                    # same id its Sample will carry, known before any prompt is built.
-                    sid = task.sample_id(length, depth, seed, mnt)
-                    if sid in seen:  # the same cell listed twice in a suite is run once
-                        continue
-                    seen.add(sid)
-                    specs.append(SampleSpec(sid, ts.task, ti, length, depth, seed, mnt, ts.prompt_mode))
-    return specs
+    return SampleBuilder(suite, tokenizer).specs()
 
 
 class SampleBuilder:
@@ -76,6 +60,26 @@ class SampleBuilder:
             self._tasks[index] = _task_instance(self.suite.tasks[index], self.tokenizer)
         return self._tasks[index]
 
+    def specs(self) -> list[SampleSpec]:
+        """Every sample of the suite as a spec, with the same task instances that will build them."""
+        specs: list[SampleSpec] = []
+        seen: set[str] = set()
+        for ti, ts in enumerate(self.suite.tasks):
+            task = self.task(ti)
+            mnt = ts.max_new_tokens or task.default_max_new_tokens
+            for length in ts.lengths:
+                for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
+                    for k in range(ts.samples):
+                        seed = derive_seed(ts.seed, ts.task, length, round(depth, 6), k)
+                        # The task's own id (options with defaults filled in, the haystack's content hash): the
+                        # same id its Sample will carry, known before any prompt is built.
+                        sid = task.sample_id(length, depth, seed, mnt)
+                        if sid in seen:  # the same cell listed twice in a suite is run once
+                            continue
+                        seen.add(sid)
+                        specs.append(SampleSpec(sid, ts.task, ti, length, depth, seed, mnt, ts.prompt_mode))
+        return specs
+
     def build(self, spec: SampleSpec) -> Sample:
         sample = self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed,
                                                         spec.max_new_tokens)
@@ -85,7 +89,3 @@ class SampleBuilder:
             # The generators assert this too; a violation here is a bug, never a silently shorter prompt.
             raise AssertionError(f"sample {spec.id}: {len(sample.prompt_ids)} tokens != {spec.context_length}")
         return sample
-
-    def iter_samples(self, specs: list[SampleSpec]) -> Iterator[Sample]:
-        for s in specs:
-            yield self.build(s)
