@@ -85,6 +85,8 @@ def auto_attention(resolved: Any, on_cuda: bool) -> str:
 
 class HFBackend(Backend):
     name: ClassVar[str] = "hf"
+    # No preflight (the base's "nothing unsupported"): positions beyond the trained window still run, and how
+    # badly RoPE extrapolates there is what a user measures.
 
     @dataclass
     class Options:
@@ -180,11 +182,6 @@ class HFBackend(Backend):
         if spec.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("backend hf: device=cuda but no CUDA device is visible; use device=cpu")
         return torch.device(spec)
-
-    def preflight(self, samples: Sequence[Any]) -> dict[str, str]:
-        # Positions beyond the trained window still run (RoPE extrapolates badly, which is what a user measures),
-        # so this is not "unsupported"; nothing here blocks a sample.
-        return {}
 
     # ------------------------------------------------------------------------------------------------------
     def _sync(self) -> None:

@@ -11,7 +11,7 @@ from evalctx.stats import wilson_interval
 DEFAULT_BY: tuple[str, ...] = ("task", "context_length", "depth")
 
 SUMMARY_COLUMNS = [
-    "n", "n_ok", "n_error", "n_unsupported", "accuracy", "ci_low", "ci_high",
+    "n", "n_error", "n_unsupported", "accuracy", "ci_low", "ci_high",
     "latency_s_p50", "latency_s_p95", "ttft_s_p50", "prefill_tokens_per_s_p50", "n_empty",
 ]
 
@@ -34,7 +34,6 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
         rows.append({
             **dict(zip(by, key)),
             "n": n,
-            "n_ok": n,
             "n_error": int((g["status"] == "error").sum()),
             "n_unsupported": int((g["status"] == "unsupported").sum()),
             "accuracy": total / n if n else float("nan"),
