@@ -117,7 +117,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_summary(df))
         print(f"\nrun {runner.run_id}: {outcome.status}, {outcome.n_new} new of {outcome.n_total} samples "
               f"-> {outcome.run_dir}")
-    return 0 if outcome.status == "complete" else 1
+    from evalctx.status import exit_code
+
+    return exit_code(outcome.status)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

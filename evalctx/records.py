@@ -12,6 +12,12 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
+FLAGS: dict[str, str] = {
+    # name -> what it means for the row's score; reports, summary.csv (n_flagged) and the gate count them.
+}
+"""Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
+be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""
+
 
 @dataclass
 class Sample:
@@ -92,6 +98,10 @@ class GenerationResult:
     """One-line error; the sample becomes an error row and is not scored."""
     peak_memory_bytes: int | None = None
     """Peak accelerator memory during this request, where the backend can tell."""
+    n_cached_prompt_tokens: int | None = None
+    """Prompt tokens served from a KV cache instead of computed (0 for a cold prefill; None where unknown)."""
+    flags: list[str] = field(default_factory=list)
+    """Names from :data:`FLAGS`: why an ``ok`` answer may not be what it looks like (kept, counted, reported)."""
 
 
 @dataclass
@@ -139,6 +149,10 @@ class SampleRecord:
     max_new_tokens: int
     replica: int = 0
     finished_at: float | None = None
+    n_cached_prompt_tokens: int | None = None
+    """Prompt tokens served from a KV cache (0 = cold prefill, so TTFT is a full prefill; None = unknown)."""
+    flags: list[str] = field(default_factory=list)
+    """Names from :data:`FLAGS`, empty for a clean row."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend/engine columns and task meta; flattened into the row when written."""
 

@@ -135,7 +135,7 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
         batch_size=res.batch_size, finish_reason=res.finish_reason, peak_memory_bytes=res.peak_memory_bytes,
         error=res.error, prompt_sha1=hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest(),
         scorer=sample.scorer, max_new_tokens=sample.max_new_tokens, replica=replica, finished_at=time.time(),
-        extra={**extra, **meta},
+        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=list(res.flags), extra={**extra, **meta},
     )
     return rec.to_row()
 

@@ -13,7 +13,15 @@ DEFAULT_BY: tuple[str, ...] = ("task", "context_length", "depth")
 SUMMARY_COLUMNS = [
     "n", "n_error", "n_unsupported", "accuracy", "ci_low", "ci_high",
     "latency_s_p50", "latency_s_p95", "ttft_s_p50", "prefill_tokens_per_s_p50", "n_empty",
+    "n_flagged",
 ]
+
+
+def _n_flagged(rows: pd.DataFrame) -> int:
+    """Scored rows that carry at least one flag (see :data:`evalctx.records.FLAGS`)."""
+    if "flags" not in rows:
+        return 0
+    return int(sum(1 for f in rows["flags"] if f is not None and len(f) > 0))
 
 
 def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
@@ -44,5 +52,6 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
             "ttft_s_p50": float(ttft.median()) if len(ttft) else float("nan"),
             "prefill_tokens_per_s_p50": float(pre.median()) if len(pre) else float("nan"),
             "n_empty": int((comp.str.strip() == "").sum()),
+            "n_flagged": _n_flagged(ok),
         })
     return pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS])
