@@ -11,6 +11,7 @@ TASKS: dict[str, str] = {
     "niah_multikey": "evalctx.tasks.niah:NiahMultikey",
     "niah_multivalue": "evalctx.tasks.niah:NiahMultivalue",
     "niah_multiquery": "evalctx.tasks.niah:NiahMultiquery",
+    "kv_retrieval": "evalctx.tasks.kv_retrieval:KvRetrievalTask",
 }
 
 
