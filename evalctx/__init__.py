@@ -14,6 +14,8 @@ _LAZY = {
     "load_run": "evalctx.analysis",
     "load_runs": "evalctx.analysis",
     "effective_length": "evalctx.analysis",
+    "suite_average": "evalctx.analysis",
+    "suite_effective_length": "evalctx.analysis",
     "summarize": "evalctx.results.summary",
     "compare": "evalctx.compare",
     "write_report": "evalctx.report.render",
