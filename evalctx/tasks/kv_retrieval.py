@@ -12,9 +12,9 @@ Exact length. Upstream keeps a fixed number of pairs (2500 at its 128K level) wh
 object holds as many whole pairs as make the prompt exactly ``context_length`` tokens, the JSON intact. Pairs are
 counted in context (one tokenization of a batch of them); the object is filled with fresh pairs until less than one
 pair is left, then filler pairs are swapped for fresh ones with more tokens (uuids tokenize to different counts)
-until the count is exact. Where that cannot close the gap -- every pair the same count (a byte tokenizer), or less
-than one pair above the minimum -- JSON whitespace before the closing brace fills the last tokens
-(``meta["pad_spaces"]``). The final text is tokenized once and its length asserted, never truncated. Depth is the
+until the count is exact (right above the minimum, an asked pair that alone does not fit is redrawn). Where that
+cannot close the gap -- every pair the same count (a byte tokenizer), or less than one pair above the minimum --
+JSON whitespace before the closing brace fills the last tokens (``meta["pad_spaces"]``). The final text is tokenized once and its length asserted, never truncated. Depth is the
 asked pair's place among the pairs: index ``round(depth * (n_pairs - 1))``.
 """
 
@@ -40,6 +40,7 @@ _REF = '"00000000-0000-4000-8000-000000000000": "00000000-0000-4000-8000-0000000
 _SWAP_ROUNDS = 16  # batches of fresh pairs tried when closing the last gap by swaps
 _SWAP_BATCH = 32
 _MAX_VERIFY = 4
+_MAX_ASKED = 100
 
 
 def pair_text(key: str, value: str) -> str:
@@ -69,7 +70,11 @@ class KvRetrievalTask(HaystackTask):
             raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
         depth = float(depth)
         mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-        b = _Builder(self, self._rng(context_length, depth, seed))
+        rng = self._rng(context_length, depth, seed)
+        for _ in range(_MAX_ASKED):
+            b = _Builder(self, rng)
+            if b.minimum() <= context_length:
+                break  # right above the minimum, a longer-tokenized asked pair is redrawn (else too short)
         text, ids, offsets, pairs, j, pad = b.build(context_length, depth)
         body_start = len(b.frame.pre)
         asked_start = body_start + sum(len(p) + len(SEP) for p in pairs[:j])
@@ -104,6 +109,7 @@ class _Builder:
         self.asked = pair_text(self.key, self.value)
         self.user = f"{INSTRUCTION}\n\n{CONTEXT_OPEN}{SENTINEL}}}{QUESTION.format(key=self.key)}"
         self.frame = render_frame(self.tok, task.prompt_mode, self.user, ANSWER_PREFIX)
+        self._minimum: int | None = None
 
     def _uuid(self) -> str:
         while True:  # all keys and values distinct, so the asked value occurs once
@@ -117,7 +123,10 @@ class _Builder:
 
     def minimum(self) -> int:
         """Tokens of the prompt whose object holds the asked pair alone."""
-        return len(self.tok.encode(self.frame.pre + self.asked + self.frame.post, self.frame.add_special_tokens))
+        if self._minimum is None:
+            self._minimum = len(self.tok.encode(self.frame.pre + self.asked + self.frame.post,
+                                                self.frame.add_special_tokens))
+        return self._minimum
 
     def pair_counts(self, pairs: list[str]) -> list[int]:
         """Tokens each pair adds inside the object, all measured in one tokenization between two fixed pairs.
