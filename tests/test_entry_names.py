@@ -17,23 +17,11 @@ from evalctx.sampling import SampleBuilder, enumerate_specs
 from evalctx.tokenizer import ByteTokenizer
 from run_fixtures import write_run
 
-TWO_NIAH = """
-name = "two"
-[[tasks]]
-task = "niah_single"
-{name1}lengths = [500, 900]
-depths = [0.0, 1.0]
-samples = 2
-[tasks.options]
-haystack = "noise"
-[[tasks]]
-task = "niah_single"
-{name2}lengths = [500, 900]
-depths = [0.0, 1.0]
-samples = 2
-[tasks.options]
-haystack = "essay"
-"""
+def two_niah(name1: str = "", name2: str = "") -> str:
+    """A suite listing niah_single twice, over noise and over essays, with the entry lines given."""
+    return 'name = "two"\n' + "".join(
+        f'[[tasks]]\ntask = "niah_single"\n{entry}lengths = [500, 900]\ndepths = [0.0, 1.0]\nsamples = 2\n'
+        f'[tasks.options]\nhaystack = "{haystack}"\n' for entry, haystack in ((name1, "noise"), (name2, "essay")))
 
 
 def _parse(tasks: list[dict]) -> Suite:
@@ -48,7 +36,7 @@ def test_colliding_entries_must_be_named(tmp_path: Path, capsys: pytest.CaptureF
         _parse([noise, essay])
     assert "\n" not in str(exc.value)
     path = tmp_path / "two.toml"
-    path.write_text(TWO_NIAH.format(name1="", name2=""))
+    path.write_text(two_niah())
     assert main(["run", "--suite", str(path), "--backend", "fake", "--tokenizer", "byte", "--out",
                  str(tmp_path)]) == 2
     assert "give them distinct names" in capsys.readouterr().err
@@ -112,7 +100,7 @@ def test_samples_carry_entry_name_type_and_options() -> None:
 def two_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("names")
     path = root / "two.toml"
-    path.write_text(TWO_NIAH.format(name1='name = "niah_single_1"\n', name2='name = "niah_single_2"\n'))
+    path.write_text(two_niah('name = "niah_single_1"\n', 'name = "niah_single_2"\n'))
     import contextlib
     import io
 

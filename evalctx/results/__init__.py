@@ -7,6 +7,8 @@ imports rundir) never loads pandas: ``evalctx.results.load_runs``, ``summarize``
 
 from __future__ import annotations
 
+from evalctx.registry import lazy_attributes
+
 _LAZY = {
     "load_run": "evalctx.analysis",
     "load_runs": "evalctx.analysis",
@@ -17,13 +19,7 @@ _LAZY = {
     "summarize": "evalctx.results.summary",
 }
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'evalctx.results' has no attribute {name!r}")
+__getattr__ = lazy_attributes("evalctx.results", _LAZY)
 
 
 __all__ = list(_LAZY)
