@@ -22,7 +22,8 @@ needs_hf = pytest.mark.skipif(not HAVE_HF, reason="needs tokenizers and transfor
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
 # TensorRT-LLM examples/infinitebench/eval_utils.create_prompt, templates["kv_retrieval"].
-UPSTREAM_TEMPLATE = "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n{input}"
+UPSTREAM_TEMPLATE = ("Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n"
+                     "{input}")
 
 
 def upstream_context(pairs: list[tuple[str, str]]) -> str:
@@ -88,9 +89,7 @@ def kv_cases(draw):
     return tok, mode, depth, draw(st.integers(0, 2**31)), draw(st.integers(4, 3000))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kv_cases())
-def test_kv_samples_hold_every_guarantee(case):
+def _kv_case(case):
     tok_name, mode, depth, seed, extra = case
     task = get_task("kv_retrieval")(get_tokenizer(tok_name), {}, mode)
     length = task.min_length() + extra
@@ -98,6 +97,19 @@ def test_kv_samples_hold_every_guarantee(case):
     check_kv_sample(task, s, length, depth)
     again = get_task("kv_retrieval")(get_tokenizer(tok_name), {}, mode).make_sample(length, depth, seed)
     assert again == s
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kv_cases())
+def test_kv_samples_hold_every_guarantee(case):
+    _kv_case(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kv_cases())
+def test_kv_samples_hold_every_guarantee_thoroughly(case):
+    _kv_case(case)
 
 
 @pytest.mark.parametrize("tok_name", TOKENIZER_NAMES)

@@ -72,7 +72,7 @@ def test_labels_are_averaged_apart() -> None:
 def test_the_run_table_prints_the_average_only_for_several_tasks() -> None:
     df = frame(rows("a", 4096, 10, 10), rows("b", 4096, 8, 10), rows("a", 8192, 7, 10))
     text = format_summary(df.drop(columns="label"))
-    assert "average over the 2 tasks (RULER)" in text
+    assert "average over the 2 tasks, as RULER reports it" in text
     assert "   4096 |  90.0" in text and "   8192 |     -  (no scored sample of: b)" in text
     assert "effective length (average >= 85.6% here and at every shorter length): 4K" in text
     assert "average over" not in format_summary(frame(rows("a", 4096, 10, 10)))

@@ -48,7 +48,8 @@ def _average_lines(df: pd.DataFrame) -> list[str]:
     eff = suite_effective_length(df.assign(label=""))[""]
     n_tasks = int(avg["n_tasks"].iloc[0])
     eff_text = _eff_text(eff, int(avg["context_length"].min()), int(avg["context_length"].max()))
-    lines = [f"average over the {n_tasks} tasks (RULER): accuracy % per length, each task weighted equally",
+    lines = [f"average over the {n_tasks} tasks, as RULER reports it: accuracy % per length, each task weighted "
+             "equally",
              "length  | avg %", "----------------"]
     for row in avg.itertuples(index=False):
         note = f"  (no scored sample of: {row.missing})" if row.missing else ""

@@ -14,14 +14,14 @@ counted in context (one tokenization of a batch of them); the object is filled w
 pair is left, then filler pairs are swapped for fresh ones with more tokens (uuids tokenize to different counts)
 until the count is exact (right above the minimum, an asked pair that alone does not fit is redrawn). Where that
 cannot close the gap -- every pair the same count (a byte tokenizer), or less than one pair above the minimum --
-JSON whitespace before the closing brace fills the last tokens (``meta["pad_spaces"]``). The final text is tokenized once and its length asserted, never truncated. Depth is the
-asked pair's place among the pairs: index ``round(depth * (n_pairs - 1))``.
+JSON whitespace before the closing brace fills the last tokens (``meta["pad_spaces"]``). The final text is
+tokenized once and its length asserted, never truncated. Depth is the asked pair's place among the pairs: index
+``round(depth * (n_pairs - 1))``.
 """
 
 from __future__ import annotations
 
 import random
-import uuid
 from bisect import bisect_right
 from itertools import accumulate
 from typing import Any, ClassVar
@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
 from evalctx.tasks.haystack_task import HaystackTask
+from evalctx.tasks.keys import draw
 from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
 
 INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
@@ -113,7 +114,7 @@ class _Builder:
 
     def _uuid(self) -> str:
         while True:  # all keys and values distinct, so the asked value occurs once
-            u = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+            u = draw("uuids", self.rng)
             if u not in self.seen:
                 self.seen.add(u)
                 return u
