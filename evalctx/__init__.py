@@ -6,6 +6,7 @@ tensorrt_llm are imported only by the module that uses them.
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import GenerationRequest, GenerationResult, Sample, SampleRecord, Score
+from evalctx.registry import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,8 @@ _LAZY = {
     "load_run": "evalctx.analysis",
     "load_runs": "evalctx.analysis",
     "effective_length": "evalctx.analysis",
+    "suite_average": "evalctx.analysis",
+    "suite_effective_length": "evalctx.analysis",
     "summarize": "evalctx.results.summary",
     "compare": "evalctx.compare",
     "write_report": "evalctx.report.render",
@@ -22,13 +25,7 @@ _LAZY = {
     "get_task": "evalctx.tasks",
 }
 
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'evalctx' has no attribute {name!r}")
+__getattr__ = lazy_attributes("evalctx", _LAZY)
 
 __all__ = [
     "GenerationRequest",

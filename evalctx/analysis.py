@@ -182,6 +182,16 @@ def length_accuracy(data: pd.DataFrame) -> pd.DataFrame:
     return s[["label", "task", "context_length", "n", "accuracy", "ci_low", "ci_high"]]
 
 
+def _longest_passing(lengths: Sequence[int], accuracies: Sequence[float], limit: float) -> int | None:
+    """The longest length (ascending input) up to which every accuracy is >= ``limit``; NaN fails."""
+    best: int | None = None
+    for length, a in zip(lengths, accuracies):
+        if math.isnan(a) or a < limit:
+            break
+        best = int(length)
+    return best
+
+
 def effective_length(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
                      relative: float | None = None) -> dict[tuple[str, str], int | None]:
     """The longest context length whose accuracy, and that of every shorter length, is >= the threshold.
@@ -201,13 +211,38 @@ def effective_length(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
             out[(str(label), str(task))] = None
             continue
         limit = threshold if relative is None else relative * acc[0]
-        best: int | None = None
-        for length, a in zip(g["context_length"], acc):
-            if math.isnan(a) or a < limit:
-                break
-            best = int(length)
-        out[(str(label), str(task))] = best
+        out[(str(label), str(task))] = _longest_passing(g["context_length"].tolist(), acc, limit)
     return out
+
+
+def suite_average(data: pd.DataFrame) -> pd.DataFrame:
+    """RULER's headline: per (label, context_length), the unweighted mean over the run's tasks of each task's
+    accuracy pooled over depths (RULER averages its per-task scores the same way; NVIDIA/RULER #86).
+
+    Takes samples or a summary, like :func:`length_accuracy`; ``task`` is the suite entry's name. The tasks are
+    every task the label has at any length. Where one of them has no scored sample at a length (not run there,
+    or every sample an error or unsupported), the average would be over other tasks than at the other lengths,
+    so it is NaN and ``missing`` names them. Columns: label, context_length, accuracy (0..1), n_tasks, missing.
+    """
+    acc = length_accuracy(data)
+    rows = []
+    for label, g in acc.groupby("label", sort=True):
+        tasks = sorted(g["task"].unique())
+        for length, h in g.groupby("context_length", sort=True):
+            scored = h[h["n"] > 0].dropna(subset=["accuracy"])
+            missing = sorted(set(tasks) - set(scored["task"]))
+            rows.append({"label": label, "context_length": int(length),
+                         "accuracy": math.nan if missing else float(scored["accuracy"].mean()),
+                         "n_tasks": len(tasks), "missing": ", ".join(missing)})
+    return pd.DataFrame(rows, columns=["label", "context_length", "accuracy", "n_tasks", "missing"])
+
+
+def suite_effective_length(data: pd.DataFrame, threshold: float = RULER_THRESHOLD) -> dict[str, int | None]:
+    """RULER's effective length on :func:`suite_average`, per label: the longest length whose average, and every
+    shorter length's, reaches ``threshold`` (0..1); a NaN average fails. None: not even the shortest length."""
+    avg = suite_average(data)
+    return {str(label): _longest_passing(g["context_length"].tolist(), g["accuracy"].tolist(), threshold)
+            for label, g in avg.groupby("label", sort=True)}
 
 
 def effective_length_table(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
@@ -228,6 +263,27 @@ def effective_length_table(data: pd.DataFrame, threshold: float = RULER_THRESHOL
             f"effective (>= {relative:g} x shortest)": _eff_text(nolima[key], int(g["context_length"].min()),
                                                                  longest),
         })
+    return pd.DataFrame(rows)
+
+
+def suite_average_table(data: pd.DataFrame, threshold: float = RULER_THRESHOLD) -> pd.DataFrame:
+    """RULER's results table: one row per label, the average over its tasks (percent, one decimal) per length as
+    columns ("4K", "8K", ...), the number of tasks and the effective length on the average. A length where some
+    task has no scored sample reads "n/a (no <tasks>)"."""
+    avg = suite_average(data)
+    eff = suite_effective_length(data, threshold=threshold)
+    lengths = sorted(avg["context_length"].unique())
+    rows = []
+    for label, g in avg.groupby("label", sort=True):
+        row: dict[str, Any] = {"label": label, "tasks": int(g["n_tasks"].iloc[0])}
+        by_length = {int(r.context_length): r for r in g.itertuples(index=False)}
+        for length in lengths:
+            r = by_length.get(int(length))
+            row[length_label(length)] = ("" if r is None else f"n/a (no {r.missing})" if r.missing
+                                         else f"{100 * r.accuracy:.1f}")
+        row[f"effective (>= {threshold:g})"] = _eff_text(eff[str(label)], int(g["context_length"].min()),
+                                                         int(g["context_length"].max()))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

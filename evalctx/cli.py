@@ -143,13 +143,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_text(value: object) -> str:
+    """An option default as it is written in a suite file (TOML); None is an option left unset."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from evalctx.config import list_suites
-    from evalctx.tasks import list_tasks
+    from evalctx.tasks import get_task, list_tasks, task_defaults
 
-    print("tasks:")
+    print("tasks (and their [tasks.options] with defaults):")
     for name, desc in list_tasks():
+        cls = get_task(name)
+        opts = ", ".join(f"{k} = {_option_text(v)}" for k, v in task_defaults(name).items()) or "none"
         print(f"  {name:<18} {desc}")
+        print(f"  {'':<18} scorer {cls.scorer}, max_new_tokens {cls.default_max_new_tokens}; options: {opts}")
     print("\nsuites (tasks/*.toml here, then the package's):")
     for name, desc, path in list_suites():
         print(f"  {name:<18} {desc}  [{path}]")

@@ -14,6 +14,8 @@ A suite file::
 
     [[tasks]]
     task = "passkey"
+    name = "passkey"                 # optional: the entry's name in every row, table, plot and the gate;
+                                     # entries of one name must be the same task, options and prompt_mode
     lengths = [1024, 4096]           # exact prompt lengths in tokens
     depths = [0.0, 0.5, 1.0]         # or { linear = 5 } or { sigmoid = 7 }
     samples = 5                      # per (length, depth) cell
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,13 @@ class TaskSpec:
     max_new_tokens: int | None = None
     prompt_mode: str = "raw"
     options: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    """The entry's name, the ``task`` column of every row, table, plot and the gate (default: ``task``, the task
+    type)."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.task
 
 
 @dataclass
@@ -62,12 +72,17 @@ class Suite:
     backend_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for t in d["tasks"]:
+            if t["name"] == t["task"]:
+                del t["name"]  # the default: keeps the configuration hash (and run id) of suites without names
+        return d
 
 
 _SUITE_KEYS = {"name", "description", "seed", "prompt_mode", "model", "backend", "batch_size", "backend_options",
                "tasks"}
-_TASK_KEYS = {"task", "lengths", "depths", "samples", "seed", "max_new_tokens", "prompt_mode", "options"}
+_TASK_KEYS = {"task", "name", "lengths", "depths", "samples", "seed", "max_new_tokens", "prompt_mode", "options"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _where(path: str, key: str) -> str:
@@ -86,7 +101,7 @@ def _int_list(value: Any, where: str) -> list[int]:
 
 
 def _task_spec(raw: Any, i: int, defaults: dict[str, Any], path: str) -> TaskSpec:
-    from evalctx.tasks import get_task
+    from evalctx.tasks import TASKS, get_task
     from evalctx.tasks.depths import depth_grid
 
     where = f"{path}: tasks[{i}]"
@@ -98,6 +113,12 @@ def _task_spec(raw: Any, i: int, defaults: dict[str, Any], path: str) -> TaskSpe
     if "task" not in raw:
         raise UsageError(f"{where}: missing 'task' (one of the names `evalctx tasks` lists)")
     get_task(raw["task"])  # unknown task name -> one line listing the known ones
+    name = raw.get("name", raw["task"])
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UsageError(f"{where}: name must be letters, digits, '_', '.' or '-' (starting with a letter or "
+                         f"digit), not {name!r}")
+    if name != raw["task"] and name in TASKS:
+        raise UsageError(f"{where}: name {name!r} is another task's name; choose a name of its own")
     if "lengths" not in raw:
         raise UsageError(f"{where}: missing 'lengths' (prompt lengths in tokens)")
     samples = raw.get("samples", 1)
@@ -128,7 +149,27 @@ def _task_spec(raw: Any, i: int, defaults: dict[str, Any], path: str) -> TaskSpe
         max_new_tokens=mnt,
         prompt_mode=mode,
         options=dict(options),
+        name=name,
     )
+
+
+def _variant(ts: TaskSpec) -> tuple[str, str, str]:
+    """What a row of one name must share: the task, its options with defaults filled in, and the prompt mode."""
+    from evalctx.tasks import get_task
+
+    options = {**getattr(get_task(ts.task), "defaults", {}), **ts.options}
+    return ts.task, json.dumps(options, sort_keys=True, default=str), ts.prompt_mode
+
+
+def check_entry_names(tasks: list[TaskSpec], path: str) -> None:
+    """Entries of one name pool into one row everywhere, so they must be the same variant (raises UsageError)."""
+    first: dict[str, int] = {}
+    for i, ts in enumerate(tasks):
+        j = first.setdefault(ts.name, i)
+        if j != i and _variant(tasks[j]) != _variant(ts):
+            raise UsageError(f"{path}: tasks[{j}] and tasks[{i}] are both named {ts.name!r} but differ in task, "
+                             f"options or prompt_mode; give them distinct names (name = \"...\"): rows, tables, "
+                             "plots and the gate key on it")
 
 
 def resolve_suite_path(spec: str) -> Path:
@@ -158,10 +199,12 @@ def parse_suite(data: dict[str, Any], path: str, name: str) -> Suite:
     bopts = data.get("backend_options", {})
     if not isinstance(bopts, dict):
         raise UsageError(f"{path}: backend_options must be a table")
+    tasks = [_task_spec(t, i, data, path) for i, t in enumerate(tasks_raw)]
+    check_entry_names(tasks, path)
     return Suite(
         name=str(data.get("name", name)),
         description=str(data.get("description", "")),
-        tasks=[_task_spec(t, i, data, path) for i, t in enumerate(tasks_raw)],
+        tasks=tasks,
         path=path,
         model=data.get("model"),
         backend=data.get("backend"),

@@ -26,7 +26,8 @@ class Sample:
     id: str
     """Stable hash of (task, task version, parameters, seed, tokenizer fingerprint, prompt mode)."""
     task: str
-    """Task name, e.g. ``passkey`` or ``niah_single``."""
+    """The suite entry's name (e.g. ``niah_single_2``); the task type's name (``passkey``, ``niah_single``) when
+    the entry has none or the sample was built outside a suite."""
     context_length: int
     """Requested and asserted length of the whole prompt in tokens (BOS included when the tokenizer adds one)."""
     depth: float
@@ -56,6 +57,14 @@ class Sample:
     messages: list[dict[str, str]] | None = None
     """Chat mode: the user turn and the assistant prefill that ``prompt`` renders, for servers that apply their
     own chat template (http ``endpoint=chat``). Not written to JSON: it repeats the whole haystack."""
+    task_type: str = ""
+    """The registered task that built the sample (``passkey``, ``niah_single``, ...); defaults to ``task``."""
+    task_options: str | None = None
+    """The task's options with defaults filled in, a JSON object (set when built from a suite)."""
+
+    def __post_init__(self) -> None:
+        if not self.task_type:
+            self.task_type = self.task
 
     def to_json(self, with_ids: bool = False) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -153,6 +162,10 @@ class SampleRecord:
     """Prompt tokens served from a KV cache (0 = cold prefill, so TTFT is a full prefill; None = unknown)."""
     flags: list[str] = field(default_factory=list)
     """Names from :data:`FLAGS`, empty for a clean row."""
+    task_type: str | None = None
+    """The registered task behind the row; ``task`` is the suite entry's name, which defaults to it."""
+    task_options: str | None = None
+    """The task's options with defaults filled in, a JSON object."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend/engine columns and task meta; flattened into the row when written."""
 

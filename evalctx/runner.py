@@ -135,7 +135,8 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
         batch_size=res.batch_size, finish_reason=res.finish_reason, peak_memory_bytes=res.peak_memory_bytes,
         error=res.error, prompt_sha1=hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest(),
         scorer=sample.scorer, max_new_tokens=sample.max_new_tokens, replica=replica, finished_at=time.time(),
-        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=list(res.flags), extra={**extra, **meta},
+        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=list(res.flags), task_type=sample.task_type,
+        task_options=sample.task_options, extra={**extra, **meta},
     )
     return rec.to_row()
 
@@ -147,7 +148,8 @@ def unsupported_record(run_id: str, spec: SampleSpec, reason: str, extra: dict[s
         completion=None, extracted=None, score=None, status="unsupported", n_prompt_tokens=None,
         n_output_tokens=None, latency_s=None, ttft_s=None, prefill_tokens_per_s=None, decode_tokens_per_s=None,
         batch_size=None, finish_reason=None, peak_memory_bytes=None, error=reason, prompt_sha1="", scorer="",
-        max_new_tokens=spec.max_new_tokens, replica=-1, finished_at=time.time(), extra=dict(extra),
+        max_new_tokens=spec.max_new_tokens, replica=-1, finished_at=time.time(), task_type=spec.task_type,
+        task_options=spec.task_options, extra=dict(extra),
     )
     return rec.to_row()
 
@@ -157,7 +159,7 @@ def _check_min_lengths(builder: SampleBuilder, suite: Suite) -> None:
         need = builder.task(i).min_length()
         short = [n for n in ts.lengths if n < need]
         if short:
-            raise LengthError(f"task {ts.task}: length(s) {short} are below the {need} tokens its template and "
+            raise LengthError(f"task {ts.name}: length(s) {short} are below the {need} tokens its template and "
                               f"needle need with this tokenizer; use lengths >= {need}")
 
 

@@ -6,12 +6,14 @@ any tokenization and a resumed run builds nothing it already has.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from evalctx.config import Suite, TaskSpec
+from evalctx.config import Suite, TaskSpec, check_entry_names
+from evalctx.errors import UsageError
 from evalctx.records import Sample
 from evalctx.tokenizer import Tokenizer
 
@@ -22,6 +24,7 @@ class SampleSpec:
 
     id: str
     task: str
+    """The suite entry's name (the ``task`` column); the task type's name unless the entry names itself."""
     task_index: int
     """Index of the [[tasks]] table in the suite (two tables may use the same task with other options)."""
     context_length: int
@@ -29,6 +32,10 @@ class SampleSpec:
     seed: int
     max_new_tokens: int
     prompt_mode: str
+    task_type: str = ""
+    """The registered task that builds the sample (``passkey``, ``niah_single``, ...)."""
+    task_options: str = "{}"
+    """The task's options with defaults filled in, as a JSON object (the ``task_options`` column)."""
 
 
 def derive_seed(base: int, *parts: Any) -> int:
@@ -51,6 +58,7 @@ class SampleBuilder:
     """Builds the samples of specs on demand, with one task instance (and its haystack caches) per suite table."""
 
     def __init__(self, suite: Suite, tokenizer: Tokenizer) -> None:
+        check_entry_names(suite.tasks, suite.path or suite.name)  # also for suites built in code
         self.suite = suite
         self.tokenizer = tokenizer
         self._tasks: dict[int, Any] = {}
@@ -63,21 +71,28 @@ class SampleBuilder:
     def specs(self) -> list[SampleSpec]:
         """Every sample of the suite as a spec, with the same task instances that will build them."""
         specs: list[SampleSpec] = []
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for ti, ts in enumerate(self.suite.tasks):
             task = self.task(ti)
             mnt = ts.max_new_tokens or task.default_max_new_tokens
+            options = json.dumps(task.options, sort_keys=True, default=str)
             for length in ts.lengths:
                 for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
                     for k in range(ts.samples):
-                        seed = derive_seed(ts.seed, ts.task, length, round(depth, 6), k)
+                        # Seeded by the entry's name (the task's unless named): two named variants of one task
+                        # draw their own keys, and suites without names keep their seeds and ids.
+                        seed = derive_seed(ts.seed, ts.name, length, round(depth, 6), k)
                         # The task's own id (options with defaults filled in, the haystack's content hash): the
                         # same id its Sample will carry, known before any prompt is built.
                         sid = task.sample_id(length, depth, seed, mnt)
-                        if sid in seen:  # the same cell listed twice in a suite is run once
+                        if sid in seen:  # the same cell listed twice under one name is run once
+                            if seen[sid] != ts.name:
+                                raise UsageError(f"entries {seen[sid]!r} and {ts.name!r} build the same sample "
+                                                 f"{sid}: give them other options or seeds")
                             continue
-                        seen.add(sid)
-                        specs.append(SampleSpec(sid, ts.task, ti, length, depth, seed, mnt, ts.prompt_mode))
+                        seen[sid] = ts.name
+                        specs.append(SampleSpec(sid, ts.name, ti, length, depth, seed, mnt, ts.prompt_mode,
+                                                ts.task, options))
         return specs
 
     def build(self, spec: SampleSpec) -> Sample:
@@ -85,6 +100,7 @@ class SampleBuilder:
                                                         spec.max_new_tokens)
         if sample.id != spec.id:  # the resume key: both come from the task's sample_id, so this is a bug
             raise AssertionError(f"sample {spec.id}: built with id {sample.id}")
+        sample = dataclasses.replace(sample, task=spec.task, task_type=spec.task_type, task_options=spec.task_options)
         if len(sample.prompt_ids) != spec.context_length:
             # The generators assert this too; a violation here is a bug, never a silently shorter prompt.
             raise AssertionError(f"sample {spec.id}: {len(sample.prompt_ids)} tokens != {spec.context_length}")

@@ -59,11 +59,29 @@ def landmark_int_match(pred: str, refs: Sequence[str]) -> Score:
     return Score(1.0 if ok else 0.0, got, "" if ok else f"first integer {got!r} != {refs[0]!r}")
 
 
+_KV_STRIP = str.maketrans({c: " " for c in "\n:\"'.,?!{}"})
+
+
+def kv_retrieval_match(pred: str, refs: Sequence[str]) -> Score:
+    """InfiniteBench/TensorRT-LLM ``compute_scores.get_score_one_kv_retrieval``: replace each of ``\\n : " ' . , ?
+    ! { }`` with a space, split on whitespace; 1 if the label is one of the words (case-sensitive, whole words).
+
+    Raises TypeError for a bare string (it would be read as a list of characters)."""
+    if isinstance(refs, str):
+        raise TypeError("refs must be a list of reference strings, not a str")
+    label = str(refs[0])
+    words = pred.translate(_KV_STRIP).split()
+    if label in words:
+        return Score(1.0, label, "")
+    return Score(0.0, words[0] if words else None, f"{label!r} is not a word of the output")
+
+
 SCORERS: dict[str, Callable[[str, Sequence[str]], Score]] = {
     "first_int_match": first_int_match,
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,
     "landmark_int_match": landmark_int_match,
+    "kv_retrieval_match": kv_retrieval_match,
 }
 
 

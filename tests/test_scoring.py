@@ -103,7 +103,8 @@ def test_landmark_int_match(pred, label, want):
 
 def test_postprocess_and_registry():
     assert ruler_postprocess("  abc\x01def\x1f ") == "abc\ndef"
-    assert set(SCORERS) == {"first_int_match", "string_match_all", "string_match_part", "landmark_int_match"}
+    assert set(SCORERS) == {"first_int_match", "string_match_all", "string_match_part", "landmark_int_match",
+                            "kv_retrieval_match"}
     assert score("first_int_match", " 7", ["7"]).value == 1.0
     assert get_scorer("string_match_all") is string_match_all
     with pytest.raises(UsageError, match="unknown scorer"):

@@ -176,7 +176,8 @@ def test_spec_ids_are_the_sample_ids(tmp_path):
     tok = ByteTokenizer()
     (tmp_path / "a.txt").write_text("One sentence here. Another one there. And a third.")
     tables = [TaskSpec("passkey", [700, 900], [0.0, 1], samples=2), TaskSpec("niah_single", [800], [0.5]),
-              TaskSpec("passkey", [700], [0.5], options={"haystack": "essay", "haystack_dir": str(tmp_path)})]
+              TaskSpec("passkey", [700], [0.5], options={"haystack": "essay", "haystack_dir": str(tmp_path)},
+                       name="passkey_essay")]
     suite = Suite("ids", tables)
     specs = enumerate_specs(suite, tok)
     builder = SampleBuilder(suite, tok)
@@ -195,7 +196,8 @@ def test_spec_ids_are_the_sample_ids(tmp_path):
 
 
 def test_registry():
-    assert set(TASKS) == {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
+    assert set(TASKS) == {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                          "kv_retrieval"}
     for name, desc in list_tasks():
         assert issubclass(get_task(name), Task) and get_task(name).name == name and desc
     with pytest.raises(UsageError, match="unknown task 'nope'.*niah_single.*passkey"):
@@ -305,7 +307,10 @@ def test_chat_mode_puts_the_answer_prefix_in_the_assistant_turn():
     ("passkey", {"key_digits": 0}, "key_digits"), ("passkey", {"haystack": "lake"}, "unknown haystack"),
     ("passkey", {"haystack_dir": "/tmp"}, "haystack_dir needs"),
     ("passkey", {"haystack": "essay", "haystack_dir": "/nonexistent/dir"}, "not found"),
-    ("niah_single", {"value_type": "words"}, "value_type"), ("niah_multikey", {"haystack": "needle"}, "haystack"),
+    ("niah_single", {"value_type": "letters"}, "value_type"), ("niah_multikey", {"haystack": "lake"}, "haystack"),
+    ("niah_single", {"key_type": "names"}, "key_type"),
+    ("niah_single", {"haystack": "needle", "haystack_dir": "/tmp"}, "haystack_dir needs"),
+    ("kv_retrieval", {"haystack": "noise"}, "unknown option"),
 ])
 def test_bad_options(name, options, match):
     with pytest.raises(UsageError, match=match):

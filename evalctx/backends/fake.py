@@ -22,6 +22,7 @@ from evalctx.records import GenerationRequest, GenerationResult
 _PASSKEY = re.compile(r"[Tt]he pass key is (\d+)\. Remember it")
 _NIAH_QUERY = re.compile(r"special magic \w+ for (.+?) mentioned in the provided text", re.S)
 _NIAH_NEEDLE = "One of the special magic {kind} for {key} is: "
+_KV_QUERY = re.compile(r'\nKey: "([^"]+)"')
 
 
 def oracle_answer(prompt: str) -> str:
@@ -29,6 +30,11 @@ def oracle_answer(prompt: str) -> str:
     m = _PASSKEY.search(prompt)
     if m:
         return f" {m.group(1)}."
+    asked = _KV_QUERY.findall(prompt[-2000:])
+    if asked:
+        pair = re.search('"' + re.escape(asked[-1]) + r'": "([^"]*)"', prompt)
+        if pair:
+            return f" {pair.group(1)}"
     queries = _NIAH_QUERY.findall(prompt[-2000:])
     if queries:
         keys = [k.strip() for k in re.split(r",\s*(?:and\s+)?|\s+and\s+", queries[-1]) if k.strip()]

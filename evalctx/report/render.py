@@ -157,6 +157,14 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
     eff = eff.rename(columns={"shortest_accuracy": "accuracy at shortest", "longest_tested": "longest tested"})
     doc.table(eff.sort_values(["task", "label"]))
 
+    if len(tasks) > 1:
+        doc.section("Average over tasks")
+        doc.para(f"RULER's headline: the mean over the {len(tasks)} tasks of each task's accuracy (pooled over "
+                 "depths) per length, in percent, each task weighted equally; the effective length is the longest "
+                 f"length whose average, and every shorter length's, reaches {analysis.RULER_THRESHOLD:g}. A length "
+                 "that some task lacks (not run, or no scored sample) has no average.")
+        doc.table(analysis.suite_average_table(df))
+
     doc.section("Accuracy by length")
     doc.table(_summary_table(df, ["task", "context_length", "label"]))
 

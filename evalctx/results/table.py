@@ -1,4 +1,5 @@
-"""The table printed at the end of a run: per task, accuracy by length x depth, and per length with a 95% CI."""
+"""The table printed at the end of a run: per task, accuracy by length x depth, and per length with a 95% CI; with
+several tasks, their average per length (RULER's headline) and the effective length on it."""
 
 from __future__ import annotations
 
@@ -35,4 +36,25 @@ def format_summary(df: pd.DataFrame) -> str:
             lines.append(f"{length:>7} | {accs} | {_pct(row['accuracy'])}  {ci:<11} {int(row['n']):>4} "
                          f"{int(row['n_error']):>4} {int(row['n_unsupported']):>3}  {lat_s}")
         lines.append("")
+    if df["task"].nunique() > 1:
+        lines += _average_lines(df)
     return "\n".join(lines).rstrip()
+
+
+def _average_lines(df: pd.DataFrame) -> list[str]:
+    from evalctx.analysis import RULER_THRESHOLD, _eff_text, suite_average, suite_effective_length
+
+    avg = suite_average(df.assign(label=""))
+    eff = suite_effective_length(df.assign(label=""))[""]
+    n_tasks = int(avg["n_tasks"].iloc[0])
+    eff_text = _eff_text(eff, int(avg["context_length"].min()), int(avg["context_length"].max()))
+    lines = [f"average over the {n_tasks} tasks, as RULER reports it: accuracy % per length, each task weighted "
+             "equally",
+             "length  | avg %", "----------------"]
+    for row in avg.itertuples(index=False):
+        note = f"  (no scored sample of: {row.missing})" if row.missing else ""
+        avg_s = "    -" if row.accuracy != row.accuracy else f"{100 * row.accuracy:5.1f}"
+        lines.append(f"{row.context_length:>7} | {avg_s}{note}")
+    lines.append(f"effective length (average >= {100 * RULER_THRESHOLD:g}% here and at every shorter length): "
+                 f"{eff_text}")
+    return lines

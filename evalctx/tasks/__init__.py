@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from evalctx.registry import load_registered
 from evalctx.tasks.base import Task
 
@@ -11,6 +13,7 @@ TASKS: dict[str, str] = {
     "niah_multikey": "evalctx.tasks.niah:NiahMultikey",
     "niah_multivalue": "evalctx.tasks.niah:NiahMultivalue",
     "niah_multiquery": "evalctx.tasks.niah:NiahMultiquery",
+    "kv_retrieval": "evalctx.tasks.kv_retrieval:KvRetrievalTask",
 }
 
 
@@ -24,4 +27,9 @@ def list_tasks() -> list[tuple[str, str]]:
     return [(name, get_task(name).description) for name in sorted(TASKS)]
 
 
-__all__ = ["TASKS", "Task", "get_task", "list_tasks"]
+def task_defaults(name: str) -> dict[str, Any]:
+    """The options a task accepts in ``[tasks.options]``, each with its default (None: unset)."""
+    return dict(getattr(get_task(name), "defaults", {}))
+
+
+__all__ = ["TASKS", "Task", "get_task", "list_tasks", "task_defaults"]

@@ -3,21 +3,24 @@
 Wording from NVIDIA/RULER ``scripts/data/synthetic/niah.py`` and ``constants.py``: the plural template, rewritten to
 the singular when one value is asked for (``Some``->``A``, ``are all``->``is``, ``are``->``is``, ``numbers``->
 ``number``); the needle keeps the plural ("One of the special magic numbers for {key} is: {value}."), as upstream.
-Keys are adjective-noun pairs like RULER's wonderwords ``{adj}-{noun}`` (our own word lists, so no dependency);
-values are 7-digit numbers or uuid4 strings. Noise haystacks hold one needle per line (RULER joins lines with
-``\\n``), essay haystacks one per sentence boundary (joined with spaces). Several needles go gkamradt-style: the
-first at the depth, the rest evenly spread after it; RULER shuffles the needle order, so do we.
+Keys (``key_type``) and values (``value_type``) are RULER's ``words``, ``numbers`` or ``uuids``
+(:mod:`evalctx.tasks.keys`); by default word keys and 7-digit number values. Noise haystacks hold one needle per
+line (RULER joins lines with ``\\n``), as does the ``needle`` haystack of distractor needles
+(:mod:`evalctx.tasks.distractors`); essay haystacks one per sentence boundary (joined with spaces). Several needles
+go gkamradt-style: the first at the depth, the rest evenly spread after it; RULER shuffles the needle order, so do
+we. RULER's eight named configurations are entries of the shipped ``ruler`` suite.
 """
 
 from __future__ import annotations
 
 import random
-import uuid
 from typing import Any, ClassVar
 
 from evalctx.errors import UsageError
+from evalctx.tasks.distractors import distractor_haystack
 from evalctx.tasks.haystack import Haystack, get_haystack
 from evalctx.tasks.haystack_task import Draw, HaystackTask
+from evalctx.tasks.keys import KINDS, draw, draw_pooled
 from evalctx.tasks.placement import SENTINEL, Needle
 
 TEMPLATE = ("Some special magic {type_v} are hidden within the following text. Make sure to memorize it. "
@@ -26,30 +29,8 @@ TEMPLATE = ("Some special magic {type_v} are hidden within the following text. M
 ANSWER_PREFIX = " The special magic {type_v} for {query} mentioned in the provided text are"
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
 
-ADJECTIVES = (
-    "able ancient angry bitter blue bold brave brief bright broad busy calm careful cheap clever cold cool cozy "
-    "crisp curious damp dark deep dizzy dry dull eager early easy empty fair famous fancy fast fierce flat "
-    "fluffy foggy fragile fresh friendly funny gentle giant glad golden grand green gray happy hard heavy "
-    "hollow honest huge humble hungry icy jolly kind large late lazy light little lively lonely loud lucky "
-    "mellow merry mighty mild modern muddy narrow neat nervous noble noisy odd old orange pale patient plain "
-    "polite proud purple quick quiet rapid rare red rich ripe rough round royal rusty sandy scarlet shaggy "
-    "sharp shiny short silent silly silver simple sleepy slow small smooth snowy soft solid sour spicy "
-    "steady steep sticky stormy strange strong sturdy sunny sweet swift tall tame tender thick thin tidy tiny "
-    "tough upbeat vast violet warm weary wet wide wild windy wise witty wooden young zany"
-).split()
-NOUNS = (
-    "acorn anchor apple arrow badge bakery balloon banjo barn basket beacon bell bench bicycle blanket boat "
-    "bottle bridge bucket button cabin camera candle canoe canyon carpet castle cave chair chimney circus "
-    "cliff clock cloud comet compass cookie cottage crayon crown cushion desert diamond dolphin door dragon "
-    "drum eagle engine falcon feather fence fiddle forest fountain garden gate glacier globe guitar hammer "
-    "harbor helmet hill horizon island jacket jungle kettle kite ladder lagoon lantern lemon library "
-    "lighthouse magnet mango meadow mirror mountain napkin needle orchard otter oven paddle palace parrot "
-    "pebble pencil piano pillow planet pocket pond puzzle quilt rabbit radio river rocket saddle sail "
-    "scarf shell shovel sled spoon squirrel stable statue tiger tower tractor trumpet tunnel umbrella valley "
-    "violin wagon walrus whistle window wizard yacht zebra"
-).split()
-VALUE_TYPES = ("numbers", "uuids")
-HAYSTACKS = ("noise", "essay")
+VALUE_TYPES = KEY_TYPES = KINDS
+HAYSTACKS = ("noise", "essay", "needle")
 
 
 class NiahTask(HaystackTask):
@@ -60,26 +41,35 @@ class NiahTask(HaystackTask):
     num_q: ClassVar[int] = 1
     scorer = "string_match_all"
     default_max_new_tokens = 128  # RULER's tokens_to_generate for niah
-    defaults: ClassVar[dict[str, Any]] = {"haystack": "noise", "haystack_dir": None, "value_type": "numbers"}
+    defaults: ClassVar[dict[str, Any]] = {"haystack": "noise", "haystack_dir": None, "key_type": "words",
+                                          "value_type": "numbers"}
 
     def _haystack(self) -> Haystack:
-        if self.options["haystack"] not in HAYSTACKS:
-            raise UsageError(f"task {self.name}: unknown haystack {self.options['haystack']!r}: choose noise or essay")
-        if self.options["value_type"] not in VALUE_TYPES:
-            raise UsageError(f"task {self.name}: unknown value_type {self.options['value_type']!r}: "
-                             "choose numbers or uuids")
+        for opt, choices in (("haystack", HAYSTACKS), ("key_type", KEY_TYPES), ("value_type", VALUE_TYPES)):
+            if self.options[opt] not in choices:
+                raise UsageError(f"task {self.name}: unknown {opt} {self.options[opt]!r}: choose {', '.join(choices)}")
+        if self.options["haystack"] == "needle":
+            if self.options["haystack_dir"]:
+                raise UsageError('option haystack_dir needs haystack = "essay"')
+            return distractor_haystack(NEEDLE, self.options["key_type"], self.options["value_type"])
         return get_haystack(self.options["haystack"], self.options["haystack_dir"], joiner="\n")
 
-    def _value(self, rng: random.Random) -> str:
-        if self.options["value_type"] == "uuids":
-            return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        return str(rng.randint(10**6, 10**7 - 1))
+    def id_options(self) -> dict[str, Any]:
+        opts = super().id_options()
+        if opts["key_type"] == "words":  # the only key kind before it became an option: old ids stay valid
+            del opts["key_type"]
+        return opts
+
+    def _secret(self, kind: str, rng: random.Random) -> str:
+        if self.options["haystack"] == "needle":  # never a distractor's key or value (see keys.py)
+            return draw_pooled(kind, rng, distractor=False)
+        return draw(kind, rng)
 
     def _draw(self, rng: random.Random, depth: float) -> Draw:
         type_v = self.options["value_type"]
         keys: list[str] = []
         while len(keys) < self.num_k:
-            k = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+            k = self._secret(self.options["key_type"], rng)
             if k not in keys:
                 keys.append(k)
         values: list[list[str]] = []
@@ -87,7 +77,7 @@ class NiahTask(HaystackTask):
         for _ in keys:
             vs: list[str] = []
             while len(vs) < self.num_v:
-                v = self._value(rng)
+                v = self._secret(type_v, rng)
                 if v not in seen:  # a repeated value would make string_match_all ambiguous
                     seen.add(v)
                     vs.append(v)
@@ -115,7 +105,7 @@ class NiahTask(HaystackTask):
 
 class NiahSingle(NiahTask):
     name = "niah_single"
-    description = "RULER niah_single: one key-value needle (7-digit number) in noise or essay text"
+    description = "RULER niah_single: one key-value needle in noise, essay or distractor-needle text"
 
 
 class NiahMultikey(NiahTask):

@@ -1,0 +1,234 @@
+"""``kv_retrieval``: the value of one uuid key in a JSON object, as TensorRT-LLM's eval_long_context.py asks it.
+
+Upstream (InfiniteBench Retrieve.KV, copied into TensorRT-LLM ``examples/infinitebench/``):
+``construct_synthetic_dataset.build_kv_retrieval`` takes lost-in-the-middle's uuid4 key-value records and writes
+``context = 'JSON data:\\n{"k": "v", "k": "v", ...}'`` and ``input = '\\nKey: "k"\\nThe value associated with the
+specified key is: '``; ``eval_utils.create_prompt`` renders ``"Extract the value corresponding to the specified key
+in the JSON object below.\\n\\n{context}\\n\\n{input}"``; 50 new tokens; scored by ``compute_scores``'s
+``get_score_one_kv_retrieval`` (:func:`evalctx.scoring.kv_retrieval_match`). The last line of ``input`` is the
+answer prefix here, so chat mode puts it in the assistant turn as passkey does.
+
+Exact length. Upstream keeps a fixed number of pairs (2500 at its 128K level) whatever the tokenizer; here the
+object holds as many whole pairs as make the prompt exactly ``context_length`` tokens, the JSON intact. Pairs are
+counted in context (one tokenization of a batch of them); the object is filled with fresh pairs until less than one
+pair is left, then filler pairs are swapped for fresh ones with more tokens (uuids tokenize to different counts)
+until the count is exact (right above the minimum, an asked pair that alone does not fit is redrawn). Where that
+cannot close the gap -- every pair the same count (a byte tokenizer), or less than one pair above the minimum --
+JSON whitespace before the closing brace fills the last tokens (``meta["pad_spaces"]``). The final text is
+tokenized once and its length asserted, never truncated. Depth is the asked pair's place among the pairs: index
+``round(depth * (n_pairs - 1))``.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Any, ClassVar
+
+from evalctx.errors import LengthError, UsageError
+from evalctx.records import Sample
+from evalctx.tasks.haystack_task import HaystackTask
+from evalctx.tasks.keys import draw
+from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
+
+INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+CONTEXT_OPEN = "JSON data:\n{"
+QUESTION = '\n\n\nKey: "{key}"'  # create_prompt's "\n\n" + input's leading "\n"
+ANSWER_PREFIX = "\nThe value associated with the specified key is: "
+SEP = ", "
+_REF = '"00000000-0000-4000-8000-000000000000": "00000000-0000-4000-8000-000000000000"'  # context when counting
+_SWAP_ROUNDS = 16  # batches of fresh pairs tried when closing the last gap by swaps
+_SWAP_BATCH = 32
+_MAX_VERIFY = 4
+_MAX_ASKED = 100
+
+
+def pair_text(key: str, value: str) -> str:
+    return f'"{key}": "{value}"'
+
+
+class KvRetrievalTask(HaystackTask):
+    """``kv_retrieval``: find the value of the asked uuid key among whole JSON key-value pairs; no options."""
+
+    name = "kv_retrieval"
+    version = 1
+    scorer = "kv_retrieval_match"
+    default_max_new_tokens = 50  # TensorRT-LLM DATA_NAME_TO_MAX_NEW_TOKENS["kv_retrieval"]
+    description = "InfiniteBench kv_retrieval (TensorRT-LLM wording): the value of one uuid key in a JSON object"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def _haystack(self) -> None:  # type: ignore[override]  # the pairs are drawn per sample
+        return None
+
+    def id_options(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def make_sample(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> Sample:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
+        if not 0.0 <= depth <= 1.0:
+            raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
+        depth = float(depth)
+        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        rng = self._rng(context_length, depth, seed)
+        for _ in range(_MAX_ASKED):
+            b = _Builder(self, rng)
+            if b.minimum() <= context_length:
+                break  # right above the minimum, a longer-tokenized asked pair is redrawn (else too short)
+        text, ids, offsets, pairs, j, pad = b.build(context_length, depth)
+        body_start = len(b.frame.pre)
+        asked_start = body_start + sum(len(p) + len(SEP) for p in pairs[:j])
+        asked_end = asked_start + len(pairs[j])
+        body_end = len(text) - len(b.frame.post)
+        t_body, t_asked = _token_containing(offsets, body_start), _token_containing(offsets, asked_start)
+        t_after, t_end = _token_containing(offsets, asked_end), _token_containing(offsets, body_end)
+        filler_tokens = (t_end - t_body) - (t_after - t_asked)
+        depth_actual = None if filler_tokens <= 0 else min(max((t_asked - t_body) / filler_tokens, 0.0), 1.0)
+        messages = None
+        if self.prompt_mode == "chat":
+            messages = [{"role": "user", "content": b.user.replace(SENTINEL, text[body_start:body_end])},
+                        {"role": "assistant", "content": ANSWER_PREFIX.lstrip()}]
+        return Sample(id=self.sample_id(context_length, depth, seed, mnt), task=self.name,
+                      context_length=context_length, depth=depth, seed=seed, prompt=text, prompt_ids=ids,
+                      target=[b.value], needle_token_index=t_asked, max_new_tokens=mnt,
+                      add_special_tokens=b.frame.add_special_tokens, prompt_mode=self.prompt_mode,
+                      depth_actual=depth_actual, scorer=self.scorer,
+                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": pad}, messages=messages)
+
+    def min_length(self) -> int:
+        return _Builder(self, self._rng(0, 0.5, 0)).minimum()
+
+
+class _Builder:
+    """One sample's draw: the asked pair, a stream of fresh filler pairs, and the search for the exact count."""
+
+    def __init__(self, task: KvRetrievalTask, rng: random.Random) -> None:
+        self.tok, self.rng = task.tokenizer, rng
+        self.seen: set[str] = set()
+        self.key, self.value = self._uuid(), self._uuid()
+        self.asked = pair_text(self.key, self.value)
+        self.user = f"{INSTRUCTION}\n\n{CONTEXT_OPEN}{SENTINEL}}}{QUESTION.format(key=self.key)}"
+        self.frame = render_frame(self.tok, task.prompt_mode, self.user, ANSWER_PREFIX)
+        self._minimum: int | None = None
+
+    def _uuid(self) -> str:
+        while True:  # all keys and values distinct, so the asked value occurs once
+            u = draw("uuids", self.rng)
+            if u not in self.seen:
+                self.seen.add(u)
+                return u
+
+    def count(self, text: str) -> int:
+        return len(self.tok.encode(text, add_special_tokens=False))
+
+    def minimum(self) -> int:
+        """Tokens of the prompt whose object holds the asked pair alone."""
+        if self._minimum is None:
+            self._minimum = len(self.tok.encode(self.frame.pre + self.asked + self.frame.post,
+                                                self.frame.add_special_tokens))
+        return self._minimum
+
+    def pair_counts(self, pairs: list[str]) -> list[int]:
+        """Tokens each pair adds inside the object, all measured in one tokenization between two fixed pairs.
+
+        A pair owns the tokens that start between its opening quote and the next pair's, so the ``, "`` seam
+        counts once whichever way the tokenizer merges it; the counts add up to the body's tokens."""
+        text = _REF + SEP + SEP.join(pairs) + SEP + _REF
+        starts = [len(_REF) + len(SEP) + s for s in accumulate((len(p) + len(SEP) for p in pairs[:-1]), initial=0)]
+        end = starts[-1] + len(pairs[-1]) + len(SEP)
+        counts = [0] * len(pairs)
+        for a, _ in self.tok.encode_with_offsets(text, add_special_tokens=False)[1]:
+            if starts[0] <= a < end:
+                counts[bisect_right(starts, a) - 1] += 1
+        return counts
+
+    def fresh(self, n: int) -> tuple[list[str], list[int]]:
+        pairs = [pair_text(self._uuid(), self._uuid()) for _ in range(n)]
+        return pairs, self.pair_counts(pairs)
+
+    def fill(self, need: int, per_pair: int) -> tuple[list[str], list[int]]:
+        """Fresh pairs whose counts add up to at most ``need``, less than one pair short of it."""
+        pairs: list[str] = []
+        counts: list[int] = []
+        total = 0
+        while total < need:
+            more, c = self.fresh(max((need - total) // max(per_pair, 1), 0) + 8)
+            pairs += more
+            counts += c
+            total += sum(c)
+        while pairs and total > need:
+            total -= counts.pop()
+            pairs.pop()
+        return pairs, counts
+
+    def swap(self, pairs: list[str], counts: list[int], gap: int) -> int:
+        """Close ``gap`` (>= 0) by swapping filler pairs for fresh ones with more tokens; returns what is left."""
+        if not pairs:
+            return gap
+        by_count: dict[int, list[int]] = {}
+        for i, c in enumerate(counts):
+            by_count.setdefault(c, []).append(i)
+        for _ in range(_SWAP_ROUNDS):
+            if gap == 0:
+                break
+            cands, cc = self.fresh(_SWAP_BATCH)
+            if max(cc) <= min(by_count):
+                break  # no fresh pair has more tokens than any filler: swaps cannot add any
+            for cand, c in zip(cands, cc):
+                # The filler that gains the most without overshooting: the fewest tokens >= c - gap, below c.
+                options = [k for k in by_count if c - gap <= k < c and by_count[k]]
+                if not options:
+                    continue
+                k = min(options)
+                i = by_count[k].pop()
+                pairs[i], counts[i] = cand, c
+                by_count.setdefault(c, []).append(i)
+                gap -= c - k
+                if gap == 0:
+                    break
+        return gap
+
+    def pad_for(self, gap: int) -> int | None:
+        """Spaces before the closing brace that add exactly ``gap`` tokens (measured locally), or None."""
+        if gap == 0:
+            return 0
+        right = self.frame.post[:16]
+        base = self.count(_REF + right)
+        for p in range(1, 8 * gap + 64):
+            got = self.count(_REF + " " * p + right) - base
+            if got == gap:
+                return p
+            if got > gap + 8:
+                break
+        return None
+
+    def build(self, length: int, depth: float) -> tuple[str, list[int], list[tuple[int, int]], list[str], int, int]:
+        """(text, ids, offsets, pairs, asked index, pad spaces) of a prompt of exactly ``length`` tokens."""
+        t1 = self.minimum()
+        where = f"kv_retrieval at {length} tokens with tokenizer {self.tok.name}"
+        if length < t1:
+            raise LengthError(f"{where}: too short; the template and one key-value pair need {t1} tokens")
+        c_asked = self.pair_counts([self.asked])[0]
+        need = length - t1  # tokens the filler pairs and the padding must add
+        for _ in range(_MAX_VERIFY):
+            pairs, counts = self.fill(max(need, 0), c_asked)
+            pad = None
+            for _drop in range(3):  # a few pairs fewer when the padding cannot make the rest
+                gap = self.swap(pairs, counts, max(need, 0) - sum(counts))
+                pad = self.pad_for(gap)
+                if pad is not None or not pairs:
+                    break
+                pairs.pop()
+                counts.pop()
+            if pad is None:
+                break
+            j = round(depth * len(pairs))  # of len(pairs) + 1 pairs in all
+            pairs = pairs[:j] + [self.asked] + pairs[j:]
+            text = self.frame.pre + SEP.join(pairs) + " " * pad + self.frame.post
+            ids, offsets = self.tok.encode_with_offsets(text, add_special_tokens=self.frame.add_special_tokens)
+            if len(ids) == length:
+                return text, ids, offsets, pairs, j, pad
+            need -= len(ids) - length  # a seam the local counts missed: aim that much off
+        raise LengthError(f"{where}: no choice of whole key-value pairs and JSON whitespace tokenizes to exactly "
+                          f"{length} tokens; try a length a few tokens away")
