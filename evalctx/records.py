@@ -126,8 +126,10 @@ class SampleRecord:
     seed: int
     prompt_mode: str
     needle_token_index: int
-    target: str
-    """Reference answers joined with ``|`` (the list is in ``meta``/the journal)."""
+    target: list[str]
+    """Reference answers, a list column (results.parquet ``list<string>``, a JSON list in the journal); empty for
+    unsupported rows. Scorers take it as it is: rescoring a row is ``score(row.scorer, row.completion,
+    row.target)``."""
     completion: str | None
     extracted: str | None
     score: float | None

@@ -128,7 +128,7 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
     rec = SampleRecord(
         run_id=run_id, sample_id=sample.id, task=sample.task, context_length=sample.context_length,
         depth=sample.depth, depth_actual=sample.depth_actual, seed=sample.seed, prompt_mode=sample.prompt_mode,
-        needle_token_index=sample.needle_token_index, target="|".join(sample.target), completion=res.text,
+        needle_token_index=sample.needle_token_index, target=list(sample.target), completion=res.text,
         extracted=sc.extracted if sc else None, score=sc.value if sc else None, status=status,
         n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=res.n_output_tokens, latency_s=res.latency_s,
         ttft_s=res.ttft_s, prefill_tokens_per_s=prefill_tps, decode_tokens_per_s=decode_tps,
@@ -143,7 +143,7 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
 def unsupported_record(run_id: str, spec: SampleSpec, reason: str, extra: dict[str, Any]) -> dict:
     rec = SampleRecord(
         run_id=run_id, sample_id=spec.id, task=spec.task, context_length=spec.context_length, depth=spec.depth,
-        depth_actual=None, seed=spec.seed, prompt_mode=spec.prompt_mode, needle_token_index=-1, target="",
+        depth_actual=None, seed=spec.seed, prompt_mode=spec.prompt_mode, needle_token_index=-1, target=[],
         completion=None, extracted=None, score=None, status="unsupported", n_prompt_tokens=None,
         n_output_tokens=None, latency_s=None, ttft_s=None, prefill_tokens_per_s=None, decode_tokens_per_s=None,
         batch_size=None, finish_reason=None, peak_memory_bytes=None, error=reason, prompt_sha1="", scorer="",
