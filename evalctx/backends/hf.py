@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
+from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
 from evalctx.records import GenerationRequest, GenerationResult
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOWER_RIGHT_SDPA = "evalctx_sdpa"
 
 
@@ -93,7 +93,7 @@ class HFBackend(Backend):
         device: str = "auto"
         """auto (CUDA if present, one GPU per local rank), cpu, cuda or cuda:N."""
         dtype: str = "auto"
-        """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+        """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 (any spelling: fp16, half, bf16)."""
         chunk_size: int = 4096
         """Prefill chunk in tokens; 0 = the whole prompt at once."""
         attn_implementation: str = "auto"
@@ -127,8 +127,7 @@ class HFBackend(Backend):
 
         from evalctx.models import resolve_model
 
-        if options.dtype not in _DTYPES:
-            raise UsageError(f"backend hf: dtype must be one of {_DTYPES}, not {options.dtype!r}")
+        dtype = options.dtype if options.dtype == "auto" else torch_dtype_name(options.dtype, "backend hf dtype")
         if options.chunk_size < 0:
             raise UsageError("backend hf: chunk_size must be >= 0")
         if ctx.model is None:
@@ -137,7 +136,6 @@ class HFBackend(Backend):
             torch.set_num_threads(options.threads)
         self.torch = torch
         self.device = self._pick_device(options.device, ctx)
-        dtype = options.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
