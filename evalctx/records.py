@@ -53,6 +53,10 @@ class Sample:
     """Name of the scorer in :mod:`evalctx.scoring`."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Task-specific extras (haystack name, key, template variant); flattened as ``meta_*`` columns."""
+    special_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Character spans of ``prompt`` written by the chat template, where special-token strings are special tokens;
+    everywhere else the prompt is text. ``prompt_ids == tokenizer.encode(prompt, add_special_tokens,
+    special_spans)``. Empty in raw mode."""
     messages: list[dict[str, str]] | None = None
     """Chat mode: the user turn and the assistant prefill that ``prompt`` renders, for servers that apply their
     own chat template (http ``endpoint=chat``). Not written to JSON: it repeats the whole haystack."""

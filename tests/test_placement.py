@@ -256,9 +256,9 @@ def test_one_full_tokenization_per_warm_build():
         def __getattr__(self, item):
             return getattr(tok, item)
 
-        def encode_with_offsets(self, text, add_special_tokens=False):
+        def encode_with_offsets(self, text, add_special_tokens=False, special_spans=None):
             big.append(len(text))
-            return tok.encode_with_offsets(text, add_special_tokens)
+            return tok.encode_with_offsets(text, add_special_tokens, special_spans)
 
     spy = Spy()
     hay = essay_haystack()
@@ -283,11 +283,11 @@ class LongTextTokenizer(ByteTokenizer):
     def fingerprint(self) -> str:
         return "long-text-quirk"
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, special_spans=None):
         ids = super().encode(text, add_special_tokens)
         return ids + [2] if len(text) > 5000 else ids
 
-    def encode_with_offsets(self, text, add_special_tokens=False):
+    def encode_with_offsets(self, text, add_special_tokens=False, special_spans=None):
         ids, offsets = super().encode_with_offsets(text, add_special_tokens)
         if len(text) > 5000:
             return ids + [2], offsets + [(len(text), len(text))]

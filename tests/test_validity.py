@@ -53,3 +53,51 @@ def test_kind4_results_written_before_the_list_column_load_as_lists(tmp_path: Pa
     loaded = load_run(run_dir)
     assert loaded["target"].tolist() == [["1111111", "2222222"], ["3333333", "4444444"]]
     assert score("string_match_all", " 1111111.", loaded["target"].iloc[0]).value == 0.5
+
+
+# -- 1. special tokens --------------------------------------------------------------------------------------------
+TINY = Path(__file__).resolve().parent.parent / "evalctx" / "data" / "models" / "tiny"
+
+
+def tiny_copy_appending_eos(dest: Path) -> Path:
+    """The tiny model with a tokenizer that appends ``</s>`` (post-processor ``<s> $A </s>``, add_eos_token)."""
+    import json
+    import shutil
+
+    shutil.copytree(TINY, dest)
+    tok = json.loads((dest / "tokenizer.json").read_text())
+    special = {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}, "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}
+    seq = [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+           {"SpecialToken": {"id": "</s>", "type_id": 0}}]
+    tok["post_processor"] = {"type": "TemplateProcessing", "single": seq, "pair": seq, "special_tokens": special}
+    (dest / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg["add_eos_token"] = True
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_kind1_a_tokenizer_that_appends_eos_builds_the_same_prompts(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from evalctx.tasks import get_task
+    from evalctx.tokenizer import HFTokenizer
+
+    eos_tok = HFTokenizer(tiny_copy_appending_eos(tmp_path / "tiny-eos"))
+    assert eos_tok._rust.encode("The pass key is").ids[-1] == 2  # its files really append </s>
+    plain = get_task("passkey")(HFTokenizer(TINY), {}).make_sample(256, 0.5, 1)
+    s = get_task("passkey")(eos_tok, {}).make_sample(256, 0.5, 1)
+    assert s.prompt.endswith("The pass key is") and s.prompt_ids[-1] != 2
+    assert s.prompt_ids == plain.prompt_ids and s.prompt_ids[0] == 1
+
+
+def test_kind1_the_tiny_model_with_an_eos_appending_tokenizer_still_scores_100(tmp_path: Path) -> None:
+    """The issue's example: 0% (every prompt ended ``The pass key is</s>``); the right value is 100%."""
+    pytest.importorskip("torch")
+    model = tiny_copy_appending_eos(tmp_path / "tiny-eos")
+    suite = _write_suite(tmp_path / "pk.toml", 'name = "pk"\n[[tasks]]\ntask = "passkey"\nlengths = [256]\n'
+                                               "depths = [0.0, 0.5, 1.0]\nsamples = 3\n")
+    code = main(["run", "--suite", suite, "--backend", "hf", "--model", str(model), "--out", str(tmp_path),
+                 "--run-id", "r", "--no-progress", "--backend-opt", "threads=1", "--backend-opt", "device=cpu"])
+    assert code == 0
+    df = pd.read_parquet(tmp_path / "r" / "results.parquet")
+    assert len(df) == 9 and df["score"].tolist() == [1.0] * 9

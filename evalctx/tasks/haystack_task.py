@@ -132,7 +132,8 @@ class HaystackTask(Task):
                       prompt=asm.text, prompt_ids=asm.ids, target=draw.targets,
                       needle_token_index=asm.needle_token_index, max_new_tokens=mnt,
                       add_special_tokens=frame.add_special_tokens, prompt_mode=self.prompt_mode,
-                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta, messages=messages)
+                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta,
+                      special_spans=list(asm.special_spans or []), messages=messages)
 
     def min_length(self) -> int:
         draw = self._draw(self._rng(0, 0.5, 0), 0.5)
