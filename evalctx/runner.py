@@ -158,7 +158,7 @@ def _check_min_lengths(builder: SampleBuilder, suite: Suite) -> None:
         short = [n for n in ts.lengths if n < need]
         if short:
             raise LengthError(f"task {ts.task}: length(s) {short} are below the {need} tokens its template and "
-                              f"needle need with this tokenizer; use lengths >= {need}")
+                              f"needles need with this tokenizer (for the longest keys); use lengths >= {need}")
 
 
 class Runner:
@@ -254,7 +254,7 @@ class Runner:
         backend = self.cls(self.options, ctx)
         try:
             extra.update(backend.row_columns())
-            unsupported = backend.preflight(pending) if pending else {}
+            unsupported = {**self.builder.unbuildable(pending), **(backend.preflight(pending) if pending else {})}
             if w.is_root:
                 rundir.write_manifest(self.run_dir, self._manifest(backend, "running", created_at))
                 if unsupported:
@@ -293,26 +293,13 @@ class Runner:
         n_new = 0
         try:
             for batch in batches(mine, self.batch_size):
-                samples = [self.builder.build(s) for s in batch]
-                reqs = [GenerationRequest(sample_id=s.id, prompt_ids=s.prompt_ids, prompt=s.prompt,
-                                          max_new_tokens=s.max_new_tokens, add_special_tokens=s.add_special_tokens,
-                                          prompt_mode=s.prompt_mode,
-                                          extra={"messages": s.messages} if s.messages else {}) for s in samples]
-                w.bcast_replica(reqs)
-                results = backend.generate(reqs)
-                if len(results) != len(reqs):
-                    raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(reqs)}")
-                for s, r in zip(samples, results):
-                    if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != s.context_length:
-                        raise LengthError(
-                            f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
-                            f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
-                            "own tokenizer with --tokenizer")
-                rows = [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
+                samples, rows = self._build(batch, extra)
+                if samples:
+                    rows += self._generate(backend, samples, extra)
                 journal.append(rows)
                 n_new += len(rows)
                 n_err = sum(1 for r in rows if r["status"] == "error")
-                msg = (len(rows), sum(s.context_length for s in samples), n_err)
+                msg = (len(rows), sum(s.context_length for s in batch), n_err)
                 if w.is_root:
                     progress.update(*msg)
                     for m in w.poll_root(TAG_PROGRESS):
@@ -337,6 +324,36 @@ class Runner:
         else:
             w.send_to_root(("done", w.replica, n_new), TAG_DONE)
         return n_new
+
+    def _build(self, batch: list[SampleSpec], extra: dict[str, Any]) -> tuple[list[Sample], list[dict]]:
+        """The batch's samples, and an unsupported row for each spec no prompt of its exact length fits (a key
+        longer than any :meth:`SampleBuilder.unbuildable` saw): that sample is skipped, the run goes on."""
+        samples, rows = [], []
+        for spec in batch:
+            try:
+                samples.append(self.builder.build(spec))
+            except LengthError as exc:
+                print(f"evalctx: unsupported: {exc}", file=sys.stderr)
+                rows.append(unsupported_record(self.run_id, spec, str(exc), extra))
+        return samples, rows
+
+    def _generate(self, backend: Backend, samples: list[Sample], extra: dict[str, Any]) -> list[dict]:
+        w = self.world
+        reqs = [GenerationRequest(sample_id=s.id, prompt_ids=s.prompt_ids, prompt=s.prompt,
+                                  max_new_tokens=s.max_new_tokens, add_special_tokens=s.add_special_tokens,
+                                  prompt_mode=s.prompt_mode,
+                                  extra={"messages": s.messages} if s.messages else {}) for s in samples]
+        w.bcast_replica(reqs)
+        results = backend.generate(reqs)
+        if len(results) != len(reqs):
+            raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(reqs)}")
+        for s, r in zip(samples, results):
+            if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != s.context_length:
+                raise LengthError(
+                    f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
+                    f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
+                    "own tokenizer with --tokenizer")
+        return [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
 
     def _finish(self, backend: Backend, created_at: str, n_new: int) -> RunOutcome:
         import pandas as pd

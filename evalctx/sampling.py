@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalctx.config import Suite, TaskSpec
+from evalctx.errors import LengthError
 from evalctx.records import Sample
 from evalctx.tokenizer import Tokenizer
 
@@ -50,10 +51,14 @@ def enumerate_specs(suite: Suite, tokenizer: Tokenizer) -> list[SampleSpec]:
 class SampleBuilder:
     """Builds the samples of specs on demand, with one task instance (and its haystack caches) per suite table."""
 
+    NEAR_MINIMUM = 32
+    """Specs shorter than their task's ``min_length() + NEAR_MINIMUM`` are built up front by :meth:`unbuildable`."""
+
     def __init__(self, suite: Suite, tokenizer: Tokenizer) -> None:
         self.suite = suite
         self.tokenizer = tokenizer
         self._tasks: dict[int, Any] = {}
+        self._built: dict[str, Sample] = {}
 
     def task(self, index: int) -> Any:
         if index not in self._tasks:
@@ -80,7 +85,27 @@ class SampleBuilder:
                         specs.append(SampleSpec(sid, ts.task, ti, length, depth, seed, mnt, ts.prompt_mode))
         return specs
 
+    def unbuildable(self, specs: list[SampleSpec]) -> dict[str, str]:
+        """``{spec id: reason}`` for the specs near their task's minimum length that cannot be built.
+
+        Which key a sample hides decides how short its prompt can be, and right above a draw's minimum a haystack
+        of one or two tokens cannot always be cut; both are found here, before any GPU work, by building the
+        (short, cheap) prompts near the minimum. Those that build are kept for :meth:`build`.
+        """
+        out: dict[str, str] = {}
+        for spec in specs:
+            if spec.context_length >= self.task(spec.task_index).min_length() + self.NEAR_MINIMUM:
+                continue
+            try:
+                self._built[spec.id] = self.build(spec)
+            except LengthError as exc:
+                out[spec.id] = str(exc)
+        return out
+
     def build(self, spec: SampleSpec) -> Sample:
+        """The sample of ``spec``; raises LengthError when no prompt of exactly its length exists."""
+        if spec.id in self._built:
+            return self._built.pop(spec.id)
         sample = self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed,
                                                         spec.max_new_tokens)
         if sample.id != spec.id:  # the resume key: both come from the task's sample_id, so this is a bug

@@ -321,8 +321,8 @@ def test_bad_sample_arguments():
     with pytest.raises(UsageError, match="prompt_mode"):
         get_task("passkey")(ByteTokenizer(), {}, "completion")
     lo = task.min_length()
-    with pytest.raises(LengthError, match=f"{lo} tokens"):
-        task.make_sample(lo - 1, 0.5, 0)
+    with pytest.raises(LengthError, match=r"too short; the template and needle alone need \d+ tokens"):
+        task.make_sample(lo // 2, 0.5, 0)
 
 
 def test_custom_haystack_dir_and_key_redraw(tmp_path):
@@ -363,3 +363,20 @@ def test_niah_needles_at_the_very_end_stay_apart(haystack, sep):
     block = sep.join(needles)  # one after the other, each separated as in the haystack, then the question
     assert s.prompt.count(block + "\nWhat are all the special magic numbers") == 1
     assert s.depth_actual == 1.0
+
+
+@pytest.mark.parametrize("tok_name,mode", [(t, m) for t in TOKENIZER_NAMES for m in ("raw", "chat")
+                                           if m == "raw" or t in CHAT_TOKENIZER_NAMES])
+@pytest.mark.parametrize("task_name,options", [("passkey", {}), ("niah_single", {}), ("niah_multikey", {}),
+                                               ("niah_multivalue", {"value_type": "uuids"})])
+def test_min_length_covers_the_draws(tok_name, mode, task_name, options):
+    """min_length() is the longest minimum over many draws: at min_length() + NEAR_MINIMUM every draw builds, so
+    the runner's up-front build of the near-minimum specs finds every sample a short length cannot hold."""
+    from evalctx.sampling import SampleBuilder
+
+    task = get_task(task_name)(get_tokenizer(tok_name), options, mode)
+    lo = task.min_length()
+    for seed in range(100, 115):
+        for depth in (0.0, 0.5, 1.0):
+            s = task.make_sample(lo + SampleBuilder.NEAR_MINIMUM, depth, seed)
+            assert len(s.prompt_ids) == lo + SampleBuilder.NEAR_MINIMUM
