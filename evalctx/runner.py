@@ -116,8 +116,15 @@ def batches(specs: Sequence[SampleSpec], batch_size: int) -> list[list[SampleSpe
     return out
 
 
+def short_budget(sample: Sample, res: GenerationResult) -> bool:
+    """The budget cannot hold this sample's answer and the output was not stopped by the model (EOS) before it."""
+    need = sample.meta.get("answer_tokens")
+    return isinstance(need, int) and sample.max_new_tokens < need and res.finish_reason != "stop"
+
+
 def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any]) -> dict:
     status = "error" if res.error is not None or res.text is None else "ok"
+    flags = [*res.flags, *(["short_budget"] if status == "ok" and short_budget(sample, res) else [])]
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
     prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
     decode_tps = None
@@ -135,7 +142,7 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
         batch_size=res.batch_size, finish_reason=res.finish_reason, peak_memory_bytes=res.peak_memory_bytes,
         error=res.error, prompt_sha1=hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest(),
         scorer=sample.scorer, max_new_tokens=sample.max_new_tokens, replica=replica, finished_at=time.time(),
-        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=list(res.flags), extra={**extra, **meta},
+        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=flags, extra={**extra, **meta},
     )
     return rec.to_row()
 
@@ -176,6 +183,9 @@ class Runner:
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
         _check_min_lengths(self.builder, cfg.suite)
         self.specs = self.builder.specs()
+        if self.world.is_root:
+            for warning in self.builder.budget_warnings():
+                print(f"evalctx: warning: {warning}", file=sys.stderr)
         self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
         self.config = {
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",

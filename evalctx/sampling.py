@@ -71,7 +71,7 @@ class SampleBuilder:
         seen: set[str] = set()
         for ti, ts in enumerate(self.suite.tasks):
             task = self.task(ti)
-            mnt = ts.max_new_tokens or task.default_max_new_tokens
+            mnt = ts.max_new_tokens or task.default_budget()
             for length in ts.lengths:
                 for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
                     for k in range(ts.samples):
@@ -84,6 +84,17 @@ class SampleBuilder:
                         seen.add(sid)
                         specs.append(SampleSpec(sid, ts.task, ti, length, depth, seed, mnt, ts.prompt_mode))
         return specs
+
+    def budget_warnings(self) -> list[str]:
+        """One line per suite table whose hand-set max_new_tokens cannot hold its task's answers."""
+        out = []
+        for i, ts in enumerate(self.suite.tasks):
+            need = self.task(i).answer_tokens()
+            if ts.max_new_tokens is not None and ts.max_new_tokens < need:
+                out.append(f"task {ts.task}: max_new_tokens {ts.max_new_tokens} cannot hold its answers (up to "
+                           f"{need} tokens with this tokenizer); rows whose output runs to the limit are flagged "
+                           f"short_budget: raise max_new_tokens to >= {need} or leave it unset")
+        return out
 
     def unbuildable(self, specs: list[SampleSpec]) -> dict[str, str]:
         """``{spec id: reason}`` for the specs near their task's minimum length that cannot be built.

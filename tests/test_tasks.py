@@ -62,6 +62,10 @@ def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) ->
     assert scorer(" " + ", ".join(s.target) + ".", s.target).value == 1.0
     assert scorer(" 0", s.target).value == 0.0
     assert s.meta["haystack"] == task.haystack.name
+    # the answer's length in tokens is what appending it to this very prompt adds
+    answer = " " + ", ".join(s.target)
+    added = len(tok.encode(s.prompt + answer, s.add_special_tokens, s.special_spans)) - len(s.prompt_ids)
+    assert s.meta["answer_tokens"] == added
 
 
 @st.composite
@@ -210,7 +214,7 @@ def test_passkey_trtllm_prompt_is_upstream():
     assert s.prompt.endswith("\n\nWhat is the pass key?\n\nThe pass key is")
     assert f"\n{NOISE_LINE}\nThe pass key is {key}. Remember it. {key} is the pass key.\n{NOISE_LINE}\n" in s.prompt
     assert (s.scorer, s.max_new_tokens, s.prompt_ids[0]) == ("first_int_match", 6, ByteTokenizer.BOS)
-    assert s.meta == {"haystack": "noise", "template": "trtllm", "key": key}
+    assert s.meta == {"haystack": "noise", "template": "trtllm", "key": key, "answer_tokens": 6}
     # at the very start and the very end the needle line touches the template
     s0 = get_task("passkey")(ByteTokenizer(), {}).make_sample(2000, 0.0, 0)
     assert s0.prompt.startswith(TRTLLM_PREFIX + f"The pass key is {s0.meta['key']}.")
@@ -380,3 +384,21 @@ def test_min_length_covers_the_draws(tok_name, mode, task_name, options):
         for depth in (0.0, 0.5, 1.0):
             s = task.make_sample(lo + SampleBuilder.NEAR_MINIMUM, depth, seed)
             assert len(s.prompt_ids) == lo + SampleBuilder.NEAR_MINIMUM
+
+
+@pytest.mark.parametrize("tok_name,digits,budget", [("byte", 8, 9), ("byte", 5, 6), ("byte", 3, 6),
+                                                    ("bpe_digits", 8, 9)])
+def test_default_budget_follows_the_answer(tok_name, digits, budget):
+    """' ' + k digits: k + 1 tokens where every digit is a token; the upstream 6 where that is enough."""
+    if tok_name != "byte" and not HAVE_HF:
+        pytest.skip("needs tokenizers and transformers")
+    task = get_task("passkey")(get_tokenizer(tok_name), {"key_digits": digits})
+    assert task.default_budget() == budget
+    s = task.make_sample(task.min_length() + 100, 0.5, 0)
+    assert s.max_new_tokens == budget >= s.meta["answer_tokens"]
+
+
+def test_default_budget_of_four_uuids_with_a_byte_tokenizer():
+    """RULER's 128 cannot hold four uuids one byte per token (4 x 36 + 3 x 2 + 1 = 151)."""
+    task = get_task("niah_multivalue")(ByteTokenizer(), {"value_type": "uuids"})
+    assert task.answer_tokens() == 151 and task.default_budget() == 151

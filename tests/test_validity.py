@@ -125,20 +125,51 @@ def test_kind2_a_length_below_the_true_minimum_is_refused_up_front(tmp_path: Pat
 @pytest.mark.parametrize("near", [32, 0])  # 0: nothing built up front, the loop's own check must hold
 def test_kind2_samples_that_cannot_be_built_become_unsupported_rows(tmp_path: Path, capsys, monkeypatch,
                                                                     near: int) -> None:
-    pytest.importorskip("transformers")
     from evalctx.sampling import SampleBuilder
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.tokenizer import ByteTokenizer
 
     monkeypatch.setattr(SampleBuilder, "NEAR_MINIMUM", near)
-    lo = get_task("niah_single")(load_tokenizer("tiny"), {}).min_length()
-    args = ["run", "--suite", _niah_suite(tmp_path, f"[{lo}, {lo + 1}, {lo + 2}]", 100), "--backend", "fake",
-            "--tokenizer", "tiny", "--out", str(tmp_path), "--run-id", "r", "--no-progress"]
+    lo = get_task("niah_single")(ByteTokenizer(), {}).min_length()
+    args = ["run", "--suite", _niah_suite(tmp_path, f"[{lo}, {lo + 1}, {lo + 2}]", 40), "--backend", "fake",
+            "--tokenizer", "byte", "--out", str(tmp_path), "--run-id", "r", "--no-progress"]
     assert main(args) == 0
     df = pd.read_parquet(tmp_path / "r" / "results.parquet")
-    assert len(df) == 900 and set(df["status"]) == {"ok", "unsupported"}
+    assert len(df) == 360 and set(df["status"]) == {"ok", "unsupported"}
     bad = df[df["status"] == "unsupported"]
-    assert 0 < len(bad) < 20 and bad["error"].str.contains("too short|no haystack cut").all()
+    assert 0 < len(bad) < 10 and bad["error"].str.contains("too short|no haystack cut").all()
     assert (df.loc[df["status"] == "ok", "score"] == 1.0).all()
     assert "evalctx: unsupported:" in capsys.readouterr().err
-    assert main(args) == 0 and "0 new of 900" in capsys.readouterr().out  # a resume does not retry them
+    assert main(args) == 0 and "0 new of 360" in capsys.readouterr().out  # a resume does not retry them
+
+
+# -- 3. answer budget --------------------------------------------------------------------------------------------------
+def _passkey8(tmp_path: Path, budget: str = "") -> str:
+    return _write_suite(tmp_path / "pk8.toml", 'name = "pk8"\n[[tasks]]\ntask = "passkey"\nlengths = [256]\n'
+                                               f"depths = [0.0, 0.5, 1.0]\nsamples = 2\n{budget}"
+                                               "[tasks.options]\nkey_digits = 8\n")
+
+
+def test_kind3_the_default_budget_holds_an_8_digit_key(tmp_path: Path, capsys) -> None:
+    """The issue's example: max_new_tokens stayed 6, answers were cut to 5 digits, 0%; the right value is 100%."""
+    pytest.importorskip("torch")
+    code = main(["run", "--suite", _passkey8(tmp_path), "--backend", "hf", "--model", "tiny", "--out",
+                 str(tmp_path), "--run-id", "r", "--no-progress", "--backend-opt", "threads=1",
+                 "--backend-opt", "device=cpu"])
+    assert code == 0 and "warning" not in capsys.readouterr().err
+    df = pd.read_parquet(tmp_path / "r" / "results.parquet")
+    assert (df["max_new_tokens"] == 9).all() and (df["meta_answer_tokens"] == 9).all()  # " " + 8 digits
+    assert df["score"].tolist() == [1.0] * 6 and all(len(f) == 0 for f in df["flags"])
+
+
+def test_kind3_a_hand_set_budget_too_small_warns_and_flags(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("torch")
+    code = main(["run", "--suite", _passkey8(tmp_path, "max_new_tokens = 6\n"), "--backend", "hf", "--model",
+                 "tiny", "--out", str(tmp_path), "--run-id", "r", "--no-progress", "--backend-opt", "threads=1",
+                 "--backend-opt", "device=cpu"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "max_new_tokens 6 cannot hold its answers (up to 9 tokens" in err and "raise max_new_tokens to >= 9" in err
+    df = pd.read_parquet(tmp_path / "r" / "results.parquet")
+    assert (df["score"] == 0.0).all() and all(list(f) == ["short_budget"] for f in df["flags"])
+    assert pd.read_csv(tmp_path / "r" / "summary.csv")["n_flagged"].sum() == 6
