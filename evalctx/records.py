@@ -16,6 +16,8 @@ FLAGS: dict[str, str] = {
     # name -> what it means for the row's score; reports, summary.csv (n_flagged) and the gate count them.
     "short_budget": "max_new_tokens is below the answer's length in tokens (meta_answer_tokens) and the output ran "
                     "to it: a whole answer could not fit, so a wrong score may be the budget's, not the model's",
+    "beyond_trained_window": "prompt plus max_new_tokens exceeds the positions a rotary model's config states "
+                             "(max_position_embeddings): the score measures extrapolation beyond the stated window",
 }
 """Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
 be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""

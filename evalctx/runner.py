@@ -24,6 +24,7 @@ from evalctx.backends.base import Backend, BackendContext, backend_class, parse_
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
 from evalctx.errors import LengthError, UsageError
+from evalctx.preflight import EngineLimits, window_flags
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
 from evalctx.results import rundir
@@ -122,9 +123,13 @@ def short_budget(sample: Sample, res: GenerationResult) -> bool:
     return isinstance(need, int) and sample.max_new_tokens < need and res.finish_reason != "stop"
 
 
-def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any]) -> dict:
+def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any],
+                limits: EngineLimits | None = None) -> dict:
     status = "error" if res.error is not None or res.text is None else "ok"
-    flags = [*res.flags, *(["short_budget"] if status == "ok" and short_budget(sample, res) else [])]
+    flags = list(res.flags)
+    if status == "ok":
+        flags += ["short_budget"] if short_budget(sample, res) else []
+        flags += window_flags(sample.context_length, sample.max_new_tokens, limits)
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
     prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
     decode_tps = None
@@ -363,7 +368,8 @@ class Runner:
                     f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
                     f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
                     "own tokenizer with --tokenizer")
-        return [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
+        limits = backend.limits()
+        return [make_record(self.run_id, s, r, w.replica, extra, limits) for s, r in zip(samples, results)]
 
     def _finish(self, backend: Backend, created_at: str, n_new: int) -> RunOutcome:
         import pandas as pd

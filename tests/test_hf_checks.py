@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -35,3 +36,60 @@ def test_dtype_in_any_spelling(byte_llama: Path) -> None:
     assert make_backend(byte_llama, dtype="fp32").dtype == torch.float32
     assert make_backend(byte_llama, dtype="torch.float32").dtype == torch.float32
     assert make_backend(byte_llama, dtype="bf16").dtype == torch.bfloat16
+
+
+def _random_model(path: Path, kind: str, **cfg: object) -> Path:
+    torch.manual_seed(0)
+    common = dict(vocab_size=ByteTokenizer.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, **common, **cfg)
+        transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    else:
+        cls = {"mistral": transformers.MistralConfig, "llama": transformers.LlamaConfig}[kind]
+        config = cls(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, **common, **cfg)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _run(tmp_path: Path, model: Path, lengths: str) -> pd.DataFrame:
+    from evalctx.cli import main
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(f'name = "s"\n[[tasks]]\ntask = "passkey"\nlengths = {lengths}\ndepths = [0.5]\nsamples = 2\n')
+    code = main(["run", "--suite", str(suite), "--backend", "hf", "--model", str(model), "--tokenizer", "byte",
+                 "--out", str(tmp_path), "--run-id", "r", "--no-progress", "--backend-opt", "device=cpu",
+                 "--backend-opt", "threads=1"])
+    assert code == 0
+    return pd.read_parquet(tmp_path / "r" / "results.parquet")
+
+
+def test_a_sliding_window_makes_longer_prompts_unsupported(tmp_path: Path, capsys) -> None:
+    """The issue's example: a window of 256 and a 900-token prompt was scored as if the model had read it."""
+    model = _random_model(tmp_path / "m", "mistral", sliding_window=256, max_position_embeddings=4096)
+    df = _run(tmp_path, model, "[250, 900]").set_index("context_length")
+    assert set(df.loc[250, "status"]) == {"ok"} and set(df.loc[900, "status"]) == {"unsupported"}
+    assert df.loc[900, "error"].str.contains("attention sees only the last 256 tokens").all()
+    assert "evalctx: unsupported:" in capsys.readouterr().err
+
+
+def test_absolute_positions_make_longer_prompts_unsupported(tmp_path: Path) -> None:
+    model = _random_model(tmp_path / "m", "gpt2", n_positions=512)
+    df = _run(tmp_path, model, "[300, 900]").set_index("context_length")
+    assert set(df.loc[300, "status"]) == {"ok"} and set(df.loc[900, "status"]) == {"unsupported"}
+    assert df.loc[900, "error"].str.contains("512 learned absolute positions").all()
+
+
+def test_rope_beyond_the_stated_window_runs_flagged_and_the_report_marks_it(tmp_path: Path) -> None:
+    model = _random_model(tmp_path / "m", "llama", max_position_embeddings=512)
+    df = _run(tmp_path, model, "[300, 600]")
+    assert (df["status"] == "ok").all()
+    flagged = {int(n): [list(f) for f in g["flags"]] for n, g in df.groupby("context_length")}
+    assert flagged == {300: [[], []], 600: [["beyond_trained_window"]] * 2}
+    pytest.importorskip("matplotlib")
+    from evalctx.report.render import write_report
+
+    _, md = write_report([tmp_path / "r"])
+    text = md.read_text()
+    assert "2 scored samples at 600 are flagged beyond_trained_window" in text
+    assert "max_position_embeddings" in text

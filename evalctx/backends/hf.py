@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Sequence
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
+from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult
 
 LOWER_RIGHT_SDPA = "evalctx_sdpa"
@@ -85,8 +86,6 @@ def auto_attention(resolved: Any, on_cuda: bool) -> str:
 
 class HFBackend(Backend):
     name: ClassVar[str] = "hf"
-    # No preflight (the base's "nothing unsupported"): positions beyond the trained window still run, and how
-    # badly RoPE extrapolates there is what a user measures.
 
     @dataclass
     class Options:
@@ -255,6 +254,15 @@ class HFBackend(Backend):
                 finish_reason="stop" if cut is not None else "length", peak_memory_bytes=peak,
             ))
         return results
+
+    # ------------------------------------------------------------------------------------------------------
+    def limits(self) -> EngineLimits:
+        """What the model's config lets it see: a sliding window in every layer or learned absolute positions make
+        longer prompts unsupported; RoPE positions beyond max_position_embeddings run, flagged."""
+        return limits_from_hf_config(self.model.config.to_dict())
+
+    def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
+        return preflight(samples, self.limits())
 
     # ------------------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
