@@ -24,6 +24,7 @@ from evalctx.backends.base import Backend, BackendContext, backend_class, parse_
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
 from evalctx.errors import LengthError, UsageError
+from evalctx.fingerprint import changed_files, model_fingerprint
 from evalctx.preflight import EngineLimits, window_flags
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
@@ -192,6 +193,8 @@ class Runner:
             for warning in self.builder.budget_warnings():
                 print(f"evalctx: warning: {warning}", file=sys.stderr)
         self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
+        # What the model directory holds, not only its name: a config.json edited in place is another run.
+        self.model_fingerprint = model_fingerprint(cfg.model)
         self.config = {
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
                                                                                    "batch_size")},
@@ -199,6 +202,7 @@ class Runner:
             "backend_options": dataclasses.asdict(self.options),
             "model": cfg.model,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "model_fingerprint": self.model_fingerprint["digest"] if self.model_fingerprint else None,
         }
         self.config_hash = config_hash(self.config)
         self.run_id = cfg.run_id or f"{cfg.suite.name}-{Path(self.label).name}-{self.config_hash}"
@@ -226,6 +230,7 @@ class Runner:
             "backend": backend.info() if backend else {"backend": self.cfg.backend},
             "model": self.cfg.model,
             "tokenizer": {"name": self.tokenizer.name, "fingerprint": self.tokenizer.fingerprint()},
+            "model_fingerprint": self.model_fingerprint,
             "versions": _versions(),
             "git_sha": _git_sha(),
             "host": socket.gethostname(),
@@ -244,8 +249,12 @@ class Runner:
         if old is None:
             return _utc_now()
         if old.get("config_hash") != self.config_hash:
-            raise UsageError(f"run dir {self.run_dir} holds a run with another configuration "
-                             f"({old.get('config_hash')} != {self.config_hash}): pass --run-id NEW or remove it")
+            old_files = (old.get("model_fingerprint") or {}).get("files")
+            new_files = (self.model_fingerprint or {}).get("files")
+            changed = changed_files(old_files, new_files) if old_files and new_files else []
+            what = f"the model's files changed: {', '.join(changed[:5])}; " if changed else ""
+            raise UsageError(f"run dir {self.run_dir} holds a run with another configuration ({what}"
+                             f"{old.get('config_hash')} != {self.config_hash}): pass --run-id NEW or remove it")
         return str(old.get("created_at") or _utc_now())
 
     # ------------------------------------------------------------------------------------------------------

@@ -234,9 +234,10 @@ class HFTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def fingerprint(self) -> str:
+        from evalctx.fingerprint import TOKENIZER_FILES
+
         h = hashlib.sha1()
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-        for name in names:
+        for name in TOKENIZER_FILES:  # chat templates too: they decide chat-mode prompts
             p = self.path / name
             if p.is_file():
                 h.update(name.encode())

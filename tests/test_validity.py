@@ -173,3 +173,42 @@ def test_kind3_a_hand_set_budget_too_small_warns_and_flags(tmp_path: Path, capsy
     df = pd.read_parquet(tmp_path / "r" / "results.parquet")
     assert (df["score"] == 0.0).all() and all(list(f) == ["short_budget"] for f in df["flags"])
     assert pd.read_csv(tmp_path / "r" / "summary.csv")["n_flagged"].sum() == 6
+
+
+# -- 6. run identity --------------------------------------------------------------------------------------------------
+def test_kind6_a_model_changed_in_place_is_another_run(tmp_path: Path, capsys) -> None:
+    """The issue's example: after adding linear RoPE scaling to the copy's config.json the rerun said
+    "complete, 0 new" with the stale 100%. The right value: the changed model runs, and scores what the same
+    change shipped as ``tiny-rope-linear`` scores."""
+    pytest.importorskip("torch")
+    import json
+    import shutil
+
+    model = tmp_path / "tiny-copy"
+    shutil.copytree(TINY, model)
+    suite = _write_suite(tmp_path / "pk.toml", 'name = "pk"\n[[tasks]]\ntask = "passkey"\nlengths = [1024]\n'
+                                               "depths = [0.0, 0.5]\nsamples = 3\n")
+
+    def run(model_arg: str, out: Path, *extra: str) -> int:
+        return main(["run", "--suite", suite, "--backend", "hf", "--model", model_arg, "--out", str(out),
+                     "--no-progress", "--backend-opt", "threads=1", "--backend-opt", "device=cpu", *extra])
+
+    assert run(str(model), tmp_path / "a") == 0
+    first = next((tmp_path / "a").iterdir())
+    assert "6 new of 6" in capsys.readouterr().out
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert run(str(model), tmp_path / "a") == 0
+    assert "6 new of 6" in capsys.readouterr().out  # a new run, not "0 new" with the old numbers
+    second = next(d for d in (tmp_path / "a").iterdir() if d != first)
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["model_fingerprint"]["files"]["config.json"] != json.loads(
+        (first / "manifest.json").read_text())["model_fingerprint"]["files"]["config.json"]
+    assert run("tiny-rope-linear", tmp_path / "b") == 0
+    reference = pd.read_parquet(next((tmp_path / "b").iterdir()) / "results.parquet")
+    changed = pd.read_parquet(second / "results.parquet")
+    assert changed["completion"].tolist() == reference["completion"].tolist()
+    # the same --run-id is refused, naming what changed
+    assert run(str(model), tmp_path / "a", "--run-id", first.name) == 2
+    assert "the model's files changed: config.json" in capsys.readouterr().err
