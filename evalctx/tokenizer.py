@@ -143,6 +143,11 @@ class HFTokenizer:
         self.leading_special_ids = self._leading_specials()
         self._plain: Any = None  # a copy that reads special-token strings as text, built on first need
 
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids plain text can become: the vocabulary without added tokens."""
+        return int(self._rust.get_vocab_size(with_added_tokens=False))
+
     def _leading_specials(self) -> list[int]:
         """The ids the post-processor puts before a text (BOS); what it appends (EOS, [SEP]) is dropped."""
         probe = "Hello there. 12345"

@@ -93,3 +93,37 @@ def test_rope_beyond_the_stated_window_runs_flagged_and_the_report_marks_it(tmp_
     text = md.read_text()
     assert "2 scored samples at 600 are flagged beyond_trained_window" in text
     assert "max_position_embeddings" in text
+
+
+def test_a_bpe_trained_on_other_text_is_refused(tmp_path: Path) -> None:
+    from tokenizer_fixtures import save_hf
+
+    from evalctx.errors import UsageError
+    from evalctx.tokenizer import HFTokenizer
+
+    other = HFTokenizer(save_hf("bpe_digits", tmp_path / "other", vocab_size=1024))
+    with pytest.raises(UsageError, match="does not tokenize like the one tiny ships.*pass --tokenizer tiny"):
+        make_backend("tiny", tokenizer=other)
+    same = tmp_path / "copy"  # the model's own tokenizer files, elsewhere: fine
+    same.mkdir()
+    tiny = Path(__file__).resolve().parent.parent / "evalctx" / "data" / "models" / "tiny"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (same / name).write_bytes((tiny / name).read_bytes())
+    make_backend("tiny", tokenizer=HFTokenizer(same))  # no error
+
+
+def test_ids_beyond_the_embedding_table_are_refused(byte_llama: Path, tmp_path: Path) -> None:
+    """A model directory without tokenizer files: only the ranges can be checked, and they are."""
+    from tokenizer_fixtures import get_tokenizer
+
+    from evalctx.errors import UsageError
+    from evalctx.tokenizer_check import check_tokenizer
+
+    with pytest.raises(UsageError, match=r"has 2000 text tokens but .* 259 rows"):
+        make_backend(byte_llama, tokenizer=get_tokenizer("bpe_llama3"))
+    make_backend(byte_llama)  # the byte tokenizer fits its 259 rows
+
+    far_eos = ByteTokenizer()
+    far_eos.eos_token_id = 300
+    with pytest.raises(UsageError, match=r"special token id\(s\) \[300\] lie beyond m's 259-row"):
+        check_tokenizer(far_eos, "m", 259)

@@ -212,3 +212,16 @@ def test_kind6_a_model_changed_in_place_is_another_run(tmp_path: Path, capsys) -
     # the same --run-id is refused, naming what changed
     assert run(str(model), tmp_path / "a", "--run-id", first.name) == 2
     assert "the model's files changed: config.json" in capsys.readouterr().err
+
+
+# -- 7. a tokenizer that does not fit the model ------------------------------------------------------------------------
+def test_kind7_the_byte_tokenizer_against_the_tiny_model_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    """The issue's example gave a traceback (ids the byte tokenizer cannot decode) or a silent 0%."""
+    pytest.importorskip("torch")
+    suite = _write_suite(tmp_path / "pk.toml", 'name = "pk"\n[[tasks]]\ntask = "passkey"\nlengths = [600]\n')
+    code = main(["run", "--suite", suite, "--backend", "hf", "--model", "tiny", "--tokenizer", "byte",
+                 "--out", str(tmp_path), "--run-id", "r", "--no-progress", "--backend-opt", "device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "r").exists()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "tokenizer byte does not tokenize like the one tiny ships" in err and "pass --tokenizer tiny" in err

@@ -16,6 +16,7 @@ from evalctx.backends.base import Backend, BackendContext
 from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
 from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
+from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
 from evalctx.records import GenerationRequest, GenerationResult
 
 LOWER_RIGHT_SDPA = "evalctx_sdpa"
@@ -166,6 +167,7 @@ class HFBackend(Backend):
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_positions: int | None = int(limit) if limit else None
+        self.check_tokenizer(resolved)
 
     @staticmethod
     def _pick_device(spec: str, ctx: BackendContext) -> Any:
@@ -256,6 +258,12 @@ class HFBackend(Backend):
         return results
 
     # ------------------------------------------------------------------------------------------------------
+    def check_tokenizer(self, resolved: Any) -> None:
+        """The tokenizer that builds the prompts must be this model's (evalctx.tokenizer_check): UsageError."""
+        own = own_tokenizer(resolved.path, resolved.gguf_file, self.ctx.tokenizer)
+        rows = self.model.get_input_embeddings().num_embeddings
+        check_tokenizer(self.ctx.tokenizer, resolved.name, rows, own, own_spec=self.ctx.model)
+
     def limits(self) -> EngineLimits:
         """What the model's config lets it see: a sliding window in every layer or learned absolute positions make
         longer prompts unsupported; RoPE positions beyond max_position_embeddings run, flagged."""
