@@ -225,3 +225,17 @@ def test_kind7_the_byte_tokenizer_against_the_tiny_model_is_one_line_and_exit_2(
     assert code == 2 and not (tmp_path / "r").exists()
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "tokenizer byte does not tokenize like the one tiny ships" in err and "pass --tokenizer tiny" in err
+
+
+# -- 5. model limits: tests/test_model_limits.py (the window of 256 and the 900-token prompt) and
+#       tests/test_hf_checks.py (sliding window, absolute positions and RoPE beyond the window through the hf backend)
+
+
+# -- 8. names users type ------------------------------------------------------------------------------------------------
+def test_kind8_plan_takes_float16_and_warns_beyond_max_position_embeddings(capsys) -> None:
+    assert main(["plan", "--config", "tiny", "--context", "4096", "--weight-dtype", "float16"]) == 0
+    out = capsys.readouterr()
+    assert "fp16" in out.out and out.err == ""
+    assert main(["plan", "--config", "tiny", "--context", "2000000", "--weight-dtype", "bfloat16",
+                 "--kv-dtype", "float16"]) == 0
+    assert "exceeds the model's max_position_embeddings 1,048,576" in capsys.readouterr().err
