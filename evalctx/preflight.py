@@ -64,9 +64,18 @@ class EngineLimits:
 
 
 def limits_from_engine(engine: EngineConfig, *, max_input_len: int | None, chunked_context: bool,
-                       kv_cache_tokens: int | None) -> EngineLimits:
-    """Limits of a TensorRT-LLM engine as it will be loaded (runtime values passed in by the backend)."""
+                       kv_cache_tokens: int | None, attention_window: int | None = None,
+                       sink_tokens: int = 0) -> EngineLimits:
+    """Limits of a TensorRT-LLM engine as it will be loaded (runtime values passed in by the backend).
+
+    ``attention_window``/``sink_tokens``: the runtime's ``max_attention_window_size`` and ``sink_token_length``.
+    The engine's ``max_position_embeddings`` is taken as a rotary model's stated window (rows beyond it are
+    flagged, not refused: the engine config does not say whether positions are learned).
+    """
     return EngineLimits(
+        attention_window=attention_window,
+        sink_tokens=sink_tokens,
+        trained_positions=engine.max_position_embeddings,
         max_seq_len=engine.max_seq_len,
         max_input_len=max_input_len,
         max_num_tokens=engine.max_num_tokens,

@@ -59,3 +59,17 @@ def test_beyond_the_stated_window_is_a_flag_not_a_refusal():
     assert check(4000, 6, lim) is None
     assert window_flags(506, 6, lim) == [] and window_flags(507, 6, lim) == ["beyond_trained_window"]
     assert window_flags(10**6, 6, None) == [] and window_flags(10**6, 6, EngineLimits()) == []
+
+
+def test_engine_limits_carry_the_window_and_the_stated_positions():
+    from pathlib import Path
+
+    from evalctx.engine_config import load_engine_config
+    from evalctx.preflight import limits_from_engine
+
+    engine = load_engine_config(Path(__file__).parent / "data" / "engines" / "v1")
+    lim = limits_from_engine(engine, max_input_len=None, chunked_context=True, kv_cache_tokens=None,
+                             attention_window=4096, sink_tokens=4)
+    assert (lim.attention_window, lim.sink_tokens) == (4096, 4)
+    assert lim.trained_positions == engine.max_position_embeddings
+    assert "attention sees only the last 4096 tokens" in check(5000, 8, lim)
