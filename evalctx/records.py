@@ -48,7 +48,8 @@ class Sample:
     max_new_tokens: int
     """Generation budget for this sample."""
     add_special_tokens: bool = True
-    """Whether ``prompt_ids`` were made with the tokenizer's special tokens (raw mode) or not (chat mode)."""
+    """Whether ``prompt_ids`` start with the tokenizer's leading special tokens (BOS; raw mode) or not (chat mode,
+    where the template writes them). Specials a tokenizer appends (EOS) are never part of a prompt."""
     prompt_mode: str = "raw"
     """``raw`` (completion text ending in the answer prefix) or ``chat`` (the tokenizer's chat template)."""
     depth_actual: float | None = None

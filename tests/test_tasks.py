@@ -40,7 +40,7 @@ def needle_texts(s: Sample) -> list[str]:
 def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) -> None:
     tok = task.tokenizer
     assert len(s.prompt_ids) == s.context_length == length
-    assert tok.encode(s.prompt, s.add_special_tokens) == s.prompt_ids
+    assert tok.encode(s.prompt, s.add_special_tokens, s.special_spans) == s.prompt_ids
     assert s.add_special_tokens == (task.prompt_mode == "raw") and s.prompt_mode == task.prompt_mode
     assert (s.task, s.depth, s.seed, s.scorer) == (task.name, depth, seed, task.scorer)
     needles = needle_texts(s)
@@ -50,7 +50,7 @@ def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) ->
     for t in s.target:  # every answer occurs only inside the needles
         assert s.prompt.count(t) == sum(n.count(t) for n in needles) >= 1
     # the needle token index points at the (first) needle
-    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens)
+    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens, s.special_spans)
     first = min(s.prompt.index(n) for n in needles)
     i = s.needle_token_index
     assert offsets[i][0] <= first < max(offsets[i][1], offsets[i][0] + 1) or (
