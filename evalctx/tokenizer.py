@@ -168,25 +168,30 @@ class HFTokenizer:
         enc = self._rust.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
         if special_spans is not None and not self._special_ids.isdisjoint(ids):
-            kept = self._template_specials(text, ids, offsets, special_spans)
-            if len(kept) < sum(1 for t in ids if t in self._special_ids):
+            parsed, kept = self._parsed_specials(text, ids, offsets, special_spans)
+            if len(kept) < len(parsed):
                 ids, offsets = self._retokenize_between(text, ids, offsets, kept)
         if add_special_tokens and self.leading_special_ids:
             lead = self.leading_special_ids
             ids, offsets = [*lead, *ids], [(0, 0)] * len(lead) + list(offsets)
         return ids, offsets
 
-    def _template_specials(self, text: str, ids: list[int], offsets: Offsets, spans: Spans) -> list[int]:
-        """Indices of the special tokens whose text starts inside ``spans`` (lstrip whitespace not counted)."""
+    def _parsed_specials(self, text: str, ids: list[int], offsets: Offsets,
+                         spans: Spans) -> tuple[list[int], list[int]]:
+        """Indices of the special tokens parsed from their literal text, and of those among them that start inside
+        ``spans`` (lstrip whitespace not counted). An ``<unk>`` made of unknown characters is no parsed special."""
+        parsed: list[int] = []
         kept: list[int] = []
         for k, t in enumerate(ids):
             if t in self._special_ids:
                 a, b = offsets[k]
                 core = text.find(self._rust.id_to_token(t), a, b)
-                start = a if core < 0 else core
-                if any(s <= start < e for s, e in spans):
+                if core < 0:
+                    continue
+                parsed.append(k)
+                if any(s <= core < e for s, e in spans):
                     kept.append(k)
-        return kept
+        return parsed, kept
 
     def _retokenize_between(self, text: str, ids: list[int], offsets: Offsets,
                             kept: list[int]) -> tuple[list[int], Offsets]:
