@@ -134,7 +134,19 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
         if col in df.columns:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["label"] = df["label"].astype(str)
+    if "target" in df.columns:
+        df["target"] = [_target_list(t) for t in df["target"]]
     return df
+
+
+def _target_list(value: Any) -> list[str]:
+    """A row's reference answers as a list: parquet gives arrays, and results written before ``target`` became a
+    list column hold the answers ``|``-joined (a bare string a scorer must never see)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return value.split("|") if value else []
+    return [str(v) for v in value]
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:

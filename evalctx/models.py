@@ -87,6 +87,19 @@ def embedded_names() -> list[str]:
     return names + ["smollm2"]
 
 
+def local_model_dir(spec: str) -> Path | None:
+    """The directory ``spec`` names (a path, an embedded name, smollm2 once converted), without converting or
+    downloading anything; None when it names no local directory (e.g. a server's model name)."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    if spec == "smollm2":
+        dest = cache_dir() / "models" / "smollm2-135m-instruct"
+        return dest if (dest / "config.json").is_file() else None
+    emb = _embedded(spec)
+    return emb if "/" not in spec and (emb / "config.json").is_file() else None
+
+
 def resolve_model(spec: str) -> ResolvedModel:
     """An embedded name (``tiny``, ``tiny-rope-linear``, ``smollm2``) or a directory path."""
     if spec == "smollm2":

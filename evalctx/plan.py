@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from evalctx.dtypes import canonical_dtype
 from evalctx.engine_config import EngineConfig, is_engine_config, parse_engine_config
 from evalctx.errors import UsageError
 
@@ -44,12 +45,10 @@ DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default (1.x BuildConfig)
 
 
 def dtype_bytes(dtype: str | float, allowed: tuple[str, ...] = WEIGHT_DTYPES) -> float:
+    """Bytes per element; ``dtype`` in any standard spelling (``float16``, ``fp16``, ``half``, see evalctx.dtypes)."""
     if isinstance(dtype, (int, float)):
         return float(dtype)
-    key = str(dtype).lower()
-    if key not in allowed:
-        raise UsageError(f"unknown dtype {dtype!r}: choose one of {', '.join(allowed)}")
-    return DTYPE_BYTES[key]
+    return DTYPE_BYTES[canonical_dtype(dtype, allowed)]
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str | float = "fp16",
@@ -75,6 +74,8 @@ class ModelShape:
     """Experts per MoE layer (1 = dense); every expert's weights are resident."""
     architecture: str | None = None
     source: str = ""
+    max_position_embeddings: int | None = None
+    """The positions the config states (``max_position_embeddings``, GPT-2's ``n_positions``); None if absent."""
 
     def params(self) -> dict[str, int]:
         """Parameter counts by part; ``total`` is what the checkpoint holds."""
@@ -113,12 +114,18 @@ def shape_from_hf(cfg: Mapping[str, Any], source: str = "") -> ModelShape:
             num_experts=int(c.get("num_local_experts") or c.get("num_experts") or 1),
             architecture=(cfg.get("architectures") or [None])[0],
             source=source,
+            max_position_embeddings=_positions(c),
         )
     except KeyError as exc:
         raise UsageError(f"{source}: config has no {exc.args[0]!r}; evalctx plan needs a Llama-style config") from None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{source}: bad value in config ({exc})") from None
     return shape
+
+
+def _positions(c: Mapping[str, Any]) -> int | None:
+    value = c.get("max_position_embeddings") or c.get("n_positions")
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def shape_from_engine(cfg: EngineConfig) -> ModelShape:
@@ -128,7 +135,8 @@ def shape_from_engine(cfg: EngineConfig) -> ModelShape:
         )
     return ModelShape(cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                       cfg.head_size, cfg.intermediate_size, cfg.vocab_size, cfg.tie_word_embeddings,
-                      architecture=cfg.architecture, source=f"{cfg.path}/config.json")
+                      architecture=cfg.architecture, source=f"{cfg.path}/config.json",
+                      max_position_embeddings=cfg.max_position_embeddings)
 
 
 def load_shape(path: str | Path) -> tuple[ModelShape, EngineConfig | None]:
@@ -253,8 +261,8 @@ def plan(shape: ModelShape, context: int, *, batch: int = 1, beams: int = 1, tp:
             raise UsageError(f"evalctx plan: {name} must be >= 1, got {value}")
     if not 0 < kv_fraction <= 1:
         raise UsageError(f"evalctx plan: kv fraction must be in (0, 1], got {kv_fraction}")
-    dtype_bytes(weight_dtype)
-    dtype_bytes(kv_dtype, KV_DTYPES)
+    weight_dtype = canonical_dtype(weight_dtype, WEIGHT_DTYPES, "weight dtype")
+    kv_dtype = canonical_dtype(kv_dtype, KV_DTYPES, "KV-cache dtype")
     if shape.num_attention_heads % tp:
         raise UsageError(f"tp {tp} does not divide the {shape.num_attention_heads} attention heads")
     # Blocks are per sequence: each sequence's last block is partly empty.

@@ -5,6 +5,12 @@ runs it wrong without an error (a KV cache smaller than the sequence shrinks the
 near the start is then silently out of sight). The runner marks these samples ``unsupported``: not run, not
 scored. Each reason is one line that says what to change.
 
+The same holds for models that cannot see the whole prompt: a sliding attention window (Mistral's ``sliding_window``,
+TensorRT-LLM's ``max_attention_window_size``) hides everything further back than the window, and learned absolute
+position embeddings (GPT-2's ``n_positions``) end where the table ends. Those prompts are unsupported too. Rotary
+(RoPE) models beyond their stated window (``max_position_embeddings``) still run -- how well they extrapolate is a
+measurement -- but their rows carry the flag ``beyond_trained_window`` (:func:`window_flags`).
+
 The logic is pure (numbers in, reasons out) so every backend with engine-like limits can reuse it.
 """
 
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from evalctx.engine_config import EngineConfig
 
@@ -45,12 +51,31 @@ class EngineLimits:
     """KV blocks are whole: a sequence takes ceil(tokens / tokens_per_block) blocks."""
     seq_len_margin: int = 1
     """Positions to keep free: the executor wants prompt + new tokens strictly below max_seq_len."""
+    attention_window: int | None = None
+    """Tokens a query attends back to when every layer has a sliding window (HF ``sliding_window``, TensorRT-LLM
+    ``max_attention_window_size``); None = full attention in at least one layer."""
+    sink_tokens: int = 0
+    """Tokens at the start that stay in view despite the window (StreamingLLM sinks, TensorRT-LLM
+    ``sink_token_length``): they keep the instruction, not the middle of the haystack, in sight."""
+    max_positions: int | None = None
+    """Positions of learned absolute position embeddings (GPT-2 ``n_positions``); the model cannot run beyond."""
+    trained_positions: int | None = None
+    """The window a rotary model's config states (``max_position_embeddings``): beyond it rows are flagged."""
 
 
 def limits_from_engine(engine: EngineConfig, *, max_input_len: int | None, chunked_context: bool,
-                       kv_cache_tokens: int | None) -> EngineLimits:
-    """Limits of a TensorRT-LLM engine as it will be loaded (runtime values passed in by the backend)."""
+                       kv_cache_tokens: int | None, attention_window: int | None = None,
+                       sink_tokens: int = 0) -> EngineLimits:
+    """Limits of a TensorRT-LLM engine as it will be loaded (runtime values passed in by the backend).
+
+    ``attention_window``/``sink_tokens``: the runtime's ``max_attention_window_size`` and ``sink_token_length``.
+    The engine's ``max_position_embeddings`` is taken as a rotary model's stated window (rows beyond it are
+    flagged, not refused: the engine config does not say whether positions are learned).
+    """
     return EngineLimits(
+        attention_window=attention_window,
+        sink_tokens=sink_tokens,
+        trained_positions=engine.max_position_embeddings,
         max_seq_len=engine.max_seq_len,
         max_input_len=max_input_len,
         max_num_tokens=engine.max_num_tokens,
@@ -92,6 +117,9 @@ def check(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits) -> str 
             f"prompt {p} tokens > max_num_tokens {m} and chunked context is off: pass "
             f"--backend-opt enable_chunked_context=true or drop lengths > {m}"
         )
+    reason = _model_reason(p, g, limits)
+    if reason is not None:
+        return reason
     if limits.kv_cache_tokens is not None:
         block = max(1, limits.tokens_per_block)
         capacity = limits.kv_cache_tokens // block * block  # the pool holds whole blocks
@@ -104,6 +132,64 @@ def check(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits) -> str 
                 f"> {max(0, capacity - g)}"
             )
     return None
+
+
+def _model_reason(p: int, g: int, limits: EngineLimits) -> str | None:
+    """What the model (not the engine's buffers) cannot see: absolute positions, a sliding window."""
+    need = p + g
+    if limits.max_positions is not None and need > limits.max_positions:
+        return (f"prompt {p} + max_new_tokens {g} = {need} tokens but the model has {limits.max_positions} learned "
+                f"absolute positions (max_position_embeddings): it cannot run beyond them; drop lengths > "
+                f"{max(0, limits.max_positions - g)}")
+    if limits.attention_window is not None and need > limits.attention_window:
+        sinks = f" and its first {limits.sink_tokens} (sink tokens)" if limits.sink_tokens else ""
+        return (f"prompt {p} + max_new_tokens {g} = {need} tokens but attention sees only the last "
+                f"{limits.attention_window} tokens{sinks} (a sliding window): a needle further back is out of "
+                f"sight, and scoring it would credit the model for text it never read; drop lengths > "
+                f"{max(0, limits.attention_window - g)} or use a model or engine without the window")
+    return None
+
+
+def window_flags(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits | None) -> list[str]:
+    """``["beyond_trained_window"]`` when prompt plus budget exceeds a rotary model's stated window, else []."""
+    if limits is None or limits.trained_positions is None:
+        return []
+    return ["beyond_trained_window"] if prompt_tokens + max_new_tokens > limits.trained_positions else []
+
+
+ABSOLUTE_POSITION_MODELS = frozenset({"gpt2", "gpt_neo", "opt", "gpt_bigcode", "biogpt", "xglm", "ctrl",
+                                      "openai-gpt", "bert", "roberta", "xlm-roberta", "electra", "megatron-bert"})
+"""Hugging Face model types with a position-embedding table: positions beyond it do not exist."""
+ALIBI_MODELS = frozenset({"bloom", "mpt"})
+"""Model types that add a distance bias instead of position embeddings: no stated window to mark."""
+
+
+def limits_from_hf_config(config: Mapping[str, Any]) -> EngineLimits:
+    """What a Hugging Face model config says it can see (``config.to_dict()`` or a config.json).
+
+    * every layer sliding (``sliding_window`` set, ``use_sliding_window`` not false, and ``layer_types``, when
+      given, all ``sliding_attention``) -> ``attention_window``; one full-attention layer (Gemma 2/3, Qwen2 below
+      ``max_window_layers``) sees the whole prompt, so no limit;
+    * learned absolute positions (``position_embedding_type = "absolute"`` or a model type in
+      :data:`ABSOLUTE_POSITION_MODELS`) -> ``max_positions`` from ``max_position_embeddings``/``n_positions``;
+    * otherwise (rotary) ``max_position_embeddings`` -> ``trained_positions``; ALiBi models state none.
+
+    A multimodal wrapper's ``text_config`` is read when present.
+    """
+    c = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else config
+    model_type = str(c.get("model_type") or config.get("model_type") or "")
+    positions = c.get("max_position_embeddings") or c.get("n_positions")
+    positions = int(positions) if isinstance(positions, (int, float)) and positions > 0 else None
+    window = c.get("sliding_window")
+    types = c.get("layer_types") or []
+    sliding = (isinstance(window, int) and window > 0 and c.get("use_sliding_window", True) is not False
+               and all(t == "sliding_attention" for t in types))
+    absolute = c.get("position_embedding_type") == "absolute" or model_type in ABSOLUTE_POSITION_MODELS
+    return EngineLimits(
+        attention_window=int(window) if sliding else None,
+        max_positions=positions if absolute else None,
+        trained_positions=positions if not absolute and model_type not in ALIBI_MODELS else None,
+    )
 
 
 def preflight(samples: Iterable[SampleLike], limits: EngineLimits) -> dict[str, str]:

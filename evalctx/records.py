@@ -14,6 +14,10 @@ SCHEMA_VERSION = 1
 
 FLAGS: dict[str, str] = {
     # name -> what it means for the row's score; reports, summary.csv (n_flagged) and the gate count them.
+    "short_budget": "max_new_tokens is below the answer's length in tokens (meta_answer_tokens) and the output ran "
+                    "to it: a whole answer could not fit, so a wrong score may be the budget's, not the model's",
+    "beyond_trained_window": "prompt plus max_new_tokens exceeds the positions a rotary model's config states "
+                             "(max_position_embeddings): the score measures extrapolation beyond the stated window",
 }
 """Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
 be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""
@@ -45,7 +49,8 @@ class Sample:
     max_new_tokens: int
     """Generation budget for this sample."""
     add_special_tokens: bool = True
-    """Whether ``prompt_ids`` were made with the tokenizer's special tokens (raw mode) or not (chat mode)."""
+    """Whether ``prompt_ids`` start with the tokenizer's leading special tokens (BOS; raw mode) or not (chat mode,
+    where the template writes them). Specials a tokenizer appends (EOS) are never part of a prompt."""
     prompt_mode: str = "raw"
     """``raw`` (completion text ending in the answer prefix) or ``chat`` (the tokenizer's chat template)."""
     depth_actual: float | None = None
@@ -54,6 +59,10 @@ class Sample:
     """Name of the scorer in :mod:`evalctx.scoring`."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Task-specific extras (haystack name, key, template variant); flattened as ``meta_*`` columns."""
+    special_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Character spans of ``prompt`` written by the chat template, where special-token strings are special tokens;
+    everywhere else the prompt is text. ``prompt_ids == tokenizer.encode(prompt, add_special_tokens,
+    special_spans)``. Empty in raw mode."""
     messages: list[dict[str, str]] | None = None
     """Chat mode: the user turn and the assistant prefill that ``prompt`` renders, for servers that apply their
     own chat template (http ``endpoint=chat``). Not written to JSON: it repeats the whole haystack."""
@@ -135,8 +144,10 @@ class SampleRecord:
     seed: int
     prompt_mode: str
     needle_token_index: int
-    target: str
-    """Reference answers joined with ``|`` (the list is in ``meta``/the journal)."""
+    target: list[str]
+    """Reference answers, a list column (results.parquet ``list<string>``, a JSON list in the journal); empty for
+    unsupported rows. Scorers take it as it is: rescoring a row is ``score(row.scorer, row.completion,
+    row.target)``."""
     completion: str | None
     extracted: str | None
     score: float | None

@@ -24,6 +24,8 @@ from evalctx.backends.base import Backend, BackendContext, backend_class, parse_
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
 from evalctx.errors import LengthError, UsageError
+from evalctx.fingerprint import changed_files, model_fingerprint
+from evalctx.preflight import EngineLimits, window_flags
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
 from evalctx.results import rundir
@@ -116,8 +118,19 @@ def batches(specs: Sequence[SampleSpec], batch_size: int) -> list[list[SampleSpe
     return out
 
 
-def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any]) -> dict:
+def short_budget(sample: Sample, res: GenerationResult) -> bool:
+    """The budget cannot hold this sample's answer and the output was not stopped by the model (EOS) before it."""
+    need = sample.meta.get("answer_tokens")
+    return isinstance(need, int) and sample.max_new_tokens < need and res.finish_reason != "stop"
+
+
+def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any],
+                limits: EngineLimits | None = None) -> dict:
     status = "error" if res.error is not None or res.text is None else "ok"
+    flags = list(res.flags)
+    if status == "ok":
+        flags += ["short_budget"] if short_budget(sample, res) else []
+        flags += window_flags(sample.context_length, sample.max_new_tokens, limits)
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
     prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
     decode_tps = None
@@ -128,14 +141,14 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
     rec = SampleRecord(
         run_id=run_id, sample_id=sample.id, task=sample.task, context_length=sample.context_length,
         depth=sample.depth, depth_actual=sample.depth_actual, seed=sample.seed, prompt_mode=sample.prompt_mode,
-        needle_token_index=sample.needle_token_index, target="|".join(sample.target), completion=res.text,
+        needle_token_index=sample.needle_token_index, target=list(sample.target), completion=res.text,
         extracted=sc.extracted if sc else None, score=sc.value if sc else None, status=status,
         n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=res.n_output_tokens, latency_s=res.latency_s,
         ttft_s=res.ttft_s, prefill_tokens_per_s=prefill_tps, decode_tokens_per_s=decode_tps,
         batch_size=res.batch_size, finish_reason=res.finish_reason, peak_memory_bytes=res.peak_memory_bytes,
         error=res.error, prompt_sha1=hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest(),
         scorer=sample.scorer, max_new_tokens=sample.max_new_tokens, replica=replica, finished_at=time.time(),
-        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=list(res.flags), task_type=sample.task_type,
+        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=flags, task_type=sample.task_type,
         task_options=sample.task_options, extra={**extra, **meta},
     )
     return rec.to_row()
@@ -144,7 +157,7 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
 def unsupported_record(run_id: str, spec: SampleSpec, reason: str, extra: dict[str, Any]) -> dict:
     rec = SampleRecord(
         run_id=run_id, sample_id=spec.id, task=spec.task, context_length=spec.context_length, depth=spec.depth,
-        depth_actual=None, seed=spec.seed, prompt_mode=spec.prompt_mode, needle_token_index=-1, target="",
+        depth_actual=None, seed=spec.seed, prompt_mode=spec.prompt_mode, needle_token_index=-1, target=[],
         completion=None, extracted=None, score=None, status="unsupported", n_prompt_tokens=None,
         n_output_tokens=None, latency_s=None, ttft_s=None, prefill_tokens_per_s=None, decode_tokens_per_s=None,
         batch_size=None, finish_reason=None, peak_memory_bytes=None, error=reason, prompt_sha1="", scorer="",
@@ -160,7 +173,7 @@ def _check_min_lengths(builder: SampleBuilder, suite: Suite) -> None:
         short = [n for n in ts.lengths if n < need]
         if short:
             raise LengthError(f"task {ts.name}: length(s) {short} are below the {need} tokens its template and "
-                              f"needle need with this tokenizer; use lengths >= {need}")
+                              f"needles need with this tokenizer (for the longest keys); use lengths >= {need}")
 
 
 class Runner:
@@ -178,7 +191,12 @@ class Runner:
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
         _check_min_lengths(self.builder, cfg.suite)
         self.specs = self.builder.specs()
+        if self.world.is_root:
+            for warning in self.builder.budget_warnings():
+                print(f"evalctx: warning: {warning}", file=sys.stderr)
         self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
+        # What the model directory holds, not only its name: a config.json edited in place is another run.
+        self.model_fingerprint = model_fingerprint(cfg.model)
         self.config = {
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
                                                                                    "batch_size")},
@@ -186,6 +204,7 @@ class Runner:
             "backend_options": dataclasses.asdict(self.options),
             "model": cfg.model,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
+            "model_fingerprint": self.model_fingerprint["digest"] if self.model_fingerprint else None,
         }
         self.config_hash = config_hash(self.config)
         self.run_id = cfg.run_id or f"{cfg.suite.name}-{Path(self.label).name}-{self.config_hash}"
@@ -213,6 +232,7 @@ class Runner:
             "backend": backend.info() if backend else {"backend": self.cfg.backend},
             "model": self.cfg.model,
             "tokenizer": {"name": self.tokenizer.name, "fingerprint": self.tokenizer.fingerprint()},
+            "model_fingerprint": self.model_fingerprint,
             "versions": _versions(),
             "git_sha": _git_sha(),
             "host": socket.gethostname(),
@@ -231,8 +251,12 @@ class Runner:
         if old is None:
             return _utc_now()
         if old.get("config_hash") != self.config_hash:
-            raise UsageError(f"run dir {self.run_dir} holds a run with another configuration "
-                             f"({old.get('config_hash')} != {self.config_hash}): pass --run-id NEW or remove it")
+            old_files = (old.get("model_fingerprint") or {}).get("files")
+            new_files = (self.model_fingerprint or {}).get("files")
+            changed = changed_files(old_files, new_files) if old_files and new_files else []
+            what = f"the model's files changed: {', '.join(changed[:5])}; " if changed else ""
+            raise UsageError(f"run dir {self.run_dir} holds a run with another configuration ({what}"
+                             f"{old.get('config_hash')} != {self.config_hash}): pass --run-id NEW or remove it")
         return str(old.get("created_at") or _utc_now())
 
     # ------------------------------------------------------------------------------------------------------
@@ -256,7 +280,7 @@ class Runner:
         backend = self.cls(self.options, ctx)
         try:
             extra.update(backend.row_columns())
-            unsupported = backend.preflight(pending) if pending else {}
+            unsupported = {**self.builder.unbuildable(pending), **(backend.preflight(pending) if pending else {})}
             if w.is_root:
                 rundir.write_manifest(self.run_dir, self._manifest(backend, "running", created_at))
                 if unsupported:
@@ -295,26 +319,13 @@ class Runner:
         n_new = 0
         try:
             for batch in batches(mine, self.batch_size):
-                samples = [self.builder.build(s) for s in batch]
-                reqs = [GenerationRequest(sample_id=s.id, prompt_ids=s.prompt_ids, prompt=s.prompt,
-                                          max_new_tokens=s.max_new_tokens, add_special_tokens=s.add_special_tokens,
-                                          prompt_mode=s.prompt_mode,
-                                          extra={"messages": s.messages} if s.messages else {}) for s in samples]
-                w.bcast_replica(reqs)
-                results = backend.generate(reqs)
-                if len(results) != len(reqs):
-                    raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(reqs)}")
-                for s, r in zip(samples, results):
-                    if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != s.context_length:
-                        raise LengthError(
-                            f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
-                            f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
-                            "own tokenizer with --tokenizer")
-                rows = [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
+                samples, rows = self._build(batch, extra)
+                if samples:
+                    rows += self._generate(backend, samples, extra)
                 journal.append(rows)
                 n_new += len(rows)
                 n_err = sum(1 for r in rows if r["status"] == "error")
-                msg = (len(rows), sum(s.context_length for s in samples), n_err)
+                msg = (len(rows), sum(s.context_length for s in batch), n_err)
                 if w.is_root:
                     progress.update(*msg)
                     for m in w.poll_root(TAG_PROGRESS):
@@ -339,6 +350,37 @@ class Runner:
         else:
             w.send_to_root(("done", w.replica, n_new), TAG_DONE)
         return n_new
+
+    def _build(self, batch: list[SampleSpec], extra: dict[str, Any]) -> tuple[list[Sample], list[dict]]:
+        """The batch's samples, and an unsupported row for each spec no prompt of its exact length fits (a key
+        longer than any :meth:`SampleBuilder.unbuildable` saw): that sample is skipped, the run goes on."""
+        samples, rows = [], []
+        for spec in batch:
+            try:
+                samples.append(self.builder.build(spec))
+            except LengthError as exc:
+                print(f"evalctx: unsupported: {exc}", file=sys.stderr)
+                rows.append(unsupported_record(self.run_id, spec, str(exc), extra))
+        return samples, rows
+
+    def _generate(self, backend: Backend, samples: list[Sample], extra: dict[str, Any]) -> list[dict]:
+        w = self.world
+        reqs = [GenerationRequest(sample_id=s.id, prompt_ids=s.prompt_ids, prompt=s.prompt,
+                                  max_new_tokens=s.max_new_tokens, add_special_tokens=s.add_special_tokens,
+                                  prompt_mode=s.prompt_mode,
+                                  extra={"messages": s.messages} if s.messages else {}) for s in samples]
+        w.bcast_replica(reqs)
+        results = backend.generate(reqs)
+        if len(results) != len(reqs):
+            raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(reqs)}")
+        for s, r in zip(samples, results):
+            if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != s.context_length:
+                raise LengthError(
+                    f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
+                    f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
+                    "own tokenizer with --tokenizer")
+        limits = backend.limits()
+        return [make_record(self.run_id, s, r, w.replica, extra, limits) for s, r in zip(samples, results)]
 
     def _finish(self, backend: Backend, created_at: str, n_new: int) -> RunOutcome:
         import pandas as pd

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalctx.config import Suite, TaskSpec, check_entry_names
-from evalctx.errors import UsageError
+from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
 from evalctx.tokenizer import Tokenizer
 
@@ -57,11 +57,15 @@ def enumerate_specs(suite: Suite, tokenizer: Tokenizer) -> list[SampleSpec]:
 class SampleBuilder:
     """Builds the samples of specs on demand, with one task instance (and its haystack caches) per suite table."""
 
+    NEAR_MINIMUM = 32
+    """Specs shorter than their task's ``min_length() + NEAR_MINIMUM`` are built up front by :meth:`unbuildable`."""
+
     def __init__(self, suite: Suite, tokenizer: Tokenizer) -> None:
         check_entry_names(suite.tasks, suite.path or suite.name)  # also for suites built in code
         self.suite = suite
         self.tokenizer = tokenizer
         self._tasks: dict[int, Any] = {}
+        self._built: dict[str, Sample] = {}
 
     def task(self, index: int) -> Any:
         if index not in self._tasks:
@@ -74,7 +78,7 @@ class SampleBuilder:
         seen: dict[str, str] = {}
         for ti, ts in enumerate(self.suite.tasks):
             task = self.task(ti)
-            mnt = ts.max_new_tokens or task.default_max_new_tokens
+            mnt = ts.max_new_tokens or task.default_budget()
             options = json.dumps(task.options, sort_keys=True, default=str)
             for length in ts.lengths:
                 for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
@@ -95,7 +99,38 @@ class SampleBuilder:
                                                 ts.task, options))
         return specs
 
+    def budget_warnings(self) -> list[str]:
+        """One line per suite table whose hand-set max_new_tokens cannot hold its task's answers."""
+        out = []
+        for i, ts in enumerate(self.suite.tasks):
+            need = self.task(i).answer_tokens()
+            if ts.max_new_tokens is not None and ts.max_new_tokens < need:
+                out.append(f"task {ts.name}: max_new_tokens {ts.max_new_tokens} cannot hold its answers (up to "
+                           f"{need} tokens with this tokenizer); rows whose output runs to the limit are flagged "
+                           f"short_budget: raise max_new_tokens to >= {need} or leave it unset")
+        return out
+
+    def unbuildable(self, specs: list[SampleSpec]) -> dict[str, str]:
+        """``{spec id: reason}`` for the specs near their task's minimum length that cannot be built.
+
+        Which key a sample hides decides how short its prompt can be, and right above a draw's minimum a haystack
+        of one or two tokens cannot always be cut; both are found here, before any GPU work, by building the
+        (short, cheap) prompts near the minimum. Those that build are kept for :meth:`build`.
+        """
+        out: dict[str, str] = {}
+        for spec in specs:
+            if spec.context_length >= self.task(spec.task_index).min_length() + self.NEAR_MINIMUM:
+                continue
+            try:
+                self._built[spec.id] = self.build(spec)
+            except LengthError as exc:
+                out[spec.id] = str(exc)
+        return out
+
     def build(self, spec: SampleSpec) -> Sample:
+        """The sample of ``spec``; raises LengthError when no prompt of exactly its length exists."""
+        if spec.id in self._built:
+            return self._built.pop(spec.id)
         sample = self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed,
                                                         spec.max_new_tokens)
         if sample.id != spec.id:  # the resume key: both come from the task's sample_id, so this is a bug

@@ -1,19 +1,32 @@
 """Tokenizer adapters: any Hugging Face tokenizer directory (offline), and a byte tokenizer for tests.
 
 Generators need three things from a tokenizer: ids with character offsets (to splice in token space and map
-sentence boundaries), whether it adds special tokens (BOS counts toward the exact length), and its chat template.
+sentence boundaries), which special tokens it puts before a text (BOS counts toward the exact length), and its chat
+template.
+
+Two rules keep prompts what the model expects, whatever the tokenizer's files say:
+
+* ``add_special_tokens=True`` adds only the special tokens a tokenizer puts *before* the text (BOS, BERT's [CLS]).
+  Ones it appends (``add_eos_token``, a post-processor ``$A </s>``, BERT's [SEP]) never: nothing may follow the
+  answer prefix, or the model reads an end of text where its answer should start.
+* ``special_spans`` says where special-token strings are special: inside those character spans (the chat
+  template's own markers) they become their ids; everywhere else they are text (an essay that contains ``<s>`` or
+  ``<|im_start|>`` is tokenized as those characters). ``None`` keeps the tokenizer's own behaviour (parsed
+  anywhere), which is what servers do with text prompts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from evalctx.errors import UsageError, require_extra
 
 Offsets = list[tuple[int, int]]
+Spans = Sequence[tuple[int, int]]
 
 
 @runtime_checkable
@@ -21,10 +34,13 @@ class Tokenizer(Protocol):
     name: str
     eos_token_id: int | None
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = False, special_spans: Spans | None = None) -> list[int]:
+        """Ids of ``text``; ``add_special_tokens`` adds the leading specials only (see the module docstring)."""
+        ...
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], Offsets]:
-        """Ids and (start, end) character offsets into ``text``; special tokens get (0, 0)."""
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False,
+                            special_spans: Spans | None = None) -> tuple[list[int], Offsets]:
+        """Ids and (start, end) character offsets into ``text``; added leading specials get (0, 0)."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -55,11 +71,12 @@ class ByteTokenizer:
         self.name = "byte-chat" if chat else "byte"
         self.eos_token_id = self.EOS
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+    def encode(self, text: str, add_special_tokens: bool = False, special_spans: Spans | None = None) -> list[int]:
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]  # no special token has a text form here
         return [self.BOS, *ids] if add_special_tokens else ids
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], Offsets]:
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False,
+                            special_spans: Spans | None = None) -> tuple[list[int], Offsets]:
         ids: list[int] = [self.BOS] if add_special_tokens else []
         offsets: Offsets = [(0, 0)] if add_special_tokens else []
         if text.isascii():
@@ -87,6 +104,10 @@ class ByteTokenizer:
             raise UsageError("tokenizer 'byte' has no chat template: use --prompt-mode raw or tokenizer 'byte-chat'")
         parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
         return "".join(parts) + "<|assistant|>\n"
+
+
+_MARK = "\ue000evalctx-segment\ue000"
+"""A non-special added token (private-use characters) that stands for "a special token came just before"."""
 
 
 class HFTokenizer:
@@ -118,21 +139,115 @@ class HFTokenizer:
         self.name = str(self.path)
         self.eos_token_id = self.hf.eos_token_id
         self._gguf_file = gguf_file
+        self._special_ids = {i for i, t in self.hf.added_tokens_decoder.items() if t.special}
+        self.leading_special_ids = self._leading_specials()
+        self._plain: Any = None  # a copy that reads special-token strings as text, built on first need
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self._rust.encode(text, add_special_tokens=add_special_tokens).ids
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids plain text can become: the vocabulary without added tokens."""
+        return int(self._rust.get_vocab_size(with_added_tokens=False))
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], Offsets]:
-        enc = self._rust.encode(text, add_special_tokens=add_special_tokens)
-        return enc.ids, enc.offsets
+    def _leading_specials(self) -> list[int]:
+        """The ids the post-processor puts before a text (BOS); what it appends (EOS, [SEP]) is dropped."""
+        probe = "Hello there. 12345"
+        with_specials = self._rust.encode(probe, add_special_tokens=True).ids
+        bare = self._rust.encode(probe, add_special_tokens=False).ids
+        for i in range(len(with_specials) - len(bare) + 1):
+            if with_specials[i:i + len(bare)] == bare:
+                return with_specials[:i]
+        raise UsageError(f"tokenizer {self.path}: its post-processor changes the ids of the text itself, so evalctx "
+                         "cannot tell which special tokens it adds; use a tokenizer.json whose post-processor only "
+                         "adds tokens around the text")
+
+    def encode(self, text: str, add_special_tokens: bool = False, special_spans: Spans | None = None) -> list[int]:
+        return self.encode_with_offsets(text, add_special_tokens, special_spans)[0]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False,
+                            special_spans: Spans | None = None) -> tuple[list[int], Offsets]:
+        enc = self._rust.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets
+        if special_spans is not None and not self._special_ids.isdisjoint(ids):
+            parsed, kept = self._parsed_specials(text, ids, offsets, special_spans)
+            if len(kept) < len(parsed):
+                ids, offsets = self._retokenize_between(text, ids, offsets, kept)
+        if add_special_tokens and self.leading_special_ids:
+            lead = self.leading_special_ids
+            ids, offsets = [*lead, *ids], [(0, 0)] * len(lead) + list(offsets)
+        return ids, offsets
+
+    def _parsed_specials(self, text: str, ids: list[int], offsets: Offsets,
+                         spans: Spans) -> tuple[list[int], list[int]]:
+        """Indices of the special tokens parsed from their literal text, and of those among them that start inside
+        ``spans`` (lstrip whitespace not counted). An ``<unk>`` made of unknown characters is no parsed special."""
+        parsed: list[int] = []
+        kept: list[int] = []
+        for k, t in enumerate(ids):
+            if t in self._special_ids:
+                a, b = offsets[k]
+                core = text.find(self._rust.id_to_token(t), a, b)
+                if core < 0:
+                    continue
+                parsed.append(k)
+                if any(s <= core < e for s, e in spans):
+                    kept.append(k)
+        return parsed, kept
+
+    def _retokenize_between(self, text: str, ids: list[int], offsets: Offsets,
+                            kept: list[int]) -> tuple[list[int], Offsets]:
+        """Keep the special tokens at ``kept``; tokenize every stretch between them as text.
+
+        The kept tokens split the text exactly as the tokenizer splits it around any added token (with their
+        lstrip/rstrip whitespace, which their offsets cover). Each stretch after one is encoded behind a marker
+        added token, so it sees the same "after an added token" context (e.g. no Metaspace prefix space with
+        ``prepend_scheme="first"``) as in one pass.
+        """
+        plain = self._plain_tokenizer()
+        out_ids: list[int] = []
+        out_offsets: Offsets = []
+        cur = 0
+        for k in [*kept, None]:
+            a, b = (offsets[k] if k is not None else (len(text), len(text)))
+            if a > cur:
+                shift = 0 if cur == 0 else len(_MARK)
+                piece = text[cur:a] if cur == 0 else _MARK + text[cur:a]
+                enc = plain.encode(piece, add_special_tokens=False)
+                skip = 1 if shift else 0  # the marker's own id
+                out_ids += enc.ids[skip:]
+                out_offsets += [(s + cur - shift, e + cur - shift) for s, e in enc.offsets[skip:]]
+            if k is not None:
+                out_ids.append(ids[k])
+                out_offsets.append((a, b))
+                cur = b
+        return out_ids, out_offsets
+
+    def _plain_tokenizer(self) -> Any:
+        if self._plain is None:
+            from tokenizers import AddedToken
+            from tokenizers import Tokenizer as RustTokenizer
+
+            data = json.loads(self._rust.to_str())
+            model = data.get("model") or {}
+            if model.get("type") == "Unigram":
+                # A Unigram vocabulary holds the special tokens as pieces ("<s>"), which its Viterbi search
+                # would pick from plain text; SentencePiece never matches control symbols. Rename them (their
+                # ids and scores stay, so everything else tokenizes exactly as before).
+                names = {self._rust.id_to_token(i) for i in self._special_ids} - {self.hf.unk_token}
+                model["vocab"] = [[f"\ue000{p}\ue000" if p in names else p, score] for p, score in model["vocab"]]
+            plain = RustTokenizer.from_str(json.dumps(data))
+            plain.add_tokens([AddedToken(_MARK, special=False, normalized=False)])
+            plain.encode_special_tokens = True  # special-token strings are text
+            self._plain = plain
+        return self._plain
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def fingerprint(self) -> str:
+        from evalctx.fingerprint import TOKENIZER_FILES
+
         h = hashlib.sha1()
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-        for name in names:
+        for name in TOKENIZER_FILES:  # chat templates too: they decide chat-mode prompts
             p = self.path / name
             if p.is_file():
                 h.update(name.encode())

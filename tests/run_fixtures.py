@@ -59,7 +59,7 @@ def make_rows(run_id: str, *, tasks: Sequence[str] = ("passkey", "niah_single"),
                     rec = SampleRecord(
                         run_id=run_id, sample_id=sid, task=task, context_length=length, depth=depth,
                         depth_actual=depth, seed=seed, prompt_mode="raw", needle_token_index=int(length * depth),
-                        target=target, completion=completion, extracted=target if hit and ok else None,
+                        target=[target], completion=completion, extracted=target if hit and ok else None,
                         score=score, status=status, n_prompt_tokens=length, n_output_tokens=5 if ok else None,
                         latency_s=latency if ok else None, ttft_s=ttft if ok else None,
                         prefill_tokens_per_s=length / ttft if ok else None,

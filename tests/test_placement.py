@@ -34,7 +34,7 @@ def check(tok, frame, hay, needles, depths, length, asm) -> None:
     """Every guarantee of the assembler, checked from the outside."""
     # exact length, and the ids are what a plain tokenization of the text gives
     assert len(asm.ids) == length
-    assert tok.encode(asm.text, frame.add_special_tokens) == asm.ids
+    assert tok.encode(asm.text, frame.add_special_tokens, asm.special_spans) == asm.ids
     assert asm.text.startswith(frame.pre) and asm.text.endswith(frame.post)
     # the context is one contiguous slice of the filler text with the needles spliced in at their positions
     stream = hay.stream(tok, 0)
@@ -66,7 +66,7 @@ def check(tok, frame, hay, needles, depths, length, asm) -> None:
         lo, hi = sorted((x, asm.positions[0]))
         assert hay.boundary_at_or_after(lo + 1) >= hi
     # the needle token index points at the needle's first character
-    ids, offsets = tok.encode_with_offsets(asm.text, frame.add_special_tokens)
+    ids, offsets = tok.encode_with_offsets(asm.text, frame.add_special_tokens, asm.special_spans)
     for c, i in zip(asm.needle_chars, asm.needle_token_indices):
         assert asm.text[c:].startswith(needles[asm.needle_chars.index(c)].text.strip()[:10])
         assert offsets[i][0] <= c < max(offsets[i][1], offsets[i][0] + 1) or (
@@ -256,9 +256,9 @@ def test_one_full_tokenization_per_warm_build():
         def __getattr__(self, item):
             return getattr(tok, item)
 
-        def encode_with_offsets(self, text, add_special_tokens=False):
+        def encode_with_offsets(self, text, add_special_tokens=False, special_spans=None):
             big.append(len(text))
-            return tok.encode_with_offsets(text, add_special_tokens)
+            return tok.encode_with_offsets(text, add_special_tokens, special_spans)
 
     spy = Spy()
     hay = essay_haystack()
@@ -283,11 +283,11 @@ class LongTextTokenizer(ByteTokenizer):
     def fingerprint(self) -> str:
         return "long-text-quirk"
 
-    def encode(self, text, add_special_tokens=False):
+    def encode(self, text, add_special_tokens=False, special_spans=None):
         ids = super().encode(text, add_special_tokens)
         return ids + [2] if len(text) > 5000 else ids
 
-    def encode_with_offsets(self, text, add_special_tokens=False):
+    def encode_with_offsets(self, text, add_special_tokens=False, special_spans=None):
         ids, offsets = super().encode_with_offsets(text, add_special_tokens)
         if len(text) > 5000:
             return ids + [2], offsets + [(len(text), len(text))]
@@ -301,3 +301,23 @@ def test_non_local_seams_are_corrected_and_remembered():
     assert len(first.ids) == 9000 and first.verifications == 2  # estimate off by one, then fixed
     second = assemble(tok, frame, hay, needles_for(hay, 1), [0.7], 12000)
     assert len(second.ids) == 12000 and second.verifications == 1  # the learnt correction applies
+
+
+def test_template_spans_cover_what_the_chat_template_wrote():
+    tok = ByteTokenizer(chat=True)
+    frame = render_frame(tok, "chat", USER, PREFIX)
+    head, question = USER.split(SENTINEL)
+    assert frame.pre[:frame.pre_template] == "<|user|>\n" and frame.pre[frame.pre_template:] == head
+    a, b = frame.post_template
+    assert frame.post[:a] == question and frame.post[a:b] == "\n<|assistant|>\n"
+    assert frame.post[b:] == PREFIX.lstrip()  # the answer prefix is text
+    assert render_frame(tok, "raw", USER, PREFIX).spans("pre") == []
+
+    class Rewriting(ByteTokenizer):  # a template that changes the user text (here: collapses blank lines)
+        def apply_chat_template(self, messages):
+            return super().apply_chat_template([{**m, "content": m["content"].replace("\n\n", "\n")}
+                                                for m in messages])
+
+    frame = render_frame(Rewriting(chat=True), "chat", USER, PREFIX)
+    assert frame.pre_template == len(frame.pre)  # cannot tell the user text apart: all of it counts as template
+    assert frame.post_template == (0, len(frame.post) - len(PREFIX.lstrip()))

@@ -116,3 +116,37 @@ def test_plan_command_needs_a_context_for_hf_configs(tmp_path, capsys):
         "vocab_size": 100}))
     with pytest.raises(UsageError, match="--context"):
         _run_cli(["--config", str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("spelled,short", [("float16", "fp16"), ("half", "fp16"), ("torch.float16", "fp16"),
+                                           ("FP16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32"),
+                                           ("float", "fp32"), ("fp8", "fp8"), ("float8_e4m3fn", "fp8")])
+def test_dtype_spellings_are_one_dtype(spelled, short):
+    from evalctx.dtypes import canonical_dtype
+
+    assert canonical_dtype(spelled) == short
+    assert plan(LLAMA2_70B, 1024, weight_dtype=spelled).weight_bytes == plan(LLAMA2_70B, 1024,
+                                                                             weight_dtype=short).weight_bytes
+
+
+def test_plan_takes_tensorrt_llm_dtype_spellings_and_warns_beyond_the_positions(tmp_path, capsys):
+    """``convert_checkpoint.py --dtype float16`` is TensorRT-LLM's own spelling: the issue's example."""
+    cfg = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+           "vocab_size": 100, "max_position_embeddings": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    data = json.loads(_run_cli(["--config", str(tmp_path), "--context", "8192", "--weight-dtype", "float16",
+                                "--kv-dtype", "bfloat16", "--json"], capsys))
+    assert (data["weight_dtype"], data["kv_dtype"]) == ("fp16", "bf16")
+    err = capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    plan_cmd.add_parser(parser.add_subparsers(dest="command"))
+    plan_cmd.main(parser.parse_args(["plan", "--config", str(tmp_path), "--context", "8192"]))
+    err = capsys.readouterr().err
+    assert "context 8,192 tokens exceeds the model's max_position_embeddings 4,096" in err
+    plan_cmd.main(parser.parse_args(["plan", "--config", str(tmp_path), "--context", "4096"]))
+    assert capsys.readouterr().err == ""
+    with pytest.raises(UsageError, match="unknown weight dtype 'float17'.*fp16 \\(float16, half"):
+        plan_cmd.main(parser.parse_args(["plan", "--config", str(tmp_path), "--context", "64",
+                                         "--weight-dtype", "float17"]))
+    # an embedded model by name
+    assert "LlamaForCausalLM" in _run_cli(["--config", "tiny", "--context", "1024"], capsys)

@@ -118,3 +118,26 @@ def test_scorers_match_references_on_random_text(pred, refs):
     assert string_match_all(pred, refs).value == pytest.approx(ref_string_match_all(pred, refs))
     assert string_match_part(pred, refs).value == ref_string_match_part(pred, refs)
     assert first_int_match(pred, refs[:1]).value == ref_first_int_match(pred, refs[0])
+
+
+@pytest.mark.parametrize("name,pred,bare", [
+    ("string_match_all", " 0123456789.", "7503775"),  # the example: every character is in the output
+    ("first_int_match", " 1.", "12345"),  # "1" == the first character of "12345"
+    ("string_match_part", " 7.", "7503775"),
+    ("landmark_int_match", " 1.", "12345"),
+])
+def test_a_bare_string_is_refused(name, pred, bare):
+    with pytest.raises(TypeError, match="bare string"):
+        score(name, pred, bare)
+    assert score(name, pred, [bare]).value == 0.0  # the same reference as a list: the answer is wrong
+
+
+def test_references_from_any_list_like():
+    import numpy as np
+
+    assert score("string_match_all", "7503775 and 1234567", np.array(["7503775", "1234567"], dtype=object)).value == 1
+    assert score("first_int_match", " 12345.", ("12345",)).value == 1
+    with pytest.raises(ValueError, match="no reference"):
+        score("string_match_all", "x", [])
+    with pytest.raises(TypeError, match="must be strings"):
+        score("first_int_match", "12345", [12345])

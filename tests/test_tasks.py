@@ -40,7 +40,7 @@ def needle_texts(s: Sample) -> list[str]:
 def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) -> None:
     tok = task.tokenizer
     assert len(s.prompt_ids) == s.context_length == length
-    assert tok.encode(s.prompt, s.add_special_tokens) == s.prompt_ids
+    assert tok.encode(s.prompt, s.add_special_tokens, s.special_spans) == s.prompt_ids
     assert s.add_special_tokens == (task.prompt_mode == "raw") and s.prompt_mode == task.prompt_mode
     assert (s.task, s.depth, s.seed, s.scorer) == (task.name, depth, seed, task.scorer)
     needles = needle_texts(s)
@@ -50,7 +50,7 @@ def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) ->
     for t in s.target:  # every answer occurs only inside the needles
         assert s.prompt.count(t) == sum(n.count(t) for n in needles) >= 1
     # the needle token index points at the (first) needle
-    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens)
+    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens, s.special_spans)
     first = min(s.prompt.index(n) for n in needles)
     i = s.needle_token_index
     assert offsets[i][0] <= first < max(offsets[i][1], offsets[i][0] + 1) or (
@@ -62,6 +62,10 @@ def check_sample(task: Task, s: Sample, length: int, depth: float, seed: int) ->
     assert scorer(" " + ", ".join(s.target) + ".", s.target).value == 1.0
     assert scorer(" 0", s.target).value == 0.0
     assert s.meta["haystack"] == task.haystack.name
+    # the answer's length in tokens is what appending it to this very prompt adds
+    answer = " " + ", ".join(s.target)
+    added = len(tok.encode(s.prompt + answer, s.add_special_tokens, s.special_spans)) - len(s.prompt_ids)
+    assert s.meta["answer_tokens"] == added
 
 
 @st.composite
@@ -212,7 +216,7 @@ def test_passkey_trtllm_prompt_is_upstream():
     assert s.prompt.endswith("\n\nWhat is the pass key?\n\nThe pass key is")
     assert f"\n{NOISE_LINE}\nThe pass key is {key}. Remember it. {key} is the pass key.\n{NOISE_LINE}\n" in s.prompt
     assert (s.scorer, s.max_new_tokens, s.prompt_ids[0]) == ("first_int_match", 6, ByteTokenizer.BOS)
-    assert s.meta == {"haystack": "noise", "template": "trtllm", "key": key}
+    assert s.meta == {"haystack": "noise", "template": "trtllm", "key": key, "answer_tokens": 6}
     # at the very start and the very end the needle line touches the template
     s0 = get_task("passkey")(ByteTokenizer(), {}).make_sample(2000, 0.0, 0)
     assert s0.prompt.startswith(TRTLLM_PREFIX + f"The pass key is {s0.meta['key']}.")
@@ -326,8 +330,8 @@ def test_bad_sample_arguments():
     with pytest.raises(UsageError, match="prompt_mode"):
         get_task("passkey")(ByteTokenizer(), {}, "completion")
     lo = task.min_length()
-    with pytest.raises(LengthError, match=f"{lo} tokens"):
-        task.make_sample(lo - 1, 0.5, 0)
+    with pytest.raises(LengthError, match=r"too short; the template and needle alone need \d+ tokens"):
+        task.make_sample(lo // 2, 0.5, 0)
 
 
 def test_custom_haystack_dir_and_key_redraw(tmp_path):
@@ -368,3 +372,38 @@ def test_niah_needles_at_the_very_end_stay_apart(haystack, sep):
     block = sep.join(needles)  # one after the other, each separated as in the haystack, then the question
     assert s.prompt.count(block + "\nWhat are all the special magic numbers") == 1
     assert s.depth_actual == 1.0
+
+
+@pytest.mark.parametrize("tok_name,mode", [(t, m) for t in TOKENIZER_NAMES for m in ("raw", "chat")
+                                           if m == "raw" or t in CHAT_TOKENIZER_NAMES])
+@pytest.mark.parametrize("task_name,options", [("passkey", {}), ("niah_single", {}), ("niah_multikey", {}),
+                                               ("niah_multivalue", {"value_type": "uuids"})])
+def test_min_length_covers_the_draws(tok_name, mode, task_name, options):
+    """min_length() is the longest minimum over many draws: at min_length() + NEAR_MINIMUM every draw builds, so
+    the runner's up-front build of the near-minimum specs finds every sample a short length cannot hold."""
+    from evalctx.sampling import SampleBuilder
+
+    task = get_task(task_name)(get_tokenizer(tok_name), options, mode)
+    lo = task.min_length()
+    for seed in range(100, 115):
+        for depth in (0.0, 0.5, 1.0):
+            s = task.make_sample(lo + SampleBuilder.NEAR_MINIMUM, depth, seed)
+            assert len(s.prompt_ids) == lo + SampleBuilder.NEAR_MINIMUM
+
+
+@pytest.mark.parametrize("tok_name,digits,budget", [("byte", 8, 9), ("byte", 5, 6), ("byte", 3, 6),
+                                                    ("bpe_digits", 8, 9)])
+def test_default_budget_follows_the_answer(tok_name, digits, budget):
+    """' ' + k digits: k + 1 tokens where every digit is a token; the upstream 6 where that is enough."""
+    if tok_name != "byte" and not HAVE_HF:
+        pytest.skip("needs tokenizers and transformers")
+    task = get_task("passkey")(get_tokenizer(tok_name), {"key_digits": digits})
+    assert task.default_budget() == budget
+    s = task.make_sample(task.min_length() + 100, 0.5, 0)
+    assert s.max_new_tokens == budget >= s.meta["answer_tokens"]
+
+
+def test_default_budget_of_four_uuids_with_a_byte_tokenizer():
+    """RULER's 128 cannot hold four uuids one byte per token (4 x 36 + 3 x 2 + 1 = 151)."""
+    task = get_task("niah_multivalue")(ByteTokenizer(), {"value_type": "uuids"})
+    assert task.answer_tokens() == 151 and task.default_budget() == 151

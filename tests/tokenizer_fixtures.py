@@ -36,9 +36,18 @@ CHATML_TEMPLATE = (
 )
 """SmolLM2/Qwen-style ChatML, no BOS."""
 
-HF_KINDS = ("bpe_llama3", "sp_llama2", "bpe_digits", "bpe_chat", "bpe_gpt2") if HAVE_HF else ()
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] | trim }} [/INST]{% endfor %}")
+"""Llama-2-chat's shape: BOS as text, the user turn in [INST] ... [/INST]."""
+BERT_TEMPLATE = ("{% for m in messages %}{{ cls_token }} {{ m['content'] }} {{ sep_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ cls_token }} {% endif %}")
+"""A template whose markers are WordPiece's [CLS]/[SEP] specials."""
+
+HF_KINDS = ("bpe_llama3", "sp_llama2", "bpe_digits", "bpe_chat", "bpe_gpt2", "unigram_llama",
+            "wordpiece") if HAVE_HF else ()
 """byte-level BPE without BOS; sentencepiece-style BPE (byte fallback, BOS); digits split one by one; chat;
-GPT-2 pre-tokenizer with newline-run merges and ChatML (like SmolLM2)."""
+GPT-2 pre-tokenizer with newline-run merges and ChatML (like SmolLM2); SentencePiece Unigram with Metaspace
+(prepend_scheme "first"), a ``<s> $A </s>`` post-processor and ``add_eos_token`` (a Llama tokenizer that appends EOS)
+and a Llama-2 chat template; BERT-style uncased WordPiece whose post-processor wraps the text in [CLS] ... [SEP]."""
 
 _ROOT: Path | None = None
 _CACHE: dict[str, Tokenizer] = {}
@@ -151,6 +160,30 @@ def build_rust(kind: str, text: list[str] | None = None, vocab_size: int = 2000)
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
         return tok, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if kind == "unigram_llama":
+        tok = RustTokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                          unk_token="<unk>", show_progress=False)
+        tok.train_from_iterator(text, trainer)
+        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> <s> $B </s>",
+                                                           special_tokens=[("<s>", bos), ("</s>", eos)])
+        return tok, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if kind == "wordpiece":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = RustTokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(text, trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return tok, {"cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]", "pad_token": "[PAD]",
+                     "mask_token": "[MASK]", "eos_token": "[SEP]"}
     raise ValueError(f"unknown tokenizer kind {kind!r}")
 
 
@@ -164,8 +197,17 @@ def save_hf(kind: str, folder: Path, text: list[str] | None = None, vocab_size: 
         fast.chat_template = CHAT_TEMPLATE
     if kind == "bpe_gpt2":
         fast.chat_template = CHATML_TEMPLATE
+    if kind == "unigram_llama":
+        fast.chat_template = LLAMA2_TEMPLATE
+    if kind == "wordpiece":
+        fast.chat_template = BERT_TEMPLATE
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
+    if kind == "unigram_llama":  # as a Llama tokenizer that appends EOS states it (the post-processor does it)
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(add_bos_token=True, add_eos_token=True)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     return folder
 
 
@@ -185,4 +227,5 @@ def get_tokenizer(name: str) -> Tokenizer:
 
 
 TOKENIZER_NAMES = ("byte", "byte-chat", *HF_KINDS)
-CHAT_TOKENIZER_NAMES = ("byte-chat", "bpe_chat", "bpe_gpt2") if HAVE_HF else ("byte-chat",)
+CHAT_TOKENIZER_NAMES = ("byte-chat", "bpe_chat", "bpe_gpt2", "unigram_llama", "wordpiece") if HAVE_HF else (
+    "byte-chat",)

@@ -64,6 +64,11 @@ class Backend:
         """Sample ids this backend cannot run, with a one-line reason; checked before any generation."""
         return {}
 
+    def limits(self) -> Any:
+        """The :class:`evalctx.preflight.EngineLimits` of the engine and model, or None when unknown (the runner
+        flags rows beyond a rotary model's stated window from them)."""
+        return None
+
     def info(self) -> dict[str, Any]:
         """Backend, model and engine facts for the manifest."""
         return {"backend": self.name, "options": dataclasses.asdict(self.options)}

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
+from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
+from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
+from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
 from evalctx.records import GenerationRequest, GenerationResult
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOWER_RIGHT_SDPA = "evalctx_sdpa"
 
 
@@ -85,15 +87,13 @@ def auto_attention(resolved: Any, on_cuda: bool) -> str:
 
 class HFBackend(Backend):
     name: ClassVar[str] = "hf"
-    # No preflight (the base's "nothing unsupported"): positions beyond the trained window still run, and how
-    # badly RoPE extrapolates there is what a user measures.
 
     @dataclass
     class Options:
         device: str = "auto"
         """auto (CUDA if present, one GPU per local rank), cpu, cuda or cuda:N."""
         dtype: str = "auto"
-        """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."""
+        """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 (any spelling: fp16, half, bf16)."""
         chunk_size: int = 4096
         """Prefill chunk in tokens; 0 = the whole prompt at once."""
         attn_implementation: str = "auto"
@@ -127,8 +127,7 @@ class HFBackend(Backend):
 
         from evalctx.models import resolve_model
 
-        if options.dtype not in _DTYPES:
-            raise UsageError(f"backend hf: dtype must be one of {_DTYPES}, not {options.dtype!r}")
+        dtype = options.dtype if options.dtype == "auto" else torch_dtype_name(options.dtype, "backend hf dtype")
         if options.chunk_size < 0:
             raise UsageError("backend hf: chunk_size must be >= 0")
         if ctx.model is None:
@@ -137,7 +136,6 @@ class HFBackend(Backend):
             torch.set_num_threads(options.threads)
         self.torch = torch
         self.device = self._pick_device(options.device, ctx)
-        dtype = options.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
@@ -169,6 +167,7 @@ class HFBackend(Backend):
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_positions: int | None = int(limit) if limit else None
+        self.check_tokenizer(resolved)
 
     @staticmethod
     def _pick_device(spec: str, ctx: BackendContext) -> Any:
@@ -257,6 +256,21 @@ class HFBackend(Backend):
                 finish_reason="stop" if cut is not None else "length", peak_memory_bytes=peak,
             ))
         return results
+
+    # ------------------------------------------------------------------------------------------------------
+    def check_tokenizer(self, resolved: Any) -> None:
+        """The tokenizer that builds the prompts must be this model's (evalctx.tokenizer_check): UsageError."""
+        own = own_tokenizer(resolved.path, resolved.gguf_file, self.ctx.tokenizer)
+        rows = self.model.get_input_embeddings().num_embeddings
+        check_tokenizer(self.ctx.tokenizer, resolved.name, rows, own, own_spec=self.ctx.model)
+
+    def limits(self) -> EngineLimits:
+        """What the model's config lets it see: a sliding window in every layer or learned absolute positions make
+        longer prompts unsupported; RoPE positions beyond max_position_embeddings run, flagged."""
+        return limits_from_hf_config(self.model.config.to_dict())
+
+    def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
+        return preflight(samples, self.limits())
 
     # ------------------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, metavar="PATH",
-                   help="model or engine directory, or its config.json (HF or TensorRT-LLM engine)")
+                   help="model or engine directory, its config.json (HF or TensorRT-LLM engine), or an embedded "
+                        "model name (tiny)")
     p.add_argument("--context", type=int, metavar="TOKENS",
                    help="tokens per sequence, prompt plus generated (default: the engine's max_seq_len)")
     p.add_argument("--batch", type=int, default=1, help="sequences resident at once (default 1)")
     p.add_argument("--beams", type=int, default=1, help="beam width (default 1)")
     p.add_argument("--tp", type=int, help="tensor parallel size (default: the engine's, else 1)")
     p.add_argument("--pp", type=int, help="pipeline parallel size (default: the engine's, else 1)")
-    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, help="default: the engine's, the HF torch_dtype, or fp16")
-    p.add_argument("--kv-dtype", choices=KV_DTYPES, help="default: the engine's KV dtype, else the weight dtype")
+    p.add_argument("--weight-dtype", metavar="DTYPE",
+                   help=f"{', '.join(WEIGHT_DTYPES)} in any spelling (float16, half, bfloat16, ...); default: the "
+                        "engine's, the HF torch_dtype, or fp16")
+    p.add_argument("--kv-dtype", metavar="DTYPE",
+                   help=f"{', '.join(KV_DTYPES)} in any spelling; default: the engine's KV dtype, else the weight dtype")
     p.add_argument("--gpu-memory", type=float, metavar="GB",
                    help="memory per GPU in GB (10^9 bytes; an 80 GB H100 has about 85); enables the fit check")
     p.add_argument("--max-num-tokens", type=int,
@@ -60,11 +65,20 @@ def _hf_dtype(path: str) -> str | None:
     return short_dtype(dtype) if dtype else None
 
 
+def _config_path(spec: str) -> str:
+    """A path as given, else an embedded model's directory (``tiny``)."""
+    if Path(spec).expanduser().exists() or "/" in spec:
+        return spec
+    from evalctx.models import resolve_model
+
+    return str(resolve_model(spec).path)
+
+
 def _resolve(args: argparse.Namespace) -> Plan:
-    shape, engine = load_shape(args.config)
+    shape, engine = load_shape(_config_path(args.config))
     e: EngineConfig | None = engine
     weight = args.weight_dtype or (e.weight_dtype if e else None) or _hf_dtype(shape.source) or "fp16"
-    if weight not in WEIGHT_DTYPES:
+    if args.weight_dtype is None and weight not in WEIGHT_DTYPES:
         weight = "fp16"
     kv = args.kv_dtype or (e.kv_dtype if e else None) or (weight if weight in ("fp16", "bf16", "fp32") else "fp16")
     context = args.context or (e.max_seq_len if e else None)
@@ -125,7 +139,20 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def position_warning(p: Plan) -> str | None:
+    """A warning when the planned context is longer than the positions the model's config states."""
+    limit = p.shape.max_position_embeddings
+    if limit is None or p.context <= limit:
+        return None
+    return (f"evalctx plan: warning: context {p.context:,} tokens exceeds the model's max_position_embeddings "
+            f"{limit:,} ({p.shape.source}): positions beyond it were never trained, and models with absolute "
+            "position embeddings cannot run there at all")
+
+
 def main(args: argparse.Namespace) -> int:
     p = _resolve(args)
+    warning = position_warning(p)
+    if warning:
+        print(warning, file=sys.stderr)
     print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))
     return 0

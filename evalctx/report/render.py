@@ -97,6 +97,27 @@ def _engine_rows(manifests: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[s
     return rows
 
 
+def _flag_notes(df: pd.DataFrame) -> list[str]:
+    """One line per (label, flag) of scored rows carrying row flags: how many, at which lengths, what it means."""
+    from evalctx.records import FLAGS
+
+    if "flags" not in df.columns:
+        return []
+    ok = df[df["status"] == "ok"]
+    notes = []
+    for label, g in ok.groupby("label", sort=True):
+        found: dict[str, set[int]] = {}
+        for flags, length in zip(g["flags"], g["context_length"]):
+            for f in (flags if flags is not None else []):
+                found.setdefault(str(f), set()).add(int(length))
+        for flag, lengths in sorted(found.items()):
+            n = sum(1 for flags in g["flags"] if flags is not None and flag in list(flags))
+            where = ", ".join(length_label(x) for x in sorted(lengths))
+            notes.append(f"{label}: {n} scored samples at {where} are flagged {flag}: "
+                         f"{FLAGS.get(flag, 'see the backend documentation')}.")
+    return notes
+
+
 def _errors(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     bad = df[df["status"] != "ok"]
     if bad.empty:
@@ -142,6 +163,8 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
         status = m.get("status") or df.loc[df["label"] == label, "run_status"].iloc[0]
         if status != "complete":
             doc.para(f"{label}: run status is '{status}': results are partial and may miss cells.", css="warn")
+    for note in _flag_notes(df):  # e.g. lengths beyond a rotary model's stated window
+        doc.para(note, css="warn")
 
     doc.section("Runs")
     doc.table(_side_by_side(manifests, _run_rows()))

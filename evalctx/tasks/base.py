@@ -19,6 +19,7 @@ class Task:
     """Bump when the prompt or generation changes: it is part of every sample id."""
     scorer: ClassVar[str] = "string_match_all"
     default_max_new_tokens: ClassVar[int] = 32
+    """The upstream generation budget; :meth:`default_budget` raises it where this tokenizer's answers are longer."""
     description: ClassVar[str] = ""
 
     def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
@@ -34,3 +35,16 @@ class Task:
     def min_length(self) -> int:
         """The shortest context_length this task can build with this tokenizer and mode."""
         raise NotImplementedError
+
+    def answer_tokens(self) -> int:
+        """The longest right answer in tokens with this tokenizer, as the model writes it after the answer prefix
+        (0 when the task cannot tell)."""
+        return 0
+
+    def default_budget(self) -> int:
+        """max_new_tokens when a suite sets none: the upstream default, or the longest answer when that is longer.
+
+        An 8-digit passkey is 9 tokens (a space and one token per digit) with a digit-per-token tokenizer: the
+        upstream 6 would cut every answer to 5 digits and score 0.
+        """
+        return max(self.default_max_new_tokens, self.answer_tokens())

@@ -120,7 +120,8 @@ class Haystack:
 
     def _tokenize(self, tokenizer: Tokenizer, copies: int) -> TokenStream:
         text = self.text * copies
-        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+        # Filler is text: a special-token string in an essay stays characters (no template spans).
+        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False, special_spans=())
         return TokenStream(text, array("l", ids), array("l", [o[0] for o in offsets]), copies)
 
 

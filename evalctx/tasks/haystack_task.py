@@ -20,6 +20,11 @@ from evalctx.tasks.placement import (PROMPT_MODES, SENTINEL, Frame, Needle, asse
                                      render_frame)
 from evalctx.tokenizer import Tokenizer
 
+MIN_PROBES = 64
+"""Seeded draws (each at depths 0 and 1) whose longest minimum and longest answer the task reports."""
+_PROBED: dict[tuple, tuple[int, int]] = {}
+
+
 @dataclass
 class Draw:
     """What a task draws for one sample: the prompt around the haystack, its needles and the answers."""
@@ -80,7 +85,7 @@ class HaystackTask(Task):
 
     def sample_id(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> str:
         """The id :meth:`make_sample` gives this cell, known without building the prompt (a suite's spec id)."""
-        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         return sample_id(self.name, self.version, self.id_options(), context_length, float(depth), seed,
                          self.tokenizer.fingerprint(), self.prompt_mode, mnt)
 
@@ -104,7 +109,7 @@ class HaystackTask(Task):
         if not 0.0 <= depth <= 1.0:
             raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
         depth = float(depth)  # a TOML ``1`` and ``1.0`` are the same cell (and the same sample id)
-        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
         for _ in range(100):
             draw = self._draw(rng, depth)
@@ -118,7 +123,7 @@ class HaystackTask(Task):
         else:
             raise UsageError(f"task {self.name}: could not draw a key that the haystack does not already contain")
         sid = self.sample_id(context_length, depth, seed, mnt)
-        meta = {"haystack": self.haystack.name, **draw.meta}
+        meta = {"haystack": self.haystack.name, **draw.meta, "answer_tokens": self._answer_tokens(frame, draw)}
         if len(asm.needle_token_indices) > 1:
             meta["needle_token_indices"] = asm.needle_token_indices
         messages = None
@@ -132,8 +137,43 @@ class HaystackTask(Task):
                       prompt=asm.text, prompt_ids=asm.ids, target=draw.targets,
                       needle_token_index=asm.needle_token_index, max_new_tokens=mnt,
                       add_special_tokens=frame.add_special_tokens, prompt_mode=self.prompt_mode,
-                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta, messages=messages)
+                      depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta,
+                      special_spans=list(asm.special_spans or []), messages=messages)
+
+    def _answer_tokens(self, frame: Frame, draw: Draw) -> int:
+        """Tokens of the right answer as the model writes it after the prompt: a space, then the targets joined by
+        ", " (what the scorers look for), counted after the answer prefix with this tokenizer."""
+        spans = frame.spans("post")
+        encode = self.tokenizer.encode
+        answer = " " + ", ".join(draw.targets)
+        return len(encode(frame.post + answer, False, spans)) - len(encode(frame.post, False, spans))
+
+    def _probe(self) -> tuple[int, int]:
+        """(longest minimum length, longest answer in tokens) over :data:`MIN_PROBES` seeded draws."""
+        key = (self.name, self.version, json.dumps(sorted(self.id_options().items()), default=str),
+               self.tokenizer.fingerprint(), self.prompt_mode)
+        if key not in _PROBED:
+            lo = answer = 0
+            for seed in range(MIN_PROBES):
+                for depth in (0.0, 1.0):
+                    draw = self._draw(self._rng(0, depth, seed), depth)
+                    frame = self._frame(draw)
+                    lo = max(lo, minimum_length(self.tokenizer, frame, self.haystack, draw.needles, draw.depths))
+                    answer = max(answer, self._answer_tokens(frame, draw))
+            _PROBED[key] = (lo, answer)
+        return _PROBED[key]
 
     def min_length(self) -> int:
-        draw = self._draw(self._rng(0, 0.5, 0), 0.5)
-        return minimum_length(self.tokenizer, self._frame(draw), self.haystack, draw.needles, draw.depths)
+        """The longest of the minimums of :data:`MIN_PROBES` seeded draws, at depths 0 and 1.
+
+        Keys, values and the question that names them differ in tokens from draw to draw (a 7-digit value, an
+        adjective-noun key), so one draw's minimum is not the task's: a length that fits one key is too short for
+        another. A draw beyond every probed one is still possible; its sample becomes an unsupported row (see
+        :meth:`evalctx.sampling.SampleBuilder.unbuildable`), never a failed run.
+        """
+        return self._probe()[0]
+
+    def answer_tokens(self) -> int:
+        """The longest answer of :data:`MIN_PROBES` seeded draws in tokens (``meta["answer_tokens"]`` has each
+        sample's own; a longer one than every probe is flagged ``short_budget`` if its output runs out)."""
+        return self._probe()[1]

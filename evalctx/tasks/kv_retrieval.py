@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
-from evalctx.tasks.haystack_task import HaystackTask
+from evalctx.tasks.haystack_task import MIN_PROBES, HaystackTask
 from evalctx.tasks.keys import draw
 from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
 
@@ -42,6 +42,7 @@ _SWAP_ROUNDS = 16  # batches of fresh pairs tried when closing the last gap by s
 _SWAP_BATCH = 32
 _MAX_VERIFY = 4
 _MAX_ASKED = 100
+_MIN_CACHE: dict[tuple[str, ...], int] = {}
 
 
 def pair_text(key: str, value: str) -> str:
@@ -72,11 +73,19 @@ class KvRetrievalTask(HaystackTask):
         depth = float(depth)
         mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
+        # Right above the minimum, an asked pair that tokenizes too long, or that leaves a gap no JSON whitespace
+        # can fill (a SentencePiece space costs 2 tokens, so a 1-token gap has no padding), is redrawn.
+        error: LengthError | None = None
         for _ in range(_MAX_ASKED):
             b = _Builder(self, rng)
-            if b.minimum() <= context_length:
-                break  # right above the minimum, a longer-tokenized asked pair is redrawn (else too short)
-        text, ids, offsets, pairs, j, pad = b.build(context_length, depth)
+            try:
+                text, ids, offsets, pairs, j, pad = b.build(context_length, depth)
+                break
+            except LengthError as exc:
+                error = exc
+        else:
+            assert error is not None
+            raise error
         body_start = len(b.frame.pre)
         asked_start = body_start + sum(len(p) + len(SEP) for p in pairs[:j])
         asked_end = asked_start + len(pairs[j])
@@ -96,8 +105,21 @@ class KvRetrievalTask(HaystackTask):
                       depth_actual=depth_actual, scorer=self.scorer,
                       meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": pad}, messages=messages)
 
+    def answer_tokens(self) -> int:
+        """The longest answer (a uuid value after the answer prefix) of the probed draws, in tokens."""
+        key = ("answer", self.tokenizer.fingerprint(), self.prompt_mode)
+        if key not in _MIN_CACHE:
+            values = (_Builder(self, self._rng(0, 0.5, seed)).value for seed in range(MIN_PROBES))
+            _MIN_CACHE[key] = max(len(self.tokenizer.encode(" " + v)) for v in values)
+        return _MIN_CACHE[key]
+
     def min_length(self) -> int:
-        return _Builder(self, self._rng(0, 0.5, 0)).minimum()
+        """The longest minimum of :data:`~evalctx.tasks.haystack_task.MIN_PROBES` seeded draws of the asked pair
+        (uuids differ in tokens), as every task states its minimum; a sample's draw that does not fit is redrawn."""
+        key = ("minimum", self.tokenizer.fingerprint(), self.prompt_mode)
+        if key not in _MIN_CACHE:
+            _MIN_CACHE[key] = max(_Builder(self, self._rng(0, 0.5, seed)).minimum() for seed in range(MIN_PROBES))
+        return _MIN_CACHE[key]
 
 
 class _Builder:

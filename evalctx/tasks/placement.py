@@ -39,6 +39,18 @@ class Frame:
     post: str
     add_special_tokens: bool
     mode: str
+    pre_template: int = 0
+    """Characters at the start of ``pre`` that the chat template wrote: its special tokens count as such. The
+    rest of ``pre`` (the instruction), the haystack and the needles are text."""
+    post_template: tuple[int, int] = (0, 0)
+    """The span of ``post`` that the chat template wrote, between the question and the answer prefix."""
+
+    def spans(self, part: str) -> list[tuple[int, int]]:
+        """Template spans of ``pre`` or ``post``, relative to that part (empty in raw mode)."""
+        if part == "pre":
+            return [(0, self.pre_template)] if self.pre_template else []
+        a, b = self.post_template
+        return [(a, b)] if b > a else []
 
 
 @dataclass(frozen=True)
@@ -55,12 +67,16 @@ def render_frame(tokenizer: Tokenizer, prompt_mode: str, user_text: str, answer_
     Raw mode: ``user_text + answer_prefix``, tokenized with special tokens (BOS counts toward the length).
     Chat mode: the tokenizer's chat template over one user turn, then the answer prefix (leading whitespace
     dropped, as lm-eval's ``gen_prefix``) starts the assistant turn; tokenized without special tokens because the
-    rendered template already carries BOS as text.
+    rendered template already carries BOS as text. Special-token strings count as special tokens only in what the
+    template itself wrote (``Frame.pre_template``/``post_template``); the user text and the answer prefix are text.
+    A template that rewrites the user text (so it cannot be found in the rendering) has its whole ``pre`` and
+    ``post`` but the answer prefix treated as template.
     """
     if user_text.count(SENTINEL) != 1:
         raise ValueError("user_text must hold the haystack sentinel exactly once")
     if prompt_mode == "raw":
-        full, add = user_text + answer_prefix, True
+        pre, post = (user_text + answer_prefix).split(SENTINEL)
+        return Frame(pre, post, True, prompt_mode)
     elif prompt_mode == "chat":
         if not tokenizer.has_chat_template():
             raise UsageError(f"tokenizer {tokenizer.name} has no chat template: use prompt_mode = \"raw\"")
@@ -72,11 +88,16 @@ def render_frame(tokenizer: Tokenizer, prompt_mode: str, user_text: str, answer_
             raise UsageError(f"chat template of {tokenizer.name} failed: {type(exc).__name__}: {exc}") from exc
         if rendered.count(SENTINEL) != 1:
             raise UsageError(f"chat template of {tokenizer.name} rewrites the user text; cannot place a haystack")
-        full, add = rendered + answer_prefix.lstrip(), False
     else:
         raise UsageError(f"unknown prompt_mode {prompt_mode!r}: choose raw or chat")
-    pre, post = full.split(SENTINEL)
-    return Frame(pre, post, add, prompt_mode)
+    pre, post = (rendered + answer_prefix.lstrip()).split(SENTINEL)
+    head, question = user_text.split(SENTINEL)
+    at = rendered.find(user_text)
+    if at < 0 or rendered.count(user_text) != 1:
+        # The template rewrote the user text: everything it wrote around the haystack counts as template.
+        return Frame(pre, post, False, prompt_mode, len(pre), (0, len(post) - len(answer_prefix.lstrip())))
+    tail = len(rendered) - at - len(user_text)
+    return Frame(pre, post, False, prompt_mode, at, (len(question), len(question) + tail))
 
 
 @dataclass
@@ -98,6 +119,9 @@ class Assembly:
     positions: list[int]
     """Stream character offset where each needle was inserted."""
     verifications: int = 1
+    special_spans: list[tuple[int, int]] | None = None
+    """Character spans of ``text`` written by the chat template: ``ids`` is ``tokenizer.encode(text,
+    add_special_tokens, special_spans)`` (empty in raw mode: the whole prompt is text)."""
 
     @property
     def needle_token_index(self) -> int:
@@ -113,7 +137,7 @@ class _Layout:
 
 
 def special_token_count(tokenizer: Tokenizer) -> int:
-    """How many ids ``add_special_tokens=True`` adds (BOS, sometimes EOS)."""
+    """How many ids ``add_special_tokens=True`` adds: the leading specials (BOS), never a trailing EOS."""
     fp = tokenizer.fingerprint()
     if fp not in _SPECIAL:
         probe = "Hello there."
@@ -131,8 +155,12 @@ class _Builder:
         self.st: TokenStream = haystack.stream(tokenizer, _SLACK)
         self._est: dict[_Layout, int] = {}
 
-    def count(self, text: str) -> int:
-        return len(self.tok.encode(text, add_special_tokens=False))
+    def count(self, text: str, spans: Sequence[tuple[int, int]] = ()) -> int:
+        return len(self.tok.encode(text, add_special_tokens=False, special_spans=spans))
+
+    def encode(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+        """The whole prompt's ids, as :func:`assemble` verifies them."""
+        return self.tok.encode(text, self.frame.add_special_tokens, spans)
 
     def ensure(self, h: int) -> None:
         if len(self.st) < h + _SLACK:
@@ -210,25 +238,30 @@ class _Builder:
         n = self.needles[i]
         return n.text if i == len(self.needles) - 1 and lay.positions[i] == lay.e else n.text + n.sep
 
-    def _inserts(self, lay: _Layout) -> list[tuple[int, str]]:
-        ins = [(lay.s, self.frame.pre)]
-        ins += [(p, self.needle_insert(i, lay)) for i, p in enumerate(lay.positions)]
-        ins.append((lay.e, self.frame.post))
+    def _inserts(self, lay: _Layout) -> list[tuple[int, str, list[tuple[int, int]]]]:
+        """(stream position, text, template spans relative to the text) of every insertion, in order."""
+        f = self.frame
+        ins = [(lay.s, f.pre, f.spans("pre"))]
+        ins += [(p, self.needle_insert(i, lay), []) for i, p in enumerate(lay.positions)]
+        ins.append((lay.e, f.post, f.spans("post")))
         return ins
 
-    def _splice(self, u: int, v: int, ins: list[tuple[int, str]]) -> tuple[str, list[int]]:
-        """Stream text [u, v) with the insertions in that range; also the offset of each insertion."""
+    def _splice(self, u: int, v: int, ins: list[tuple[int, str, list[tuple[int, int]]]]
+                ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """Stream text [u, v) with the insertions in that range; the offset of each insertion and the template
+        spans, both in the spliced text."""
         text = self.st.text
-        parts, where, cur, n = [], [], u, 0
-        for p, t in ins:
+        parts, where, spans, cur, n = [], [], [], u, 0
+        for p, t, rel in ins:
             parts.append(text[cur:p])
             n += p - cur
             where.append(n)
+            spans += [(n + a, n + b) for a, b in rel]
             parts.append(t)
             n += len(t)
             cur = p
         parts.append(text[cur:v])
-        return "".join(parts), where
+        return "".join(parts), where, spans
 
     def estimate(self, lay: _Layout) -> int:
         """Token count of the layout's text from the cached stream plus local re-tokenization of the seams."""
@@ -237,7 +270,7 @@ class _Builder:
         st, ins = self.st, self._inserts(lay)
         b_e = st.token_at(lay.e)
         regions: list[list] = []
-        for p, t in ins:
+        for p, t, rel in ins:
             k = st.token_at(p)
             lo = max(lay.a, k - _MARGIN)
             hi = k + _MARGIN
@@ -245,13 +278,14 @@ class _Builder:
             v = st.starts[hi] if hi < b_e else lay.e
             if regions and u <= regions[-1][1]:  # touching regions merge too (zero-width ones at an end)
                 regions[-1][1] = max(regions[-1][1], v)
-                regions[-1][2].append((p, t))
+                regions[-1][2].append((p, t, rel))
             else:
-                regions.append([u, v, [(p, t)]])
+                regions.append([u, v, [(p, t, rel)]])
         total = self.n_special + (b_e - lay.a)
         for u, v, rins in regions:
             inside = st.token_at(v) - st.token_at(u)
-            local = self.count(self._splice(u, v, rins)[0])
+            spliced, _, spans = self._splice(u, v, rins)
+            local = self.count(spliced, spans)
             if u == lay.s:  # the region that starts the prompt: count it as it is
                 total += local - inside
             else:  # cancel what a standalone encode adds at its start (e.g. a Metaspace prefix)
@@ -259,15 +293,16 @@ class _Builder:
         self._est[lay] = total
         return total
 
-    def text(self, lay: _Layout) -> tuple[str, list[int]]:
-        """The prompt text and the character offset of each needle's first non-blank character."""
-        text, where = self._splice(lay.s, lay.e, self._inserts(lay))
+    def text(self, lay: _Layout) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """The prompt text, the character offset of each needle's first non-blank character, the template spans."""
+        text, where, spans = self._splice(lay.s, lay.e, self._inserts(lay))
         lead = [len(n.text) - len(n.text.lstrip()) for n in self.needles]
-        return text, [w + k for w, k in zip(where[1:-1], lead)]
+        return text, [w + k for w, k in zip(where[1:-1], lead)], spans
 
     # -- search ------------------------------------------------------------------------------------------------------
     def fixed_tokens(self) -> int:
-        return (self.n_special + self.count(self.frame.pre) + self.count(self.frame.post)
+        f = self.frame
+        return (self.n_special + self.count(f.pre, f.spans("pre")) + self.count(f.post, f.spans("post"))
                 + sum(self.count(n.text + n.sep) for n in self.needles))
 
     def solve(self, target: int, h0: int, exclude: set[_Layout]) -> tuple[_Layout, int] | None:
@@ -343,11 +378,13 @@ def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Se
             break
         lay, est = got
         exclude.add(lay)
-        text, where_needles = b.text(lay)
-        ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=frame.add_special_tokens)
+        text, where_needles, spans = b.text(lay)
+        ids, offsets = tokenizer.encode_with_offsets(text, frame.add_special_tokens, spans)
         if len(ids) == length:
             _RESIDUAL[key] = len(ids) - est
-            return _finish(text, ids, offsets, frame, b, lay, where_needles, attempt)
+            asm = _finish(text, ids, offsets, frame, b, lay, where_needles, attempt)
+            asm.special_spans = spans
+            return asm
         residual = len(ids) - est
         h0 = b.st.token_at(lay.e) - lay.a
     minimum = _verified_minimum(b)
@@ -363,14 +400,15 @@ def minimum_length(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needl
 
 
 def _verified_minimum(b: _Builder) -> int:
-    return len(b.tok.encode(b.text(b.layout(0))[0], b.frame.add_special_tokens))
+    text, _, spans = b.text(b.layout(0))
+    return len(b.encode(text, spans))
 
 
 def _calibrate(b: _Builder) -> int:
     """Seam correction learnt on a short build of this frame: verified length minus estimated length."""
     lay = b.layout(256)
-    text = b.text(lay)[0]
-    return len(b.tok.encode(text, b.frame.add_special_tokens)) - b.estimate(lay)
+    text, _, spans = b.text(lay)
+    return len(b.encode(text, spans)) - b.estimate(lay)
 
 
 def _finish(text: str, ids: list[int], offsets: list[tuple[int, int]], frame: Frame, b: _Builder, lay: _Layout,
