@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from evalctx.argtypes import positive_int
+from evalctx.argtypes import positive_int, run_name
 from evalctx.errors import RunFailed, UsageError
 
 # Subcommands that live in their own module: (name, module). Each module has add_parser(sub) and main(args).
@@ -50,7 +50,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="one backend option per flag, repeatable (e.g. --backend-opt chunk_size=8192)")
     p.add_argument("--out", default="results", help="parent folder of run dirs (default: results)")
-    p.add_argument("--run-id", default=None, help="run dir name (default: derived from the configuration, "
+    p.add_argument("--run-id", type=run_name, default=None, help="run dir name (default: derived from the configuration, "
                                                   "so the same command resumes the same run)")
     p.add_argument("--label", default=None, help="name of this model/engine variant in reports")
     p.add_argument("--batch-size", type=positive_int, default=None)

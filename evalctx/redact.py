@@ -71,3 +71,11 @@ def mask_command(command: str) -> str:
         return shlex.join(mask_argv(shlex.split(command)))
     except ValueError:  # unbalanced quotes: mask word by word on whitespace
         return " ".join(mask_argv(command.split()))
+
+
+def mask_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest (or anything with a ``command`` line) with its options, URLs and command line masked."""
+    out = mask(manifest)
+    if isinstance(out.get("command"), str):
+        out["command"] = mask_command(out["command"])
+    return out

@@ -219,7 +219,7 @@ class Runner:
     def _manifest(self, backend: Backend | None, status: str, created_at: str) -> dict[str, Any]:
         if backend is not None:
             self._backend_info = backend.info()  # kept: a stop must not ask a server again
-        return redact.mask({
+        return redact.mask_manifest({
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
             "label": self.label,
@@ -240,7 +240,7 @@ class Runner:
             "world": {"size": self.world.size, "replicas": self.world.n_replicas,
                       "ranks_per_replica": self.world.ranks_per_replica},
             "batch_size": self.batch_size,
-            "command": redact.mask_command(self.cfg.command),
+            "command": self.cfg.command,
             "n_samples": len(self.specs),
         })
 
