@@ -76,7 +76,8 @@ def _run_rows() -> list[tuple[str, Any]]:
                 v = v.get(k) if isinstance(v, Mapping) else None
             return v
         return f
-    return [("run_id", get("run_id")), ("status", get("status")), ("created_at", get("created_at")),
+    return [("run_id", get("run_id")), ("status", get("status")), ("stopped by", get("stopped_by")),
+            ("created_at", get("created_at")),
             ("finished_at", get("finished_at")), ("suite", get("suite", "name")),
             ("backend", get("backend", "backend")), ("model", get("backend", "model")),
             ("tokenizer", get("tokenizer", "name")), ("tokenizer fingerprint", get("tokenizer", "fingerprint")),
