@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from evalctx import redact
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
-from evalctx import redact
 from evalctx.errors import LengthError, RunFailed, UsageError
 from evalctx.interrupts import signal_name
 from evalctx.limits import check_suite
@@ -296,23 +296,23 @@ class Runner:
             raise
         return owner, (owner.attempt_id, created_at, pending)
 
-    def _record_stop(self, exc: BaseException, created_at: str) -> None:
-        """Write why the run stopped into the manifest: interrupted for SIGINT/SIGTERM, failed otherwise. Every
-        rank tries (rank 0 in full, the others by marking the manifest), since the first rank to abort the job
-        kills the rest."""
+    def _record_stop(self, exc: BaseException, created_at: str) -> bool:
+        """Write why the run stopped into the manifest: interrupted for SIGINT/SIGTERM, failed otherwise; False
+        when it could not be written. Every rank tries (rank 0 in full, the others by marking the manifest),
+        since the first rank to abort the job kills the rest."""
         st = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else FAILED
         reason = signal_name(exc) if st == INTERRUPTED else " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         if isinstance(exc, rundir.StorageError):
             rundir.release_space(self.run_dir)  # room for this last manifest
         if not self.world.is_root:
-            rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason)
-            return
+            return rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason)
         try:
             manifest = self._manifest(None, st, created_at)
             manifest["stopped_by"] = reason
             rundir.write_manifest(self.run_dir, manifest)
+            return True
         except RunFailed:
-            pass  # the error being raised says more than a manifest we cannot write
+            return False  # the error being raised says more than a manifest we cannot write
 
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
@@ -335,10 +335,11 @@ class Runner:
                 writers = lock.join_writers(self.run_dir, self.attempt_id)
             return self._run(created_at, set(pending_ids))
         except BaseException as exc:
-            self._record_stop(exc, created_at)
+            marked = self._record_stop(exc, created_at)
             if isinstance(exc, rundir.StorageError):
-                raise RunFailed(f"{exc}; the run is marked failed and finished samples are kept: free space (or fix "
-                                "the file system) and rerun the same command to resume") from exc
+                said = "the run is marked failed" if marked else "the manifest could not be updated"
+                raise RunFailed(f"{exc}; {said} and finished samples are kept: free space (or fix the file "
+                                "system) and rerun the same command to resume") from exc
             raise
         finally:
             if writers is not None:
@@ -374,8 +375,10 @@ class Runner:
             mine = shard(runnable, w.n_replicas)[w.replica]
             progress = Progress(len(runnable), sum(s.context_length for s in runnable),
                                 enabled=self.cfg.progress and w.is_root)
-            n_new = self._loop(backend, mine, extra, progress)
-            progress.close()
+            try:
+                n_new = self._loop(backend, mine, extra, progress)
+            finally:
+                progress.close()  # also on a stop: ends the progress line before the stop's own line
         finally:
             backend.close()
         if not w.is_root:

@@ -43,7 +43,7 @@ def reference(suite: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataF
 
 
 # --- 1. torn journal line ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cut", [1, 40, 400])
+@pytest.mark.parametrize("cut", [1, pytest.param(40, marks=pytest.mark.slow), 400])
 def test_torn_last_line_resumes_in_one_rerun(suite: Path, tmp_path: Path, reference: pd.DataFrame,
                                              cut: int) -> None:
     assert run(suite, tmp_path).returncode == 0
@@ -57,7 +57,7 @@ def test_torn_last_line_resumes_in_one_rerun(suite: Path, tmp_path: Path, refere
     assert journal_lines(tmp_path / "r") == N
 
 
-@pytest.mark.parametrize("after_rows", [3, 17, 41])
+@pytest.mark.parametrize("after_rows", [3, pytest.param(17, marks=pytest.mark.slow), 41])
 def test_kill_9_mid_run_resumes_to_the_same_table(suite: Path, tmp_path: Path, reference: pd.DataFrame,
                                                   after_rows: int) -> None:
     slow = ("--backend-opt", "delay_s=0.01")  # part of the configuration: the rerun passes it too

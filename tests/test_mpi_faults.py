@@ -48,7 +48,7 @@ def run_mpi(n: int, *a: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(mpirun_cmd(n, *a), capture_output=True, text=True, timeout=120, env=mpi_env())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_to_mpirun_leaves_the_manifest_interrupted(suite: Path, tmp_path: Path, reference: pd.DataFrame,
                                                           sig: signal.Signals) -> None:
     slow = ("--backend-opt", "delay_s=0.1")

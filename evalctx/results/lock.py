@@ -82,15 +82,19 @@ class OwnerLock:
             self.fd = -1
 
 
-def _writers_idle(run_dir: Path) -> bool:
-    fd = _open(run_dir / WRITERS)
+def _free(fd: int, how: int) -> bool:
+    """Whether ``how`` (LOCK_EX or LOCK_SH) could be taken on ``fd`` right now; closes ``fd``, which releases it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
     finally:
         os.close(fd)
+
+
+def _writers_idle(run_dir: Path) -> bool:
+    return _free(_open(run_dir / WRITERS), fcntl.LOCK_EX)
 
 
 def acquire(run_dir: Path, command: str, started_at: str) -> OwnerLock:
@@ -135,14 +139,4 @@ def join_writers(run_dir: Path, attempt_id: str) -> int:
 def is_held(run_dir: Path) -> bool:
     """Whether a live command holds the run directory (for readers that want to tell running from killed)."""
     path = run_dir / LOCK
-    if not path.is_file():
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
+    return path.is_file() and not _free(os.open(path, os.O_RDONLY), fcntl.LOCK_SH)

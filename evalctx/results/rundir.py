@@ -154,17 +154,20 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def mark_stopped(run_dir: Path, status: str, attempt_id: str, reason: str) -> None:
+def mark_stopped(run_dir: Path, status: str, attempt_id: str, reason: str) -> bool:
     """Set the status of a manifest that this attempt wrote and that still says running (any rank may call it:
-    whichever rank handles a signal or a failure first records it before the job is aborted)."""
+    whichever rank handles a signal or a failure first records it before the job is aborted). True when the
+    manifest says so afterwards."""
     try:
         m = read_manifest(run_dir)
-        if m is None or m.get("status") != "running" or m.get("attempt_id") != attempt_id:
-            return
-        m.update(status=status, finished_at=utc_now(), stopped_by=reason)
-        write_manifest(run_dir, m)
+        if m is None or m.get("attempt_id") != attempt_id:
+            return False
+        if m.get("status") == "running":
+            m.update(status=status, finished_at=utc_now(), stopped_by=reason)
+            write_manifest(run_dir, m)
+        return m.get("status") == status
     except (UsageError, RunFailed):
-        pass  # the error being reported matters more than the manifest
+        return False  # the error being reported matters more than the manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------
