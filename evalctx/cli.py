@@ -50,8 +50,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="one backend option per flag, repeatable (e.g. --backend-opt chunk_size=8192)")
     p.add_argument("--out", default="results", help="parent folder of run dirs (default: results)")
-    p.add_argument("--run-id", type=run_name, default=None, help="run dir name (default: derived from the configuration, "
-                                                  "so the same command resumes the same run)")
+    p.add_argument("--run-id", type=run_name, default=None,
+                   help="run dir name, a name and never a path (default: derived from the configuration, so the same "
+                        "command resumes the same run)")
     p.add_argument("--label", default=None, help="name of this model/engine variant in reports")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--lengths", type=positive_int, nargs="+", default=None, help="override every task's lengths")
@@ -188,12 +189,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, handlers
 
 
-def _say(message: str) -> None:
-    """One line on stderr from world rank 0, or from any rank that names itself when MPI is up."""
+def _error(message: object) -> None:
+    """``evalctx: error: ...`` on one line, from world rank 0, or from any rank (naming it) once MPI is up."""
     rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
     if _is_root_rank() or "mpi4py.MPI" in sys.modules:
         where = f" (rank {rank})" if rank and rank != "0" else ""
-        print(message.replace("evalctx: error:", f"evalctx: error{where}:", 1), file=sys.stderr)
+        print(f"evalctx: error{where}: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,15 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    code = 0
     try:
         with signals_as_interrupts():
             return int(handlers[args.command](args) or 0)  # type: ignore[operator]
     except UsageError as exc:
-        _say(f"evalctx: error: {exc}")
+        _error(exc)
         code = 2
     except RunFailed as exc:
-        _say(f"evalctx: error: {exc}")
+        _error(exc)
         code = 1
     except KeyboardInterrupt as exc:
         if _is_root_rank():
@@ -229,12 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:  # the environment refused a file or a socket: say which, without a traceback
         where = f": {exc.filename}" if exc.filename else ""
-        _say(f"evalctx: error: {exc.strerror or exc}{where}")
+        _error(f"{exc.strerror or exc}{where}")
         code = 2
     if code == 130 and "mpi4py.MPI" in sys.modules:
-        # The launcher is already ending the job (it sent the signal to every rank): leave without MPI_Abort,
-        # whose banner would bury the one line above. A rank that leaves alone still ends the job: mpirun stops
-        # the others when one exits before MPI_Finalize.
+        # The launcher is already ending the job (it sent the signal to every rank, having recorded the stop in
+        # the manifest): leave without MPI_Abort and its banner. A rank signalled alone still ends the job, since
+        # mpirun stops the others when one exits before MPI_Finalize.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

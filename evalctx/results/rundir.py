@@ -101,6 +101,11 @@ def atomic_write_parquet(df: Any, path: Path) -> None:
     tmp = _tmp_path(path)
     try:
         df.to_parquet(tmp, index=False)
+        fd = os.open(tmp, os.O_RDONLY)  # on disk before the rename, as for every other file here
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:  # pyarrow's IO errors are OSErrors too
         tmp.unlink(missing_ok=True)
