@@ -302,14 +302,16 @@ class Runner:
         since the first rank to abort the job kills the rest."""
         st = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else FAILED
         reason = signal_name(exc) if st == INTERRUPTED else " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        if isinstance(exc, rundir.StorageError):
-            rundir.release_space(self.run_dir)  # room for this last manifest
+        disk_full = isinstance(exc, rundir.StorageError)
         if not self.world.is_root:
-            return rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason)
+            return rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason, disk_full)
         try:
+            if self.world.distributed and rundir.stopped_by(self.run_dir, self.attempt_id):
+                # Another rank recorded the first cause (a full disk there, then MPI_Abort's SIGTERM here).
+                return True
             manifest = self._manifest(None, st, created_at)
             manifest["stopped_by"] = reason
-            rundir.write_manifest(self.run_dir, manifest)
+            rundir.write_manifest(self.run_dir, manifest, disk_full)
             return True
         except RunFailed:
             return False  # the error being raised says more than a manifest we cannot write
@@ -371,6 +373,9 @@ class Runner:
                     j.close()
                     for reason in sorted(set(unsupported.values())):
                         print(f"evalctx: unsupported: {reason}", file=sys.stderr)
+            # No rank journals before this manifest is written, so it never overwrites a stop (a full disk) that
+            # another rank has recorded.
+            w.bcast_world(None)
             runnable = [s for s in pending if s.id not in unsupported]
             mine = shard(runnable, w.n_replicas)[w.replica]
             progress = Progress(len(runnable), sum(s.context_length for s in runnable),

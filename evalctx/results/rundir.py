@@ -10,6 +10,7 @@ readable by teammates. Who may write a run directory at all is :mod:`evalctx.res
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -25,7 +26,7 @@ MANIFEST = "manifest.json"
 RESULTS = "results.parquet"
 SUMMARY = "summary.csv"
 RESERVE = ".reserve"
-"""Ballast file: released on a full disk so that the manifest can still be rewritten with status failed."""
+"""Ballast file: on a full disk it becomes the last manifest (status failed), which then needs no new space."""
 RESERVE_BYTES = 64 * 1024
 _TMP_SUFFIX = ".tmp"
 _NAME_MAX_BYTES = 200
@@ -131,15 +132,41 @@ def reserve_space(run_dir: Path, n_bytes: int = RESERVE_BYTES) -> None:
 
 
 def release_space(run_dir: Path) -> None:
-    """Free the ballast: on a full disk that makes room for the last manifest rewrite."""
+    """Remove the ballast (at the end of a run: it is only needed while one writes)."""
     with contextlib.suppress(OSError):
         (run_dir / RESERVE).unlink()
 
 
+def _write_into_reserve(run_dir: Path, data: bytes) -> bool:
+    """Turn the ballast into ``manifest.json``: overwrite its blocks and rename it. On a full disk this needs no new
+    space, and other ranks still appending cannot take it first (as they could take space freed by deleting it).
+    False when there is no ballast (another rank used it) or it is smaller than ``data``."""
+    path = run_dir / RESERVE
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # two failing ranks: one uses it, the other finds it gone
+        if os.fstat(fd).st_size < len(data) or os.fstat(fd).st_ino != os.stat(path).st_ino:
+            return False
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        os.replace(path, run_dir / MANIFEST)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-    atomic_write_bytes(run_dir / MANIFEST, text.encode("utf-8"))
+def write_manifest(run_dir: Path, manifest: dict[str, Any], disk_full: bool = False) -> None:
+    """Rewrite manifest.json atomically. ``disk_full``: write it into the ballast first (see reserve_space)."""
+    data = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+    if not (disk_full and _write_into_reserve(run_dir, data)):
+        atomic_write_bytes(run_dir / MANIFEST, data)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -159,7 +186,18 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def mark_stopped(run_dir: Path, status: str, attempt_id: str, reason: str) -> bool:
+def stopped_by(run_dir: Path, attempt_id: str) -> str | None:
+    """Why this attempt stopped, if a rank has already recorded it in the manifest; None otherwise."""
+    try:
+        m = read_manifest(run_dir)
+    except UsageError:
+        return None
+    if m is None or m.get("attempt_id") != attempt_id or m.get("status") == "running":
+        return None
+    return str(m.get("stopped_by") or m.get("status"))
+
+
+def mark_stopped(run_dir: Path, status: str, attempt_id: str, reason: str, disk_full: bool = False) -> bool:
     """Set the status of a manifest that this attempt wrote and that still says running (any rank may call it:
     whichever rank handles a signal or a failure first records it before the job is aborted). True when the
     manifest says so afterwards."""
@@ -169,7 +207,7 @@ def mark_stopped(run_dir: Path, status: str, attempt_id: str, reason: str) -> bo
             return False
         if m.get("status") == "running":
             m.update(status=status, finished_at=utc_now(), stopped_by=reason)
-            write_manifest(run_dir, m)
+            write_manifest(run_dir, m, disk_full)
         return m.get("status") == status
     except (UsageError, RunFailed):
         return False  # the error being reported matters more than the manifest
