@@ -373,8 +373,9 @@ def plan(c: Campaign, can_mount: bool, has_mpi: bool) -> list[tuple[str, str, Ca
         for size in ("90k", "100k", "110k", "120k", "140k", "160k"):  # all too small for the whole run
             cases.append(("full-disk", f"tmpfs {size}", full_disk(c, size)))
         if has_mpi:
-            for size in ("100k", "140k"):
-                cases.append(("full-disk", f"tmpfs {size}, 2 ranks", full_disk(c, size, ranks=2)))
+            for size in ("90k", "100k", "120k", "140k"):
+                for ranks in (2, 3):
+                    cases.append(("full-disk", f"tmpfs {size}, {ranks} ranks", full_disk(c, size, ranks=ranks)))
     if has_mpi:
         for ranks, resume in ((2, 1), (2, 3), (3, 2), (3, 1), (2, 2), (3, 3)):
             rows = r.randint(2, 40)
