@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,16 @@ def _read(fd: int) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """Who holds the lock: it writes that just after taking the lock, so give it a moment (at most 0.5 s)."""
+    for _ in range(25):
+        holder = _read(fd)
+        if holder.get("pid"):
+            return holder
+        time.sleep(0.02)
+    return holder
 
 
 def _write(fd: int, holder: dict[str, Any]) -> None:
@@ -104,7 +115,7 @@ def acquire(run_dir: Path, command: str, started_at: str) -> OwnerLock:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read(fd)
+        holder = _read_holder(fd)
         os.close(fd)
         raise UsageError(f"run dir {run_dir} is in use by {describe(holder)}: wait for it to end, or pass "
                          f"another --run-id{_command(holder)}") from None
