@@ -97,9 +97,29 @@ if [ "$ranks" -gt 1 ]; then
   cmd=("$mpirun_bin" ${mpi_flags[@]+"${mpi_flags[@]}"} -n "$ranks" "${cmd[@]}")
 fi
 
-echo "+ ${cmd[*]}" >&2
-"${cmd[@]}"
-rc=$?
+# The echoed command hides secrets (--backend-opt api_key=...) as evalctx does in the manifest.
+mask_secrets() {
+  sed -E 's/(((api|access|secret|private)[_-]?key|apikey|token|secret|password|passwd|auth|authorization|credentials?|bearer)=)[^ ]*/\1***/Ig; s#(://[^/ :@]*:)[^/ @]+@#\1***@#g'
+}
+echo "+ $(printf '%s ' "${cmd[@]}" | mask_secrets)" >&2
+# In the background so that a SIGTERM (a scheduler, a timeout) or Ctrl-C reaching only this script is passed on:
+# evalctx then records status interrupted, and the run resumes with the same command. A background job ignores
+# SIGINT, so both go on as SIGTERM, which evalctx handles like Ctrl-C.
+stopped=""
+"${cmd[@]}" &
+child=$!
+trap 'stopped=SIGTERM; kill -TERM "$child" 2>/dev/null' TERM
+trap 'stopped=SIGINT; kill -TERM "$child" 2>/dev/null' INT
+while :; do
+  wait "$child"; rc=$?
+  kill -0 "$child" 2>/dev/null || break  # wait returns early when a trapped signal arrives
+done
+trap - TERM INT
+if [ -n "$stopped" ]; then
+  # mpirun does not pass on what its ranks print once it is told to stop, so the line comes from here.
+  [ "$ranks" -gt 1 ] && echo "run_eval.sh: interrupted ($stopped); finished samples are in the journal, rerun the same command to resume" >&2
+  exit 130
+fi
 if [ "$nightly" = 0 ]; then exit "$rc"; fi
 if [ "$rc" -ne 0 ]; then
   echo "run_eval.sh: the nightly run failed (exit $rc); no gate" >&2; exit "$rc"
@@ -111,6 +131,6 @@ fi
 gate=("$evalctx_bin" nightly-gate "$out/$run_id" --history "${history:-$out/history}")
 [ -n "$baseline" ] && gate+=(--baseline "$baseline")
 gate+=(${gate_opts[@]+"${gate_opts[@]}"})  # the +-form: empty arrays under set -u on old bash
-echo "+ ${gate[*]}" >&2
+echo "+ $(printf '%s ' "${gate[@]}" | mask_secrets)" >&2
 "${gate[@]}"
 exit $?

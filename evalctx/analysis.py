@@ -8,7 +8,6 @@ it is loaded from there (the report then says the run is partial).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from evalctx.errors import UsageError
-from evalctx.results.rundir import read_journals
+from evalctx.results.rundir import read_journals, read_manifest
 from evalctx.results.summary import summarize
 
 # RULER's effective-length threshold is Llama-2-7B's 4K score, 85.6 on a 0-100 scale.
@@ -51,17 +50,9 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """The run's manifest, or {} when there is none (an old or hand-made results folder)."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: manifest is not a JSON object")
-    return data
+    """The run's manifest, or {} when there is none (an old or hand-made results folder). Raises UsageError when
+    it is not a readable JSON object."""
+    return read_manifest(Path(run_dir)) or {}
 
 
 def run_label(manifest: Mapping[str, Any], fallback: str) -> str:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from evalctx.errors import UsageError
+from evalctx.argtypes import positive_int, run_name
+from evalctx.errors import RunFailed, UsageError
 
 # Subcommands that live in their own module: (name, module). Each module has add_parser(sub) and main(args).
 COMMAND_MODULES = [
@@ -49,12 +50,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="one backend option per flag, repeatable (e.g. --backend-opt chunk_size=8192)")
     p.add_argument("--out", default="results", help="parent folder of run dirs (default: results)")
-    p.add_argument("--run-id", default=None, help="run dir name (default: derived from the configuration, "
-                                                  "so the same command resumes the same run)")
+    p.add_argument("--run-id", type=run_name, default=None,
+                   help="run dir name, a name and never a path (default: derived from the configuration, so the same "
+                        "command resumes the same run)")
     p.add_argument("--label", default=None, help="name of this model/engine variant in reports")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lengths", type=int, nargs="+", default=None, help="override every task's lengths")
-    p.add_argument("--samples", type=int, default=None, help="override samples per cell")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=None, help="override every task's lengths")
+    p.add_argument("--samples", type=positive_int, default=None, help="override samples per cell")
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None, help="override every task's mode")
     p.add_argument("--no-retry-errors", action="store_true", help="on resume, keep earlier error rows")
     p.add_argument("--no-progress", action="store_true")
@@ -66,22 +68,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", default=DEFAULT_SUITE)
     p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="tokenizer dir, embedded model name or 'byte'")
     p.add_argument("--out", required=True, help="output .jsonl file ('-' for stdout)")
-    p.add_argument("--lengths", type=int, nargs="+", default=None)
-    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=None)
+    p.add_argument("--samples", type=positive_int, default=None)
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None)
     p.add_argument("--with-ids", action="store_true", help="include prompt_ids")
 
 
 def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from evalctx.limits import check_suite
+
     for t in suite.tasks:
-        if args.lengths:
+        if args.lengths is not None:
             t.lengths = list(args.lengths)
-        if args.samples:
-            if args.samples < 1:
-                raise UsageError("--samples must be >= 1")
+        if args.samples is not None:
             t.samples = args.samples
         if args.prompt_mode:
             t.prompt_mode = args.prompt_mode
+    check_suite(suite)
     return suite
 
 
@@ -100,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite=suite, backend=backend, backend_options=parse_kv_flags(args.backend_opt), model=model,
         tokenizer=tokenizer, out_dir=Path(args.out), run_id=args.run_id, label=args.label,
         batch_size=args.batch_size, retry_errors=not args.no_retry_errors, progress=not args.no_progress,
-        command=shlex.join(["evalctx", *sys.argv[1:]]),
+        command=shlex.join(["evalctx", *getattr(args, "argv", sys.argv[1:])]),  # the runner masks secrets
     )
     runner = Runner(cfg)
     outcome = runner.run()
@@ -131,7 +134,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.tokenizer)
     builder = SampleBuilder(suite, tok)
     specs = builder.specs()
-    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    try:
+        out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: {exc.strerror}") from None
     try:
         for spec in specs:
             out.write(json.dumps(builder.build(spec).to_json(with_ids=args.with_ids)) + "\n")
@@ -168,8 +174,15 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), like every other evalctx error; exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    parser = argparse.ArgumentParser(prog="evalctx", description="Token-exact long-context evaluation of LLMs.")
+    parser = OneLineParser(prog="evalctx", description="Token-exact long-context evaluation of LLMs.")
     parser.add_argument("--version", action="version", version=f"evalctx {__import__('evalctx').__version__}")
     sub = parser.add_subparsers(dest="command")
     _add_run(sub)
@@ -188,36 +201,57 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, handlers
 
 
+def _error(message: object) -> None:
+    """``evalctx: error: ...`` on one line, from world rank 0, or from any rank (naming it) once MPI is up."""
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
+    if _is_root_rank() or "mpi4py.MPI" in sys.modules:
+        where = f" (rank {rank})" if rank and rank != "0" else ""
+        print(f"evalctx: error{where}: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from evalctx.dist import abort_if_distributed
+    from evalctx.interrupts import signal_name, signals_as_interrupts
+
     parser, handlers = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["run"]  # `evalctx` alone runs the default evaluation
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        return int(handlers[args.command](args) or 0)  # type: ignore[operator]
+        with signals_as_interrupts():
+            return int(handlers[args.command](args) or 0)  # type: ignore[operator]
     except UsageError as exc:
-        from evalctx.dist import abort_if_distributed
-
-        rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
-        if _is_root_rank() or "mpi4py.MPI" in sys.modules:
-            where = f" (rank {rank})" if rank and rank != "0" else ""
-            print(f"evalctx: error{where}: {exc}", file=sys.stderr)
-        abort_if_distributed(2)
-        return 2
-    except KeyboardInterrupt:
-        from evalctx.dist import abort_if_distributed
-
+        _error(exc)
+        code = 2
+    except RunFailed as exc:
+        _error(exc)
+        code = 1
+    except KeyboardInterrupt as exc:
         if _is_root_rank():
-            print("evalctx: interrupted; finished samples are in the journal, rerun the same command to resume",
-                  file=sys.stderr)
-        abort_if_distributed(130)
-        return 130
+            then = "; finished samples are in the journal, rerun the same command to resume" \
+                if args.command == "run" else ""
+            print(f"evalctx: interrupted ({signal_name(exc)}){then}", file=sys.stderr)
+        code = 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the environment refused a file or a socket: say which, without a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+        code = 2
+    if code == 130 and "mpi4py.MPI" in sys.modules:
+        # The launcher is already ending the job (it sent the signal to every rank, having recorded the stop in
+        # the manifest): leave without MPI_Abort and its banner. A rank signalled alone still ends the job, since
+        # mpirun stops the others when one exits before MPI_Finalize.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    abort_if_distributed(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from evalctx.errors import UsageError
+from evalctx.limits import check_suite
+from evalctx.results.rundir import check_name
 
 SUITES_DIR = Path(__file__).parent / "suites"
 PROMPT_MODES = ("raw", "chat")
@@ -201,8 +203,8 @@ def parse_suite(data: dict[str, Any], path: str, name: str) -> Suite:
         raise UsageError(f"{path}: backend_options must be a table")
     tasks = [_task_spec(t, i, data, path) for i, t in enumerate(tasks_raw)]
     check_entry_names(tasks, path)
-    return Suite(
-        name=str(data.get("name", name)),
+    suite = Suite(
+        name=check_name(str(data.get("name", name)), f"{path}: name"),
         description=str(data.get("description", "")),
         tasks=tasks,
         path=path,
@@ -211,6 +213,8 @@ def parse_suite(data: dict[str, Any], path: str, name: str) -> Suite:
         batch_size=bs,
         backend_options=dict(bopts),
     )
+    check_suite(suite)
+    return suite
 
 
 def load_suite(spec: str) -> Suite:
@@ -219,6 +223,10 @@ def load_suite(spec: str) -> Suite:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}): save the suite as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: unreadable ({exc.strerror})") from None
     return parse_suite(data, str(path), path.stem)
 
 

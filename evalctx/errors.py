@@ -1,4 +1,5 @@
-"""Errors that reach the user as one line and exit code 2, and the lazy import guard for optional extras."""
+"""Errors that reach the user as one line (exit code 2 for bad input, 1 for a failed run), and the lazy import
+guard for optional extras."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import importlib.util
 
 class UsageError(Exception):
     """Bad input: the message says what to change. The CLI prints it on one line and exits 2."""
+
+
+class RunFailed(Exception):
+    """The run stopped on a failure of its environment (a full or read-only disk mid-run): the manifest says
+    failed, finished samples are kept, and the CLI prints the message on one line and exits 1."""
 
 
 class LengthError(UsageError):

@@ -10,27 +10,31 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import hashlib
+import os
 import platform
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from evalctx import redact
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
-from evalctx.errors import LengthError, UsageError
+from evalctx.errors import LengthError, RunFailed, UsageError
 from evalctx.fingerprint import changed_files, model_fingerprint
+from evalctx.interrupts import signal_name
+from evalctx.limits import check_suite
 from evalctx.preflight import EngineLimits, window_flags
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
-from evalctx.results import rundir
+from evalctx.results import lock, rundir
 from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
+from evalctx.status import FAILED, INTERRUPTED, RUNNING
 from evalctx.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -59,10 +63,6 @@ class RunOutcome:
     status: str
     summary: Any = None
     """pandas DataFrame (rank 0 only)."""
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _git_sha() -> str | None:
@@ -188,6 +188,7 @@ class Runner:
         if tok_spec is None:
             raise UsageError(f"backend {cfg.backend} needs --tokenizer (or --model with tokenizer files)")
         self.tokenizer: Tokenizer = load_tokenizer(tok_spec)
+        check_suite(cfg.suite)
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
         _check_min_lengths(self.builder, cfg.suite)
         self.specs = self.builder.specs()
@@ -201,35 +202,55 @@ class Runner:
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
                                                                                    "batch_size")},
             "backend": cfg.backend,
-            "backend_options": dataclasses.asdict(self.options),
+            "backend_options": redact.mask(dataclasses.asdict(self.options)),  # a rotated API key is the same run
             "model": cfg.model,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
             "model_fingerprint": self.model_fingerprint["digest"] if self.model_fingerprint else None,
         }
         self.config_hash = config_hash(self.config)
-        self.run_id = cfg.run_id or f"{cfg.suite.name}-{Path(self.label).name}-{self.config_hash}"
+        # Run ids are names: the run dir is always directly under --out.
+        self.run_id = rundir.check_name(cfg.run_id, "--run-id") if cfg.run_id is not None else \
+            f"{rundir.check_name(cfg.suite.name, 'suite name')}-{rundir.safe_name_part(Path(self.label).name)}-" \
+            f"{self.config_hash}"
         self.run_dir = Path(cfg.out_dir) / self.run_id
+        self.attempt_id = ""
+        """This command's hold on the run dir (see results.lock); written into the manifest."""
+        self._backend_info: dict[str, Any] = {"backend": cfg.backend}
+        self._noted: set[str] = set()
         self.batch_size = cfg.batch_size or cfg.suite.batch_size
 
     # ------------------------------------------------------------------------------------------------------
+    def _journal_rows(self) -> dict[str, dict[str, Any]]:
+        """This configuration's journaled rows by sample id; what had to be skipped is said once, on stderr."""
+        problems: list[str] = []
+        rows = rundir.read_journals(self.run_dir, self.config_hash, problems)
+        for p in problems:
+            if p not in self._noted:
+                self._noted.add(p)
+                print(f"evalctx: warning: {p}", file=sys.stderr)
+        return rows
+
     def _pending_ids(self) -> list[str]:
         """Spec ids without a finished journal row (error rows count as unfinished when retrying)."""
-        done = rundir.read_journals(self.run_dir)
+        done = self._journal_rows()
         keep = {"ok", "unsupported"} if self.cfg.retry_errors else {"ok", "unsupported", "error"}
         finished = {sid for sid, r in done.items() if r.get("status") in keep}
         return [s.id for s in self.specs if s.id not in finished]
 
     def _manifest(self, backend: Backend | None, status: str, created_at: str) -> dict[str, Any]:
-        return {
+        if backend is not None:
+            self._backend_info = backend.info()  # kept: a stop must not ask a server again
+        return redact.mask_manifest({
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
             "label": self.label,
             "status": status,
             "created_at": created_at,
-            "finished_at": _utc_now() if status != "running" else None,
+            "finished_at": rundir.utc_now() if status != RUNNING else None,
             "config_hash": self.config_hash,
+            "attempt_id": self.attempt_id,
             "suite": self.cfg.suite.to_json(),
-            "backend": backend.info() if backend else {"backend": self.cfg.backend},
+            "backend": self._backend_info,
             "model": self.cfg.model,
             "tokenizer": {"name": self.tokenizer.name, "fingerprint": self.tokenizer.fingerprint()},
             "model_fingerprint": self.model_fingerprint,
@@ -243,13 +264,20 @@ class Runner:
             "batch_size": self.batch_size,
             "command": self.cfg.command,
             "n_samples": len(self.specs),
-        }
+        })
 
-    def _check_existing(self) -> str:
-        """Refuse to mix two configurations in one run dir; return the original creation time on resume."""
+    def _check_existing(self) -> str | None:
+        """Refuse to mix two configurations in one run dir, by the manifest or, without one, by the configuration
+        hash every journal row carries; return the original creation time on resume."""
         old = rundir.read_manifest(self.run_dir)
         if old is None:
-            return _utc_now()
+            other = rundir.journal_config_hashes(self.run_dir) - {self.config_hash}
+            if other:
+                which = ", ".join(sorted(h or "none (rows older than the hash)" for h in other))
+                raise UsageError(f"run dir {self.run_dir} has no manifest.json and its journals hold rows of another "
+                                 f"configuration ({which}; this one is {self.config_hash}): pass --run-id NEW or "
+                                 "move the journal folder away")
+            return None
         if old.get("config_hash") != self.config_hash:
             old_files = (old.get("model_fingerprint") or {}).get("files")
             new_files = (self.model_fingerprint or {}).get("files")
@@ -257,18 +285,99 @@ class Runner:
             what = f"the model's files changed: {', '.join(changed[:5])}; " if changed else ""
             raise UsageError(f"run dir {self.run_dir} holds a run with another configuration ({what}"
                              f"{old.get('config_hash')} != {self.config_hash}): pass --run-id NEW or remove it")
-        return str(old.get("created_at") or _utc_now())
+        return str(old.get("created_at") or rundir.utc_now())
+
+    def _open_run_dir(self) -> tuple[lock.OwnerLock, tuple[str, str, list[str]]]:
+        """World rank 0, before any work: take the run dir (see results.lock), clear what a kill left behind,
+        check that it holds this configuration, reserve space and write the manifest (status running).
+
+        Returns the lock and (attempt id, created_at, pending sample ids) for every rank. Bad state (a file where
+        a folder belongs, the run dir in use, another configuration, an unreadable manifest or journal, a full or
+        read-only disk) raises UsageError here, before any rank starts work."""
+        out = Path(self.cfg.out_dir)
+        for p, what in ((out, "--out"), (self.run_dir, "the run dir")):
+            if p.exists() and not p.is_dir():
+                raise UsageError(f"{what} {p} is a file, not a folder: move it away or pass another "
+                                 f"{'--out' if p == out else '--run-id'}")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the run dir {self.run_dir}: {exc.strerror}; pass another --out") from None
+        started = rundir.utc_now()
+        owner = lock.acquire(self.run_dir, redact.mask_command(self.cfg.command), started)
+        try:
+            rundir.remove_stale_temporaries(self.run_dir)
+            for note in rundir.repair_journals(self.run_dir):
+                print(f"evalctx: {note}", file=sys.stderr)
+            created_at = self._check_existing() or started
+            pending = self._pending_ids()
+            self.attempt_id = owner.attempt_id
+            rundir.reserve_space(self.run_dir)
+            rundir.write_manifest(self.run_dir, self._manifest(None, RUNNING, created_at))
+        except rundir.StorageError as exc:
+            owner.release()
+            raise UsageError(f"{exc}: free space (or fix the file system), or pass another --out") from None
+        except BaseException:
+            owner.release()
+            raise
+        return owner, (owner.attempt_id, created_at, pending)
+
+    def _record_stop(self, exc: BaseException, created_at: str) -> bool:
+        """Write why the run stopped into the manifest: interrupted for SIGINT/SIGTERM, failed otherwise; False
+        when it could not be written. Every rank tries (rank 0 in full, the others by marking the manifest),
+        since the first rank to abort the job kills the rest."""
+        st = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else FAILED
+        reason = signal_name(exc) if st == INTERRUPTED else " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        disk_full = isinstance(exc, rundir.StorageError)
+        if not self.world.is_root:
+            return rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason, disk_full)
+        try:
+            if self.world.distributed and rundir.stopped_by(self.run_dir, self.attempt_id):
+                # Another rank recorded the first cause (a full disk there, then MPI_Abort's SIGTERM here).
+                return True
+            manifest = self._manifest(None, st, created_at)
+            manifest["stopped_by"] = reason
+            rundir.write_manifest(self.run_dir, manifest, disk_full)
+            return True
+        except RunFailed:
+            return False  # the error being raised says more than a manifest we cannot write
 
     # ------------------------------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
+        """Evaluate every sample not yet in the journals and, on world rank 0, write results and summary.
+
+        Raises UsageError for bad state found before any work (see ``_open_run_dir``); RunFailed when a write in
+        the run dir fails mid-run (manifest status failed); KeyboardInterrupt on SIGINT or SIGTERM (status
+        interrupted). In every case finished samples are kept and the same command resumes."""
         w = self.world
-        created_at = _utc_now()
+        owner, start, writers = None, None, None
+        created_at = ""
         if w.is_root:
-            created_at = self._check_existing()
-        created_at = w.bcast_world(created_at)
-        # Rank 0 decides what is left and tells everyone: ranks that read the journals themselves, at slightly
-        # different times, would see different leftovers and shard them differently (samples run twice or never).
-        pending_ids = set(w.bcast_world(self._pending_ids() if w.is_root else None))
+            owner, start = self._open_run_dir()
+            created_at = start[1]
+        try:
+            # Rank 0 decides what is left and tells everyone: ranks that read the journals themselves, at slightly
+            # different times, would see different leftovers and shard them differently (run twice or never).
+            self.attempt_id, created_at, pending_ids = w.bcast_world(start)
+            if w.is_leader:
+                writers = lock.join_writers(self.run_dir, self.attempt_id)
+            return self._run(created_at, set(pending_ids))
+        except BaseException as exc:
+            marked = self._record_stop(exc, created_at)
+            if isinstance(exc, rundir.StorageError):
+                said = "the run is marked failed" if marked else "the manifest could not be updated"
+                raise RunFailed(f"{exc}; {said} and finished samples are kept: free space (or fix the file "
+                                "system) and rerun the same command to resume") from exc
+            raise
+        finally:
+            if writers is not None:
+                os.close(writers)
+            if owner is not None:
+                rundir.release_space(self.run_dir)
+                owner.release()
+
+    def _run(self, created_at: str, pending_ids: set[str]) -> RunOutcome:
+        w = self.world
         pending = [s for s in self.specs if s.id in pending_ids]
         extra = {"label": self.label}
         ctx = BackendContext(
@@ -282,25 +391,25 @@ class Runner:
             extra.update(backend.row_columns())
             unsupported = {**self.builder.unbuildable(pending), **(backend.preflight(pending) if pending else {})}
             if w.is_root:
-                rundir.write_manifest(self.run_dir, self._manifest(backend, "running", created_at))
+                rundir.write_manifest(self.run_dir, self._manifest(backend, RUNNING, created_at))
                 if unsupported:
-                    j = rundir.Journal(self.run_dir, "preflight")
+                    j = rundir.Journal(self.run_dir, "preflight", self.config_hash)
                     j.append(unsupported_record(self.run_id, s, unsupported[s.id], extra)
                              for s in pending if s.id in unsupported)
                     j.close()
                     for reason in sorted(set(unsupported.values())):
                         print(f"evalctx: unsupported: {reason}", file=sys.stderr)
+            # No rank journals before this manifest is written, so it never overwrites a stop (a full disk) that
+            # another rank has recorded.
+            w.bcast_world(None)
             runnable = [s for s in pending if s.id not in unsupported]
             mine = shard(runnable, w.n_replicas)[w.replica]
             progress = Progress(len(runnable), sum(s.context_length for s in runnable),
                                 enabled=self.cfg.progress and w.is_root)
-            n_new = self._loop(backend, mine, extra, progress)
-            progress.close()
-        except BaseException:
-            if w.is_root:
-                status = "interrupted" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "failed"
-                rundir.write_manifest(self.run_dir, self._manifest(backend, status, created_at))
-            raise
+            try:
+                n_new = self._loop(backend, mine, extra, progress)
+            finally:
+                progress.close()  # also on a stop: ends the progress line before the stop's own line
         finally:
             backend.close()
         if not w.is_root:
@@ -315,7 +424,7 @@ class Runner:
                 if reqs is None:
                     return 0
                 backend.generate(reqs)
-        journal = rundir.Journal(self.run_dir, f"replica-{w.replica}")
+        journal = rundir.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash)
         n_new = 0
         try:
             for batch in batches(mine, self.batch_size):
@@ -388,7 +497,7 @@ class Runner:
         from evalctx.records import record_fields
         from evalctx.results.summary import summarize
 
-        rows = rundir.read_journals(self.run_dir)
+        rows = self._journal_rows()
         wanted = {s.id for s in self.specs}
         df = pd.DataFrame([r for sid, r in rows.items() if sid in wanted])
         if df.empty:
@@ -396,9 +505,7 @@ class Runner:
         df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
         missing = len(wanted) - len(df)
         status = "complete" if missing == 0 else "incomplete"
-        tmp = self.run_dir / f".{rundir.RESULTS}.tmp"
-        df.to_parquet(tmp, index=False)
-        tmp.replace(self.run_dir / rundir.RESULTS)
+        rundir.atomic_write_parquet(df, self.run_dir / rundir.RESULTS)
         summary = summarize(df)
         rundir.atomic_write_text(self.run_dir / rundir.SUMMARY, summary.to_csv(index=False))
         manifest = self._manifest(backend, status, created_at)

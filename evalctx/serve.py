@@ -4,7 +4,11 @@ It answers GET /v1/models, GET /health, POST /v1/completions and POST /v1/chat/c
 only, so the http backend (or any OpenAI client) can drive a model that evalctx loads itself, and so the http
 path can be checked against the direct one answer for answer.
 
-One model, one lock: requests are generated one at a time, in arrival order of the lock. Streaming is honest but
+One model, one lock: requests are generated one at a time, in arrival order of the lock. What a crowd of clients
+can hold is bounded (:class:`ServeLimits`): a listen queue long enough for a benchmark's burst, at most
+``max_connections`` handler threads (further connections wait in the queue), a read timeout on every socket (a
+half-sent request or an idle keep-alive connection is dropped), a cap per request body and a cap on the bodies held
+at once (a request over it waits for room, then gets 503). Streaming is honest but
 not incremental: the answer is sent as one chunk once generation ends (the backends are batch-synchronous), so
 the first chunk never precedes the first token, and TTFT seen by a client is queueing + prefill + decode. The
 backend's own timings travel in each answer under ``evalctx_timings``.
@@ -17,14 +21,52 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from evalctx.backends.base import Backend
 from evalctx.records import GenerationRequest
 
-MAX_BODY_BYTES = 512 * 1024 * 1024  # a 1M-token prompt as ids is ~8 MB of JSON; this only stops nonsense
+MIB = 1024 * 1024
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What concurrent clients may hold of the server (``evalctx serve`` flags of the same names)."""
+
+    backlog: int = 1024
+    """Listen queue length (the kernel caps it at net.core.somaxconn); the stdlib's 5 resets bursts."""
+    max_connections: int = 64
+    """Connections handled at once, one thread each; more wait in the listen queue."""
+    read_timeout_s: float = 60.0
+    """Per socket read or write: a client silent this long is dropped (a half-sent request, an idle keep-alive)."""
+    max_body_bytes: int = 64 * MIB
+    """Per request (413 above): a 1M-token prompt is ~8 MB of JSON as token ids, ~4-5 MB as text."""
+    max_buffered_bytes: int = 256 * MIB
+    """Request bodies held at once; a request that would pass it waits up to ``read_timeout_s``, then gets 503."""
+
+
+class _ByteBudget:
+    """A counting semaphore in bytes: bounds the request bodies held in memory at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, timeout: float) -> bool:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout):
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 class RequestError(Exception):
@@ -41,8 +83,11 @@ class RequestError(Exception):
 class ModelServer:
     """The state behind the handler: one backend, its tokenizer, one lock."""
 
-    def __init__(self, backend: Backend, tokenizer: Any, model_name: str, max_model_len: int | None = None) -> None:
+    def __init__(self, backend: Backend, tokenizer: Any, model_name: str, max_model_len: int | None = None,
+                 limits: ServeLimits = ServeLimits()) -> None:
         self.backend = backend
+        self.limits = limits
+        self.body_budget = _ByteBudget(limits.max_buffered_bytes)
         self.tokenizer = tokenizer
         self.model_name = model_name
         # Shown in /v1/models only: like the hf backend, the server never refuses a prompt past the trained
@@ -249,20 +294,34 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_error(RequestError(f"no route GET {path}", status=404, type_="NotFoundError"))
 
-    def _read_body(self) -> dict[str, Any]:
+    def _read_body(self) -> tuple[dict[str, Any], int]:
+        """The JSON body and the bytes it holds of the server's body budget (release them when done)."""
+        limits = self.model_server.limits
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError("the request needs a Content-Length header and a JSON body", status=411)
-        if int(length) > MAX_BODY_BYTES:
-            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413)
-        raw = self.rfile.read(int(length))
+        n = int(length)
+        if n > limits.max_body_bytes:
+            raise RequestError(f"request body of {n} bytes is over this server's {limits.max_body_bytes} "
+                               "(evalctx serve --max-body-mb)", status=413)
+        if not self.model_server.body_budget.acquire(n, limits.read_timeout_s):
+            raise RequestError("server busy: too many request bodies held at once; retry later", status=503,
+                               type_="server_error")
         try:
+            raw = self.rfile.read(n)
+            if len(raw) < n:
+                raise RequestError("the body ended before Content-Length bytes")
             body = json.loads(raw)
         except ValueError as exc:
+            self.model_server.body_budget.release(n)
             raise RequestError(f"the body is not valid JSON: {exc}") from None
+        except BaseException:
+            self.model_server.body_budget.release(n)
+            raise
         if not isinstance(body, dict):
+            self.model_server.body_budget.release(n)
             raise RequestError("the body must be a JSON object")
-        return body
+        return body, n
 
     def do_POST(self) -> None:  # noqa: N802
         path = self._path()
@@ -273,7 +332,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         ms = self.model_server
         try:
-            body = self._read_body()
+            body, held = self._read_body()
+        except RequestError as err:
+            self.close_connection = True  # the body may be unread: it must not be parsed as the next request
+            self._send_error(err)
+            return
+        except TimeoutError:  # the client stopped sending (the handler's socket timeout): drop it
+            self.close_connection = True
+            return
+        try:
             result, stream, include_usage = ms.complete(body, chat)
         except RequestError as err:
             self._send_error(err)
@@ -281,6 +348,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a backend bug: tell the client, keep serving
             self._send_error(RequestError(f"{type(exc).__name__}: {exc}", status=500, type_="server_error"))
             return
+        finally:
+            ms.body_budget.release(held)
         if not stream:
             self._send_json(200, _answer_json(result, chat, ms.model_name))
             return
@@ -298,11 +367,54 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most ``max_connections`` handler threads: the accept loop waits for a free slot
+    (further clients wait in the listen queue) instead of starting a thread per connection."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, limits: ServeLimits) -> None:
+        self.request_queue_size = limits.backlog  # read by server_activate() inside __init__
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._closing = False
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        while not self._slots.acquire(timeout=0.2):
+            if self._closing:
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._closing = True
+        super().shutdown()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up or went silent is routine for a server: one line, not socketserver's traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            if not self.RequestHandlerClass.quiet:  # type: ignore[attr-defined]
+                sys.stderr.write(f"evalctx serve: {client_address[0]}: {type(exc).__name__}: {exc}\n")
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(backend: Backend, tokenizer: Any, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-                max_model_len: int | None = None, quiet: bool = False) -> ThreadingHTTPServer:
+                max_model_len: int | None = None, quiet: bool = False,
+                limits: ServeLimits = ServeLimits()) -> ThreadingHTTPServer:
     """A bound, not yet serving server; call ``serve_forever()`` (port 0 picks a free one: ``server_address``)."""
-    ms = ModelServer(backend, tokenizer, model_name, max_model_len)
-    handler = type("EvalctxHandler", (_Handler,), {"model_server": ms, "quiet": quiet})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    ms = ModelServer(backend, tokenizer, model_name, max_model_len, limits)
+    handler = type("EvalctxHandler", (_Handler,), {"model_server": ms, "quiet": quiet,
+                                                   "timeout": limits.read_timeout_s})
+    return _BoundedServer((host, port), handler, limits)

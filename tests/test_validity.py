@@ -6,6 +6,8 @@ test_tokenizer, test_identity, test_plan).
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pandas as pd
@@ -222,7 +224,8 @@ def test_kind7_the_byte_tokenizer_against_the_tiny_model_is_one_line_and_exit_2(
     code = main(["run", "--suite", suite, "--backend", "hf", "--model", "tiny", "--tokenizer", "byte",
                  "--out", str(tmp_path), "--run-id", "r", "--no-progress", "--backend-opt", "device=cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and not (tmp_path / "r").exists()
+    assert code == 2 and not (tmp_path / "r" / "journal").exists()  # nothing ran; the manifest says why
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["status"] == "failed"
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "tokenizer byte does not tokenize like the one tiny ships" in err and "pass --tokenizer tiny" in err
 

@@ -47,6 +47,17 @@ def oracle_answer(prompt: str) -> str:
     return " I don't know."
 
 
+def _script_line(line: str, where: str) -> dict[str, Any]:
+    try:
+        d = json.loads(line)
+    except ValueError:
+        d = None
+    if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+        raise UsageError(f"backend fake: {where}: a script line must be a JSON object with a \"text\" string "
+                         '(and optionally "sample_id"), e.g. {"sample_id": "...", "text": " 42."}')
+    return d
+
+
 class FakeBackend(Backend):
     name: ClassVar[str] = "fake"
 
@@ -86,11 +97,11 @@ class FakeBackend(Backend):
         if options.mode == "scripted":
             if not options.script or not Path(options.script).is_file():
                 raise UsageError("backend fake: mode=scripted needs script=PATH to a JSONL file")
-            for line in Path(options.script).read_text().splitlines():
+            for i, line in enumerate(Path(options.script).read_text(encoding="utf-8", errors="replace").splitlines()):
                 if line.strip():
-                    d = json.loads(line)
+                    d = _script_line(line, f"{options.script}:{i + 1}")
                     if "sample_id" in d:
-                        self._script[d["sample_id"]] = d["text"]
+                        self._script[str(d["sample_id"])] = d["text"]
                     self._script_list.append(d["text"])
         self._n_requests = 0
         self._n_batches = 0

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evalctx.argtypes import fraction, non_negative_float, positive_float, positive_int
 from evalctx.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError
 from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, Plan,
@@ -28,28 +29,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="PATH",
                    help="model or engine directory, its config.json (HF or TensorRT-LLM engine), or an embedded "
                         "model name (tiny)")
-    p.add_argument("--context", type=int, metavar="TOKENS",
+    p.add_argument("--context", type=positive_int, metavar="TOKENS",
                    help="tokens per sequence, prompt plus generated (default: the engine's max_seq_len)")
-    p.add_argument("--batch", type=int, default=1, help="sequences resident at once (default 1)")
-    p.add_argument("--beams", type=int, default=1, help="beam width (default 1)")
-    p.add_argument("--tp", type=int, help="tensor parallel size (default: the engine's, else 1)")
-    p.add_argument("--pp", type=int, help="pipeline parallel size (default: the engine's, else 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences resident at once (default 1)")
+    p.add_argument("--beams", type=positive_int, default=1, help="beam width (default 1)")
+    p.add_argument("--tp", type=positive_int, help="tensor parallel size (default: the engine's, else 1)")
+    p.add_argument("--pp", type=positive_int, help="pipeline parallel size (default: the engine's, else 1)")
     p.add_argument("--weight-dtype", metavar="DTYPE",
                    help=f"{', '.join(WEIGHT_DTYPES)} in any spelling (float16, half, bfloat16, ...); default: the "
                         "engine's, the HF torch_dtype, or fp16")
     p.add_argument("--kv-dtype", metavar="DTYPE",
                    help=f"{', '.join(KV_DTYPES)} in any spelling; default: the engine's KV dtype, else the weight dtype")
-    p.add_argument("--gpu-memory", type=float, metavar="GB",
+    p.add_argument("--gpu-memory", type=positive_float, metavar="GB",
                    help="memory per GPU in GB (10^9 bytes; an 80 GB H100 has about 85); enables the fit check")
-    p.add_argument("--max-num-tokens", type=int,
+    p.add_argument("--max-num-tokens", type=positive_int,
                    help=f"engine max_num_tokens, the chunk size (default: the engine's, else {DEFAULT_MAX_NUM_TOKENS})")
-    p.add_argument("--tokens-per-block", type=int,
+    p.add_argument("--tokens-per-block", type=positive_int,
                    help=f"paged KV block size (default: the engine's, else {DEFAULT_TOKENS_PER_BLOCK})")
-    p.add_argument("--kv-fraction", type=float, default=0.9,
+    p.add_argument("--kv-fraction", type=fraction, default=0.9,
                    help="kv_cache_free_gpu_memory_fraction the runtime will use (default 0.9)")
-    p.add_argument("--reserve-gb", type=float, default=2.0,
+    p.add_argument("--reserve-gb", type=non_negative_float, default=2.0,
                    help="per-GPU memory for CUDA context, NCCL and TensorRT workspaces (default 2)")
-    p.add_argument("--kv-headroom", type=float, default=0.05,
+    p.add_argument("--kv-headroom", type=non_negative_float, default=0.05,
                    help="extra fraction on max_tokens_in_paged_kv_cache (default 0.05)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p

@@ -6,10 +6,13 @@ import argparse
 import sys
 from typing import Any
 
+from evalctx.argtypes import port, positive_float, positive_int
 from evalctx.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from evalctx.serve import MIB, ServeLimits
+
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API (greedy decoding only)",
         description="Serve a backend (hf in practice) on /v1/completions, /v1/chat/completions, /v1/models and "
@@ -24,19 +27,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="name clients must send as 'model' (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
-    p.add_argument("--max-input-len", type=int, default=None,
+    p.add_argument("--port", type=port, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--max-input-len", type=positive_int, default=None,
                    help="longest prompt, for backends that size buffers up front")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="largest max_tokens, for backends that size buffers up front")
+    d = ServeLimits()
+    p.add_argument("--max-connections", type=positive_int, default=d.max_connections,
+                   help=f"connections handled at once, one thread each; more wait in the listen queue "
+                        f"(default {d.max_connections})")
+    p.add_argument("--backlog", type=positive_int, default=d.backlog,
+                   help=f"listen queue length (default {d.backlog}; the kernel caps it at net.core.somaxconn)")
+    p.add_argument("--read-timeout", type=positive_float, default=d.read_timeout_s, metavar="SECONDS",
+                   help=f"drop a client silent this long mid-request or between requests (default "
+                        f"{d.read_timeout_s:g})")
+    p.add_argument("--max-body-mb", type=positive_float, default=d.max_body_bytes / MIB, metavar="MIB",
+                   help=f"largest request body, 413 above (default {d.max_body_bytes // MIB}; a 1M-token prompt "
+                        "is ~8 MiB as token ids)")
+    p.add_argument("--max-buffered-mb", type=positive_float, default=d.max_buffered_bytes / MIB, metavar="MIB",
+                   help=f"request bodies held at once; a request waits for room up to --read-timeout, then "
+                        f"gets 503 (default {d.max_buffered_bytes // MIB})")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
 
 
 def build_server(args: argparse.Namespace) -> Any:
     """The bound server for parsed ``serve`` arguments (tests serve it from a thread)."""
     from evalctx.backends.base import BackendContext, backend_class, parse_kv_flags, parse_options
-    from evalctx.serve import make_server
+    from evalctx.serve import MIB, ServeLimits, make_server
     from evalctx.tokenizer import load_tokenizer
+
+    if args.max_buffered_mb < args.max_body_mb:
+        raise UsageError(f"--max-buffered-mb {args.max_buffered_mb:g} is below --max-body-mb {args.max_body_mb:g}: "
+                         "one largest request must fit")
+    limits = ServeLimits(backlog=args.backlog, max_connections=args.max_connections,
+                         read_timeout_s=args.read_timeout, max_body_bytes=int(args.max_body_mb * MIB),
+                         max_buffered_bytes=int(args.max_buffered_mb * MIB))
 
     if args.backend == "http":
         raise UsageError("evalctx serve cannot serve the http backend (it would call itself)")
@@ -56,7 +81,7 @@ def build_server(args: argparse.Namespace) -> Any:
     name = args.served_model_name or model or args.backend
     try:
         return make_server(backend, tokenizer, name, args.host, args.port,
-                           max_model_len=getattr(backend, "max_positions", None), quiet=args.quiet)
+                           max_model_len=getattr(backend, "max_positions", None), quiet=args.quiet, limits=limits)
     except OSError as exc:
         backend.close()
         raise UsageError(f"serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None

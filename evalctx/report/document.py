@@ -11,6 +11,7 @@ import base64
 import html
 import math
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,26 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+# CommonMark 0.31 section 2.4: any ASCII punctuation may be backslash-escaped and then renders as itself. These are
+# the ones that can start markup inside a line: links and images ([ ] !), raw HTML and autolinks (< >), entities
+# (&), code (`), emphasis (* and _ at a word edge; GFM leaves intraword _ alone), strikethrough (~), math on GitHub
+# ($), table cells (|), headings (#), and the backslash itself. Left as they are for a readable .md: . , : ; ( ) ...
+_MD_INLINE = re.compile(r"[\\`*\[\]<>&~$|#!{}]|(?<![^\W_])_|_(?![^\W_])")
+# Block markup that only counts at the start of a line: list items, setext underlines, ordered lists ("1. ").
+_MD_LINE_START = re.compile(r"^([-+=]|\d{1,9}(?=[.)](?:\s|$)))")
+
+
 def md_escape(text: str) -> str:
-    """Text safe inside a Markdown table cell: no pipe or newline breaks the row, no raw HTML gets rendered."""
-    return (html.escape(text, quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
-            .replace("`", "\\`"))
+    """Text that renders as itself in CommonMark/GFM, also inside a table cell: markup characters are
+    backslash-escaped (so a label like ``![x](https://host/img.png)`` is text, not a remote image), and line
+    breaks become ``<br>`` (the one piece of HTML added, so that a cell or paragraph stays one line)."""
+    out = _MD_INLINE.sub(lambda m: "\\" + m.group(0), text.replace("\r\n", "\n").replace("\r", "\n"))
+    return "<br>".join(_MD_LINE_START.sub(_escape_line_start, line.lstrip()) for line in out.split("\n"))
+
+
+def _escape_line_start(m: re.Match[str]) -> str:
+    # A backslash before a digit is not an escape: for "1. " it goes before the "." instead.
+    return m.group(0) + "\\" if m.group(0)[0].isdigit() else "\\" + m.group(0)
 
 
 def slug(text: str) -> str:
@@ -89,7 +106,8 @@ class Document:
 
     def pre(self, text: str) -> None:
         self.html.append(f"<pre>{html.escape(text)}</pre>")
-        fence = "````" if "```" in text else "```"
+        # A fence longer than any run of backticks inside, so the text cannot close it (CommonMark 4.5).
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
         self.md += [fence, text, fence, ""]
 
     def table(self, df: pd.DataFrame, collapsed: str | None = None) -> None:
@@ -120,7 +138,8 @@ class Document:
         self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
         rel = png.resolve().relative_to(md_dir.resolve()).as_posix() if png.resolve().is_relative_to(
             md_dir.resolve()) else png.resolve().as_posix()
-        self.md += [f"![{md_escape(alt).replace(']', ' ').replace('[', ' ')}]({rel})", ""]
+        # Percent-encoded, so that spaces or parentheses in an --out folder cannot end the link destination.
+        self.md += [f"![{md_escape(alt)}]({urllib.parse.quote(rel)})", ""]
 
     def render_html(self) -> str:
         nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in self.sections)

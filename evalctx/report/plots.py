@@ -43,6 +43,13 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple["Figure", Any]
     return fig, axes
 
 
+def _text(value: Any) -> str:
+    """A label, task or model name as matplotlib text that shows it as typed: ``$`` escaped (mathtext would parse
+    "$" pairs as formulas, and fail on an odd count), and a leading ``_`` kept off the legend's hide-this marker."""
+    text = str(value).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def _save(fig: "Figure", path: str | Path | None) -> None:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +118,7 @@ def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | P
     if "model" in sel.columns and sel["model"].notna().any():
         m = str(sel["model"].dropna().iloc[0])
         model = f" ({m})" if m != label else ""
-    ax.set_title(f"{label}{model}: {task}")
+    ax.set_title(_text(f"{label}{model}: {task}"))
     _save(fig, path)
     return fig
 
@@ -137,7 +144,7 @@ def accuracy_vs_length(df: pd.DataFrame, task: str, path: str | Path | None = No
         lo, hi = g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float)
         # Clipped at 0: at accuracy 1.0 the Wilson bound can be 1 - 1e-16, a "negative" error bar to matplotlib.
         yerr = [(y - lo).clip(min=0.0), (hi - y).clip(min=0.0)]
-        ax.plot(x, y, marker="o", color=color, label=label or task)
+        ax.plot(x, y, marker="o", color=color, label=_text(label or task))
         ax.errorbar(x, y, yerr=yerr, fmt="none", capsize=3, color=color)
         ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
         e = eff.get((label, task))
@@ -147,7 +154,7 @@ def accuracy_vs_length(df: pd.DataFrame, task: str, path: str | Path | None = No
     _log2_length_axis(ax, lengths)
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel("accuracy (Wilson 95% CI)")
-    ax.set_title(f"{task}: accuracy vs context length")
+    ax.set_title(_text(f"{task}: accuracy vs context length"))
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, alpha=0.3)
     _save(fig, path)
@@ -175,7 +182,8 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
             for i, label in enumerate(_labels(sel)):
                 g = med[med["label"] == label]
                 if not g.empty:
-                    ax.plot(g["context_length"], g[col], marker="o", color=f"C{i % 10}", label=label or "run")
+                    ax.plot(g["context_length"], g[col], marker="o", color=f"C{i % 10}",
+                            label=_text(label or "run"))
             ax.set_yscale("log")
             ax.legend(fontsize=8)
         if lengths:
@@ -213,11 +221,11 @@ def trend(history_df: pd.DataFrame, path: str | Path | None = None) -> "Figure":
         g = pts[pts["label"].astype(str) == label]
         color = f"C{i % 10}"
         for ax, col in ((ax_acc, "accuracy"), (ax_lat, "latency_s_p50")):
-            ax.plot(g["date"], g[col], marker="o", color=color, label=label)
+            ax.plot(g["date"], g[col], marker="o", color=color, label=_text(label))
             bad = g[~g["passed"]]
             if not bad.empty:
                 ax.scatter(bad["date"], bad[col], marker="x", s=80, color="red", zorder=3,
-                           label=f"{label}: gate failed")
+                           label=_text(f"{label}: gate failed"))
     ax_acc.set_ylim(-0.03, 1.03)
     ax_acc.set_title("accuracy over nightly runs")
     ax_acc.set_ylabel("accuracy (all cells)")

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from evalctx import analysis
+from evalctx import analysis, redact
 from evalctx.analysis import length_label
 from evalctx.compare import CompareResult, compare, display_table
 from evalctx.errors import UsageError
@@ -76,7 +76,8 @@ def _run_rows() -> list[tuple[str, Any]]:
                 v = v.get(k) if isinstance(v, Mapping) else None
             return v
         return f
-    return [("run_id", get("run_id")), ("status", get("status")), ("created_at", get("created_at")),
+    return [("run_id", get("run_id")), ("status", get("status")), ("stopped by", get("stopped_by")),
+            ("created_at", get("created_at")),
             ("finished_at", get("finished_at")), ("suite", get("suite", "name")),
             ("backend", get("backend", "backend")), ("model", get("backend", "model")),
             ("tokenizer", get("tokenizer", "name")), ("tokenizer fingerprint", get("tokenizer", "fingerprint")),
@@ -124,7 +125,8 @@ def _errors(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         return pd.DataFrame(), pd.DataFrame()
     counts = (bad.groupby(["label", "task", "context_length", "status"]).size().rename("count").reset_index())
     counts["context_length"] = [length_label(x) for x in counts["context_length"]]
-    err = bad.assign(error=bad["error"].fillna("(no message)") if "error" in bad else "(no message)")
+    err = bad.assign(error=bad["error"].fillna("(no message)").map(redact.mask_text) if "error" in bad
+                     else "(no message)")
     msgs = (err.groupby(["label", "status", "error"], sort=False)
             .agg(count=("sample_id", "size"), first_sample=("sample_id", "first"),
                  lengths=("context_length", lambda s: ", ".join(length_label(x) for x in sorted(set(s)))))
@@ -152,7 +154,9 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
 
     run_ids = list(dict.fromkeys(df["run_id"]))
     label_of = dict(zip(df["run_id"], df["label"]))
-    manifests = [(label_of[rid], analysis.load_manifest(d)) for rid, d in zip(run_ids, dirs)]
+    # Masked again here: a manifest written before evalctx masked secrets still has them in full.
+    manifests = [(label_of[rid], redact.mask_manifest(analysis.load_manifest(d)))
+                 for rid, d in zip(run_ids, dirs)]
     labels = list(dict.fromkeys(label_of[r] for r in run_ids))
     tasks = sorted(df["task"].unique())
     title = "evalctx report: " + ", ".join(labels)

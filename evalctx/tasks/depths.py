@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from evalctx.errors import UsageError
+from evalctx.limits import check_depth_count
 
 
 def _linspace(n: int) -> list[float]:
@@ -15,7 +16,7 @@ def _linspace(n: int) -> list[float]:
 def _count(key: str, n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UsageError(f"depths {{{key} = {n!r}}}: the number of depths must be a positive integer")
-    return n
+    return check_depth_count(n, f"depths {{{key} = {n}}}")
 
 
 def sigmoid_depths(n: int) -> list[float]:

@@ -1,0 +1,211 @@
+"""Faults with real processes: kill -9 mid-write, torn journal tails, a full file system (a 100 KB tmpfs where this
+machine lets us mount one, a file-size limit otherwise), concurrent runs, SIGTERM, a lost manifest, paths that leave
+--out. Each ends with the run finished and equal, sample by sample, to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fault_util import N, SUITE_80, journal_lines, manifest, one_line, table, wait_for_rows
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("suite") / "s80.toml"
+    p.write_text(SUITE_80)
+    return p
+
+
+def cmd(suite: Path, out: Path, *extra: str, run_id: str = "r") -> list[str]:
+    return [sys.executable, "-m", "evalctx.cli", "run", "--suite", str(suite), "--backend", "fake", "--tokenizer",
+            "byte", "--out", str(out), "--run-id", run_id, "--no-progress", *extra]
+
+
+def run(suite: Path, out: Path, *extra: str, run_id: str = "r", **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd(suite, out, *extra, run_id=run_id), capture_output=True, text=True, timeout=120,
+                          **kw)  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="module")
+def reference(suite: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("ref")
+    proc = run(suite, out)
+    assert proc.returncode == 0, proc.stderr
+    return table(out / "r")
+
+
+# --- 1. torn journal line ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cut", [1, pytest.param(40, marks=pytest.mark.slow), 400])
+def test_torn_last_line_resumes_in_one_rerun(suite: Path, tmp_path: Path, reference: pd.DataFrame,
+                                             cut: int) -> None:
+    assert run(suite, tmp_path).returncode == 0
+    j = tmp_path / "r" / "journal" / "replica-0.jsonl"
+    j.write_bytes(j.read_bytes()[:-cut])  # cut=1: only the newline is gone, the row itself is whole
+    proc = run(suite, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"complete, {0 if cut == 1 else 1} new of {N}" in proc.stdout
+    assert manifest(tmp_path / "r")["status"] == "complete"
+    pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+    assert journal_lines(tmp_path / "r") == N
+
+
+@pytest.mark.parametrize("after_rows", [3, pytest.param(17, marks=pytest.mark.slow), 41])
+def test_kill_9_mid_run_resumes_to_the_same_table(suite: Path, tmp_path: Path, reference: pd.DataFrame,
+                                                  after_rows: int) -> None:
+    slow = ("--backend-opt", "delay_s=0.01")  # part of the configuration: the rerun passes it too
+    proc = subprocess.Popen(cmd(suite, tmp_path, *slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_rows(tmp_path / "r", after_rows)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert manifest(tmp_path / "r")["status"] == "running"
+    again = run(suite, tmp_path, *slow)
+    assert again.returncode == 0, again.stderr
+    pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+    assert journal_lines(tmp_path / "r") == N  # nothing done twice
+
+
+# --- 1. full disk -----------------------------------------------------------------------------------------------
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def _assert_failed_and_resumable(proc: subprocess.CompletedProcess[str], run_dir: Path, needle: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    line = one_line(proc.stderr)
+    assert needle in line and "marked failed" in line and "rerun the same command" in line
+    m = manifest(run_dir)
+    assert m["status"] == "failed" and needle in m["stopped_by"]
+    for j in (run_dir / "journal").glob("*.jsonl"):
+        assert j.read_bytes().endswith(b"\n")  # the failed batch was cut back: nothing torn
+
+
+def test_full_disk_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Path,
+                                                       reference: pd.DataFrame) -> None:
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "100k"):
+        pytest.skip("cannot mount a tmpfs here (test_file_size_limit covers a failing write)")
+    try:
+        proc = run(suite, mnt)
+        _assert_failed_and_resumable(proc, mnt / "r", "No space left on device")
+        assert 0 < journal_lines(mnt / "r") < N
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        again = run(suite, mnt)
+        assert again.returncode == 0, again.stderr
+        pd.testing.assert_frame_equal(table(mnt / "r"), reference)
+        assert journal_lines(mnt / "r") == N
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_file_size_limit_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Path,
+                                                             reference: pd.DataFrame) -> None:
+    def limit() -> None:  # the journal (~75 KB for 80 rows) outgrows it; the manifest and the ballast do not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (66_000, resource.RLIM_INFINITY))
+
+    proc = subprocess.run(cmd(suite, tmp_path), capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    _assert_failed_and_resumable(proc, tmp_path / "r", "File too large")
+    again = run(suite, tmp_path)
+    assert again.returncode == 0, again.stderr
+    pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+
+
+# --- 2. concurrent runs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 3])
+def test_concurrent_identical_runs_one_works_the_others_exit_2(suite: Path, tmp_path: Path,
+                                                               reference: pd.DataFrame, n: int) -> None:
+    procs = [subprocess.Popen(cmd(suite, tmp_path, "--backend-opt", "delay_s=0.02"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0] + [2] * (n - 1), results
+    for code, _, err in results:
+        if code == 2:
+            assert "is in use by pid" in one_line(err) and "its command: evalctx run" in err
+    pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+    assert journal_lines(tmp_path / "r") == N
+    assert not list((tmp_path / "r").glob(".*.tmp"))
+
+
+# --- 3. identity without a manifest -----------------------------------------------------------------------------
+def test_rows_of_another_configuration_are_never_adopted(suite: Path, tmp_path: Path) -> None:
+    assert run(suite, tmp_path, "--backend-opt", "mode=constant").returncode == 0  # every answer wrong
+    (tmp_path / "r" / "manifest.json").unlink()
+    proc = run(suite, tmp_path)  # the oracle, same --run-id
+    assert proc.returncode == 2
+    assert "no manifest.json and its journals hold rows of another configuration" in one_line(proc.stderr)
+    assert journal_lines(tmp_path / "r") == N
+    again = run(suite, tmp_path, "--backend-opt", "mode=constant")  # the same configuration still resumes
+    assert again.returncode == 0 and f"0 new of {N}" in again.stdout
+
+
+def test_journal_rows_without_a_hash_and_no_manifest_are_refused(suite: Path, tmp_path: Path) -> None:
+    assert run(suite, tmp_path).returncode == 0
+    j = tmp_path / "r" / "journal" / "replica-0.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k != "config_hash"} for line in j.read_text().splitlines()]
+    j.write_text("".join(json.dumps(r) + "\n" for r in old))  # as evalctx wrote them before rows carried it
+    (tmp_path / "r" / "manifest.json").unlink()
+    proc = run(suite, tmp_path)
+    assert proc.returncode == 2 and "none (rows older than the hash)" in one_line(proc.stderr)
+
+
+# --- 4. paths ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("run_id", ["../../escaped", "/tmp/evalctx-absolute-escape", "a/b", ".."])
+def test_run_id_is_a_name_never_a_path(suite: Path, tmp_path: Path, run_id: str) -> None:
+    out = tmp_path / "a" / "b" / "out"
+    proc = run(suite, out, run_id=run_id)
+    assert proc.returncode == 2 and "is not a name" in one_line(proc.stderr)
+    assert not Path("/tmp/evalctx-absolute-escape").exists()
+    assert list(tmp_path.rglob("*")) == []  # refused before anything was created
+
+
+def test_suite_name_is_a_name_never_a_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "../../../x"\n' + SUITE_80.split("\n", 1)[1])
+    out = tmp_path / "a" / "b" / "out"
+    proc = subprocess.run([sys.executable, "-m", "evalctx.cli", "run", "--suite", str(bad), "--backend", "fake",
+                           "--tokenizer", "byte", "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "name '../../../x' is not a name" in one_line(proc.stderr)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["bad.toml"]
+
+
+# --- 7. signals -------------------------------------------------------------------------------------------------
+def test_sigterm_is_handled_like_ctrl_c(suite: Path, tmp_path: Path, reference: pd.DataFrame) -> None:
+    slow = ("--backend-opt", "delay_s=0.02")
+    proc = subprocess.Popen(cmd(suite, tmp_path, *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "r", 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert one_line(err).startswith("evalctx: interrupted (SIGTERM); finished samples are in the journal")
+    m = manifest(tmp_path / "r")
+    assert m["status"] == "interrupted" and m["stopped_by"] == "SIGTERM" and m["finished_at"]
+    assert not lock_held(tmp_path / "r")
+    again = run(suite, tmp_path, *slow)
+    assert again.returncode == 0
+    pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+
+
+def lock_held(run_dir: Path) -> bool:
+    from evalctx.results.lock import is_held
+
+    return is_held(run_dir)
+
+
+# --- 8. file modes ----------------------------------------------------------------------------------------------
+def test_outputs_follow_the_umask(suite: Path, tmp_path: Path) -> None:
+    proc = run(suite, tmp_path, preexec_fn=lambda: os.umask(0o002))
+    assert proc.returncode == 0
+    for name in ("manifest.json", "summary.csv", "results.parquet", "journal/replica-0.jsonl"):
+        assert oct((tmp_path / "r" / name).stat().st_mode & 0o777) == oct(0o664), name
