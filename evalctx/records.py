@@ -14,6 +14,8 @@ SCHEMA_VERSION = 1
 
 FLAGS: dict[str, str] = {
     # name -> what it means for the row's score; reports, summary.csv (n_flagged) and the gate count them.
+    "unverified": "the server sent no token counts and verification was turned off (http verify_prompt=false): "
+                  "the prompt length and the answer's completeness are unchecked",
 }
 """Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
 be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""

@@ -29,6 +29,7 @@ from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult,
 from evalctx.results import rundir
 from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
+from evalctx.status import COMPLETE, COMPLETE_WITH_ERRORS, INCOMPLETE
 from evalctx.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -47,6 +48,9 @@ class RunConfig:
     retry_errors: bool = True
     progress: bool = True
     command: str = ""
+    max_error_rate: float = 0.0
+    """Share of error rows (0..1) a complete run may have and still be ``complete`` (exit 0); above it the run is
+    ``complete_with_errors`` (exit 3)."""
 
 
 @dataclass
@@ -176,7 +180,8 @@ class Runner:
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
         _check_min_lengths(self.builder, cfg.suite)
         self.specs = self.builder.specs()
-        self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
+        self.label = cfg.label or self.cls.default_label(self.options, cfg.model) \
+            or (Path(cfg.model).name if cfg.model else cfg.backend)
         self.config = {
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
                                                                                    "batch_size")},
@@ -351,7 +356,12 @@ class Runner:
             df = pd.DataFrame(columns=record_fields())
         df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
         missing = len(wanted) - len(df)
-        status = "complete" if missing == 0 else "incomplete"
+        n_error = int((df["status"] == "error").sum()) if len(df) else 0
+        error_rate = n_error / len(wanted) if wanted else 0.0
+        if missing:
+            status = INCOMPLETE
+        else:
+            status = COMPLETE_WITH_ERRORS if error_rate > self.cfg.max_error_rate else COMPLETE
         tmp = self.run_dir / f".{rundir.RESULTS}.tmp"
         df.to_parquet(tmp, index=False)
         tmp.replace(self.run_dir / rundir.RESULTS)
@@ -359,5 +369,7 @@ class Runner:
         rundir.atomic_write_text(self.run_dir / rundir.SUMMARY, summary.to_csv(index=False))
         manifest = self._manifest(backend, status, created_at)
         manifest["counts"] = {k: int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
+        manifest["error_rate"] = error_rate
+        manifest["max_error_rate"] = self.cfg.max_error_rate
         rundir.write_manifest(self.run_dir, manifest)
         return RunOutcome(self.run_dir, len(self.specs), n_new, status, summary)

@@ -25,7 +25,7 @@ PASSKEY = "Grass is green. The pass key is 68142. Remember it. Sky is blue. What
 
 
 def backend(url: str, ctx_model: str | None = "stub-model", **opts: Any) -> HTTPBackend:
-    options = parse_options(HTTPBackend, {"base_url": url, "backoff_s": "0.01", **opts})
+    options = parse_options(HTTPBackend, {"base_url": url, "backoff_s": "0.01", "server": "openai", **opts})
     return HTTPBackend(options, BackendContext(model=ctx_model, tokenizer=TOK))
 
 
@@ -37,6 +37,17 @@ def request(text: str = PASSKEY, max_new_tokens: int = 6, **kw: Any) -> Generati
 def sse(*chunks: Any, done: bool = True, gap: float = 0.0) -> list[tuple[float, str]]:
     events = [(gap, json.dumps(c)) for c in chunks]
     return events + ([(0.0, "[DONE]")] if done else [])
+
+
+def n_tokens(body: dict[str, Any]) -> int:
+    """The prompt length a server with evalctx's byte tokenizer counts for a request body."""
+    prompt = body["prompt"]
+    return len(prompt) if isinstance(prompt, list) else len(TOK.encode(prompt, add_special_tokens=True))
+
+
+def counted(text: str = " 42.", delta: int = 0, **kw: Any) -> Reply:
+    """A JSON answer whose usage counts the request's prompt like the byte tokenizer (plus ``delta``)."""
+    return Reply(body=lambda b: completion(text, prompt_tokens=n_tokens(b) + delta, **kw))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,18 +118,6 @@ def test_streaming_ttft_is_first_token_not_role_chunk() -> None:
     assert stub.bodies[0]["stream"] is True and stub.bodies[0]["stream_options"] == {"include_usage": True}
 
 
-def test_stream_without_usage_gives_none_and_cut_stream_is_retried(capsys: pytest.CaptureFixture[str]) -> None:
-    chunk = {"choices": [{"index": 0, "text": " 1.", "finish_reason": "length"}]}
-    cut = {"choices": [{"index": 0, "text": " 1", "finish_reason": None}]}
-    stub = StubServer([Reply(sse=sse(cut, done=False)), Reply(sse=sse(chunk))])
-    with stub.run() as url:
-        res = backend(url).generate([request()])[0]
-    assert len(stub.bodies) == 2  # the stream that ended before [DONE] was tried again
-    assert res.error is None and res.text == " 1." and res.finish_reason == "length"
-    assert res.n_prompt_tokens is None and res.n_output_tokens is None
-    assert "not verified" in capsys.readouterr().err
-
-
 def test_error_event_in_stream_is_an_error_row() -> None:
     stub = StubServer([Reply(sse=sse({"error": {"message": "engine died", "code": 500}}))])
     with stub.run() as url:
@@ -130,7 +129,7 @@ def test_request_body_fields_and_extra_body_as_given(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     extra = {"repetition_penalty": 1.0, "top_k": -1, "temperature": 0.0, "skip_special_tokens": False,
              "nested": {"a": [1, 2]}}
-    stub = StubServer([Reply(body=completion())])
+    stub = StubServer([counted()])
     with stub.run() as url:
         req = request(max_new_tokens=9)
         backend(url, extra_body=json.dumps(extra), add_special_tokens="false", stream="false").generate([req])
@@ -153,7 +152,7 @@ def test_chat_messages_and_assistant_prefill() -> None:
                 {"role": "assistant", "content": "The pass key is"}]
     stub = StubServer([Reply(body=completion(" 5.", prompt_tokens=None, chat=True))])
     with stub.run() as url:
-        b = backend(url, endpoint="chat", stream="false")
+        b = backend(url, endpoint="chat", stream="false", verify_prompt="false")
         res = b.generate([request(extra={"messages": messages}), request()])
     assert [r.text for r in res] == [" 5.", " 5."]
     prefill, plain = sorted(stub.bodies, key=lambda b: len(b["messages"]), reverse=True)  # sent concurrently
@@ -169,10 +168,10 @@ def test_concurrency_is_bounded_and_order_kept() -> None:
     stub = StubServer([echo])
     with stub.run() as url:
         reqs = [request(text=f"{PASSKEY} {i}") for i in range(6)]
-        res = backend(url, concurrency="2", stream="false").generate(reqs)
+        res = backend(url, concurrency="2", stream="false", verify_prompt="false").generate(reqs)
     assert stub.peak_in_flight == 2 and len(stub.bodies) == 6
     assert [r.text for r in res] == [str(i) for i in range(6)]  # results in request order
-    assert all(r.error is None and r.batch_size == 2 for r in res)
+    assert all(r.error is None and r.batch_size == 2 and r.flags == ["unverified"] for r in res)
 
 
 def test_model_from_server_and_info() -> None:
@@ -192,16 +191,9 @@ def test_bad_options() -> None:
     for opts, match in (({"endpoint": "embeddings"}, "endpoint"), ({"send": "tokens"}, "send"),
                         ({"endpoint": "chat", "send": "ids"}, "token ids"), ({"extra_body": "{oops"}, "JSON"),
                         ({"extra_body": "[1]"}, "JSON object"), ({"base_url": "localhost:8000"}, "base_url"),
-                        ({"concurrency": "0"}, "concurrency")):
+                        ({"concurrency": "0"}, "concurrency"), ({"server": "tgi"}, "server must be")):
         with pytest.raises(UsageError, match=match):
             backend("http://127.0.0.1:1/v1", **opts)
-
-
-def test_double_bos_is_explained() -> None:
-    n = len(request().prompt_ids)
-    stub = StubServer([Reply(body=completion(prompt_tokens=n + 1))])
-    with stub.run() as url, pytest.raises(LengthError, match="add_special_tokens=false"):
-        backend(url, stream="false").generate([request()])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +243,8 @@ def test_server_errors_become_error_rows(tmp_path: Path) -> None:
     with serving(_fake_server(fail_every=3)) as url:  # the served fake fails every 3rd request -> HTTP 500
         code = run_http(tmp_path, url, "errs", "retries=0")
     df = pd.read_parquet(tmp_path / "errs" / "results.parquet")
-    assert code == 0
+    assert code == 3  # complete, with error rows: never green
+    assert json.loads((tmp_path / "errs" / "manifest.json").read_text())["status"] == "complete_with_errors"
     errs = df[df["status"] == "error"]
     assert len(errs) > 0 and errs["score"].isna().all()
     assert errs["error"].str.contains("HTTP 500").all() and errs["error"].str.contains("injected error").all()

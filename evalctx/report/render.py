@@ -76,7 +76,8 @@ def _run_rows() -> list[tuple[str, Any]]:
                 v = v.get(k) if isinstance(v, Mapping) else None
             return v
         return f
-    return [("run_id", get("run_id")), ("status", get("status")), ("created_at", get("created_at")),
+    return [("run_id", get("run_id")), ("status", get("status")), ("error_rate", get("error_rate")),
+            ("created_at", get("created_at")),
             ("finished_at", get("finished_at")), ("suite", get("suite", "name")),
             ("backend", get("backend", "backend")), ("model", get("backend", "model")),
             ("tokenizer", get("tokenizer", "name")), ("tokenizer fingerprint", get("tokenizer", "fingerprint")),
@@ -140,7 +141,13 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
              + ", ".join(str(d) for d in dirs) + ".")
     for label, m in manifests:
         status = m.get("status") or df.loc[df["label"] == label, "run_status"].iloc[0]
-        if status != "complete":
+        if status == "complete_with_errors":
+            rows = df[df["label"] == label]
+            n_err = int((rows["status"] == "error").sum())
+            doc.para(f"{label}: run status is 'complete_with_errors': {n_err} of {len(rows)} samples are error rows "
+                     f"(above --max-error-rate {m.get('max_error_rate', 0):g}); accuracy is over the scored samples "
+                     "only. See \"Errors and unsupported samples\".", css="warn")
+        elif status != "complete":
             doc.para(f"{label}: run status is '{status}': results are partial and may miss cells.", css="warn")
 
     doc.section("Runs")
