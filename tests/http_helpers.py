@@ -61,8 +61,8 @@ class Reply:
 
 
 def completion(text: str = " 42.", prompt_tokens: int | None = 10, completion_tokens: int = 2,
-               chat: bool = False) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+               chat: bool = False, finish_reason: str = "stop") -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:

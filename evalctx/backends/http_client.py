@@ -182,11 +182,11 @@ class Client:
         t0 = time.perf_counter()
         conn = self._connection(timeout_s)
         expired = threading.Event()
+        socks: list[socket.socket] = []  # held here: a "Connection: close" answer detaches it from conn
 
         def expire() -> None:
             expired.set()
-            sock = conn.sock
-            if sock is not None:
+            for sock in socks:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read; the attempt is over
                 except OSError:
@@ -196,6 +196,10 @@ class Client:
         watchdog.daemon = True
         watchdog.start()
         try:
+            conn.connect()
+            socks.append(conn.sock)
+            if expired.is_set():
+                raise socket.timeout()
             conn.request("POST", path, body=payload, headers=self._headers(True))
             resp = conn.getresponse()
             if resp.status >= 400:
