@@ -161,7 +161,8 @@ class HTTPBackend(Backend):
         """The served model's name (``model``, else the only model in /v1/models), without a path."""
         name = options.model or model
         if not name:
-            name = _only_model(_served_models(Client(_normalize_url(options.base_url), None)))
+            key = options.api_key or os.environ.get("OPENAI_API_KEY") or None
+            name = _only_model(_served_models(Client(_normalize_url(options.base_url), key)))
         return Path(name).name or name
 
     @staticmethod
@@ -189,7 +190,7 @@ class HTTPBackend(Backend):
             openapi = None
         facts = detect(self._models_answer, openapi)
         if facts.preset is None:
-            self._warn(f"the server at {self.base_url} is not one evalctx knows ({facts.how}): it sends "
+            self._warn(f"the server at {self.base_url} is not one evalctx knows ({facts.how}): evalctx sends "
                        "temperature 0 with the OpenAI API's frequency and presence penalties at 0 only; a server "
                        "whose defaults add a repetition penalty does not decode greedily. Pass --backend-opt "
                        "server=vllm|sglang|trtllm|llamacpp")
