@@ -35,6 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def start_sse(handler: BaseHTTPRequestHandler, status: int = 200) -> None:
+    """Headers of a server-sent event stream that ends when the connection closes."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    handler.close_connection = True
+
+
 def send_json(handler: BaseHTTPRequestHandler, status: int, answer: Any) -> None:
     data = json.dumps(answer).encode()
     handler.send_response(status)
@@ -91,12 +107,7 @@ class StubServer:
         self._n = 0
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(_Handler):
             def do_GET(self) -> None:  # noqa: N802
                 if self.path != "/v1/models":
                     send_json(self, 404, {"detail": "Not Found"})
@@ -116,11 +127,7 @@ class StubServer:
                 try:
                     time.sleep(reply.delay_s)
                     if reply.sse is not None:
-                        self.send_response(reply.status)
-                        self.send_header("Content-Type", "text/event-stream")
-                        self.send_header("Connection", "close")
-                        self.end_headers()
-                        self.close_connection = True
+                        start_sse(self, reply.status)
                         for delay, data in reply.sse:
                             time.sleep(delay)
                             self.wfile.write(f"data: {data}\n\n".encode())
@@ -185,12 +192,7 @@ class LlamaCppStub:
         self._waiting = 0
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(_Handler):
             def do_GET(self) -> None:  # noqa: N802
                 if self.path == "/v1/models":
                     send_json(self, 200, {"object": "list", "data": [
@@ -234,11 +236,7 @@ class LlamaCppStub:
         max_tokens = body.get("max_tokens") or 16
         if len(ids) >= self.n_ctx:
             if stream:
-                h.send_response(200)
-                h.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                h.send_header("Connection", "close")
-                h.end_headers()
-                h.close_connection = True
+                start_sse(h)  # and nothing else: the real server's answer to a prompt over its context
                 return
             send_json(h, 400, {"error": {
                 "message": f"This model's maximum context length is {self.n_ctx} tokens, however you requested "
@@ -264,11 +262,7 @@ class LlamaCppStub:
                                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(pieces),
                                          "total_tokens": len(ids) + len(pieces)}})
             return
-        h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        h.send_header("Connection", "close")
-        h.end_headers()
-        h.close_connection = True
+        start_sse(h)
 
         def event(text: str, reason: str | None) -> None:
             part = {"delta": {"content": text} if text else {}} if chat else {"text": text}

@@ -57,10 +57,6 @@ def manifest(tmp_path: Path, run_id: str) -> dict[str, Any]:
     return json.loads((tmp_path / run_id / "manifest.json").read_text())
 
 
-def expected(prompt_text: str, budget: int) -> str:
-    return oracle_answer(prompt_text)[:budget]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 def test_llamacpp_like_server_streams_at_batch_4_and_agrees_sample_by_sample(tmp_path: Path, suite: str) -> None:
     """The issue's failing mode: streaming, --batch-size 4, a server that cuts a running stream when another

@@ -143,6 +143,7 @@ class HTTPBackend(Backend):
         self.client = Client(self.base_url, o.api_key or os.environ.get("OPENAI_API_KEY") or None)
         self._models_answer: Any = None
         self._version_probed = False
+        self._warned_unverified = False
         if o.server == "auto" or not (o.model or ctx.model):
             self._models_answer = _served_models(self.client)
         self.model_name = o.model or ctx.model or _only_model(self._models_answer)
@@ -257,6 +258,10 @@ class HTTPBackend(Backend):
         if ans.prompt_tokens is None:
             if not self.options.verify_prompt:
                 flags.append("unverified")
+                if not self._warned_unverified:
+                    self._warned_unverified = True
+                    self._warn(f"{self.base_url} sent no token counts and verify_prompt=false: prompt lengths and "
+                               "answer completeness are unchecked; rows are flagged 'unverified'")
             elif ans.streamed:
                 ans = self._verify_by_replay(path, unstreamed, ans)
             else:
