@@ -23,6 +23,7 @@ decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -294,9 +295,9 @@ class HTTPBackend(Backend):
                             f"differs from the same request without streaming {one_line(repr(again.text), 60)} "
                             f"({again.finish_reason}): the stream was cut or the server does not decode "
                             "deterministically")
-        return Answer(text=streamed.text, finish_reason=streamed.finish_reason, prompt_tokens=again.prompt_tokens,
-                      completion_tokens=again.completion_tokens, cached_tokens=None, latency_s=streamed.latency_s,
-                      ttft_s=streamed.ttft_s, streamed=True, n_events=streamed.n_events)
+        # Cached tokens of the replay count a cache the stream itself just filled: not the stream's.
+        return dataclasses.replace(streamed, prompt_tokens=again.prompt_tokens,
+                                   completion_tokens=again.completion_tokens, cached_tokens=None)
 
     def _explain_empty_stream(self, path: str, unstreamed: dict[str, Any]) -> None:
         """An empty 200 stream says nothing; the same request without streaming gets the server's own refusal
