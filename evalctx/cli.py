@@ -59,6 +59,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=None, help="override samples per cell")
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None, help="override every task's mode")
     p.add_argument("--no-retry-errors", action="store_true", help="on resume, keep earlier error rows")
+    p.add_argument("--max-error-rate", type=float, default=0.0, metavar="RATE",
+                   help="share of error rows (0..1) a complete run may have and still exit 0 (default 0: any error "
+                        "row makes the run complete_with_errors, exit 3)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
@@ -93,6 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
     from evalctx.runner import RunConfig, Runner
 
+    if not 0.0 <= args.max_error_rate <= 1.0:
+        raise UsageError(f"--max-error-rate must be a share between 0 and 1, not {args.max_error_rate}")
     suite = _overrides(load_suite(args.suite or DEFAULT_SUITE), args)
     backend = args.backend or suite.backend or "hf"
     model = args.model or suite.model or (DEFAULT_MODEL if backend == "hf" else None)
@@ -104,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, out_dir=Path(args.out), run_id=args.run_id, label=args.label,
         batch_size=args.batch_size, retry_errors=not args.no_retry_errors, progress=not args.no_progress,
         command=shlex.join(["evalctx", *getattr(args, "argv", sys.argv[1:])]),  # the runner masks secrets
+        max_error_rate=args.max_error_rate,
     )
     runner = Runner(cfg)
     outcome = runner.run()
@@ -120,9 +126,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_summary(df))
         print(f"\nrun {runner.run_id}: {outcome.status}, {outcome.n_new} new of {outcome.n_total} samples "
               f"-> {outcome.run_dir}")
+    n_error = int((df["status"] == "error").sum())
+    if n_error:
+        print(_error_note(n_error, outcome.n_total, args.max_error_rate, outcome.status), file=sys.stderr)
     from evalctx.status import exit_code
 
     return exit_code(outcome.status)
+
+
+def _error_note(n_error: int, n_total: int, max_rate: float, status: str) -> str:
+    """Why a run with error rows exits as it does: the accuracy printed is over the scored samples only."""
+    from evalctx.status import COMPLETE_WITH_ERRORS
+
+    share = f"{n_error} of {n_total} samples are error rows ({n_error / n_total:.1%})"
+    if status == COMPLETE_WITH_ERRORS:
+        return (f"evalctx: {share}, above --max-error-rate {max_rate:g}: accuracy is over the scored samples only "
+                "(exit 3). Their messages are in the error column of results.parquet; rerun the same command to "
+                "retry them")
+    return f"evalctx: {share}; accuracy is over the scored samples only; rerun the same command to retry them"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

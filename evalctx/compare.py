@@ -16,6 +16,10 @@ Per cell (and per pooled length, see below):
   ``latency_regression`` when the medians also differ by more than ``latency_min_delta_s`` (2 ms): a 10% rise of a
   sub-millisecond request is timer and scheduler jitter (an identical rerun of the fake backend trips it), not
   something anyone can act on. Needs ``min_latency_samples`` timings a side; medians of fewer are noise.
+* run-level error rate: error + unsupported rows per attempted sample over the cells both runs have. A candidate
+  whose rate rose by more than ``max_error_rate_rise`` (default 0: any rise) fails the gate, however few samples a
+  cell has: an error row is a sample the candidate could not answer (a crash, a timeout, a cut answer), not
+  sampling noise, and the per-cell test above needs ``min_samples`` a side to see anything.
 * coverage: a cell only in the baseline (``only_in_base``) is lost coverage and fails the gate unless
   ``allow_missing``; a cell only in the candidate is reported and never fails.
 
@@ -122,6 +126,9 @@ class CompareResult:
     correction: str
     params: dict[str, Any] = field(default_factory=dict)
     pooled: bool = False
+    errors: dict[str, Any] = field(default_factory=dict)
+    """Run-level error rates over the cells both runs have: ``base_rate``, ``cand_rate``, ``base_errors``,
+    ``cand_errors``, ``base_attempted``, ``cand_attempted``, ``rose`` (the gate failed on it)."""
 
     def counts(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.table["verdict"].value_counts().items()}
@@ -130,16 +137,21 @@ class CompareResult:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         word = "REGRESSION" if self.regressed else "PASS"
         n_pooled = int((self.table["level"] == "length").sum()) if "level" in self.table else 0
+        e = self.errors
+        rose = (f"; error rate rose {e['base_rate']:.1%} -> {e['cand_rate']:.1%} ({e['base_errors']} -> "
+                f"{e['cand_errors']} error/unsupported rows)") if e.get("rose") else ""
         if not n_pooled:
-            return f"{word}: {len(self.table)} cells ({counts})"
-        return f"{word}: {len(self.table) - n_pooled} cells + {n_pooled} pooled lengths ({counts})"
+            return f"{word}: {len(self.table)} cells ({counts}){rose}"
+        return f"{word}: {len(self.table) - n_pooled} cells + {n_pooled} pooled lengths ({counts}){rose}"
 
     def settings(self) -> str:
         delta_ms = 1000 * float(self.params.get("latency_min_delta_s", 0.0))
         family = "cells and pooled lengths" if self.pooled else "cells"
         return (f"alpha {self.alpha:g} (one-sided Fisher exact, {self.correction} correction across {family}), "
                 f"min samples {self.min_samples}, latency tolerance {self.latency_tolerance:.0%} "
-                f"and > {delta_ms:g} ms" + (", missing cells allowed" if self.allow_missing else ""))
+                f"and > {delta_ms:g} ms, run error rate may rise by "
+                f"{float(self.params.get('max_error_rate_rise', 0.0)):.1%}"
+                + (", missing cells allowed" if self.allow_missing else ""))
 
     def to_markdown(self, only_notable: bool = False) -> str:
         """The headline, the test settings and a Markdown table (all cells, or only those not ``ok``)."""
@@ -159,7 +171,7 @@ class CompareResult:
             "regressed": self.regressed, "headline": self.headline(), "counts": self.counts(),
             "alpha": self.alpha, "min_samples": self.min_samples, "latency_tolerance": self.latency_tolerance,
             "allow_missing": self.allow_missing, "correction": self.correction, "pooled": self.pooled,
-            "cells": json.loads(self.table.to_json(orient="records")),
+            "errors": self.errors, "cells": json.loads(self.table.to_json(orient="records")),
         }, indent=2)
 
 
@@ -192,9 +204,11 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
 
 def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, min_samples: int = 20,
             latency_tolerance: float = 0.10, allow_missing: bool = False, correction: str = "holm",
-            min_latency_samples: int = 3, latency_min_delta_s: float = 0.002, pooled: bool = True) -> CompareResult:
+            min_latency_samples: int = 3, latency_min_delta_s: float = 0.002, pooled: bool = True,
+            max_error_rate_rise: float = 0.0) -> CompareResult:
     """Compare two runs' per-sample frames (see the module docstring for the verdicts). ``pooled`` adds one row per
-    (task, context_length) pooled over the depths both runs have."""
+    (task, context_length) pooled over the depths both runs have; ``max_error_rate_rise`` is the rise of the
+    run-level error rate (a fraction) that still passes."""
     if correction not in ("holm", "none"):
         raise ValueError(f"correction must be 'holm' or 'none', not {correction!r}")
     base_p, cand_p = _prepare(base_df), _prepare(cand_df)
@@ -231,13 +245,29 @@ def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, m
                 for r in table.to_dict("records")]
     table["verdict"] = [v for v, _ in verdicts]
     table["note"] = [n for _, n in verdicts]
-    regressed = bool(table["verdict"].isin(FAILING).any()
+    errors = _error_rates(base, cand, max_error_rate_rise)
+    regressed = bool(table["verdict"].isin(FAILING).any() or errors["rose"]
                      or (not allow_missing and (table["verdict"] == "only_in_base").any()))
     return CompareResult(table=table, regressed=regressed, alpha=alpha, min_samples=min_samples,
                          latency_tolerance=latency_tolerance, allow_missing=allow_missing, correction=correction,
                          params={"min_latency_samples": min_latency_samples,
-                                 "latency_min_delta_s": latency_min_delta_s},
-                         pooled=pooled)
+                                 "latency_min_delta_s": latency_min_delta_s,
+                                 "max_error_rate_rise": max_error_rate_rise},
+                         pooled=pooled, errors=errors)
+
+
+def _error_rates(base: pd.DataFrame, cand: pd.DataFrame, max_rise: float) -> dict[str, Any]:
+    """Error + unsupported rows per attempted sample of each run, over the cells both have (lost coverage is judged
+    apart), and whether the candidate's rose by more than ``max_rise``."""
+    common = sorted(set(base.index) & set(cand.index))
+    out: dict[str, Any] = {}
+    for side, cells in (("base", base), ("cand", cand)):
+        attempted = int(cells.loc[common, "attempted"].sum()) if common else 0
+        errors = attempted - int(cells.loc[common, "n"].sum()) if common else 0
+        out.update({f"{side}_attempted": attempted, f"{side}_errors": errors,
+                    f"{side}_rate": errors / attempted if attempted else 0.0})
+    out["rose"] = bool(out["cand_rate"] > out["base_rate"] + max_rise + 1e-12)
+    return out
 
 
 def _row(ident: dict[str, Any], b: pd.Series | None, c: pd.Series | None, min_samples: int,

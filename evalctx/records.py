@@ -18,6 +18,8 @@ FLAGS: dict[str, str] = {
                     "to it: a whole answer could not fit, so a wrong score may be the budget's, not the model's",
     "beyond_trained_window": "prompt plus max_new_tokens exceeds the positions a rotary model's config states "
                              "(max_position_embeddings): the score measures extrapolation beyond the stated window",
+    "unverified": "the server sent no token counts and verification was turned off (http verify_prompt=false): "
+                  "the prompt length and the answer's completeness are unchecked",
 }
 """Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
 be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""

@@ -34,7 +34,7 @@ from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult,
 from evalctx.results import lock, rundir
 from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
-from evalctx.status import FAILED, INTERRUPTED, RUNNING
+from evalctx.status import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INCOMPLETE, INTERRUPTED, RUNNING
 from evalctx.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -53,6 +53,9 @@ class RunConfig:
     retry_errors: bool = True
     progress: bool = True
     command: str = ""
+    max_error_rate: float = 0.0
+    """Share of error rows (0..1) a complete run may have and still be ``complete`` (exit 0); above it the run is
+    ``complete_with_errors`` (exit 3)."""
 
 
 @dataclass
@@ -195,7 +198,8 @@ class Runner:
         if self.world.is_root:
             for warning in self.builder.budget_warnings():
                 print(f"evalctx: warning: {warning}", file=sys.stderr)
-        self.label = cfg.label or (Path(cfg.model).name if cfg.model else cfg.backend)
+        self.label = cfg.label or self.cls.default_label(self.options, cfg.model) \
+            or (Path(cfg.model).name if cfg.model else cfg.backend)
         # What the model directory holds, not only its name: a config.json edited in place is another run.
         self.model_fingerprint = model_fingerprint(cfg.model)
         self.config = {
@@ -504,11 +508,18 @@ class Runner:
             df = pd.DataFrame(columns=record_fields())
         df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
         missing = len(wanted) - len(df)
-        status = "complete" if missing == 0 else "incomplete"
+        n_error = int((df["status"] == "error").sum()) if len(df) else 0
+        error_rate = n_error / len(wanted) if wanted else 0.0
+        if missing:
+            status = INCOMPLETE
+        else:
+            status = COMPLETE_WITH_ERRORS if error_rate > self.cfg.max_error_rate else COMPLETE
         rundir.atomic_write_parquet(df, self.run_dir / rundir.RESULTS)
         summary = summarize(df)
         rundir.atomic_write_text(self.run_dir / rundir.SUMMARY, summary.to_csv(index=False))
         manifest = self._manifest(backend, status, created_at)
         manifest["counts"] = {k: int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
+        manifest["error_rate"] = error_rate
+        manifest["max_error_rate"] = self.cfg.max_error_rate
         rundir.write_manifest(self.run_dir, manifest)
         return RunOutcome(self.run_dir, len(self.specs), n_new, status, summary)

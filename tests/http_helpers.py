@@ -35,6 +35,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def start_sse(handler: BaseHTTPRequestHandler, status: int = 200) -> None:
+    """Headers of a server-sent event stream that ends when the connection closes."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    handler.close_connection = True
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, answer: Any) -> None:
+    data = json.dumps(answer).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @dataclass
 class Reply:
     """One scripted answer: a status with a JSON body (or a function of the request body giving it), or an SSE
@@ -45,11 +70,15 @@ class Reply:
     sse: list[tuple[float, str]] | None = None
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None
+    """Sent as the body verbatim (malformed JSON), instead of ``body``."""
+    trickle_s: float = 0.0
+    """Seconds between the bytes of the body: a server that trickles."""
 
 
 def completion(text: str = " 42.", prompt_tokens: int | None = 10, completion_tokens: int = 2,
-               chat: bool = False) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+               chat: bool = False, finish_reason: str = "stop") -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -65,9 +94,11 @@ class StubServer:
     """An OpenAI-ish server whose POST answers follow a script (the last reply repeats when it runs out), and
     which records every request body and the peak number of requests in flight."""
 
-    def __init__(self, replies: list[Reply] | None = None, models: list[str] = ("stub-model",)) -> None:
+    def __init__(self, replies: list[Reply] | None = None, models: list[str] = ("stub-model",),
+                 owned_by: str = "stub") -> None:
         self.replies = list(replies or [Reply(body=completion())])
         self.models = list(models)
+        self.owned_by = owned_by
         self.bodies: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.in_flight = 0
@@ -76,20 +107,13 @@ class StubServer:
         self._n = 0
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(_Handler):
             def do_GET(self) -> None:  # noqa: N802
-                data = json.dumps({"object": "list", "data": [{"id": m, "object": "model"}
-                                                              for m in stub.models]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if self.path != "/v1/models":
+                    send_json(self, 404, {"detail": "Not Found"})
+                    return
+                send_json(self, 200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": stub.owned_by}
+                                                                 for m in stub.models]})
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -103,25 +127,26 @@ class StubServer:
                 try:
                     time.sleep(reply.delay_s)
                     if reply.sse is not None:
-                        self.send_response(reply.status)
-                        self.send_header("Content-Type", "text/event-stream")
-                        self.send_header("Connection", "close")
-                        self.end_headers()
-                        self.close_connection = True
+                        start_sse(self, reply.status)
                         for delay, data in reply.sse:
                             time.sleep(delay)
                             self.wfile.write(f"data: {data}\n\n".encode())
                             self.wfile.flush()
                         return
                     answer = reply.body(body) if callable(reply.body) else reply.body  # may echo the request
-                    data = json.dumps(answer).encode()
+                    data = reply.raw if reply.raw is not None else json.dumps(answer).encode()
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not reply.trickle_s:
+                        self.wfile.write(data)
+                    for i in range(len(data) if reply.trickle_s else 0):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(reply.trickle_s)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up first (timeout tests)
                 finally:
@@ -129,6 +154,132 @@ class StubServer:
                         stub.in_flight -= 1
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[str]:
+        with serving(self.server) as url:
+            yield url
+
+
+class LlamaCppStub:
+    """A stand-in for llama-cpp-python 0.3.36's server (``python -m llama_cpp.server``) that does what the real
+    one was seen to do (docs/http.md; tests/test_llamacpp_server.py runs the real one):
+
+    * ``/v1/models`` says ``owned_by: me``; ``/openapi.json`` is titled "🦙 llama.cpp Python API";
+    * the completions prompt must be text: token ids get HTTP 500 with pydantic's "N validation errors";
+    * text is tokenized with a BOS added always, special-token text parsed (``add_special_tokens`` is ignored);
+    * chat messages are rendered with the generation prompt always (``continue_final_message`` is ignored);
+    * decoding is greedy only with ``repeat_penalty: 1.0`` (its default 1.1 changes answers: here, a wrong one);
+    * streams carry one chunk per token, a last chunk with the finish reason, ``[DONE]``, and no usage;
+    * one request at a time; a running stream is cut (``[DONE]``, no finish reason) when another request waits;
+    * a prompt of ``n_ctx`` tokens or more: HTTP 400 ``context_length_exceeded``, or an empty 200 stream;
+      prompt + max_tokens over ``n_ctx``: max_tokens is shortened to fit, finish reason "length".
+
+    ``answer`` maps the prompt text the server saw to the greedy answer (default: evalctx's oracle)."""
+
+    def __init__(self, tokenizer: Any, n_ctx: int = 8192, token_s: float = 0.002,
+                 answer: Any = None) -> None:
+        from evalctx.backends.fake import oracle_answer
+
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.token_s = token_s
+        self.answer = answer or oracle_answer
+        self.bodies: list[dict[str, Any]] = []
+        self.n_cut = 0
+        self._serial = threading.Lock()
+        self._count = threading.Lock()
+        self._waiting = 0
+        stub = self
+
+        class Handler(_Handler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/v1/models":
+                    send_json(self, 200, {"object": "list", "data": [
+                        {"id": "tiny.gguf", "object": "model", "owned_by": "me", "permissions": []}]})
+                elif self.path == "/openapi.json":
+                    send_json(self, 200, {"openapi": "3.1.0",
+                                          "info": {"title": "🦙 llama.cpp Python API", "version": "0.3.36"}})
+                else:
+                    send_json(self, 404, {"detail": "Not Found"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub._count:
+                    stub.bodies.append(body)
+                    stub._waiting += 1
+                try:
+                    with stub._serial:
+                        with stub._count:
+                            stub._waiting -= 1
+                        stub._answer(self, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    def _answer(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        tok = self.tokenizer
+        if h.path == "/v1/completions":
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                n = len(prompt) + 1 if isinstance(prompt, list) else 1
+                send_json(h, 500, {"error": {"message": f"{n} validation errors:\n  {{'type': 'string_type', 'loc': "
+                                   "('body', 'prompt', 'str'), 'msg': 'Input should be a valid string'}",
+                                   "type": "internal_server_error", "param": None, "code": None}})
+                return
+            seen, ids = prompt, tok.encode(prompt, add_special_tokens=True)
+        else:
+            seen = tok.apply_chat_template(body["messages"])
+            ids = tok.encode(seen, add_special_tokens=False)
+        stream = body.get("stream") is True
+        max_tokens = body.get("max_tokens") or 16
+        if len(ids) >= self.n_ctx:
+            if stream:
+                start_sse(h)  # and nothing else: the real server's answer to a prompt over its context
+                return
+            send_json(h, 400, {"error": {
+                "message": f"This model's maximum context length is {self.n_ctx} tokens, however you requested "
+                           f"{len(ids) + max_tokens} tokens ({len(ids)} in your prompt; {max_tokens} for the "
+                           "completion). Please reduce your prompt; or completion length.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+            return
+        answer = self.answer(seen)
+        if body.get("repeat_penalty") != 1.0:
+            answer = answer[::-1]  # the default penalty changes the greedy answer
+        _, offsets = tok.encode_with_offsets(answer)
+        pieces = [answer[a:b] for a, b in offsets]
+        budget = min(max_tokens, self.n_ctx - len(ids))
+        finish = "length" if len(pieces) > budget else "stop"
+        pieces = pieces[:budget]
+        chat = h.path != "/v1/completions"
+        if not stream:
+            time.sleep(self.token_s * len(pieces))
+            text = "".join(pieces)
+            choice = {"index": 0, "logprobs": None, "finish_reason": finish,
+                      **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+            send_json(h, 200, {"id": "cmpl-1", "object": "text_completion", "model": "tiny.gguf", "choices": [choice],
+                               "usage": {"prompt_tokens": len(ids), "completion_tokens": len(pieces),
+                                         "total_tokens": len(ids) + len(pieces)}})
+            return
+        start_sse(h)
+
+        def event(text: str, reason: str | None) -> None:
+            part = {"delta": {"content": text} if text else {}} if chat else {"text": text}
+            chunk = {"id": "cmpl-1", "object": "text_completion", "model": "tiny.gguf",
+                     "choices": [{**part, "index": 0, "logprobs": None, "finish_reason": reason}]}
+            h.wfile.write(f"data: {json.dumps(chunk)}\r\n\r\n".encode())
+            h.wfile.flush()
+
+        for piece in pieces:
+            time.sleep(self.token_s)
+            if self._waiting:  # interrupt_requests: another request waits for the model
+                self.n_cut += 1
+                h.wfile.write(b"data: [DONE]\r\n\r\n")
+                return
+            event(piece, None)
+        event("", finish)
+        h.wfile.write(b"data: [DONE]\r\n\r\n")
 
     @contextlib.contextmanager
     def run(self) -> Iterator[str]:

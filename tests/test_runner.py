@@ -63,7 +63,7 @@ def test_rerun_resumes_without_duplicates(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_errors_are_rows_and_are_retried_on_resume(tmp_path: Path) -> None:
-    assert run_cli(tmp_path, "--backend-opt", "fail_every=3") == 0
+    assert run_cli(tmp_path, "--backend-opt", "fail_every=3") == 3  # complete_with_errors: never green
     df = load(tmp_path)
     errors = df[df["status"] == "error"]
     assert len(errors) == N_SAMPLES // 3
@@ -73,7 +73,7 @@ def test_errors_are_rows_and_are_retried_on_resume(tmp_path: Path) -> None:
     assert summary["n_error"].sum() == len(errors)
     assert summary["n"].sum() == N_SAMPLES - len(errors)
     # Same configuration minus the fault: a new config hash, so use the same run id only via the same options.
-    assert run_cli(tmp_path, "--backend-opt", "fail_every=3", "--run-id", "r") == 0  # retries the errors
+    assert run_cli(tmp_path, "--backend-opt", "fail_every=3", "--run-id", "r") == 3  # retries the errors
     df2 = load(tmp_path)
     assert df2["sample_id"].is_unique and len(df2) == N_SAMPLES
 

@@ -57,6 +57,11 @@ class Backend:
         """How many MPI ranks one replica needs (TensorRT-LLM: tp*pp of the engine)."""
         return 1
 
+    @classmethod
+    def default_label(cls, options: Any, model: str | None) -> str | None:
+        """The run's label when --label is not given (None: the model directory's name, else the backend's)."""
+        return None
+
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
         raise NotImplementedError
 

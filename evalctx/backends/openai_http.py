@@ -1,71 +1,86 @@
-"""OpenAI-compatible HTTP backend: trtllm-serve, vLLM, SGLang, ``evalctx serve`` or any /v1/completions server.
+"""OpenAI-compatible HTTP backend: vLLM, SGLang, trtllm-serve, llama.cpp, ``evalctx serve`` or any /v1/completions
+server.
 
-Stdlib only (http.client + threads). Each request of a batch is one HTTP request; at most ``concurrency`` are in
-flight. TTFT is the time to the first streamed chunk that carries generated text, as the client sees it, so it
-includes the network and any queueing on the server. Transient failures (connection errors, timeouts, 5xx, 408,
-429) are retried with exponential backoff; any other 4xx is the server refusing this request, so it becomes an
-error row at once with the server's message.
+A row is ``ok`` only when the backend knows the answer is whole and was made from evalctx's exact prompt:
+
+* a finish reason from the server (a stream that ends without one was cut: llama.cpp's server cuts a running
+  stream when another request arrives and still ends it with ``[DONE]``);
+* the prompt length verified: ``usage.prompt_tokens`` must equal the sample's ``context_length``; a stream without
+  usage (llama.cpp ignores ``stream_options.include_usage``) is verified by the same request without streaming,
+  sent right after it (a prefix-caching server answers it from its KV cache; its answer must equal the streamed
+  one), so TTFT still comes from the stream; a server that sends no usage at all stops the run (exit 2) unless
+  ``verify_prompt=false``, whose rows carry the flag ``unverified``;
+* the answer not cut by the server's context (``finish_reason: length`` before ``max_tokens``: llama.cpp shortens
+  ``max_tokens`` to fit its context and says nothing else).
+
+Anything else is an error row with a one-line message (retried on resume). Transient failures (connection errors,
+the deadline, 5xx, 408, 429, a cut stream) are retried with exponential backoff; 4xx, 5xx validation errors and
+malformed answers are not. Each request of a batch is one HTTP request; at most ``concurrency`` are in flight. TTFT
+is the time to the first streamed chunk that carries generated text, as the client sees it (network and queueing
+included). Server presets (:mod:`evalctx.backends.http_servers`) send the fields each server honours for greedy
+decoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
 import random
-import socket
 import sys
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
+from evalctx.backends.http_client import Answer, Client, Fatal, Retryable, one_line
+from evalctx.backends.http_servers import PRESETS, ServerFacts, ServerPreset, detect
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import GenerationRequest, GenerationResult
 
-# 408 and 429 are 4xx but say "try again later", not "this request is wrong": retrying them is what every OpenAI
-# client does, and a rate-limited gateway would otherwise turn a whole run into error rows.
-_RETRY_STATUS = {408, 429}
 _MAX_RETRY_AFTER_S = 60.0
+_WHOLE = {"stop", "length", "eos"}
+"""Finish reasons of an answer the model ended itself or at max_tokens (vLLM and SGLang also say "abort")."""
+_STREAM_ONLY = ("stream", "stream_options")
+_NOT_SAMPLING = {"model", "prompt", "messages", "max_tokens", *_STREAM_ONLY}
 
 
-class _Retryable(Exception):
-    """A failure worth another attempt (the message is the one-line error if attempts run out)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _Fatal(Exception):
-    """A failure that another attempt would repeat (a 4xx, a malformed answer)."""
+def _normalize_url(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UsageError(f"backend http: base_url must look like http://HOST:PORT/v1, not {url!r}")
+    path = parsed.path.rstrip("/") or "/v1"  # every OpenAI-compatible server mounts its API there
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def _server_message(body: bytes) -> str:
-    """The ``error.message`` of an OpenAI-style error body, else the body text."""
-    text = body.decode("utf-8", errors="replace")
+def _served_models(client: Client) -> Any:
     try:
-        d = json.loads(text)
-    except ValueError:
-        return _one_line(text) or "(empty body)"
-    if isinstance(d, dict):
-        err = d.get("error", d)
-        if isinstance(err, dict) and err.get("message"):
-            return _one_line(str(err["message"]))
-        if isinstance(err, str):
-            return _one_line(err)
-        if d.get("detail"):  # FastAPI validation errors (vLLM, SGLang)
-            return _one_line(json.dumps(d["detail"]))
-        if d.get("message"):
-            return _one_line(str(d["message"]))
-    return _one_line(text)
+        return client.get_json(client.prefix + "/models")
+    except (OSError, http.client.HTTPException, ValueError, Fatal) as exc:
+        raise UsageError(f"backend http: {client.base_url}/models did not answer ({one_line(str(exc), 160)}): "
+                         "is the server up at base_url?") from None
+
+
+def _only_model(models: Any) -> str:
+    data = models.get("data") if isinstance(models, dict) else None
+    ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+    if len(ids) != 1 or not ids[0]:
+        raise UsageError(f"backend http: the server lists {len(ids)} models ({', '.join(map(str, ids))}): "
+                         "pass --backend-opt model=NAME")
+    return str(ids[0])
+
+
+def _bos_text(tokenizer: Any, ids: Sequence[int], prompt: str) -> str | None:
+    """The text of the special token that starts ``ids`` when ``prompt`` spells it out (a chat template's BOS)."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None or not ids or ids[0] not in set(hf.all_special_ids):
+        return None
+    text = hf.convert_ids_to_tokens(ids[0])
+    return text if isinstance(text, str) and text and prompt.startswith(text) else None
 
 
 class HTTPBackend(Backend):
@@ -77,29 +92,36 @@ class HTTPBackend(Backend):
         """Server root including the API prefix; a bare ``http://host:port`` gets ``/v1`` appended."""
         model: str | None = None
         """Model name the server serves (default: --model, else the only model /v1/models lists)."""
+        server: str = "auto"
+        """vllm | sglang | trtllm | llamacpp | evalctx | openai | auto (recognised from /v1/models and
+        /openapi.json): which greedy fields to send and what the server can take (see http_servers)."""
         endpoint: str = "completions"
         """completions (token-exact: the rendered prompt goes as is) | chat (the server applies its template)."""
         send: str = "text"
         """text (the prompt text; the server tokenizes) | ids (the token ids; vLLM, SGLang, trtllm-serve)."""
         stream: bool = True
         """Stream the answer (SSE): TTFT = time to the first streamed token. Without it ttft_s is None."""
-        concurrency: int = 4
-        """Requests in flight at once, within one batch of the runner (see --batch-size)."""
+        concurrency: int | None = None
+        """Requests in flight at once within one batch of the runner (default 4; 1 for llama.cpp)."""
         timeout_s: float = 600.0
-        """Per attempt, from sending the request to the end of the answer."""
+        """Deadline per attempt, from sending the request to the end of the answer, however the server trickles."""
         retries: int = 3
-        """Extra attempts after a connection error, timeout, 5xx, 408 or 429 (never after another 4xx)."""
+        """Extra attempts after a connection error, the deadline, a cut stream, a 5xx, 408 or 429."""
         backoff_s: float = 1.0
         """First wait before a retry; doubled each time (a server's Retry-After wins, up to 60 s)."""
         api_key: str | None = None
         """Bearer token (default: $OPENAI_API_KEY). Prefer the variable: flags end up in the run's command line."""
         extra_body: dict[str, Any] | str | None = None
-        """Fields merged into every request body as given: a suite table or a JSON object string."""
+        """Fields merged into every request body as given, last: a suite table or a JSON object string."""
         temperature: float = 0.0
         add_special_tokens: bool | None = None
-        """Sent as the vLLM/SGLang ``add_special_tokens`` field when set; None sends nothing (server default)."""
+        """Sent as the ``add_special_tokens`` field when set. Unset: false for chat-templated prompts (they hold
+        their BOS as text) where the server honours the field, else nothing (the server's default)."""
         continue_final_message: bool = True
         """Chat: a final assistant message is a prefill (``continue_final_message``, vLLM/SGLang extension)."""
+        verify_prompt: bool = True
+        """Verify every prompt length against the server's count (see the module doc). false: rows from a server
+        that sends no usage are kept, flagged ``unverified``."""
 
     def __init__(self, options: Any, ctx: BackendContext) -> None:
         super().__init__(options, ctx)
@@ -111,22 +133,40 @@ class HTTPBackend(Backend):
         if o.endpoint == "chat" and o.send == "ids":
             raise UsageError("backend http: the chat endpoint takes messages, not token ids: "
                              "use endpoint=completions with send=ids")
-        if o.concurrency < 1:
+        if o.server != "auto" and o.server not in PRESETS:
+            raise UsageError(f"backend http: server must be auto or one of {', '.join(PRESETS)}, not {o.server!r}")
+        if o.concurrency is not None and o.concurrency < 1:
             raise UsageError("backend http: concurrency must be >= 1")
         if o.retries < 0 or o.timeout_s <= 0 or o.backoff_s < 0:
             raise UsageError("backend http: retries and backoff_s must be >= 0 and timeout_s > 0")
         self.extra_body = self._parse_extra_body(o.extra_body)
-        self.base_url = self._normalize_url(o.base_url)
-        parsed = urllib.parse.urlsplit(self.base_url)
-        self._scheme = parsed.scheme
-        self._netloc = parsed.netloc
-        self._prefix = parsed.path.rstrip("/")
-        self.api_key = o.api_key or os.environ.get("OPENAI_API_KEY") or None
+        self.base_url = _normalize_url(o.base_url)
+        self.client = Client(self.base_url, o.api_key or os.environ.get("OPENAI_API_KEY") or None)
         self._models_answer: Any = None
-        self._warned_no_usage = False
-        self.model_name = o.model or ctx.model or self._only_served_model()
+        self._version_probed = False
+        self._warned_unverified = False
+        if o.server == "auto" or not (o.model or ctx.model):
+            self._models_answer = _served_models(self.client)
+        self.model_name = o.model or ctx.model or _only_model(self._models_answer)
+        self.facts = self._recognise() if o.server == "auto" else ServerFacts(o.server, "server option")
+        self.preset: ServerPreset = PRESETS[self.facts.preset or "openai"]
+        if o.send == "ids" and not self.preset.takes_ids:
+            raise UsageError(f"backend http: the {self.preset.name} server takes the prompt as text only (a list "
+                             "of token ids gets HTTP 500): use send=text")
+        self.concurrency = o.concurrency or (1 if self.preset.serial else 4)
+        if self.preset.serial and self.concurrency > 1:
+            self._warn(f"the {self.preset.name} server runs one request at a time and cuts a running stream when "
+                       f"another arrives: concurrency={self.concurrency} turns answers into retried errors")
 
-    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def default_label(cls, options: Any, model: str | None) -> str | None:
+        """The served model's name (``model``, else the only model in /v1/models), without a path."""
+        name = options.model or model
+        if not name:
+            key = options.api_key or os.environ.get("OPENAI_API_KEY") or None
+            name = _only_model(_served_models(Client(_normalize_url(options.base_url), key)))
+        return Path(name).name or name
+
     @staticmethod
     def _parse_extra_body(value: Any) -> dict[str, Any]:
         if value is None:
@@ -137,65 +177,51 @@ class HTTPBackend(Backend):
             d = json.loads(value)
         except ValueError as exc:
             raise UsageError(f"backend http: extra_body must be a JSON object, e.g. "
-                             f"extra_body='{{\"repetition_penalty\": 1.0}}' ({exc})") from None
+                             f"extra_body='{{\"top_p\": 1.0}}' ({exc})") from None
         if not isinstance(d, dict):
             raise UsageError("backend http: extra_body must be a JSON object (a table in the suite file)")
         return d
 
-    @staticmethod
-    def _normalize_url(url: str) -> str:
-        parsed = urllib.parse.urlsplit(url.strip())
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UsageError(f"backend http: base_url must look like http://HOST:PORT/v1, not {url!r}")
-        path = parsed.path.rstrip("/")
-        if not path:
-            path = "/v1"  # every OpenAI-compatible server mounts its API there
-        return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
+    def _warn(self, message: str) -> None:
+        print(f"evalctx: warning: backend http: {message}", file=sys.stderr)
 
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._netloc, timeout=timeout)
-
-    def _headers(self, body: bool) -> dict[str, str]:
-        h = {"Accept": "application/json, text/event-stream", "User-Agent": "evalctx"}
-        if body:
-            h["Content-Type"] = "application/json"
-        if self.api_key:
-            h["Authorization"] = f"Bearer {self.api_key}"
-        return h
-
-    def _get_models(self, timeout: float = 10.0) -> Any:
-        conn = self._connection(timeout)
+    def _recognise(self) -> ServerFacts:
         try:
-            conn.request("GET", self._prefix + "/models", headers=self._headers(False))
-            resp = conn.getresponse()
-            body = resp.read()
-            if resp.status != 200:
-                raise _Fatal(f"HTTP {resp.status}: {_server_message(body)}")
-            return json.loads(body)
-        finally:
-            conn.close()
-
-    def _only_served_model(self) -> str:
-        try:
-            self._models_answer = self._get_models()
-            ids = [m.get("id") for m in self._models_answer.get("data", []) if isinstance(m, dict)]
-        except (OSError, http.client.HTTPException, ValueError, AttributeError, _Fatal) as exc:
-            raise UsageError(f"backend http: no model name given and {self.base_url}/models did not answer "
-                             f"({_one_line(str(exc), 160)}): pass --model NAME or --backend-opt model=NAME") from None
-        if len(ids) != 1 or not ids[0]:
-            raise UsageError(f"backend http: the server lists {len(ids)} models ({', '.join(map(str, ids))}): "
-                             "pass --backend-opt model=NAME")
-        return str(ids[0])
+            openapi = self.client.get_json("/openapi.json")
+        except (OSError, http.client.HTTPException, ValueError, Fatal):
+            openapi = None
+        facts = detect(self._models_answer, openapi)
+        if facts.preset is None:
+            self._warn(f"the server at {self.base_url} is not one evalctx knows ({facts.how}): evalctx sends "
+                       "temperature 0 with the OpenAI API's frequency and presence penalties at 0 only; a server "
+                       "whose defaults add a repetition penalty does not decode greedily. Pass --backend-opt "
+                       "server=vllm|sglang|trtllm|llamacpp")
+        return facts
 
     # ------------------------------------------------------------------------------------------------------
+    def _prompt_text(self, req: GenerationRequest) -> tuple[str, bool | None]:
+        """The prompt text to send and the ``add_special_tokens`` field to send with it (None: none)."""
+        if self.options.add_special_tokens is not None:
+            return req.prompt, self.options.add_special_tokens
+        if req.add_special_tokens:
+            return req.prompt, None  # a raw prompt: every server adds the BOS by default, like the tokenizer
+        if self.preset.honours_add_special_tokens:
+            return req.prompt, False
+        bos = _bos_text(self.ctx.tokenizer, req.prompt_ids, req.prompt)
+        return (req.prompt[len(bos):] if bos else req.prompt), None  # the server adds the BOS itself
+
     def _body(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
         o = self.options
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": req.max_new_tokens,
-                                "temperature": o.temperature}
+                                "temperature": o.temperature, **self.preset.neutral}
         if o.endpoint == "completions":
             path = "/completions"
-            body["prompt"] = list(req.prompt_ids) if o.send == "ids" else req.prompt
+            if o.send == "ids":
+                body["prompt"] = list(req.prompt_ids)
+            else:
+                body["prompt"], add_special = self._prompt_text(req)
+                if add_special is not None:
+                    body["add_special_tokens"] = add_special
         else:
             path = "/chat/completions"
             messages = req.extra.get("messages") if req.extra else None
@@ -207,137 +233,96 @@ class HTTPBackend(Backend):
             else:
                 messages = [{"role": "user", "content": req.prompt}]
             body["messages"] = messages
-        if o.add_special_tokens is not None and o.send == "text":
-            body["add_special_tokens"] = o.add_special_tokens
         if o.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         body.update(self.extra_body)  # last: a user's explicit field wins over ours
-        return self._prefix + path, body
+        return self.client.prefix + path, body
 
-    def _attempt(self, path: str, payload: bytes) -> GenerationResult:
-        o = self.options
-        t0 = time.perf_counter()
-        deadline = t0 + o.timeout_s
-        conn = self._connection(o.timeout_s)
+    def _post(self, path: str, body: dict[str, Any]) -> Answer:
+        return self.client.post(path, json.dumps(body).encode("utf-8"), self.options.timeout_s)
+
+    def _attempt(self, req: GenerationRequest, path: str, body: dict[str, Any]) -> GenerationResult:
+        """One attempt, judged: a GenerationResult only for a whole, verified answer (else Retryable / Fatal)."""
+        ans = self._post(path, body)
+        unstreamed = {k: v for k, v in body.items() if k not in _STREAM_ONLY}
+        if ans.streamed and ans.n_events == 0:
+            self._explain_empty_stream(path, unstreamed)
+        if ans.finish_reason is None:
+            hint = (f"; llama.cpp's server does that to a running stream when another request arrives: "
+                    f"concurrency=1 avoids it" if self.concurrency > 1 and ans.streamed else "")
+            raise Retryable(f"the answer ended without a finish_reason after {one_line(repr(ans.text), 60)}: the "
+                            f"server cut it{hint}")
+        if ans.finish_reason not in _WHOLE:
+            raise Retryable(f"finish_reason {ans.finish_reason!r}: the server did not finish the answer")
+        flags: list[str] = []
+        if ans.prompt_tokens is None:
+            if not self.options.verify_prompt:
+                flags.append("unverified")
+                if not self._warned_unverified:
+                    self._warned_unverified = True
+                    self._warn(f"{self.base_url} sent no token counts and verify_prompt=false: prompt lengths and "
+                               "answer completeness are unchecked; rows are flagged 'unverified'")
+            elif ans.streamed:
+                ans = self._verify_by_replay(path, unstreamed, ans)
+            else:
+                raise self._no_usage_error()
+        n_prompt = ans.prompt_tokens
+        if ans.finish_reason == "length" and ans.completion_tokens is not None \
+                and ans.completion_tokens < req.max_new_tokens:
+            need = (n_prompt or len(req.prompt_ids)) + req.max_new_tokens
+            raise Fatal(f"the server stopped the answer after {ans.completion_tokens} of max_tokens "
+                        f"{req.max_new_tokens} tokens (finish_reason length): the prompt plus max_tokens exceed its "
+                        f"context window; serve with a context of at least {need} tokens")
+        return GenerationResult(
+            text=ans.text, n_prompt_tokens=n_prompt, n_output_tokens=ans.completion_tokens,
+            latency_s=ans.latency_s, ttft_s=ans.ttft_s, finish_reason=ans.finish_reason,
+            n_cached_prompt_tokens=ans.cached_tokens, flags=flags)
+
+    def _no_usage_error(self) -> UsageError:
+        return UsageError(f"backend http: {self.base_url} sends no usage.prompt_tokens, even without streaming, so "
+                          "prompt lengths cannot be verified; pass --backend-opt verify_prompt=false to run "
+                          "unverified on purpose (rows get the flag 'unverified')")
+
+    def _verify_by_replay(self, path: str, unstreamed: dict[str, Any], streamed: Answer) -> Answer:
+        """The streamed answer, with the token counts of the same request sent without streaming (whose answer
+        must be the same: greedy decoding of the same prompt)."""
+        again = self._post(path, unstreamed)
+        if again.prompt_tokens is None:
+            raise self._no_usage_error()
+        if (again.text, again.finish_reason) != (streamed.text, streamed.finish_reason):
+            raise Retryable(f"the streamed answer {one_line(repr(streamed.text), 60)} ({streamed.finish_reason}) "
+                            f"differs from the same request without streaming {one_line(repr(again.text), 60)} "
+                            f"({again.finish_reason}): the stream was cut or the server does not decode "
+                            "deterministically")
+        # Cached tokens of the replay count a cache the stream itself just filled: not the stream's.
+        return dataclasses.replace(streamed, prompt_tokens=again.prompt_tokens,
+                                   completion_tokens=again.completion_tokens, cached_tokens=None)
+
+    def _explain_empty_stream(self, path: str, unstreamed: dict[str, Any]) -> None:
+        """An empty 200 stream says nothing; the same request without streaming gets the server's own refusal
+        (llama.cpp: a prompt over its context is a 400 without streaming and an empty stream with it)."""
         try:
-            conn.request("POST", path, body=payload, headers=self._headers(True))
-            resp = conn.getresponse()
-            if resp.status >= 400:
-                msg = f"HTTP {resp.status} from {self.base_url}{path[len(self._prefix):]}: " \
-                      f"{_server_message(resp.read())}"
-                if resp.status >= 500 or resp.status in _RETRY_STATUS:
-                    retry_after = resp.getheader("Retry-After")
-                    try:
-                        ra = float(retry_after) if retry_after else None
-                    except ValueError:
-                        ra = None
-                    raise _Retryable(msg, ra)
-                raise _Fatal(msg)
-            ctype = (resp.getheader("Content-Type") or "").lower()
-            if "text/event-stream" in ctype:
-                return self._read_stream(conn, resp, t0, deadline)
-            # Not a stream (stream=false, or a server that ignored it): no TTFT can be measured.
-            data = resp.read()
-            latency = time.perf_counter() - t0
-            try:
-                d = json.loads(data)
-            except ValueError:
-                raise _Fatal(f"server answered non-JSON: {_one_line(data.decode('utf-8', 'replace'), 200)}") \
-                    from None
-            return self._result(d, latency, None)
-        except socket.timeout:
-            raise _Retryable(f"timed out after {o.timeout_s:g} s (timeout_s) at {self.base_url}") from None
-        except (ConnectionError, http.client.HTTPException, OSError) as exc:
-            raise _Retryable(f"connection to {self.base_url} failed: {type(exc).__name__}: "
-                             f"{_one_line(str(exc), 200)}") from None
-        finally:
-            conn.close()
-
-    def _read_stream(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, t0: float,
-                     deadline: float) -> GenerationResult:
-        parts: list[str] = []
-        ttft: float | None = None
-        finish: str | None = None
-        usage: dict[str, Any] | None = None
-        done = False
-        while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise socket.timeout()
-            if conn.sock is not None:
-                conn.sock.settimeout(remaining)
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, ": keep-alive" comments, "event:" lines
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                done = True
-                break
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise _Fatal(f"bad SSE chunk from server: {_one_line(data.decode('utf-8', 'replace'), 200)}") \
-                    from None
-            if not isinstance(chunk, dict):
-                continue
-            if chunk.get("error"):
-                raise _Fatal(f"server error in stream: {_server_message(json.dumps(chunk).encode())}")
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices") or []:
-                if choice.get("index", 0) != 0:
-                    continue
-                text = choice.get("text")
-                if text is None:
-                    text = (choice.get("delta") or {}).get("content")
-                if text:
-                    parts.append(text)
-                if ttft is None and (text or choice.get("finish_reason")):
-                    # A chat stream opens with an empty role-only delta before any token exists: not a token.
-                    ttft = time.perf_counter() - t0
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
-        latency = time.perf_counter() - t0
-        if not done and finish is None:
-            raise _Retryable(f"stream from {self.base_url} ended before [DONE]")
-        return GenerationResult(
-            text="".join(parts), n_prompt_tokens=_int(usage, "prompt_tokens"),
-            n_output_tokens=_int(usage, "completion_tokens"), latency_s=latency, ttft_s=ttft,
-            finish_reason=finish)
-
-    def _result(self, d: Any, latency: float, ttft: float | None) -> GenerationResult:
-        if not isinstance(d, dict) or not d.get("choices"):
-            if isinstance(d, dict) and d.get("error"):
-                raise _Fatal(f"server error: {_server_message(json.dumps(d).encode())}")
-            raise _Fatal(f"server answer has no choices: {_one_line(json.dumps(d), 200)}")
-        choice = d["choices"][0]
-        text = choice.get("text")
-        if text is None:
-            text = (choice.get("message") or {}).get("content")
-        usage = d.get("usage")
-        return GenerationResult(
-            text=text or "", n_prompt_tokens=_int(usage, "prompt_tokens"),
-            n_output_tokens=_int(usage, "completion_tokens"), latency_s=latency, ttft_s=ttft,
-            finish_reason=choice.get("finish_reason"))
+            self._post(path, unstreamed)
+        except Fatal as exc:
+            raise Fatal(f"{exc} (the streamed request got an empty answer; this is the same request without "
+                        "streaming)") from None
+        raise Retryable(f"the server at {self.base_url} answered the stream with an empty body")
 
     def _one(self, req: GenerationRequest) -> GenerationResult:
         o = self.options
         try:
             path, body = self._body(req)
-            payload = json.dumps(body).encode("utf-8")
+            json.dumps(body)
         except (TypeError, ValueError) as exc:
             return GenerationResult(text=None, error=f"cannot encode the request as JSON: {exc}")
         last = ""
         for attempt in range(o.retries + 1):
             try:
-                return self._attempt(path, payload)
-            except _Fatal as exc:
+                return self._attempt(req, path, body)
+            except Fatal as exc:
                 return GenerationResult(text=None, error=str(exc))
-            except _Retryable as exc:
+            except Retryable as exc:
                 last = str(exc)
                 if attempt == o.retries:
                     break
@@ -345,8 +330,10 @@ class HTTPBackend(Backend):
                 if exc.retry_after is not None:
                     wait = max(wait, min(exc.retry_after, _MAX_RETRY_AFTER_S))
                 time.sleep(wait)
+            except UsageError:
+                raise  # the configuration, not this sample: stop the run
             except Exception as exc:  # a bug or an odd answer must cost one row, not the run
-                return GenerationResult(text=None, error=f"{type(exc).__name__}: {_one_line(str(exc), 300)}")
+                return GenerationResult(text=None, error=f"{type(exc).__name__}: {one_line(str(exc), 300)}")
         n = o.retries + 1
         return GenerationResult(text=None, error=f"{last} (after {n} attempt{'s' if n > 1 else ''})")
 
@@ -358,9 +345,8 @@ class HTTPBackend(Backend):
                 if r.prompt_mode == "chat" and not (r.extra or {}).get("messages"):
                     raise UsageError(
                         "backend http: endpoint=chat got an already chat-templated prompt without its messages; "
-                        "the server would template it twice. Use endpoint=completions (the default) with "
-                        "add_special_tokens=false")
-        workers = min(self.options.concurrency, len(batch))
+                        "the server would template it twice. Use endpoint=completions (the default)")
+        workers = min(self.concurrency, len(batch))
         if workers == 1:
             results = [self._one(r) for r in batch]
         else:
@@ -370,51 +356,89 @@ class HTTPBackend(Backend):
             res.batch_size = workers  # requests in flight together, the client-side "batch"
         for req, res in zip(batch, results):
             self._check_length(req, res)
-        if not self._warned_no_usage and any(r.error is None and r.n_prompt_tokens is None for r in results):
-            self._warned_no_usage = True
-            print(f"evalctx: warning: {self.base_url} returns no usage.prompt_tokens, so prompt lengths are not "
-                  "verified against the server's tokenizer (with stream=true the server must support "
-                  "stream_options.include_usage)", file=sys.stderr)
         return results
 
     def _check_length(self, req: GenerationRequest, res: GenerationResult) -> None:
-        """Explain the two mismatches that are configuration, not tokenizer, problems (the runner checks the
-        rest): a BOS added twice or not at all, and a chat template wrapped around the prompt."""
+        """Stop the run at a prompt the server counted differently, saying why from what was actually sent."""
         n, want = res.n_prompt_tokens, len(req.prompt_ids)
         if res.error is not None or n is None or n == want:
             return
-        if self.options.endpoint == "chat" and not (req.extra or {}).get("messages"):
-            raise LengthError(
-                f"backend http: the server counted {n} prompt tokens for a {want}-token prompt: the chat endpoint "
-                "wraps the prompt in the server's chat template. Use endpoint=completions for token-exact prompts")
-        if self.options.send == "text" and abs(n - want) == 1:
-            fix = "add_special_tokens=false" if n > want else "add_special_tokens=true"
-            raise LengthError(
-                f"backend http: the server counted {n} prompt tokens for a {want}-token prompt: it likely "
-                f"{'added a BOS token the prompt text already has' if n > want else 'did not add the BOS token'}; "
-                f"pass --backend-opt {fix}, or send=ids")
+        o = self.options
+        head = f"backend http: the server counted {n} prompt tokens for a {want}-token prompt"
+        if o.endpoint == "chat":
+            if not (req.extra or {}).get("messages"):
+                raise LengthError(f"{head}: the chat endpoint wraps the prompt in the server's chat template. Use "
+                                  "endpoint=completions for token-exact prompts")
+            prefill = " or ignores continue_final_message (llama.cpp does) and closes the answer prefix" \
+                if o.continue_final_message and req.extra["messages"][-1].get("role") == "assistant" else ""
+            raise LengthError(f"{head} rendered from the sample's chat messages: the server's chat template differs "
+                              f"from --tokenizer's{prefill}. Use endpoint=completions (the default): the prompt then "
+                              "goes as evalctx rendered it")
+        if o.send == "ids":
+            raise LengthError(f"{head} sent as token ids: the server does not take the ids as given")
+        prompt, add_special = self._prompt_text(req)
+        ids_fix = ", or send=ids" if self.preset.takes_ids else ""
+        own = "this server adds it whatever it is sent, so --tokenizer must be the served model's own"
+        if n == want + 1 and (add_special is False or len(prompt) < len(req.prompt)):
+            how = "add_special_tokens=false was sent" if add_special is False else "its BOS text was left out"
+            raise LengthError(f"{head}: it added a BOS token although {how}; the server does not honour that. "
+                              + ("Use send=ids" if self.preset.takes_ids else "Use prompt_mode raw"))
+        added_bos = req.add_special_tokens and self._tokenizer_added_bos(req)
+        if n == want + 1 and add_special is None and not added_bos:
+            held = "the chat-templated prompt text already holds" if not req.add_special_tokens \
+                else "--tokenizer does not add"
+            fix = f"pass --backend-opt add_special_tokens=false{ids_fix}" \
+                if self.preset.honours_add_special_tokens else own
+            raise LengthError(f"{head}: it added a BOS token {held}; {fix}")
+        if n == want - 1 and add_special is None and added_bos:
+            fix = f"pass --backend-opt add_special_tokens=true{ids_fix}" \
+                if self.preset.honours_add_special_tokens else own.replace("adds it", "leaves it out")
+            raise LengthError(f"{head}: it did not add the BOS token that --tokenizer adds; {fix}")
+        raise LengthError(f"{head}: its tokenizer splits the prompt text differently from --tokenizer "
+                          f"{getattr(self.ctx.tokenizer, 'name', '')}; pass the served model's own tokenizer"
+                          + (", or send=ids so that the server gets evalctx's token ids" if self.preset.takes_ids
+                             else ""))
+
+    def _tokenizer_added_bos(self, req: GenerationRequest) -> bool:
+        """Whether the prompt's ids start with a token the tokenizer added (a BOS), not one of the text."""
+        tok = self.ctx.tokenizer
+        plain = tok.encode(req.prompt[:200], add_special_tokens=False) if tok is not None else []
+        return bool(req.prompt_ids) and req.prompt_ids[:1] != plain[:1]
 
     # ------------------------------------------------------------------------------------------------------
+    def preflight(self, samples: Sequence[Any]) -> dict[str, str]:
+        """Samples that cannot fit the context a vLLM/SGLang/trtllm-serve server reports (max_model_len)."""
+        limit = self.facts.max_model_len
+        if limit is None or self.preset.name not in ("vllm", "sglang", "trtllm"):
+            return {}  # evalctx serve reports the trained window but runs past it on purpose, like the hf backend
+        return {s.id: f"context_length + max_new_tokens = {s.context_length + s.max_new_tokens} exceeds the "
+                      f"server's max_model_len {limit}"
+                for s in samples if s.context_length + s.max_new_tokens > limit}
+
     def info(self) -> dict[str, Any]:
         d = super().info()
         d["options"] = dict(d["options"], api_key="***" if self.options.api_key else None)
-        d.update({"base_url": self.base_url, "model": self.model_name, "endpoint": self.options.endpoint,
-                  "send": self.options.send, "extra_body": self.extra_body})
         if self._models_answer is None:
             try:
-                self._models_answer = self._get_models()
-            except (OSError, http.client.HTTPException, ValueError, _Fatal) as exc:
-                self._models_answer = {"error": _one_line(str(exc) or type(exc).__name__, 200)}
-        d["server_models"] = self._models_answer
+                self._models_answer = self.client.get_json(self.client.prefix + "/models")
+            except (OSError, http.client.HTTPException, ValueError, Fatal) as exc:
+                self._models_answer = {"error": one_line(str(exc) or type(exc).__name__, 200)}
+        if self.facts.version is None and not self._version_probed:
+            self._version_probed = True
+            try:  # vLLM and trtllm-serve answer /version
+                v = self.client.get_json("/version", timeout=5.0)
+                self.facts.version = str(v["version"]) if isinstance(v, dict) and v.get("version") else None
+            except (OSError, http.client.HTTPException, ValueError, Fatal):
+                pass
+        probe = GenerationRequest(sample_id="", prompt_ids=[], prompt="", max_new_tokens=0)
+        sampling = {k: v for k, v in self._body(probe)[1].items() if k not in _NOT_SAMPLING}
+        d.update({"base_url": self.base_url, "model": self.model_name, "endpoint": self.options.endpoint,
+                  "send": self.options.send, "extra_body": self.extra_body, "server_models": self._models_answer,
+                  "server": {"preset": self.preset.name, "recognised_by": self.facts.how,
+                             "version": self.facts.version, "max_model_len": self.facts.max_model_len},
+                  "sampling": sampling, "concurrency": self.concurrency})
         return d
 
     def row_columns(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model_name, "http_endpoint": self.options.endpoint,
-                "http_send": self.options.send}
-
-
-def _int(d: Any, key: str) -> int | None:
-    if not isinstance(d, dict):
-        return None
-    v = d.get(key)
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+                "http_send": self.options.send, "http_server": self.preset.name}

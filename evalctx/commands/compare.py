@@ -22,6 +22,9 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--correction", choices=("holm", "none"), default="holm",
                    help="multiple-testing correction across cells and pooled lengths (default holm: family-wise "
                         "error <= alpha)")
+    p.add_argument("--max-error-rate-rise", type=float, default=0.0, metavar="RATE",
+                   help="rise of the run's error rate (error + unsupported rows per sample, over the cells both "
+                        "runs have) that still passes (default 0: any rise fails, however few samples a cell has)")
     p.add_argument("--no-pooled", dest="pooled", action="store_false",
                    help="judge cells only: no row per (task, context length) pooled over the depths both runs have "
                         "(pooled rows are on by default; they catch a drop spread thinly over all depths)")
@@ -36,9 +39,11 @@ def gate_kwargs(args: argparse.Namespace) -> dict[str, object]:
         raise UsageError(f"--latency-tolerance must be >= 0, not {args.latency_tolerance}")
     if args.latency_min_delta < 0:
         raise UsageError(f"--latency-min-delta must be >= 0, not {args.latency_min_delta}")
+    if not 0.0 <= args.max_error_rate_rise <= 1.0:
+        raise UsageError(f"--max-error-rate-rise must be a share between 0 and 1, not {args.max_error_rate_rise}")
     return {"alpha": args.alpha, "min_samples": args.min_samples, "latency_tolerance": args.latency_tolerance,
             "latency_min_delta_s": args.latency_min_delta, "allow_missing": args.allow_missing,
-            "correction": args.correction, "pooled": args.pooled}
+            "correction": args.correction, "pooled": args.pooled, "max_error_rate_rise": args.max_error_rate_rise}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -162,7 +162,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"nightly-gate: no baseline for label {label!r} (suite {suite}) in {history}: first night, "
               "passing without a comparison; this run becomes the baseline")
-    if status != "complete":
+    if status == "complete_with_errors":
+        reasons.append(f"run status is 'complete_with_errors': {int((df['status'] == 'error').sum())} error rows, "
+                       f"above its --max-error-rate {manifest.get('max_error_rate', 0):g}")
+    elif status != "complete":
         reasons.append(f"run status is {status!r}, not 'complete'")
     passed = not reasons
 

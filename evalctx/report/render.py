@@ -77,6 +77,7 @@ def _run_rows() -> list[tuple[str, Any]]:
             return v
         return f
     return [("run_id", get("run_id")), ("status", get("status")), ("stopped by", get("stopped_by")),
+            ("error_rate", get("error_rate")),
             ("created_at", get("created_at")),
             ("finished_at", get("finished_at")), ("suite", get("suite", "name")),
             ("backend", get("backend", "backend")), ("model", get("backend", "model")),
@@ -165,7 +166,13 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
              + ", ".join(str(d) for d in dirs) + ".")
     for label, m in manifests:
         status = m.get("status") or df.loc[df["label"] == label, "run_status"].iloc[0]
-        if status != "complete":
+        if status == "complete_with_errors":
+            rows = df[df["label"] == label]
+            n_err = int((rows["status"] == "error").sum())
+            doc.para(f"{label}: run status is 'complete_with_errors': {n_err} of {len(rows)} samples are error rows "
+                     f"(above --max-error-rate {m.get('max_error_rate', 0):g}); accuracy is over the scored samples "
+                     "only. See \"Errors and unsupported samples\".", css="warn")
+        elif status != "complete":
             doc.para(f"{label}: run status is '{status}': results are partial and may miss cells.", css="warn")
     for note in _flag_notes(df):  # e.g. lengths beyond a rotary model's stated window
         doc.para(note, css="warn")

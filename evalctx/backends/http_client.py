@@ -1,0 +1,300 @@
+"""One HTTP attempt against an OpenAI-compatible server, read strictly: a deadline per attempt, every field of the
+answer checked for its type, the failure sorted into "try again" or "this request is wrong".
+
+Stdlib only (http.client). The deadline is a watchdog that shuts the socket down when the attempt's time is up:
+a socket timeout alone restarts at every byte, so a server that trickles a byte every half second would keep
+an attempt alive for ever.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+# 408 and 429 are 4xx but say "try again later", not "this request is wrong": retrying them is what every OpenAI
+# client does, and a rate-limited gateway would otherwise turn a whole run into error rows.
+_RETRY_STATUS = {408, 429}
+# A 5xx whose body is a request validation error (llama-cpp-python answers a list-of-ids prompt with HTTP 500 and
+# pydantic's "N validation errors"): the request is wrong, another attempt repeats it.
+_VALIDATION = re.compile(r"\bvalidation errors?\b", re.I)
+
+
+class Retryable(Exception):
+    """A failure worth another attempt (the message is the one-line error if attempts run out)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Fatal(Exception):
+    """A failure that another attempt would repeat (a 4xx, a malformed answer, an answer cut by the context)."""
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def server_message(body: bytes) -> str:
+    """The ``error.message`` of an OpenAI-style error body, else the body text."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        d = json.loads(text)
+    except ValueError:
+        return one_line(text) or "(empty body)"
+    if isinstance(d, dict):
+        err = d.get("error", d)
+        if isinstance(err, dict) and err.get("message"):
+            return one_line(str(err["message"]))
+        if isinstance(err, str):
+            return one_line(err)
+        if d.get("detail"):  # FastAPI validation errors (vLLM, SGLang)
+            return one_line(json.dumps(d["detail"]))
+        if d.get("message"):
+            return one_line(str(d["message"]))
+    return one_line(text)
+
+
+@dataclass
+class Answer:
+    """One whole HTTP answer, its fields type-checked; nothing here is judged yet (see the backend)."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+    """``usage.prompt_tokens_details.cached_tokens`` (vLLM, SGLang, trtllm-serve, OpenAI) where sent."""
+    latency_s: float
+    ttft_s: float | None
+    """Time to the first streamed chunk carrying generated text; None without streaming."""
+    streamed: bool
+    n_events: int = 0
+    """Data events in a stream: 0 is an empty stream (llama.cpp's answer to a prompt over its context)."""
+
+
+def _count(usage: dict[str, Any], key: str) -> int | None:
+    v = usage.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise Fatal(f"malformed answer: usage.{key} is {v!r}, not a token count")
+    return v
+
+
+def _usage(usage: Any) -> tuple[int | None, int | None, int | None]:
+    """(prompt_tokens, completion_tokens, cached_tokens) of a usage object; None where absent."""
+    if usage is None:
+        return None, None, None
+    if not isinstance(usage, dict):
+        raise Fatal(f"malformed answer: usage is {one_line(json.dumps(usage), 120)}, not an object")
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details, "cached_tokens") if isinstance(details, dict) else None
+    return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), cached
+
+
+def _choice(d: Any, what: str) -> dict[str, Any] | None:
+    """Choice 0 of an answer or chunk; None for a chunk without choices (a usage-only chunk)."""
+    if not isinstance(d, dict):
+        raise Fatal(f"malformed {what}: {one_line(json.dumps(d), 160)} is not an object")
+    choices = d.get("choices")
+    if choices is None or choices == []:
+        return None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise Fatal(f"malformed {what}: choices is {one_line(json.dumps(choices), 160)}, not a list of objects")
+    for c in choices:
+        if c.get("index", 0) == 0:
+            return c
+    return None
+
+
+def _text(choice: dict[str, Any], what: str) -> str | None:
+    """The text of a choice (completions ``text``, chat ``message.content`` / ``delta.content``); a value that is
+    not a string is a malformed answer, never passed on."""
+    if "text" in choice:
+        text = choice["text"]
+    else:
+        msg = choice.get("message", choice.get("delta"))
+        if msg is not None and not isinstance(msg, dict):
+            raise Fatal(f"malformed {what}: message is {one_line(json.dumps(msg), 120)}, not an object")
+        text = (msg or {}).get("content")
+    if text is not None and not isinstance(text, str):
+        raise Fatal(f"malformed {what}: the text is {one_line(json.dumps(text), 120)}, not a string")
+    return text
+
+
+def _finish(choice: dict[str, Any], what: str) -> str | None:
+    f = choice.get("finish_reason")
+    if f is not None and not isinstance(f, str):
+        raise Fatal(f"malformed {what}: finish_reason is {f!r}, not a string")
+    return f or None
+
+
+class Client:
+    """Connections to one server root (``http(s)://host:port/prefix``)."""
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        parsed = urllib.parse.urlsplit(base_url)
+        self.base_url = base_url
+        self._scheme = parsed.scheme
+        self._netloc = parsed.netloc
+        self.prefix = parsed.path.rstrip("/")
+        self.api_key = api_key
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._netloc, timeout=timeout)
+
+    def _headers(self, body: bool) -> dict[str, str]:
+        h = {"Accept": "application/json, text/event-stream", "User-Agent": "evalctx"}
+        if body:
+            h["Content-Type"] = "application/json"
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    def get_json(self, path: str, timeout: float = 10.0) -> Any:
+        """GET a JSON document (``path`` from the host root). Raises OSError, HTTPException, ValueError or Fatal."""
+        conn = self._connection(timeout)
+        try:
+            conn.request("GET", path, headers=self._headers(False))
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                raise Fatal(f"HTTP {resp.status}: {server_message(body)}")
+            return json.loads(body)
+        finally:
+            conn.close()
+
+    def post(self, path: str, payload: bytes, timeout_s: float) -> Answer:
+        """POST one request and read the whole answer (SSE or JSON) within ``timeout_s`` from sending it.
+
+        Raises Retryable (connection errors, the deadline, 5xx, 408, 429, a stream cut before its end) or Fatal
+        (any other 4xx, a 5xx validation error, a malformed answer, an error event in the stream)."""
+        t0 = time.perf_counter()
+        conn = self._connection(timeout_s)
+        expired = threading.Event()
+        socks: list[socket.socket] = []  # held here: a "Connection: close" answer detaches it from conn
+
+        def expire() -> None:
+            expired.set()
+            for sock in socks:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read; the attempt is over
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(timeout_s, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.connect()
+            socks.append(conn.sock)
+            if expired.is_set():
+                raise socket.timeout()
+            conn.request("POST", path, body=payload, headers=self._headers(True))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                self._raise_status(resp, path)
+            ctype = (resp.getheader("Content-Type") or "").lower()
+            if "text/event-stream" in ctype:
+                answer = self._read_stream(resp, t0)
+            else:
+                answer = self._read_json(resp.read(), t0)
+            if expired.is_set():
+                raise socket.timeout()
+            return answer
+        except (Retryable, Fatal, ConnectionError, http.client.HTTPException, OSError) as exc:
+            if expired.is_set() or isinstance(exc, TimeoutError):
+                # Whatever the cut socket made the reader say, the cause is the deadline.
+                raise Retryable(f"timed out after {timeout_s:g} s (timeout_s) at {self.base_url}") from None
+            if isinstance(exc, (Retryable, Fatal)):
+                raise
+            raise Retryable(f"connection to {self.base_url} failed: {type(exc).__name__}: "
+                            f"{one_line(str(exc), 200)}") from None
+        finally:
+            watchdog.cancel()
+            conn.close()
+
+    def _raise_status(self, resp: http.client.HTTPResponse, path: str) -> None:
+        msg = f"HTTP {resp.status} from {self.base_url}{path[len(self.prefix):]}: {server_message(resp.read())}"
+        if resp.status in _RETRY_STATUS or (resp.status >= 500 and not _VALIDATION.search(msg)):
+            retry_after = resp.getheader("Retry-After")
+            try:
+                ra = float(retry_after) if retry_after else None
+            except ValueError:
+                ra = None
+            raise Retryable(msg, ra)
+        raise Fatal(msg + (" (a validation error: not retried)" if resp.status >= 500 else ""))
+
+    def _read_json(self, data: bytes, t0: float) -> Answer:
+        latency = time.perf_counter() - t0
+        try:
+            d = json.loads(data)
+        except ValueError:
+            raise Fatal(f"server answered non-JSON: {one_line(data.decode('utf-8', 'replace'), 200)}") from None
+        if isinstance(d, dict) and d.get("error"):
+            raise Fatal(f"server error: {server_message(json.dumps(d).encode())}")
+        choice = _choice(d, "answer")
+        if choice is None:
+            raise Fatal(f"malformed answer: no choices: {one_line(json.dumps(d), 200)}")
+        text = _text(choice, "answer")
+        if text is None:
+            raise Fatal(f"malformed answer: choice 0 has no text: {one_line(json.dumps(choice), 200)}")
+        p, c, cached = _usage(d.get("usage"))
+        return Answer(text=text, finish_reason=_finish(choice, "answer"), prompt_tokens=p, completion_tokens=c,
+                      cached_tokens=cached, latency_s=latency, ttft_s=None, streamed=False)
+
+    def _read_stream(self, resp: http.client.HTTPResponse, t0: float) -> Answer:
+        parts: list[str] = []
+        ttft: float | None = None
+        finish: str | None = None
+        usage: tuple[int | None, int | None, int | None] = (None, None, None)
+        n_events = 0
+        done = False
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, ": keep-alive" comments, "event:" lines
+            data = line[5:].strip()
+            n_events += 1
+            if data == b"[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise Fatal(f"bad SSE chunk from server: {one_line(data.decode('utf-8', 'replace'), 200)}") \
+                    from None
+            if isinstance(chunk, dict) and chunk.get("error"):
+                raise Fatal(f"server error in stream: {server_message(json.dumps(chunk).encode())}")
+            if isinstance(chunk, dict) and chunk.get("usage") is not None:
+                usage = _usage(chunk["usage"])
+            choice = _choice(chunk, "stream chunk")
+            if choice is None:
+                continue
+            text = _text(choice, "stream chunk")
+            if text:
+                parts.append(text)
+            reason = _finish(choice, "stream chunk")
+            if ttft is None and (text or reason):
+                # A chat stream opens with an empty role-only delta before any token exists: not a token.
+                ttft = time.perf_counter() - t0
+            if reason:
+                finish = reason
+        if not done and finish is None and n_events:
+            raise Retryable(f"the stream from {self.base_url} broke off before [DONE] after {n_events} events")
+        return Answer(text="".join(parts), finish_reason=finish, prompt_tokens=usage[0],
+                      completion_tokens=usage[1], cached_tokens=usage[2], latency_s=time.perf_counter() - t0,
+                      ttft_s=ttft, streamed=True, n_events=n_events)
