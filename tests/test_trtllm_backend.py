@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from evalctx.backends.base import BackendContext, parse_options
-from evalctx.backends.trtllm import TRTLLMBackend
+from evalctx.backends.trtllm.backend import TRTLLMBackend
 from evalctx.errors import UsageError
 from evalctx.records import GenerationRequest
 from evalctx.tokenizer import ByteTokenizer

@@ -81,7 +81,7 @@ REGISTRY: dict[str, str] = {
     "fake": "evalctx.backends.fake:FakeBackend",
     "fake-tp": "evalctx.backends.fake:FakeTPBackend",
     "hf": "evalctx.backends.hf:HFBackend",
-    "trtllm": "evalctx.backends.trtllm:TRTLLMBackend",
+    "trtllm": "evalctx.backends.trtllm.backend:TRTLLMBackend",
     "http": "evalctx.backends.openai_http:HTTPBackend",
 }
 

@@ -7,7 +7,7 @@ against a real engine. Keyword arguments the installed release lacks are dropped
 MPI: every rank of a replica builds the runner and calls ``generate`` with the same batch, as TensorRT-LLM's
 leader mode wants. Ranks other than the replica's rank 0 get nothing back (their executor threads serve the
 collectives in the background), so their results are placeholders the runner ignores. How ranks and GPUs are
-chosen is in :mod:`evalctx.backends.trtllm_support`.
+chosen is in :mod:`evalctx.backends.trtllm.support`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
-from evalctx.backends.trtllm_support import (filter_kwargs, is_fatal, replica_device_ids, session_comm, synchronize,
+from evalctx.backends.trtllm.support import (filter_kwargs, is_fatal, replica_device_ids, session_comm, synchronize,
                                              use_replica_session)
 from evalctx.engine_config import EngineConfig, load_engine_config
 from evalctx.errors import UsageError, require_extra
