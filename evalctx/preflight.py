@@ -43,8 +43,13 @@ class EngineLimits:
     """KV-cache capacity in tokens (max_tokens_in_paged_kv_cache) when known before load."""
     tokens_per_block: int = 1
     """KV blocks are whole: a sequence takes ceil(tokens / tokens_per_block) blocks."""
-    seq_len_margin: int = 1
-    """Positions to keep free: the executor wants prompt + new tokens strictly below max_seq_len."""
+    seq_len_margin: int = 0
+    """Positions to keep free. TensorRT-LLM accepts prompt + new tokens == max_seq_len and, above it, silently
+    lowers max_new_tokens (LlmRequest::validate), which would cut the answer: so the bound is max_seq_len itself."""
+    attention_window: int | None = None
+    """Tokens attended to (a sliding window, e.g. TensorRT-LLM's max_attention_window_size); None = all."""
+    sink_tokens: int = 0
+    """Leading tokens kept in view beyond a sliding window (StreamingLLM sink tokens)."""
 
 
 def limits_from_engine(engine: EngineConfig, *, max_input_len: int | None, chunked_context: bool,
@@ -68,15 +73,20 @@ def check(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits) -> str 
     if limits.max_seq_len is not None and need > limits.max_seq_len - limits.seq_len_margin:
         longest = limits.max_seq_len - limits.seq_len_margin - g
         return (
-            f"prompt {p} + max_new_tokens {g} = {need} tokens but the engine's max_seq_len is {limits.max_seq_len} "
-            f"(one position must stay free): rebuild the engine with --max_seq_len >= {need + limits.seq_len_margin} "
-            f"or drop lengths > {longest}"
+            f"prompt {p} + max_new_tokens {g} = {need} tokens but the engine's max_seq_len is {limits.max_seq_len}: "
+            f"rebuild the engine with --max_seq_len >= {need + limits.seq_len_margin} or drop lengths > {longest}"
+        )
+    if limits.attention_window is not None and need > limits.attention_window:
+        w = limits.attention_window
+        return (
+            f"prompt {p} + max_new_tokens {g} = {need} tokens but the attention window is {w} tokens (with "
+            f"{limits.sink_tokens} sink tokens): tokens further back are not attended to, so early needles would be "
+            f"out of sight; raise the window to >= {need} (or leave it unset) or drop lengths > {max(0, w - g)}"
         )
     if limits.max_input_len is not None and p > limits.max_input_len:
         return (
-            f"prompt {p} tokens > runtime max_input_len {limits.max_input_len} (engine max_seq_len minus "
-            f"max_new_tokens): lower max_new_tokens, rebuild with a larger --max_seq_len, "
-            f"or drop lengths > {limits.max_input_len}"
+            f"prompt {p} tokens > the runtime's maximum input length {limits.max_input_len}: rebuild with a larger "
+            f"--max_seq_len (or --max_input_len), or drop lengths > {limits.max_input_len}"
         )
     chunked = limits.paged_context_fmha and limits.chunked_context
     if limits.max_num_tokens is not None and p > limits.max_num_tokens and not chunked:

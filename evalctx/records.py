@@ -14,6 +14,9 @@ SCHEMA_VERSION = 1
 
 FLAGS: dict[str, str] = {
     # name -> what it means for the row's score; reports, summary.csv (n_flagged) and the gate count them.
+    "host_timing": "latency_s/ttft_s were timed on the host (Python and transfer overhead included), not by the "
+                   "engine's own timers",
+    "kv_cache_reuse": "part of the prompt came from the KV cache (block reuse): TTFT is not a cold prefill",
 }
 """Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
 be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""
