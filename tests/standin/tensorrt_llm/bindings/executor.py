@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from datetime import timedelta
 from enum import Enum
@@ -237,7 +238,8 @@ class Executor:
             self.attention_window = kv.max_tokens  # shrunk silently, as the runtime does without fail-fast
         self._ids = itertools.count(1)
         self._queue, self._hung, self._done, self._shutdown = [], {}, set(), False
-        S.place_log(dict(world_rank=rank, session_rank=session_rank, device=self.device,
+        S.place_log(dict(world_rank=rank, local_rank=os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK"),
+                         session_rank=session_rank, device=self.device,
                          participants=parallel.participant_ids, device_ids=devices, leader=self.is_leader))
 
     def can_enqueue_requests(self):
