@@ -100,7 +100,7 @@ def check(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits) -> str 
             )
         return (
             f"prompt {p} tokens > max_num_tokens {m} and chunked context is off: pass "
-            f"--backend-opt enable_chunked_context=true or drop lengths > {m}"
+            f"--backend-opt enable_chunked_context=true (trtllm-llm: enable_chunked_prefill=true) or drop lengths > {m}"
         )
     if limits.kv_cache_tokens is not None:
         block = max(1, limits.tokens_per_block)

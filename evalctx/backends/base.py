@@ -82,6 +82,7 @@ REGISTRY: dict[str, str] = {
     "fake-tp": "evalctx.backends.fake:FakeTPBackend",
     "hf": "evalctx.backends.hf:HFBackend",
     "trtllm": "evalctx.backends.trtllm.backend:TRTLLMBackend",
+    "trtllm-llm": "evalctx.backends.trtllm.llm_api:TRTLLMAPIBackend",
     "http": "evalctx.backends.openai_http:HTTPBackend",
 }
 
