@@ -92,7 +92,8 @@ if [ "$llmapi_launch" = 1 ]; then
   if [ "$ranks" -lt 2 ]; then
     echo "run_eval.sh: --llmapi-launch needs -n > 1 (one rank per GPU of the model)" >&2; exit 2
   fi
-  if [ -x "$(dirname "$evalctx_bin")/trtllm-llmapi-launch" ]; then launcher="$(dirname "$evalctx_bin")/trtllm-llmapi-launch"
+  launcher="$(dirname "$evalctx_bin")/trtllm-llmapi-launch"
+  if [ -x "$launcher" ]; then :
   elif command -v trtllm-llmapi-launch >/dev/null 2>&1; then launcher="$(command -v trtllm-llmapi-launch)"
   else echo "run_eval.sh: trtllm-llmapi-launch not found: pip install 'evalctx[trtllm]'" >&2; exit 2
   fi

@@ -187,7 +187,8 @@ def test_an_older_release_is_timed_on_the_host_and_says_so(standin, tmp_path, ca
         b = backend(make_engine(tmp_path))
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "OutputConfig.return_perf_metrics" in text and "fail_fast_on_attention_window_too_large" in text
-    assert b.row_columns()["runtime_timing"] == "host" and b.row_columns()["runtime_fail_fast_on_attention_window"] is None
+    cols = b.row_columns()
+    assert cols["runtime_timing"] == "host" and cols["runtime_fail_fast_on_attention_window"] is None
     (r,) = b.generate([request("a")])
     assert r.text == " 42" and r.flags == ["host_timing"] and r.ttft_s is None and r.latency_s > 0  # prompt sliced off
     assert "host_timing" in FLAGS

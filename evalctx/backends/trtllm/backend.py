@@ -20,7 +20,7 @@ from evalctx.backends.trtllm import executor as ex
 from evalctx.backends.trtllm import lora
 from evalctx.backends.trtllm.launch import Placement, place
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
-                                             host_timing, is_fatal, one_line, to_result)
+                                             host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.engine_config import EngineConfig, load_engine_config
 from evalctx.errors import UsageError, require_extra
 from evalctx.preflight import EngineLimits, SampleLike, check, limits_from_engine, preflight
@@ -211,7 +211,8 @@ class TRTLLMBackend(Backend):
     def _perf_knobs(self, trt: Any, config: Any) -> None:
         """multi_block_mode and FMHA fp32 accumulation, as from_dir sets them; None leaves the runtime default."""
         o = self.options
-        wanted = {"multi_block_mode": o.multi_block_mode, "enable_context_fmha_fp32_acc": o.enable_context_fmha_fp32_acc}
+        wanted = {"multi_block_mode": o.multi_block_mode,
+                  "enable_context_fmha_fp32_acc": o.enable_context_fmha_fp32_acc}
         if all(v is None for v in wanted.values()):
             return
         knobs = trt.ExtendedRuntimePerfKnobConfig()
@@ -264,28 +265,15 @@ class TRTLLMBackend(Backend):
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if not self.is_leader:
             # Leader mode: this rank enqueues nothing; its executor threads serve the replica in the background.
-            return [GenerationResult(text=None, n_prompt_tokens=len(r.prompt_ids), batch_size=len(batch)) for r in batch]
-        results: list[GenerationResult | None] = [None] * len(batch)
-        runnable = []
-        for i, req in enumerate(batch):
-            err = self._check_request(req)
-            if err:
-                results[i] = error_result(req, err, len(batch))
-            else:
-                runnable.append(i)
-        size = max(1, self.options.max_batch_size)
-        for start in range(0, len(runnable), size):
-            group = runnable[start:start + size]
-            for i, res in zip(group, self._run_group([batch[i] for i in group])):
-                results[i] = res
-        done = [r for r in results if r is not None]
-        assert len(done) == len(batch), "every request gets exactly one result"
-        return done
+            n = len(batch)
+            return [GenerationResult(text=None, n_prompt_tokens=len(r.prompt_ids), batch_size=n) for r in batch]
+        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
 
     def _request(self, req: GenerationRequest) -> Any:
         lora_config = lora.request_config(self._trt, self._lora, self._lora_uid(req)) if self._lora else None
-        return ex.make_request(self._trt, req.prompt_ids, req.max_new_tokens, end_ids=self.end_ids, pad_id=self.pad_id,
-                               sampling=self._sampling, output=self._output, streaming=self._streaming, lora=lora_config)
+        return ex.make_request(self._trt, req.prompt_ids, req.max_new_tokens, end_ids=self.end_ids,
+                               pad_id=self.pad_id, sampling=self._sampling, output=self._output,
+                               streaming=self._streaming, lora=lora_config)
 
     def _run_group(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         n = len(reqs)

@@ -1,4 +1,4 @@
-"""TensorRT-LLM backend ``trtllm-llm``: a Hugging Face checkpoint on TensorRT-LLM's PyTorch backend (``tensorrt_llm.LLM``).
+"""TensorRT-LLM backend ``trtllm-llm``: a Hugging Face checkpoint on the PyTorch backend (``tensorrt_llm.LLM``).
 
 TensorRT-LLM now points new projects here rather than at prebuilt engines (its docs mark the engine-build
 workflow legacy). Same rows, preflight and timing as ``trtllm``: requests go in as token ids, the answer is
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.trtllm.backend import SharedOptions
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
-                                             host_timing, is_fatal, one_line, to_result)
+                                             host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
 from evalctx.preflight import EngineLimits, SampleLike, check, preflight
 from evalctx.records import GenerationRequest, GenerationResult
@@ -91,11 +91,13 @@ class TRTLLMAPIBackend(Backend):
             from tensorrt_llm import LLM, SamplingParams
             from tensorrt_llm.llmapi import KvCacheConfig
         except ImportError as exc:
-            raise UsageError(f"tensorrt_llm's LLM API cannot be imported ({exc}): pip install 'evalctx[trtllm]'") from None
+            raise UsageError(f"tensorrt_llm's LLM API cannot be imported ({exc}): "
+                             "pip install 'evalctx[trtllm]'") from None
         self.version = str(getattr(tensorrt_llm, "__version__", "unknown"))
         o = self.options
-        kv_kw = dict(free_gpu_memory_fraction=o.kv_cache_free_gpu_memory_fraction, enable_block_reuse=o.kv_cache_enable_block_reuse,
-                     max_tokens=o.max_tokens_in_paged_kv_cache, sink_token_length=o.sink_token_length,
+        kv_kw = dict(free_gpu_memory_fraction=o.kv_cache_free_gpu_memory_fraction,
+                     enable_block_reuse=o.kv_cache_enable_block_reuse, max_tokens=o.max_tokens_in_paged_kv_cache,
+                     sink_token_length=o.sink_token_length,
                      max_attention_window=[o.max_attention_window_size] if o.max_attention_window_size else None,
                      dtype=o.kv_cache_dtype, tokens_per_block=o.tokens_per_block)
         try:
@@ -108,7 +110,8 @@ class TRTLLMAPIBackend(Backend):
             pipeline_parallel_size=o.pipeline_parallel_size, kv_cache_config=kv,
             enable_chunked_prefill=o.enable_chunked_prefill, max_seq_len=max_seq_len, max_num_tokens=o.max_num_tokens,
             max_batch_size=o.max_batch_size, return_perf_metrics=True,
-            fail_fast_on_attention_window_too_large=o.fail_fast_on_attention_window_too_large, **(o.extra_llm_args or {}))
+            fail_fast_on_attention_window_too_large=o.fail_fast_on_attention_window_too_large,
+            **(o.extra_llm_args or {}))
         self.llm_args = self._known_args({k: v for k, v in wanted.items() if v is not None})
         try:
             self._llm = LLM(**self.llm_args)
@@ -160,21 +163,13 @@ class TRTLLMAPIBackend(Backend):
             kw = {k: v for k, v in kw.items() if k in self._sp_fields}
         return self._sampling_cls(**kw)
 
+    def _check_request(self, req: GenerationRequest) -> str | None:
+        if not req.prompt_ids:
+            return "empty prompt"
+        return check(len(req.prompt_ids), req.max_new_tokens, self.limits())
+
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        results: list[GenerationResult | None] = [None] * len(batch)
-        runnable = []
-        for i, req in enumerate(batch):
-            err = check(len(req.prompt_ids), req.max_new_tokens, self.limits()) if req.prompt_ids else "empty prompt"
-            if err:
-                results[i] = error_result(req, err, len(batch))
-            else:
-                runnable.append(i)
-        size = max(1, self.options.max_batch_size)
-        for start in range(0, len(runnable), size):
-            group = runnable[start:start + size]
-            for i, res in zip(group, self._run_group([batch[i] for i in group])):
-                results[i] = res
-        return [r for r in results if r is not None]
+        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
 
     def _run_group(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         n = len(reqs)

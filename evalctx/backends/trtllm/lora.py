@@ -53,8 +53,8 @@ def load_manager(engine: EngineConfig, dirs: list[str], ckpt_source: str) -> tup
         cpp_config = GptJsonConfig.parse_file(config_file).model_config
         init["model_config"] = generation.ModelConfig.from_model_config_cpp(cpp_config)
     manager = generation.LoraManager(**init)
-    load: dict[str, Any] = dict(model_config=_engine_config_to_model_config(TrtEngineConfig.from_json_file(config_file)),
-                                ckpt_source=ckpt_source)
+    runtime_config = _engine_config_to_model_config(TrtEngineConfig.from_json_file(config_file))
+    load: dict[str, Any] = dict(model_config=runtime_config, ckpt_source=ckpt_source)
     if _accepts(manager.load_from_ckpt, "runtime_mapping"):
         load["runtime_mapping"] = None
     manager.load_from_ckpt(dirs, **load)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from evalctx.records import GenerationRequest, GenerationResult
 
@@ -103,9 +103,33 @@ def to_result(req: GenerationRequest, tokens: Sequence[int], finish: str | None,
                             flags=list(timing.flags))
 
 
-def error_result(req: GenerationRequest, message: str, batch_size: int, latency_s: float | None = None) -> GenerationResult:
+def error_result(req: GenerationRequest, message: str, batch_size: int,
+                 latency_s: float | None = None) -> GenerationResult:
     return GenerationResult(text=None, n_prompt_tokens=len(req.prompt_ids), batch_size=batch_size, error=message,
                             latency_s=latency_s)
+
+
+def run_checked(batch: Sequence[GenerationRequest], check: Callable[[GenerationRequest], str | None],
+                run_group: Callable[[list[GenerationRequest]], list[GenerationResult]],
+                group_size: int) -> list[GenerationResult]:
+    """One result per request, in order: a request ``check`` refuses is its error row (never sent, never cut); the
+    rest go to ``run_group`` in groups of at most ``group_size``."""
+    results: list[GenerationResult | None] = [None] * len(batch)
+    runnable = []
+    for i, req in enumerate(batch):
+        err = check(req)
+        if err:
+            results[i] = error_result(req, err, len(batch))
+        else:
+            runnable.append(i)
+    size = max(1, group_size)
+    for start in range(0, len(runnable), size):
+        group = runnable[start:start + size]
+        for i, res in zip(group, run_group([batch[i] for i in group])):
+            results[i] = res
+    done = [r for r in results if r is not None]
+    assert len(done) == len(batch), "every request gets exactly one result"
+    return done
 
 
 def default_end_ids(tokenizer: Any, model_dir: str | Path | None = None) -> list[int]:

@@ -76,5 +76,6 @@ def engine_limits(engine_dir) -> dict:
     return dict(tp=mapping.get("tp_size", 1), pp=mapping.get("pp_size", 1), cp=mapping.get("cp_size", 1),
                 gpus_per_node=mapping.get("gpus_per_node", 8), max_seq_len=build["max_seq_len"],
                 max_num_tokens=build.get("max_num_tokens"), max_input_len=build.get("max_input_len", 1024),
-                paged_context_fmha=plugin.get("use_paged_context_fmha", True), context_fmha=plugin.get("context_fmha", True),
+                paged_context_fmha=plugin.get("use_paged_context_fmha", True),
+                context_fmha=plugin.get("context_fmha", True),
                 packed=plugin.get("remove_input_padding", True), lora=bool(plugin.get("lora_plugin")), config=cfg)

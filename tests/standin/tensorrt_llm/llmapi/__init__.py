@@ -34,7 +34,8 @@ class KvCacheConfig:
     def __init__(self, **kwargs):
         extra = set(kwargs) - set(self.FIELDS)
         if extra:  # pydantic extra="forbid"
-            raise ValueError(f"1 validation error for KvCacheConfig\n{sorted(extra)[0]}\n  Extra inputs are not permitted")
+            raise ValueError(f"1 validation error for KvCacheConfig\n{sorted(extra)[0]}\n"
+                             "  Extra inputs are not permitted")
         for k, v in {**self.FIELDS, **kwargs}.items():
             setattr(self, k, v)
 
@@ -91,7 +92,8 @@ class LLM:
     def __init__(self, model, tokenizer=None, **kwargs):
         extra = set(kwargs) - set(TorchLlmArgs.model_fields)
         if extra:
-            raise ValueError(f"1 validation error for TorchLlmArgs\n{sorted(extra)[0]}\n  Extra inputs are not permitted")
+            raise ValueError(f"1 validation error for TorchLlmArgs\n{sorted(extra)[0]}\n"
+                             "  Extra inputs are not permitted")
         cfg_file = Path(model) / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"{model} is not a Hugging Face checkpoint folder")
