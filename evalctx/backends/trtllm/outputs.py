@@ -48,22 +48,36 @@ def one_line(error: BaseException | str) -> str:
     return lines[0] if lines else "error without a message"
 
 
-def _seconds(t: Any) -> float:
-    """A binding time point or duration (``datetime.timedelta``) or plain seconds, as float seconds."""
-    return float(t.total_seconds()) if hasattr(t, "total_seconds") else float(t)
+def _seconds(delta: Any) -> float:
+    """A difference of two binding time points (``datetime.timedelta``) or plain seconds, as float seconds."""
+    return float(delta.total_seconds()) if hasattr(delta, "total_seconds") else float(delta)
+
+
+def _is_set(point: Any) -> bool:
+    """An unset C++ time point is the clock's epoch: zero as a timedelta, 1970 as a datetime, 0 as a number."""
+    if hasattr(point, "timestamp"):
+        return point.timestamp() > 0
+    return _seconds(point) > 0
 
 
 def engine_timing(perf: Any, *, block_reuse: bool) -> Timing | None:
     """TTFT = first_token - arrival (queue + prefill) and latency = last_token - arrival, from the executor's
-    timers; None when ``perf`` is missing or its time points were not filled in."""
+    timers; None when ``perf`` is missing or its time points were not filled in.
+
+    The binding hands steady-clock time points over as ``timedelta`` (datetime for a system clock); only their
+    differences are used, as TensorRT-LLM's own tests do.
+    """
     tm = getattr(perf, "timing_metrics", None)
     if tm is None:
         return None
     try:
-        arrival, first, last = (_seconds(tm.arrival_time), _seconds(tm.first_token_time), _seconds(tm.last_token_time))
+        arrival, first, last = tm.arrival_time, tm.first_token_time, tm.last_token_time
+        if not all(_is_set(t) for t in (arrival, first, last)):
+            return None
+        ttft, latency = _seconds(first - arrival), _seconds(last - arrival)
     except (AttributeError, TypeError, ValueError):
         return None
-    if not 0 < arrival <= first <= last:
+    if not 0 <= ttft <= latency:
         return None
     reused = getattr(getattr(perf, "kv_cache_metrics", None), "num_reused_blocks", None)
     if not block_reuse or reused == 0:
@@ -72,7 +86,7 @@ def engine_timing(perf: Any, *, block_reuse: bool) -> Timing | None:
         # Reused blocks may be partly filled (partial reuse): their count times the block size is not the number of
         # prompt tokens that skipped prefill, so the count is unknown; the flag says why.
         cached, flags = None, ((FLAG_KV_REUSE,) if reused else ())
-    return Timing(first - arrival, last - arrival, cached, flags)
+    return Timing(ttft, latency, cached, flags)
 
 
 def host_timing(latency_s: float | None, first_token_s: float | None, *, block_reuse: bool) -> Timing:
