@@ -286,3 +286,12 @@ def test_the_standin_does_not_leak():
     assert "tensorrt_llm" not in sys.modules
     spec = importlib.util.find_spec("tensorrt_llm")
     assert spec is None or "standin" not in str(spec.origin)
+
+
+def test_a_release_without_participant_ids_cannot_run_replicas(standin, tmp_path, monkeypatch):
+    from tensorrt_llm.bindings import executor as trt
+
+    monkeypatch.delitem(trt.ParallelConfig.FIELDS, "participant_ids")
+    standin.WORLD.update(rank=0, size=2)
+    with pytest.raises(UsageError, match="takes no device_ids or participant_ids: run one replica per mpirun"):
+        backend(make_engine(tmp_path), dict(world_rank=0, world_size=2))

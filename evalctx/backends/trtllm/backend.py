@@ -175,9 +175,10 @@ class TRTLLMBackend(Backend):
         applied = ex.set_optional(config, "enable_chunked_context", self.chunked_context, self.dropped,
                                   "ExecutorConfig")
         self._require(applied or not self.chunked_context, "ExecutorConfig.enable_chunked_context")
-        self.applied["fail_fast_on_attention_window_too_large"] = o.fail_fast_on_attention_window_too_large if \
-            ex.set_optional(config, "fail_fast_on_attention_window_too_large",
-                            o.fail_fast_on_attention_window_too_large, self.dropped, "ExecutorConfig") else None
+        fail_fast = o.fail_fast_on_attention_window_too_large
+        if ex.set_optional(config, "fail_fast_on_attention_window_too_large", fail_fast, self.dropped,
+                           "ExecutorConfig"):
+            self.applied["fail_fast_on_attention_window_too_large"] = fail_fast
         self._perf_knobs(trt, config)
         self._load_lora(trt, config)
         self._executor = ex.build_executor(trt, e, config)

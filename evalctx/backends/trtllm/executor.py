@@ -105,7 +105,11 @@ def parallel_config(trt: Any, placement: Placement) -> Any:
     """Leader mode over MPI; participant and device ids only where :func:`.launch.place` set them."""
     kw = {k: v for k, v in (("device_ids", placement.device_ids), ("participant_ids", placement.participant_ids))
           if v is not None}
-    return trt.ParallelConfig(trt.CommunicationType.MPI, trt.CommunicationMode.LEADER, **kw)
+    try:
+        return trt.ParallelConfig(trt.CommunicationType.MPI, trt.CommunicationMode.LEADER, **kw)
+    except TypeError:
+        raise UsageError(f"this tensorrt_llm's ParallelConfig takes no {' or '.join(kw)}: run one replica per mpirun "
+                         "(mpirun -n tp*pp*cp) or install tensorrt_llm >= 1.2") from None
 
 
 def build_executor(trt: Any, engine: EngineConfig, config: Any) -> Any:
