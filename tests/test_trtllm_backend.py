@@ -295,3 +295,15 @@ def test_a_release_without_participant_ids_cannot_run_replicas(standin, tmp_path
     standin.WORLD.update(rank=0, size=2)
     with pytest.raises(UsageError, match="takes no device_ids or participant_ids: run one replica per mpirun"):
         backend(make_engine(tmp_path), dict(world_rank=0, world_size=2))
+
+
+def test_an_executor_that_never_ends_cancelled_requests_fails_the_run_instead_of_hanging(standin, tmp_path,
+                                                                                         monkeypatch):
+    from evalctx.backends.trtllm import executor as ex
+
+    standin.BEHAVIOUR["hang_token"] = ord("?") + ByteTokenizer.OFFSET
+    monkeypatch.setattr(ex, "CANCEL_GRACE_S", 0.1)
+    b = backend(make_engine(tmp_path), request_timeout_s="0.1")
+    monkeypatch.setattr(b._executor, "cancel_request", lambda id: None)  # cancellation lost
+    with pytest.raises(RuntimeError, match=r"cancelled requests \[1\] got no final response"):
+        b.generate([request("stuck", "where?")])
