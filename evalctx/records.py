@@ -20,6 +20,9 @@ FLAGS: dict[str, str] = {
                              "(max_position_embeddings): the score measures extrapolation beyond the stated window",
     "unverified": "the server sent no token counts and verification was turned off (http verify_prompt=false): "
                   "the prompt length and the answer's completeness are unchecked",
+    "host_timing": "latency_s/ttft_s were timed on the host (Python and transfer overhead included), not by the "
+                   "engine's own timers",
+    "kv_cache_reuse": "part of the prompt came from the KV cache (block reuse): TTFT is not a cold prefill",
 }
 """Row flags: an ``ok`` row whose answer is whole but whose score needs a caveat. A row whose answer is known to
 be cut or unverified is an ``error`` row instead, never a flagged ``ok``."""

@@ -65,6 +65,12 @@ def test_max_tokens_in_paged_kv_cache_suggestion():
     assert q.kv_tokens == 2 * 131_136 and q.max_tokens_in_paged_kv_cache == 2 * 131_136  # the 128K recipe value
 
 
+def test_default_block_is_tensorrt_llm_1x_32_tokens():
+    # 1.x PluginConfig.tokens_per_block and the LLM API's KvCacheConfig default to 32 (0.x engines: 64)
+    p = plan(LLAMA2_70B, 131_082, kv_headroom=0)
+    assert p.tokens_per_block == 32 and p.kv_tokens == 131_104  # 4097 blocks of 32 (64-token blocks: 131_136)
+
+
 def test_quantized_weights_keep_embeddings_16bit_and_tied_heads_count_once():
     fp16 = plan(LLAMA2_70B, 1024, weight_dtype="fp16").weight_bytes
     int4 = plan(LLAMA2_70B, 1024, weight_dtype="int4").weight_bytes

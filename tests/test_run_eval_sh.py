@@ -66,3 +66,29 @@ def test_nightly_passes_then_catches_a_regression(tmp_path: Path) -> None:
     # Gate options pass through: a gate flag the gate rejects is its usage error (exit 2), named in stderr.
     bad_flag = sh(*base, "--run-id", "night4", "--gate-opt", "--no-such-gate-flag")
     assert bad_flag.returncode == 2 and "--no-such-gate-flag" in bad_flag.stderr
+
+
+def test_llmapi_launch_needs_several_ranks() -> None:
+    proc = sh("--llmapi-launch", "--backend", "trtllm-llm")
+    assert proc.returncode == 2 and "needs -n > 1" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_llmapi_launch_runs_evalctx_once_under_mpirun(tmp_path: Path) -> None:
+    """A launcher that does what trtllm-llmapi-launch does for evalctx: rank 0 runs the command without the MPI
+    variables, the other ranks wait (they would be TensorRT-LLM workers)."""
+    if find_mpirun() is None:
+        pytest.skip("no mpirun")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "trtllm-llmapi-launch"
+    launcher.write_text('#!/usr/bin/env bash\n[ "$OMPI_COMM_WORLD_RANK" = 0 ] || exit 0\n'
+                        'for v in $(env | grep -o "^OMPI_[A-Z_]*\\|^PMIX_[A-Z_]*"); do unset "$v"; done\nexec "$@"\n')
+    launcher.chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    proc = sh("-n", "2", "--llmapi-launch", "--out", str(tmp_path), "--suite", SUITE, "--backend", "fake",
+              "--tokenizer", "byte", "--run-id", "once", "--no-progress", env={"PATH": path})
+    assert proc.returncode == 0, proc.stderr
+    assert "trtllm-llmapi-launch" in proc.stderr.splitlines()[0]
+    df = pd.read_parquet(tmp_path / "once" / "results.parquet")
+    assert df["replica"].unique().tolist() == [0] and len(df) == 24  # one evalctx process did the whole run

@@ -91,7 +91,8 @@ REGISTRY: dict[str, str] = {
     "fake": "evalctx.backends.fake:FakeBackend",
     "fake-tp": "evalctx.backends.fake:FakeTPBackend",
     "hf": "evalctx.backends.hf:HFBackend",
-    "trtllm": "evalctx.backends.trtllm:TRTLLMBackend",
+    "trtllm": "evalctx.backends.trtllm.backend:TRTLLMBackend",
+    "trtllm-llm": "evalctx.backends.trtllm.llm_api:TRTLLMAPIBackend",
     "http": "evalctx.backends.openai_http:HTTPBackend",
 }
 

@@ -1,0 +1,87 @@
+"""Where one replica's ranks run: the participant ids and device ids handed to the executor's ``ParallelConfig``.
+
+What TensorRT-LLM does at start-up (read in ``cpp/tensorrt_llm/executor/executorImpl.cpp``, ``initializeWorkers``,
+the version indexed as commit 036a60f7, and ``cpp/tensorrt_llm/runtime/worldConfig.cpp``):
+
+* Without participant ids it requires ``MPI_COMM_WORLD``'s size to equal the engine's tp*pp*cp ("With
+  communicationMode kLEADER, MPI worldSize is expected to be equal to tp*pp*cp when participantIds are not
+  specified"). Several replicas in one ``mpirun`` therefore fail on every rank unless ids are given.
+* With participant ids (world ranks, exactly tp*pp*cp of them) it builds its own session communicator over those
+  ranks (``MPI_Comm_create_group`` on ``MPI_COMM_WORLD``, tag 1000 + the first id) and makes it the session; the
+  first id is the leader, the only rank that may enqueue requests. With pp > 1 the id list is reversed, and each
+  group of tp ids reversed back, before the group is formed, so session ranks do not follow the id order.
+* The engine file (``rank{r}.engine``) and the GPU follow the session rank r: ``device_ids[r % len(device_ids)]``,
+  where device ids default to ``0 .. gpus_per_node-1`` and, when given, must be tp*pp*cp unique ids below the
+  engine's ``gpus_per_node``.
+
+evalctx therefore passes, for each replica of a multi-replica world, the replica's world ranks as participant ids
+and, when the replica sits on one node, the node-local GPU of each member in session-rank order. A single replica
+spanning the whole world keeps TensorRT-LLM's defaults (no ids), the path its own scripts take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("evalctx.backends.trtllm")
+
+LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one rank joins its replica's executor."""
+
+    participant_ids: list[int] | None
+    """World ranks of the replica, leader first; None = TensorRT-LLM's default (the world is one replica)."""
+    device_ids: list[int] | None
+    """GPU of each session rank; None = TensorRT-LLM's default (session rank modulo gpus_per_node)."""
+    device: int | None
+    """The GPU this rank will use, when known."""
+
+
+def local_gpu(world_rank: int, gpus_per_node: int) -> int:
+    """The GPU a rank owns: its node-local MPI rank (launcher variables), else world rank modulo GPUs per node."""
+    for name in LOCAL_RANK_ENV:
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return world_rank % max(1, gpus_per_node)
+
+
+def session_order(participant_ids: list[int], tp: int, pp: int) -> list[int]:
+    """World ranks in the order of their executor session ranks (executorImpl.cpp reorders for pp > 1)."""
+    ids = list(participant_ids)
+    if pp > 1:
+        ids.reverse()
+        if tp > 1:
+            ids = [i for start in range(0, len(ids), tp) for i in reversed(ids[start:start + tp])]
+    return ids
+
+
+def place(*, world_rank: int, world_size: int, ranks_per_replica: int, replica_comm: Any, tp: int, pp: int,
+          gpus_per_node: int) -> Placement:
+    """Participant and device ids for this rank's replica.
+
+    ``replica_comm`` is the mpi4py communicator of the replica (None for one-rank replicas); it is used for one
+    allgather, so every rank of the replica must call this together.
+    """
+    if world_size == ranks_per_replica:
+        return Placement(participant_ids=None, device_ids=None, device=None)
+    mine = (world_rank, local_gpu(world_rank, gpus_per_node))
+    members = [tuple(m) for m in replica_comm.allgather(mine)] if replica_comm is not None else [mine]
+    gpu_of = dict(members)
+    participants = [rank for rank, _ in members]  # replica-rank order: the leader (replica rank 0) first
+    order = session_order(participants, tp, pp)
+    devices = [gpu_of[rank] for rank in order]
+    if len(set(devices)) != len(devices) or max(devices) >= gpus_per_node:
+        # A replica over several nodes: its local GPUs repeat. TensorRT-LLM's default (session rank modulo
+        # gpus_per_node) is right when each node holds whole, contiguous groups of its ranks.
+        if world_rank == participants[0]:
+            log.warning("replica %s spans nodes (local GPUs %s): keeping TensorRT-LLM's session rank %% gpus_per_node",
+                        participants, devices)
+        return Placement(participant_ids=participants, device_ids=None, device=None)
+    return Placement(participant_ids=participants, device_ids=devices, device=gpu_of[world_rank])

@@ -1,0 +1,252 @@
+"""TensorRT-LLM backend ``trtllm-llm``: a Hugging Face checkpoint on the PyTorch backend (``tensorrt_llm.LLM``).
+
+TensorRT-LLM now points new projects here rather than at prebuilt engines (its docs mark the engine-build
+workflow legacy). Same rows, preflight and timing as ``trtllm``: requests go in as token ids, the answer is
+``outputs[0].token_ids`` (generated only), timings are the executor's ``request_perf_metrics``
+(``SamplingParams(return_perf_metrics=True)``), each request is awaited on its own so one error or one stuck request
+ends only its own row (``RequestOutput.result(timeout)``, then ``abort()``).
+
+Launch: evalctx runs in one process. With tensor_parallel_size > 1 on one node, plain ``evalctx run`` lets the LLM
+spawn its MPI workers itself (mpi4py's MPIPoolExecutor; needs mpi4py); under mpirun or Slurm use
+``mpirun -n TP trtllm-llmapi-launch evalctx run ...`` (``run_eval.sh --llmapi-launch``), which runs evalctx once
+on rank 0 with the MPI variables removed while the other ranks serve as workers.
+Sources: tensorrt_llm/llmapi/llm.py (commit 4c05a748 and a later indexed version: generate/generate_async,
+_check_arguments), llm_args.py (TorchLlmArgs, KvCacheConfig), executor/result.py. Never run on a real GPU here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from evalctx.backends.base import Backend, BackendContext
+from evalctx.backends.trtllm.backend import SharedOptions
+from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
+                                             host_timing, is_fatal, one_line, run_checked, to_result)
+from evalctx.errors import UsageError, require_extra
+from evalctx.preflight import EngineLimits, SampleLike, check, preflight
+from evalctx.records import GenerationRequest, GenerationResult
+
+log = logging.getLogger("evalctx.backends.trtllm")
+
+# Without these the run would be wrong rather than slower, so a release without them is refused.
+REQUIRED_ARGS = ("model", "kv_cache_config", "enable_chunked_prefill", "max_seq_len", "max_num_tokens",
+                 "return_perf_metrics")
+
+
+class TRTLLMAPIBackend(Backend):
+    name = "trtllm-llm"
+
+    @dataclass
+    class Options(SharedOptions):
+        model_dir: str | None = None
+        """Hugging Face checkpoint directory; default: --model."""
+        tensor_parallel_size: int = 1
+        pipeline_parallel_size: int = 1
+        max_seq_len: int | None = None
+        """Default: the run's longest prompt plus its largest max_new_tokens."""
+        max_num_tokens: int = 8192
+        """Tokens per engine step (the prefill chunk with chunked prefill); the LLM API's default."""
+        enable_chunked_prefill: bool = True
+        """Off: a prompt longer than max_num_tokens is refused (llm.py _check_arguments)."""
+        kv_cache_dtype: str = "auto"
+        tokens_per_block: int = 32
+        """KvCacheConfig.tokens_per_block (the PyTorch backend's default)."""
+        extra_llm_args: dict[str, Any] | None = None
+        """Further ``LLM(...)`` keywords, as a ``[backend_options.extra_llm_args]`` table in the suite."""
+
+    def __init__(self, options: Options, ctx: BackendContext) -> None:
+        super().__init__(options, ctx)
+        if ctx.world_size > 1:
+            raise UsageError("backend trtllm-llm runs in one evalctx process: for tensor_parallel_size > 1 use plain "
+                             "`evalctx run` on one node, or `mpirun -n TP trtllm-llmapi-launch evalctx run ...` "
+                             "(run_eval.sh --llmapi-launch)")
+        self.model_dir = options.model_dir or ctx.model
+        if not self.model_dir:
+            raise UsageError("backend trtllm-llm needs a checkpoint: --model HF_DIR or --backend-opt model_dir=DIR")
+        self.tokenizer = ctx.tokenizer
+        self.end_ids = list(options.end_ids or default_end_ids(self.tokenizer, self.model_dir))
+        if not self.end_ids:
+            raise UsageError("no end-of-answer token is known: pass --backend-opt end_ids=ID[,ID]")
+        self.pad_id = options.pad_id if options.pad_id is not None else default_pad_id(self.tokenizer, self.end_ids)
+        wanted = (ctx.max_input_len or 0) + (ctx.max_new_tokens or 0)
+        self.llm_args: dict[str, Any] = {}
+        self.dropped: list[str] = []
+        self.version: str | None = None
+        self._llm: Any = None
+        self._load(options.max_seq_len or wanted or None)
+        args = getattr(self._llm, "args", None)
+        # What the LLM settled on (it may derive max_seq_len from the checkpoint when none was given).
+        self.max_seq_len = getattr(args, "max_seq_len", None) or self.llm_args.get("max_seq_len")
+        self.max_num_tokens = getattr(args, "max_num_tokens", None) or options.max_num_tokens
+
+    def _load(self, max_seq_len: int | None) -> None:
+        require_extra("tensorrt_llm", "trtllm")
+        try:
+            import tensorrt_llm
+            from tensorrt_llm import LLM, SamplingParams
+            from tensorrt_llm.llmapi import KvCacheConfig
+        except ImportError as exc:
+            raise UsageError(f"tensorrt_llm's LLM API cannot be imported ({exc}): "
+                             "pip install 'evalctx[trtllm]'") from None
+        self.version = str(getattr(tensorrt_llm, "__version__", "unknown"))
+        o = self.options
+        kv_kw = dict(free_gpu_memory_fraction=o.kv_cache_free_gpu_memory_fraction,
+                     enable_block_reuse=o.kv_cache_enable_block_reuse, max_tokens=o.max_tokens_in_paged_kv_cache,
+                     sink_token_length=o.sink_token_length,
+                     max_attention_window=[o.max_attention_window_size] if o.max_attention_window_size else None,
+                     dtype=o.kv_cache_dtype, tokens_per_block=o.tokens_per_block)
+        try:
+            kv = KvCacheConfig(**{k: v for k, v in kv_kw.items() if v is not None})
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"tensorrt_llm {self.version}: KvCacheConfig refused the cache settings: "
+                             f"{one_line(exc)}") from None
+        wanted: dict[str, Any] = dict(
+            model=str(self.model_dir), tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size, kv_cache_config=kv,
+            enable_chunked_prefill=o.enable_chunked_prefill, max_seq_len=max_seq_len, max_num_tokens=o.max_num_tokens,
+            max_batch_size=o.max_batch_size, return_perf_metrics=True,
+            fail_fast_on_attention_window_too_large=o.fail_fast_on_attention_window_too_large,
+            **(o.extra_llm_args or {}))
+        self.llm_args = self._known_args({k: v for k, v in wanted.items() if v is not None})
+        try:
+            self._llm = LLM(**self.llm_args)
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise UsageError(f"tensorrt_llm {self.version}: LLM(...) refused the settings: {one_line(exc)}") from None
+        fields = getattr(SamplingParams, "__dataclass_fields__", None)
+        self._sp_fields = set(fields) if fields else None
+        self._sampling_cls = SamplingParams
+
+    def _known_args(self, wanted: dict[str, Any]) -> dict[str, Any]:
+        """Drop (and report) LLM keywords this release does not know; refuse when a required one is missing."""
+        try:
+            from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
+
+            known = set(TorchLlmArgs.model_fields)
+        except (ImportError, AttributeError):
+            return wanted  # no field list to check against: LLM(...) itself refuses unknown keywords
+        missing = [k for k in wanted if k not in known]
+        refused = sorted(set(missing) & set(REQUIRED_ARGS))
+        if refused:
+            raise UsageError(f"tensorrt_llm {self.version}: LLM has no {', '.join(refused)}, which evalctx needs for "
+                             "correct results: install tensorrt_llm >= 1.2 (pip install 'evalctx[trtllm]')")
+        if missing:
+            self.dropped = [f"LLM.{k}" for k in missing]
+            log.warning("tensorrt_llm %s: LLM has no %s; dropped (library defaults apply)", self.version,
+                        ", ".join(missing))
+        return {k: v for k, v in wanted.items() if k in known}
+
+    # --------------------------------------------------------------------------------------------- preflight
+    def limits(self) -> EngineLimits:
+        o = self.options
+        seq = self.max_seq_len
+        window = min(o.max_attention_window_size or seq, seq) if seq else o.max_attention_window_size
+        return EngineLimits(max_seq_len=seq, max_num_tokens=self.max_num_tokens, paged_context_fmha=True,
+                            chunked_context=o.enable_chunked_prefill, kv_cache_tokens=o.max_tokens_in_paged_kv_cache,
+                            tokens_per_block=o.tokens_per_block, attention_window=window,
+                            sink_tokens=o.sink_token_length or 0)
+
+    def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
+        return preflight(samples, self.limits())
+
+    # -------------------------------------------------------------------------------------------- generation
+    def _sampling(self, req: GenerationRequest) -> Any:
+        o = self.options
+        kw = dict(max_tokens=req.max_new_tokens, end_id=self.end_ids[0], pad_id=self.pad_id,
+                  stop_token_ids=self.end_ids[1:] or None, temperature=o.temperature, top_k=o.top_k,
+                  top_p=o.top_p or None, return_perf_metrics=True, detokenize=False)
+        if self._sp_fields is not None:
+            kw = {k: v for k, v in kw.items() if k in self._sp_fields}
+        return self._sampling_cls(**kw)
+
+    def _check_request(self, req: GenerationRequest) -> str | None:
+        if not req.prompt_ids:
+            return "empty prompt"
+        return check(len(req.prompt_ids), req.max_new_tokens, self.limits())
+
+    def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+
+    def _run_group(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+        n = len(reqs)
+        t0 = time.perf_counter()
+        pending: list[Any] = []
+        for req in reqs:
+            try:
+                pending.append(self._llm.generate_async({"prompt_token_ids": list(req.prompt_ids)},
+                                                        sampling_params=self._sampling(req)))
+            except Exception as exc:  # refused at submission (llm.py _check_arguments and friends)
+                if is_fatal(exc):
+                    raise
+                pending.append(exc)
+        deadline = t0 + self.options.request_timeout_s
+        return [self._await(req, item, t0, deadline, n) for req, item in zip(reqs, pending)]
+
+    def _await(self, req: GenerationRequest, item: Any, t0: float, deadline: float, n: int) -> GenerationResult:
+        if isinstance(item, Exception):
+            return error_result(req, one_line(item), n)
+        try:
+            out = item.result(timeout=max(0.0, deadline - time.perf_counter()))
+        except (queue.Empty, TimeoutError):
+            item.abort()
+            return error_result(req, f"no final response within request_timeout_s={self.options.request_timeout_s:g} s:"
+                                     " aborted", n, time.perf_counter() - t0)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            return error_result(req, one_line(exc), n, time.perf_counter() - t0)
+        latency = time.perf_counter() - t0
+        c = out.outputs[0]
+        if c.finish_reason == "cancelled":
+            return error_result(req, "the request was cancelled by tensorrt_llm", n, latency)
+        reuse = self.options.kv_cache_enable_block_reuse
+        timing = engine_timing(getattr(c, "request_perf_metrics", None), block_reuse=reuse) or host_timing(
+            latency, None, block_reuse=reuse)
+        return to_result(req, c.token_ids, c.finish_reason, timing, tokenizer=self.tokenizer, end_ids=self.end_ids,
+                         batch_size=n)
+
+    # ----------------------------------------------------------------------------------------------- records
+    def runtime_columns(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "runtime_model_dir": str(self.model_dir),
+            "runtime_tensor_parallel_size": o.tensor_parallel_size,
+            "runtime_pipeline_parallel_size": o.pipeline_parallel_size,
+            "runtime_max_seq_len": self.max_seq_len,
+            "runtime_max_num_tokens": self.max_num_tokens,
+            "runtime_enable_chunked_prefill": o.enable_chunked_prefill,
+            "runtime_attention_window": self.limits().attention_window,
+            "runtime_sink_token_length": o.sink_token_length,
+            "runtime_max_batch_size": o.max_batch_size,
+            "runtime_max_tokens_in_paged_kv_cache": o.max_tokens_in_paged_kv_cache,
+            "runtime_kv_cache_free_gpu_memory_fraction": o.kv_cache_free_gpu_memory_fraction,
+            "runtime_kv_cache_enable_block_reuse": o.kv_cache_enable_block_reuse,
+            "runtime_kv_cache_dtype": o.kv_cache_dtype,
+            "runtime_tokens_per_block": o.tokens_per_block,
+            "runtime_fail_fast_on_attention_window": o.fail_fast_on_attention_window_too_large
+            if "fail_fast_on_attention_window_too_large" in self.llm_args else None,
+            "runtime_timing": "executor",
+            "runtime_end_ids": ",".join(str(i) for i in self.end_ids),
+            "runtime_temperature": o.temperature,
+            "runtime_top_k": o.top_k,
+            "runtime_top_p": o.top_p,
+        }
+
+    def info(self) -> dict[str, Any]:
+        args = {k: (v if isinstance(v, (str, int, float, bool)) or v is None else repr(v))
+                for k, v in self.llm_args.items()}
+        return {"backend": self.name, "options": dataclasses.asdict(self.options), "tensorrt_llm_version": self.version,
+                "llm_args": args, "runtime": self.runtime_columns(), "dropped": list(self.dropped),
+                "end_ids": list(self.end_ids), "pad_id": self.pad_id}
+
+    def row_columns(self) -> dict[str, Any]:
+        return {"backend": self.name, "tensorrt_llm_version": self.version, **self.runtime_columns()}
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()

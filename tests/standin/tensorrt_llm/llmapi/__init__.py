@@ -1,0 +1,146 @@
+"""Stand-in for the PyTorch-backend LLM API (tensorrt_llm.LLM, SamplingParams, llmapi.KvCacheConfig).
+
+Follows tensorrt_llm/llmapi/llm.py as indexed: generate_async() checks the prompt against max_num_tokens when
+chunked prefill is off (``_check_arguments``, raised at submission), returns a RequestOutput whose ``result()``
+waits (raising on an error) and whose ``outputs[0]`` carries generated ``token_ids`` only, the finish reason and
+the executor's ``request_perf_metrics``; stop tokens are stripped as result.py strips them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from tensorrt_llm import _standin as S
+from tensorrt_llm.bindings import executor as trt
+from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
+
+CALLS: list = []
+
+
+class RequestError(RuntimeError):
+    pass
+
+
+class KvCacheConfig:
+    FIELDS = dict(enable_block_reuse=True, max_tokens=None, max_attention_window=None, sink_token_length=None,
+                  free_gpu_memory_fraction=0.9, dtype="auto", tokens_per_block=32, enable_partial_reuse=True)
+
+    def __init__(self, **kwargs):
+        extra = set(kwargs) - set(self.FIELDS)
+        if extra:  # pydantic extra="forbid"
+            raise ValueError(f"1 validation error for KvCacheConfig\n{sorted(extra)[0]}\n"
+                             "  Extra inputs are not permitted")
+        for k, v in {**self.FIELDS, **kwargs}.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class SamplingParams:
+    end_id: int | None = None
+    pad_id: int | None = None
+    max_tokens: int = 32
+    stop: list | None = None
+    stop_token_ids: list | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    return_perf_metrics: bool = False
+    detokenize: bool = True
+    include_stop_str_in_output: bool = False
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    request_perf_metrics: object = None
+
+
+class RequestOutput:
+    def __init__(self, rid, prompt_ids, error=None, hung=False):
+        self.request_id, self.prompt_token_ids = rid, prompt_ids
+        self.outputs = [CompletionOutput(0)]
+        self.finished, self._error, self._hung = not hung, error, hung
+
+    def result(self, timeout=None):
+        if self._hung:
+            if timeout is None:
+                raise AssertionError("result() without a timeout would block forever here")
+            time.sleep(min(timeout, 0.02))
+            raise queue.Empty()  # result_step: self.queue.get(timeout=timeout)
+        if self._error:
+            raise RequestError(self._error)
+        return self
+
+    def abort(self):
+        if self._hung:
+            self._hung, self.finished = False, True
+            self.outputs[0].finish_reason = "cancelled"
+
+
+class LLM:
+    def __init__(self, model, tokenizer=None, **kwargs):
+        extra = set(kwargs) - set(TorchLlmArgs.model_fields)
+        if extra:
+            raise ValueError(f"1 validation error for TorchLlmArgs\n{sorted(extra)[0]}\n"
+                             "  Extra inputs are not permitted")
+        cfg_file = Path(model) / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"{model} is not a Hugging Face checkpoint folder")
+        hf = json.loads(cfg_file.read_text())
+        CALLS.append(dict(model=model, tokenizer=tokenizer, **kwargs))
+        self.args = SimpleNamespace(
+            max_seq_len=kwargs.get("max_seq_len") or hf.get("max_position_embeddings"),
+            max_num_tokens=kwargs.get("max_num_tokens", 8192),
+            max_batch_size=kwargs.get("max_batch_size", 2048),
+            enable_chunked_prefill=kwargs.get("enable_chunked_prefill", False),
+            kv_cache_config=kwargs.get("kv_cache_config") or KvCacheConfig(),
+            tensor_parallel_size=kwargs.get("tensor_parallel_size", 1), backend="pytorch")
+        self._ids = itertools.count(1)
+        self._shutdown = False
+
+    def generate_async(self, inputs, sampling_params=None, streaming=False, **kwargs):
+        if self._shutdown:
+            raise RuntimeError("LLM is shutting down")
+        ids = inputs["prompt_token_ids"] if isinstance(inputs, dict) else inputs
+        sp = sampling_params or SamplingParams()
+        a = self.args
+        if not a.enable_chunked_prefill and a.max_num_tokens and len(ids) > a.max_num_tokens:
+            raise ValueError(f"The sum of prompt length ({float(len(ids))}), query length (0) should not exceed "
+                             f"max_num_tokens ({a.max_num_tokens})")
+        rid = next(self._ids)
+        if S.BEHAVIOUR["error_token"] in ids:
+            return RequestOutput(rid, ids, error=S.BEHAVIOUR["error_message"])
+        if S.BEHAVIOUR["hang_token"] in ids:
+            return RequestOutput(rid, ids, hung=True)
+        if len(ids) + sp.max_tokens > a.max_seq_len:  # the stand-in's assumption: refused, not cut
+            return RequestOutput(rid, ids, error=f"prompt + max_tokens exceeds max_seq_len ({a.max_seq_len})")
+        stops = [[t] for t in sp.stop_token_ids or []]
+        tokens, reason = S.generate(ids, sp.max_tokens, sp.end_id, stops)
+        if reason == "STOP_WORDS" and not sp.include_stop_str_in_output:
+            tokens = tokens[:-1]
+        out = RequestOutput(rid, ids)
+        c = out.outputs[0]
+        c.token_ids = tokens
+        c.finish_reason = {"END_ID": "stop", "STOP_WORDS": "stop", "LENGTH": "length"}[reason]
+        if sp.return_perf_metrics:
+            c.request_perf_metrics = trt.RequestPerfMetrics(
+                timing_metrics=trt.TimingMetrics(**S.perf_times(rid, len(ids), len(tokens))),
+                kv_cache_metrics=trt.KvCacheMetrics(num_reused_blocks=S.BEHAVIOUR["reused_blocks"]))
+        return out
+
+    def shutdown(self):
+        self._shutdown = True
+
+
+__all__ = ["LLM", "SamplingParams", "KvCacheConfig", "RequestError"]

@@ -1,0 +1,136 @@
+"""The ``trtllm-llm`` backend (tensorrt_llm.LLM, PyTorch backend) against the stand-in of tests/standin."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from evalctx.backends.base import BackendContext, backend_class, parse_options
+from evalctx.backends.trtllm.llm_api import TRTLLMAPIBackend
+from evalctx.errors import UsageError
+from evalctx.tokenizer import ByteTokenizer
+from trtllm_util import request, standin  # noqa: F401  (standin is a fixture)
+
+
+def hf_dir(tmp_path: Path, eos: object = 2) -> Path:
+    path = tmp_path / "hf"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                  "max_position_embeddings": 131072}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return path
+
+
+def backend(model: Path, ctx: dict | None = None, **options: object) -> TRTLLMAPIBackend:
+    c = dict(model=str(model), tokenizer=ByteTokenizer(), max_input_len=1000, max_new_tokens=8)
+    c.update(ctx or {})
+    return TRTLLMAPIBackend(parse_options(TRTLLMAPIBackend, options), BackendContext(**c))
+
+
+def test_registered_and_the_llm_gets_the_long_context_settings(standin, tmp_path):
+    assert backend_class("trtllm-llm") is TRTLLMAPIBackend
+    b = backend(hf_dir(tmp_path), max_tokens_in_paged_kv_cache="1100000", tensor_parallel_size="2")
+    from tensorrt_llm.llmapi import CALLS
+
+    (call,) = CALLS
+    kv = call.pop("kv_cache_config")
+    assert (kv.max_tokens, kv.enable_block_reuse, kv.free_gpu_memory_fraction, kv.tokens_per_block) == (
+        1_100_000, False, 0.9, 32)
+    assert call == dict(model=str(tmp_path / "hf"), tokenizer=None, tensor_parallel_size=2, pipeline_parallel_size=1,
+                        enable_chunked_prefill=True, max_seq_len=1008, max_num_tokens=8192, max_batch_size=1,
+                        return_perf_metrics=True, fail_fast_on_attention_window_too_large=True)
+    cols = b.row_columns()
+    assert cols["runtime_max_seq_len"] == 1008 and cols["tensorrt_llm_version"] == "1.2.0"
+    assert cols["runtime_timing"] == "executor" and cols["runtime_tokens_per_block"] == 32
+    json.dumps(b.info())
+
+
+def test_rows_match_the_engine_backend(standin, tmp_path):
+    standin.BEHAVIOUR["answer"] = [55, 53, 10, 60]
+    b = backend(hf_dir(tmp_path, eos=[2, 10]), max_batch_size="4")
+    assert b.end_ids == [2, 10]  # end_id 2, and 10 as a stop token id
+    reqs = [request("a"), request("b", "x" * 40, new=1)]
+    out = b.generate(reqs)
+    assert [(r.text, r.finish_reason) for r in out] == [("42", "stop"), ("4", "length")]
+    for r, req in zip(out, reqs):
+        t = standin.perf_times(0, len(req.prompt_ids), 0)
+        assert r.ttft_s == pytest.approx((t["first_token_time"] - t["arrival_time"]).total_seconds())
+        assert r.n_cached_prompt_tokens == 0 and r.flags == [] and r.n_prompt_tokens == len(req.prompt_ids)
+
+
+def test_errors_and_stuck_requests_end_only_their_own_rows(standin, tmp_path):
+    standin.BEHAVIOUR.update(error_token=ord("!") + 3, hang_token=ord("?") + 3)
+    b = backend(hf_dir(tmp_path), max_batch_size="3", request_timeout_s="0.1")
+    out = b.generate([request("bad", "boom!"), request("stuck", "where?"), request("ok")])
+    assert out[0].error == "RequestError: [TensorRT-LLM][ERROR] stand-in: injected request error"
+    assert "request_timeout_s=0.1 s: aborted" in out[1].error and out[2].text == " 42"
+    assert b.generate([request("next")])[0].text == " 42"
+
+
+def test_preflight_uses_the_llms_limits(standin, tmp_path):
+    b = backend(hf_dir(tmp_path), enable_chunked_prefill="false", max_num_tokens="512", max_seq_len="4096")
+    specs = [SimpleNamespace(id="fits", context_length=500, max_new_tokens=8),
+             SimpleNamespace(id="chunk", context_length=600, max_new_tokens=8),
+             SimpleNamespace(id="long", context_length=4090, max_new_tokens=8)]
+    reasons = b.preflight(specs)
+    assert sorted(reasons) == ["chunk", "long"] and "enable_chunked_prefill=true" in reasons["chunk"]
+    assert "max_seq_len is 4096" in reasons["long"]
+    # a request the LLM would refuse at submission never reaches it, and is an error row
+    too_long = request("x", "y" * 600)
+    assert "max_num_tokens 512" in b.generate([too_long])[0].error
+
+
+def test_several_ranks_are_refused(standin, tmp_path):
+    with pytest.raises(UsageError, match="trtllm-llmapi-launch"):
+        backend(hf_dir(tmp_path), dict(world_size=2, world_rank=1))
+
+
+def test_an_older_llm_drops_unknown_arguments_with_a_warning(standin, tmp_path, caplog):
+    from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
+
+    del TorchLlmArgs.model_fields["fail_fast_on_attention_window_too_large"]
+    with caplog.at_level(logging.WARNING, "evalctx.backends.trtllm"):
+        b = backend(hf_dir(tmp_path))
+    assert "fail_fast_on_attention_window_too_large" in caplog.text and b.dropped == [
+        "LLM.fail_fast_on_attention_window_too_large"]
+    assert b.row_columns()["runtime_fail_fast_on_attention_window"] is None
+    del TorchLlmArgs.model_fields["enable_chunked_prefill"]
+    with pytest.raises(UsageError, match="enable_chunked_prefill"):
+        backend(hf_dir(tmp_path))
+
+
+def test_close_shuts_the_llm_down(standin, tmp_path):
+    b = backend(hf_dir(tmp_path))
+    llm = b._llm
+    b.close()
+    assert llm._shutdown and b._llm is None
+
+
+@pytest.mark.parametrize("name", ["trtllm", "trtllm-llm"])
+def test_a_whole_run_through_the_cli(tmp_path, name):
+    """evalctx run in one process with the stand-in on PYTHONPATH: rows, executor timers and the manifest."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from trtllm_util import STANDIN, make_engine
+
+    model = make_engine(tmp_path, max_seq_len=4096) if name == "trtllm" else hf_dir(tmp_path)
+    suite = Path(__file__).parent / "data" / "suites" / "fake_small.toml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(STANDIN), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "evalctx.cli", "run", "--suite", str(suite), "--backend", name,
+                           "--model", str(model), "--tokenizer", "byte", "--out", str(tmp_path / "out"), "--run-id",
+                           "r", "--no-progress"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    df = pd.read_parquet(tmp_path / "out" / "r" / "results.parquet")
+    assert len(df) == 18 and (df["status"] == "ok").all() and (df["completion"] == " 42").all()
+    assert df["ttft_s"].notna().all() and (df["runtime_timing"] == "executor").all()
+    manifest = json.loads((tmp_path / "out" / "r" / "manifest.json").read_text())
+    assert manifest["backend"]["tensorrt_llm_version"] == "1.2.0" and manifest["status"] == "complete"
