@@ -1,0 +1,5 @@
+"""The Hugging Face transformers backend (``--backend hf``); heavy imports happen inside its modules' functions."""
+
+from evalctx.backends.hf.backend import LOWER_RIGHT_SDPA, HFBackend, auto_attention, register_lower_right_sdpa
+
+__all__ = ["HFBackend", "LOWER_RIGHT_SDPA", "auto_attention", "register_lower_right_sdpa"]
