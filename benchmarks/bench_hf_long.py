@@ -157,6 +157,7 @@ def run_one(model: str, lengths: list[int], tp: int, chunk: int, new: int, out: 
            "--backend-opt", f"tp={tp}", "--backend-opt", f"chunk_size={chunk}", "--backend-opt", "ignore_eos=true",
            *[x for o in opts for x in ("--backend-opt", o)]]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     print(f"tp={tp}: exit {proc.returncode} in {time.perf_counter() - t0:.1f} s (load, prompts, prefill, decode)")
@@ -181,7 +182,11 @@ def main_run(args: argparse.Namespace) -> None:
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
-    rates = ceilings(cfg, args.lengths, args.tp) if cuda and not args.no_ceilings else None
+    rates = None
+    if args.ceilings:  # rates measured earlier on the same machine (a long run need not measure them again)
+        rates = json.loads(Path(args.ceilings).read_text())
+    elif cuda:
+        rates = ceilings(cfg, args.lengths, args.tp)
     rows = []
     for tp in args.tp:
         path = run_one(args.model, args.lengths, tp, args.chunk, args.new_tokens, out, args.opt)
@@ -256,7 +261,7 @@ def main() -> None:
     r.add_argument("--chunk", type=int, default=8192)
     r.add_argument("--new-tokens", type=int, default=32)
     r.add_argument("--opt", nargs="*", default=[], help="more --backend-opt key=value for every run")
-    r.add_argument("--no-ceilings", action="store_true", help="skip measuring the GEMM and attention rates")
+    r.add_argument("--ceilings", help="ceilings.json of an earlier run on the same machine, instead of measuring")
     r.add_argument("--out", default="bench_hf_long_out")
     f = sub.add_parser("profile", help="the CUDA kernels of one prefill at tp=1")
     f.add_argument("--model", required=True)

@@ -170,7 +170,8 @@ def test_preallocated_cache_matches_dynamic_cache(tiny_llama: Path, impl: str) -
     cache = PreallocatedCache(model.config.num_hidden_layers, capacity=80, batch=2)
     ours = _chunked_logits(model, ids, cache, 16)
     assert cache.length == 70 and cache.capacity == 80
-    assert cache.layers[0].keys.shape[2] == 80  # allocated once, at capacity
+    assert cache.layers[0].keys.shape == (2, 1, 80, 32)  # allocated once, at capacity (1 KV head of 32)
+    assert cache.layers[0].keys.stride() == (32, 32, 64, 1)  # position-major: strides independent of capacity
     assert torch.allclose(dynamic, ours, atol=1e-5, rtol=1e-4)
 
 
@@ -268,3 +269,42 @@ def test_batches_split_to_fit_memory(tiny_llama: Path) -> None:
     out = backend.generate(reqs)
     assert [r.batch_size for r in out] == [2, 2, 1]
     assert [r.text for r in out] == [backend.generate([r])[0].text for r in reqs]
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference for a kernel that returns its log-sum-exp (GQA heads shared, upper-left causal)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = q.double() @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+    if causal:
+        scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).tril(), float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype), scores.logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 77), (64, 64), (64, 64 + 2048 + 1024 + 37), (30, 30 + 1024)])
+def test_split_attention_merges_blocks_exactly(monkeypatch: pytest.MonkeyPatch, q_len: int, k_len: int) -> None:
+    """The CUDA path's arithmetic (blocks of earlier keys + the causal square, merged by log-sum-exp), with the
+    kernels replaced by a float64 reference so it runs on CPU."""
+    from evalctx.backends.hf import attention
+
+    monkeypatch.setattr(attention, "_cudnn", _attention_with_lse)
+    monkeypatch.setattr(attention, "_flash", lambda q, k, v, s: _attention_with_lse(q, k, v, False, s)[0])
+    q = torch.randn(2, 4, q_len, 16)
+    k, v = torch.randn(2, 2, k_len, 16), torch.randn(2, 2, k_len, 16)
+    got = attention.split_attention(q, k, v, None)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=mask)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_prefix_blocks_repeat_few_shapes() -> None:
+    from evalctx.backends.hf.attention import prefix_blocks
+
+    assert prefix_blocks(0) == []
+    assert prefix_blocks(1000) == [(0, 1000)]
+    assert prefix_blocks(11 * 1024 + 5) == [(0, 8192), (8192, 10240), (10240, 11264), (11264, 11269)]
+    # every chunk of a 1M prefill in 8K chunks: 7 block sizes (8K..512K), at most 7 blocks per chunk
+    sizes = {b - a for p in range(0, 1 << 20, 8192) for a, b in prefix_blocks(p)}
+    assert len(sizes) == 7 and max(len(prefix_blocks(p)) for p in range(0, 1 << 20, 8192)) == 7

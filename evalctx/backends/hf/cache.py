@@ -6,6 +6,10 @@ and twice the cache in memory at the moment of the copy. Here each layer owns ``
 ``capacity`` positions; ``update`` copies the new chunk into place and returns views of the filled part, so
 attention sees exactly the keys so far (no padding to mask out, shapes as DynamicCache gives them).
 
+Each buffer is laid out position-major, (capacity, batch, kv_heads, head_dim), and handed out as the permuted view
+(batch, kv_heads, positions, head_dim): the strides then do not depend on the capacity, so attention kernels that
+plan per shape and stride (cuDNN) reuse their plans across prompts of different lengths.
+
 The cache is built for prefix reuse: :meth:`PreallocatedCache.crop_to` keeps the first n positions (the rest is
 overwritten by the next update), :meth:`PreallocatedCache.reserve` grows the capacity keeping the contents, and
 ``length`` says how many positions hold valid keys.
@@ -23,7 +27,8 @@ class CacheFullError(RuntimeError):
 
 
 class PreallocatedLayer(CacheLayerMixin):
-    """One layer's keys and values, shaped (batch, kv_heads on this rank, capacity, head_dim) on first update."""
+    """One layer's keys and values for ``capacity`` positions, allocated on first update (then batch, dtype, device
+    and this rank's KV heads are known). ``keys``/``values`` are (batch, kv_heads, capacity, head_dim) views."""
 
     is_sliding = False
     is_compileable = False
@@ -40,10 +45,16 @@ class PreallocatedLayer(CacheLayerMixin):
         batch, heads, _, k_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         # empty, not zeros: only positions < length are ever read.
-        self.keys = torch.empty((batch, heads, self.capacity, k_dim), dtype=self.dtype, device=self.device)
-        self.values = torch.empty((batch, heads, self.capacity, value_states.shape[-1]), dtype=value_states.dtype,
-                                  device=self.device)
+        self._keys = torch.empty((self.capacity, batch, heads, k_dim), dtype=self.dtype, device=self.device)
+        self._values = torch.empty((self.capacity, batch, heads, value_states.shape[-1]), dtype=value_states.dtype,
+                                   device=self.device)
+        self.keys, self.values = self._view(self._keys), self._view(self._values)
         self.is_initialized = True
+
+    @staticmethod
+    def _view(buffer: Any) -> Any:
+        """(positions, batch, heads, dim) storage as the (batch, heads, positions, dim) tensor models expect."""
+        return buffer.permute(1, 2, 0, 3)
 
     def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         if not self.is_initialized:
@@ -51,10 +62,10 @@ class PreallocatedLayer(CacheLayerMixin):
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise CacheFullError(f"KV cache of {self.capacity} positions cannot take {end}")
-        self.keys[:, :, self.length:end].copy_(key_states)
-        self.values[:, :, self.length:end].copy_(value_states)
+        self._keys[self.length:end].copy_(key_states.permute(2, 0, 1, 3))
+        self._values[self.length:end].copy_(value_states.permute(2, 0, 1, 3))
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self._view(self._keys[:end]), self._view(self._values[:end])
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -78,12 +89,12 @@ class PreallocatedLayer(CacheLayerMixin):
         if capacity <= self.capacity:
             return
         if self.is_initialized:
-            keys, values = self.keys, self.values
-            b, h, _, d = keys.shape
-            self.keys = keys.new_empty((b, h, capacity, d))
-            self.values = values.new_empty((b, h, capacity, values.shape[-1]))
-            self.keys[:, :, :self.length].copy_(keys[:, :, :self.length])
-            self.values[:, :, :self.length].copy_(values[:, :, :self.length])
+            old_k, old_v = self._keys, self._values
+            self._keys = old_k.new_empty((capacity, *old_k.shape[1:]))
+            self._values = old_v.new_empty((capacity, *old_v.shape[1:]))
+            self._keys[:self.length].copy_(old_k[:self.length])
+            self._values[:self.length].copy_(old_v[:self.length])
+            self.keys, self.values = self._view(self._keys), self._view(self._values)
         self.capacity = capacity
 
 
