@@ -4,6 +4,10 @@
     python benchmarks/bench_hf_long.py build /dev/shm/l3-4 --layers 4
     # one passkey sample per length, tp=1 and tp=2, each a real `mpirun -n TP python -m evalctx.cli run`
     python benchmarks/bench_hf_long.py run --model /dev/shm/l3-4 --lengths 32768 131072 1048576 --tp 1 2
+    # where one prefill's GPU time goes (torch.profiler, tp=1)
+    python benchmarks/bench_hf_long.py profile --model /dev/shm/l3-4 --length 131072
+
+The numbers quoted in the README are in benchmarks/results/ (CSV and the measured ceilings).
 
 Ideal TTFT = GEMM FLOPs / the GEMM rate + causal-attention FLOPs / the attention rate, per GPU (both split by tp),
 with the rates measured in the same process before the runs: a bf16 8192^3 matmul, and causal SDPA with the
@@ -56,8 +60,9 @@ def build(dest: Path, layers: int, small: bool) -> None:
     from evalctx.models import resolve_model
 
     shape = SMALL if small else LLAMA3_8B
-    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], num_hidden_layers=layers, max_position_embeddings=1 << 21, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=3, tie_word_embeddings=False, dtype="bfloat16", **shape)
+    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], num_hidden_layers=layers, max_position_embeddings=1 << 21,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, dtype="bfloat16",
+                      **shape)
     dest.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(dest)
     with torch.device("meta"):

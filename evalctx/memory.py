@@ -17,8 +17,9 @@ Per rank, for a batch of ``b`` sequences of ``tokens`` positions (prompt plus ge
   normed input ``2 x c x hidden``), attention (q, its RoPE temporaries and the output, ``6 x c x heads/K x
   head_dim``, plus k/v with RoPE, ``4 x c x kv_heads/K x head_dim``, plus ``10 x c x heads/K x head_dim`` bytes
   for the float32 merge of attention blocks) and RMSNorm's fp32 upcast (``3 x c x hidden x 4`` bytes); plus the
-  last position's logits (``b x vocab x 4``). On an H200 the measured peaks of 4-layer 8B-shaped runs were
-  0.11-0.17 GiB above weights + KV + these activations; the reserve covers that. The lower-right SDPA builds no mask; stock
+  last position's logits (``b x vocab x 4``). Measured on H200s (Llama-3-8B shape, chunk 8192, 32K to 1M
+  tokens, tp 1 and 2, 4 and 32 layers), torch's peak was 0.07-0.12 GiB above weights + KV + these
+  activations; the reserve covers that. The lower-right SDPA builds no mask; stock
   "sdpa" materialises a ``c x context`` mask (counted as ``c x tokens x (1 + a)`` bytes), and "eager" the scores
   (``c x tokens x heads/K x 4`` bytes, twice).
 * **reserve**: CUDA context, cuBLAS/NCCL workspaces and allocator slack, which torch's allocator does not count.

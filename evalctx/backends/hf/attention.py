@@ -153,6 +153,15 @@ def cuda_path_ok(query: Any, key: Any) -> bool:
     return ok
 
 
+def cuda_kernels() -> str | None:
+    """Which CUDA kernels the lower-right SDPA used in this process (for the manifest); None before any use."""
+    if not _CHECKED:
+        return None
+    if all(_CHECKED.values()):
+        return "cuDNN (prefill, key blocks merged by log-sum-exp) + flash (decode)"
+    return "flash (causal_lower_right): the cuDNN path failed its check"
+
+
 def register_lower_right_sdpa() -> None:
     """Register ``attn_implementation="evalctx_sdpa"`` with transformers (attention, and a mask builder that
     builds nothing)."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
-from evalctx.backends.hf.attention import LOWER_RIGHT_SDPA, auto_attention, register_lower_right_sdpa
+from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels,
+                                           register_lower_right_sdpa)
 from evalctx.errors import UsageError, require_extra
 from evalctx.records import GenerationRequest, GenerationResult, Sample
 
@@ -402,6 +403,7 @@ class HFBackend(Backend):
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "attn_implementation": self.attn_implementation,
+            "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
             "tp": self.tp,
             "model_config": {k: getattr(cfg, k, None) for k in (
                 "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
