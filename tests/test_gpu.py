@@ -1,4 +1,5 @@
-"""GPU checks of the hf backend (run on purpose: python -m pytest -m gpu)."""
+"""GPU checks of the hf backend (run on purpose: python -m pytest -m gpu): the lower-right SDPA and the
+preallocated cache on CUDA, and tp=2 over NCCL under mpirun."""
 
 from __future__ import annotations
 
@@ -43,3 +44,36 @@ def test_tiny_on_cuda_lower_right_matches_stock_sdpa(tmp_path: Path) -> None:
     assert auto["completion"].tolist() == stock["completion"].tolist()
     # Inside its training length the embedded model finds every passkey.
     assert (auto.loc[auto["context_length"] <= 1024, "score"] == 1.0).all()
+
+
+def test_tp2_on_two_gpus_answers_like_tp1(tmp_path: Path) -> None:
+    """NCCL under a real mpirun: one GPU per rank, the answers of one GPU."""
+    import subprocess
+
+    from mpi_util import mpi_env, mpirun_cmd
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    one = _run(tmp_path, "tp1", "chunk_size=1000")
+    (tmp_path / "s.toml").write_text(SUITE)
+    proc = subprocess.run(mpirun_cmd(2, "run", "--suite", str(tmp_path / "s.toml"), "--model", "tiny", "--out",
+                                     str(tmp_path), "--run-id", "tp2", "--no-progress", "--backend-opt", "tp=2",
+                                     "--backend-opt", "chunk_size=1000"),
+                          capture_output=True, text=True, timeout=600, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = pd.read_parquet(tmp_path / "tp2" / "results.parquet").set_index("sample_id").sort_index()
+    assert (two["hf_tp"] == 2).all() and (two["hf_attn_implementation"] == "evalctx_sdpa").all()
+    assert two["completion"].tolist() == one["completion"].tolist()
+    assert two["peak_memory_bytes"].gt(0).all()
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (16, 4, 128), (2, 2, 64)])
+def test_cuda_attention_path_passes_its_check(heads: int, kv_heads: int, dim: int) -> None:
+    """The cuDNN block path (Llama-3-8B heads at tp 1 and 2, the tiny model's) agrees with float32 attention;
+    failing here means the lower-right SDPA fell back to the slower flash kernel."""
+    from evalctx.backends.hf.attention import cuda_kernels, cuda_path_ok
+
+    q = torch.zeros(1, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    assert cuda_path_ok(q, k)
+    assert cuda_kernels().startswith("cuDNN")

@@ -1,4 +1,5 @@
-"""The hf backend on a tiny randomly initialised Llama built here (no downloads)."""
+"""The hf backend on a tiny randomly initialised Llama built here (no downloads): chunked prefill, the lower-right
+SDPA, the preallocated KV cache, the memory preflight. Tensor parallelism under mpirun: tests/test_hf_tp.py."""
 
 from __future__ import annotations
 
@@ -66,8 +67,28 @@ def test_bad_option_values(tiny_llama: Path) -> None:
 
     with pytest.raises(UsageError, match="dtype"):
         make_backend(tiny_llama, dtype="float8")
-    with pytest.raises(UsageError, match="tp"):
-        HFBackend.ranks_per_replica(parse_options(HFBackend, {"tp": "2"}), None)
+    with pytest.raises(UsageError, match="tp must be >= 1"):
+        HFBackend.ranks_per_replica(parse_options(HFBackend, {"tp": "0"}), None)
+    assert HFBackend.ranks_per_replica(parse_options(HFBackend, {"tp": "2"}), None) == 2
+    with pytest.raises(UsageError, match="memory_gb"):
+        make_backend(tiny_llama, memory_gb=-1)
+
+
+def test_tp_without_mpirun_is_a_usage_error(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["run", "--suite", SUITE, "--backend", "hf", "--model", str(tiny_llama), "--tokenizer", "byte",
+                 "--out", str(tmp_path), "--no-progress", "--backend-opt", "tp=2", "--lengths", "400"])
+    assert code == 2
+    assert "mpirun -n 2" in capsys.readouterr().err
+
+
+def test_tp_must_divide_the_heads(tiny_llama: Path) -> None:
+    from evalctx.backends.hf.parallel import check_divides
+    from evalctx.errors import UsageError
+
+    cfg = transformers.AutoConfig.from_pretrained(tiny_llama)  # 2 heads, 1 KV head
+    check_divides(cfg, 1)
+    with pytest.raises(UsageError, match=r"tp=2 must divide the model's 2 attention heads and 1 KV heads"):
+        check_divides(cfg, 2)
 
 
 def test_end_to_end_run_with_hf(tiny_llama: Path, tmp_path: Path) -> None:
@@ -111,20 +132,179 @@ def test_lower_right_sdpa_logits_match(tiny_llama: Path) -> None:
 
 def test_auto_attention_picks_lower_right_for_llama_on_cuda(tiny_llama: Path) -> None:
     from evalctx.backends.hf import auto_attention
-    from evalctx.models import ResolvedModel
 
-    assert auto_attention(ResolvedModel("t", tiny_llama), on_cuda=True) == "evalctx_sdpa"
-    assert auto_attention(ResolvedModel("t", tiny_llama), on_cuda=False) == "sdpa"
+    cfg = transformers.AutoConfig.from_pretrained(tiny_llama)
+    assert auto_attention(cfg, on_cuda=True) == "evalctx_sdpa"
+    assert auto_attention(cfg, on_cuda=False) == "sdpa"
+    assert auto_attention(None, on_cuda=True) == "sdpa"
     backend = make_backend(tiny_llama)  # cpu
     assert backend.row_columns()["hf_attn_implementation"] == "sdpa"
 
 
-def test_auto_attention_keeps_sdpa_with_sliding_window(tmp_path: Path) -> None:
+def test_auto_attention_keeps_sdpa_with_sliding_window() -> None:
     from evalctx.backends.hf import auto_attention
-    from evalctx.models import ResolvedModel
 
     cfg = transformers.MistralConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                      sliding_window=16)
-    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
-    assert auto_attention(ResolvedModel("m", tmp_path), on_cuda=True) == "sdpa"
+    assert auto_attention(cfg, on_cuda=True) == "sdpa"
+
+
+def _chunked_logits(model: object, ids: torch.Tensor, cache: object, chunk: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(input_ids=ids[:, i:i + chunk], past_key_values=cache, use_cache=True).logits
+                          for i in range(0, ids.shape[1], chunk)], dim=1)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "evalctx_sdpa", "eager"])
+def test_preallocated_cache_matches_dynamic_cache(tiny_llama: Path, impl: str) -> None:
+    from transformers import DynamicCache
+
+    from evalctx.backends.hf import register_lower_right_sdpa
+    from evalctx.backends.hf.cache import PreallocatedCache
+
+    register_lower_right_sdpa()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=impl).eval()
+    ids = torch.randint(3, 200, (2, 70))
+    dynamic = _chunked_logits(model, ids, DynamicCache(), 16)
+    cache = PreallocatedCache(model.config.num_hidden_layers, capacity=80, batch=2)
+    ours = _chunked_logits(model, ids, cache, 16)
+    assert cache.length == 70 and cache.capacity == 80
+    assert cache.layers[0].keys.shape == (2, 1, 80, 32)  # allocated once, at capacity (1 KV head of 32)
+    assert cache.layers[0].keys.stride() == (32, 32, 64, 1)  # position-major: strides independent of capacity
+    assert torch.allclose(dynamic, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_preallocated_cache_crop_and_extend_like_a_fresh_prefill(tiny_llama: Path) -> None:
+    """What prefix reuse needs: keep a prefix, crop back to it, extend with another suffix, grow the capacity."""
+    from evalctx.backends.hf.cache import CacheFullError, PreallocatedCache
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prefix, a, b = torch.randint(3, 200, (1, 40)), torch.randint(3, 200, (1, 9)), torch.randint(3, 200, (1, 30))
+    cache = PreallocatedCache(model.config.num_hidden_layers, capacity=50, batch=1)
+    _chunked_logits(model, torch.cat([prefix, a], 1), cache, 16)
+    cache.crop_to(40)
+    assert cache.length == 40
+    with pytest.raises(CacheFullError):
+        _chunked_logits(model, b, cache, 30)
+    cache.crop_to(40)  # the failed update wrote nothing past the capacity; its length stayed at 40 in layer 0
+    cache.reserve(70)
+    assert cache.capacity == 70 and cache.length == 40
+    reused = _chunked_logits(model, b, cache, 16)
+    fresh = _chunked_logits(model, torch.cat([prefix, b], 1), PreallocatedCache(3, 70, 1), 16)[:, 40:]
+    assert torch.allclose(reused, fresh, atol=1e-5, rtol=1e-4)
+
+
+def test_ignore_eos_decodes_the_whole_budget(tiny_llama: Path) -> None:
+    tok = ByteTokenizer()
+    req = [GenerationRequest(sample_id="a", prompt_ids=tok.encode("The pass key is 12345. " * 3, True), prompt="",
+                             max_new_tokens=6)]
+    runs = {}
+    for ignore in (False, True):
+        backend = make_backend(tiny_llama, chunk_size=0, ignore_eos=ignore)
+        tokens: list[int] = []
+        forward = backend.model.forward
+
+        def counting(*args: object, _f: object = forward, _t: list = tokens, **kwargs: object) -> object:
+            out = _f(*args, **kwargs)
+            _t.append(int(out.logits[0, -1].argmax()))
+            return out
+
+        backend.model.forward = counting
+        backend.eos_ids = set()
+        backend.generate(req)
+        backend.eos_ids = {tokens[1]}  # the second greedy token ends the answer
+        tokens.clear()
+        runs[ignore] = (backend.generate(req)[0], len(tokens))
+    (stopped, n_stopped), (full, n_full) = runs[False], runs[True]
+    assert n_full == 6 and n_stopped < n_full  # one prefill call + 5 decode steps, or fewer when it stops
+    assert stopped.text == full.text and stopped.n_output_tokens == full.n_output_tokens <= 2
+    assert stopped.finish_reason == full.finish_reason == "stop"
+
+
+def test_memory_preflight_marks_what_does_not_fit_unsupported(tiny_llama: Path, tmp_path: Path) -> None:
+    from evalctx.memory import hf_rank_memory, longest_fitting
+    from evalctx.plan import GB, shape_from_hf
+
+    shape = shape_from_hf(transformers.AutoConfig.from_pretrained(tiny_llama).to_dict())
+    mem = {n: hf_rank_memory(shape, n + 8, chunk=64, dtype="fp32", attention="sdpa").total for n in (300, 600)}
+    capacity_gb = (mem[300] + mem[600]) / 2 / GB  # room for 300-token prompts, not for 600
+    suite = tmp_path / "s.toml"
+    suite.write_text('name = "mem"\n[[tasks]]\ntask = "passkey"\nlengths = [300, 600]\ndepths = [0.5]\n'
+                     'samples = 1\nmax_new_tokens = 8\n')
+    code = main(["run", "--suite", str(suite), "--backend", "hf", "--model", str(tiny_llama), "--tokenizer", "byte",
+                 "--out", str(tmp_path), "--run-id", "mem", "--no-progress", "--backend-opt", "device=cpu",
+                 "--backend-opt", "chunk_size=64", "--backend-opt", f"memory_gb={capacity_gb}"])
+    assert code == 0
+    df = pd.read_parquet(tmp_path / "mem" / "results.parquet").set_index("context_length")
+    assert df.loc[300, "status"] == "ok"
+    assert df.loc[600, "status"] == "unsupported"
+    longest = longest_fitting(shape, capacity_gb * GB, chunk=64, dtype="fp32", attention="sdpa") - 8
+    assert 300 <= longest < 600
+    reason = df.loc[600, "error"]
+    assert reason.startswith(f"prompt 600 + max_new_tokens 8 needs {mem[600] / GB:.1f} GB per GPU (weights ")
+    assert f"lengths <= {longest} fit at tp=1" in reason and "tp=2" not in reason  # 1 KV head: no tp=2
+
+
+def test_weights_that_cannot_fit_stop_before_loading(tiny_llama: Path) -> None:
+    from evalctx.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"needs .* GB per GPU .* at tp=1 before any context, more than the 1 GB "
+                                         r"\(memory_gb\): raise tp"):
+        make_backend(tiny_llama, memory_gb=1)
+
+
+def test_batches_split_to_fit_memory(tiny_llama: Path) -> None:
+    from evalctx.memory import hf_rank_memory
+    from evalctx.plan import GB, shape_from_hf
+
+    shape = shape_from_hf(transformers.AutoConfig.from_pretrained(tiny_llama).to_dict())
+    tok = ByteTokenizer()
+    reqs = [GenerationRequest(sample_id=str(i), prompt_ids=tok.encode(f"The pass key is {i}1234. " * 12, True),
+                              prompt="", max_new_tokens=4) for i in range(3)]
+    n = len(reqs[0].prompt_ids) + 4
+    two = hf_rank_memory(shape, n, chunk=64, batch=2, dtype="fp32", attention="sdpa").total
+    three = hf_rank_memory(shape, n, chunk=64, batch=3, dtype="fp32", attention="sdpa").total
+    backend = make_backend(tiny_llama, chunk_size=64, memory_gb=(two + three) / 2 / GB)
+    out = backend.generate(reqs)
+    assert [r.batch_size for r in out] == [2, 2, 1]
+    assert [r.text for r in out] == [backend.generate([r])[0].text for r in reqs]
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference for a kernel that returns its log-sum-exp (GQA heads shared, upper-left causal)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = q.double() @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+    if causal:
+        scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).tril(), float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype), scores.logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 77), (64, 64), (64, 64 + 2048 + 1024 + 37), (30, 30 + 1024)])
+def test_split_attention_merges_blocks_exactly(monkeypatch: pytest.MonkeyPatch, q_len: int, k_len: int) -> None:
+    """The CUDA path's arithmetic (blocks of earlier keys + the causal square, merged by log-sum-exp), with the
+    kernels replaced by a float64 reference so it runs on CPU."""
+    from evalctx.backends.hf import attention
+
+    monkeypatch.setattr(attention, "_cudnn", _attention_with_lse)
+    monkeypatch.setattr(attention, "_flash", lambda q, k, v, s: _attention_with_lse(q, k, v, False, s)[0])
+    q = torch.randn(2, 4, q_len, 16)
+    k, v = torch.randn(2, 2, k_len, 16), torch.randn(2, 2, k_len, 16)
+    got = attention.split_attention(q, k, v, None)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=mask)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_prefix_blocks_repeat_few_shapes() -> None:
+    from evalctx.backends.hf.attention import prefix_blocks
+
+    assert prefix_blocks(0) == []
+    assert prefix_blocks(1000) == [(0, 1000)]
+    assert prefix_blocks(11 * 1024 + 5) == [(0, 8192), (8192, 10240), (10240, 11264), (11264, 11269)]
+    # every chunk of a 1M prefill in 8K chunks: 7 block sizes (8K..512K), at most 7 blocks per chunk
+    sizes = {b - a for p in range(0, 1 << 20, 8192) for a, b in prefix_blocks(p)}
+    assert len(sizes) == 7 and max(len(prefix_blocks(p)) for p in range(0, 1 << 20, 8192)) == 7

@@ -2,6 +2,8 @@
 
 Defaults come from the config: an engine config.json gives dtype, KV dtype, tp, pp, max_num_tokens, tokens per
 block and max_seq_len; a Hugging Face config.json gives the shape only. Flags override.
+With ``--backend hf`` it prints what the hf backend's memory preflight decides (evalctx.memory): weights, a KV
+cache preallocated for the whole context, one prefill chunk's activations and a reserve, per tp.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from evalctx.argtypes import fraction, non_negative_float, positive_float, positive_int
+from evalctx.dtypes import canonical_dtype
 from evalctx.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError
 from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, Plan,
@@ -52,6 +55,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="per-GPU memory for CUDA context, NCCL and TensorRT workspaces (default 2)")
     p.add_argument("--kv-headroom", type=non_negative_float, default=0.05,
                    help="extra fraction on max_tokens_in_paged_kv_cache (default 0.05)")
+    p.add_argument("--backend", choices=("trtllm", "hf"), default="trtllm",
+                   help="whose memory layout to plan (default trtllm; hf: what the hf backend's preflight decides)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="hf: prefill chunk in tokens (default: the hf backend's default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -150,7 +157,69 @@ def position_warning(p: Plan) -> str | None:
             "position embeddings cannot run there at all")
 
 
+def _hf(args: argparse.Namespace) -> str:
+    """The hf backend's view: per tp, weights + preallocated KV + chunk activations + reserve, and what fits."""
+    from evalctx.backends.hf.backend import HFBackend
+    from evalctx.memory import hf_rank_memory, longest_fitting
+
+    shape, engine = load_shape(_config_path(args.config))
+    if engine is not None:
+        raise UsageError("evalctx plan --backend hf: pass a Hugging Face model directory, not a TensorRT-LLM engine")
+    hf_dtypes = ("fp32", "fp16", "bf16")
+    given = canonical_dtype(args.weight_dtype, None, "--weight-dtype") if args.weight_dtype else None
+    dtype = given or _hf_dtype(shape.source) or "bf16"
+    if dtype not in hf_dtypes:
+        raise UsageError(f"evalctx plan --backend hf: the hf backend runs fp32, fp16 or bf16, not {dtype}")
+    if args.kv_dtype and canonical_dtype(args.kv_dtype, None, "--kv-dtype") != dtype:
+        raise UsageError("evalctx plan --backend hf: the hf backend keeps the KV cache in the model dtype; "
+                         "drop --kv-dtype")
+    if not args.context:
+        raise UsageError("evalctx plan: pass --context TOKENS (prompt plus generated)")
+    chunk = HFBackend.Options().chunk_size if args.chunk_size is None else args.chunk_size
+    tp = args.tp or 1
+    if shape.num_attention_heads % tp or shape.num_kv_heads % tp:
+        raise UsageError(f"tp {tp} does not divide the {shape.num_attention_heads} attention and "
+                         f"{shape.num_kv_heads} KV heads")
+    common = dict(chunk=chunk, batch=args.batch, dtype=dtype, reserve_gb=args.reserve_gb)
+    tps = [t for t in (1, 2, 4, 8, 16) if shape.num_attention_heads % t == 0 and shape.num_kv_heads % t == 0]
+    rows = {t: hf_rank_memory(shape, args.context, tp=t, **common) for t in sorted({tp, *tps})}
+    gpu = args.gpu_memory * GB if args.gpu_memory else None
+    longest = {t: longest_fitting(shape, gpu, tp=t, **common) for t in rows} if gpu else {}
+    if args.json:
+        return json.dumps({"backend": "hf", "shape": shape.__dict__, "context": args.context, "dtype": dtype,
+                           "chunk_size": chunk, "gpu_memory_gb": args.gpu_memory, "per_rank": rows[tp].to_dict(),
+                           "by_tp": [{**m.to_dict(), "fits": m.fits(gpu) if gpu else None,
+                                      "longest_context": longest.get(t)} for t, m in rows.items()]}, indent=2)
+    m = rows[tp]
+    lines = [
+        f"model    {shape.architecture or 'model'} from {shape.source}",
+        f"hf       {dtype} weights and KV cache, KV preallocated for {args.context:,} tokens x batch {args.batch}, "
+        f"prefill chunk {m.chunk}, lower-right SDPA (no mask tensor)",
+        "",
+        f"per rank at tp {tp}".ljust(36) + "GB",
+        f"  weights                        {_gb(m.weights):>8}",
+        f"  KV cache                       {_gb(m.kv_cache):>8}",
+        f"  activations (chunk {m.chunk:>6})    {_gb(m.activations):>8}",
+        f"  reserve                        {_gb(m.reserve):>8}",
+        f"  total                          {_gb(m.total):>8}",
+        "",
+        "  tp   weights        KV      act.     total   fits   longest context that fits",
+    ]
+    for t, r in rows.items():
+        fits = "-" if gpu is None else "yes" if r.fits(gpu) else "no"
+        lines.append(f"  {t:>2} {_gb(r.weights):>9} {_gb(r.kv_cache):>9} {_gb(r.activations):>9} {_gb(r.total):>9}"
+                     f"   {fits:>4}   {format(longest[t], ',') if gpu else '-'}")
+    if gpu:
+        best = next((t for t, r in rows.items() if r.fits(gpu)), None)
+        lines.append(f"smallest tp that fits {args.gpu_memory:g} GB per GPU: "
+                     + (f"tp {best}" if best else "none (a shorter context, or a smaller batch)"))
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.backend == "hf":
+        print(_hf(args))
+        return 0
     p = _resolve(args)
     warning = position_warning(p)
     if warning:

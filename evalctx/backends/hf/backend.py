@@ -1,0 +1,444 @@
+"""Hugging Face transformers backend: greedy decoding with chunked prefill into a preallocated KV cache, on CPU or
+CUDA, one GPU or ``tp`` GPUs per replica, offline.
+
+Chunked prefill keeps activation memory bounded at long context: the prompt goes through the model ``chunk_size``
+tokens at a time into a KV cache allocated once for prompt plus budget (:mod:`.cache`), computing logits for the
+last position only; attention of each chunk against all keys so far runs on the flash kernel (:mod:`.attention`).
+With ``tp > 1`` each replica is ``tp`` MPI ranks sharing one torch.distributed group and transformers' own tensor
+parallel plan (:mod:`.parallel`); every rank runs the same batch, the leader's results are kept.
+Before loading, the weights must fit; before any generation, each sample's weights + KV cache + activations must
+fit the GPU (:mod:`evalctx.memory`), else the sample is an ``unsupported`` row that says by how much.
+TTFT is the prefill time through the first generated token; latency covers decode too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+from evalctx.backends.base import Backend, BackendContext
+from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels,
+                                           register_lower_right_sdpa)
+from evalctx.dtypes import torch_dtype_name
+from evalctx.errors import UsageError, require_extra
+from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
+from evalctx.records import GenerationRequest, GenerationResult, Sample
+from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
+
+_DTYPES = {"auto": None, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class HFBackend(Backend):
+    name: ClassVar[str] = "hf"
+
+    @dataclass
+    class Options:
+        device: str = "auto"
+        """auto (CUDA if present, one GPU per local rank), cpu, cuda or cuda:N."""
+        dtype: str = "auto"
+        """auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 (any spelling: fp16, half, bf16)."""
+        chunk_size: int = 4096
+        """Prefill chunk in tokens; 0 = the whole prompt at once."""
+        attn_implementation: str = "auto"
+        """Any transformers attention, or "evalctx_sdpa" (lower-right causal SDPA without a mask tensor: less
+        memory and faster kernels for chunked prefill at long context). "auto": evalctx_sdpa on CUDA for plain
+        causal architectures without sliding windows, else "sdpa"."""
+        threads: int = 0
+        """torch CPU threads (0 = torch's default)."""
+        tp: int = 1
+        """Tensor-parallel ranks per replica (transformers' tp plan over one torch.distributed group per replica:
+        NCCL on CUDA, gloo on CPU). ``mpirun -n 4 ... tp=2`` is two replicas of two ranks."""
+        memory_gb: float = 0.0
+        """Memory per device (10^9 bytes) the memory preflight plans for; 0 = the CUDA device's total memory
+        (no memory check on CPU)."""
+        ignore_eos: bool = False
+        """Decode all max_new_tokens even past an end-of-sequence token (for timing runs; the answer is still cut
+        at the first one)."""
+
+    @classmethod
+    def ranks_per_replica(cls, options: Any, model: str | None) -> int:
+        if options.tp < 1:
+            raise UsageError(f"backend hf: tp must be >= 1, got {options.tp}")
+        return int(options.tp)
+
+    def __init__(self, options: Any, ctx: BackendContext) -> None:
+        super().__init__(options, ctx)
+        require_extra("torch", "hf")
+        require_extra("transformers", "hf")
+        # Spinning OpenMP workers made each CPU decode step ~7x slower on a busy 2-core machine; waiting
+        # passively costs nothing measurable when the cores are free. Must be set before torch first loads.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch
+        import transformers
+
+        # The run has its own progress line; transformers' per-load bars would interleave with it on stderr.
+        transformers.utils.logging.disable_progress_bar()
+
+        from evalctx.models import resolve_model
+
+        dtype = options.dtype if options.dtype == "auto" else torch_dtype_name(options.dtype, "backend hf dtype")
+        if options.chunk_size < 0:
+            raise UsageError("backend hf: chunk_size must be >= 0")
+        if options.memory_gb < 0:
+            raise UsageError("backend hf: memory_gb must be >= 0 (0 = the device's own memory)")
+        if ctx.model is None:
+            raise UsageError("backend hf needs --model (a model directory or an embedded name such as 'tiny')")
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.torch = torch
+        self.tp = int(options.tp)
+        self.device = self._pick_device(options.device, ctx)
+        if self.tp > 1 and self.device.type == "cpu" and torch.cuda.is_available():
+            raise UsageError("backend hf: tp > 1 uses the GPUs on a machine that has them; drop device=cpu")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.short_dtype = _DTYPES[dtype]
+        resolved = resolve_model(ctx.model)
+        self.model_name = resolved.name
+        self.model_path = resolved.path
+        self.config = self._load_config(resolved)
+        self.attn_implementation = options.attn_implementation
+        if self.attn_implementation == "auto":
+            self.attn_implementation = auto_attention(self.config, self.device.type == "cuda")
+        if self.attn_implementation == LOWER_RIGHT_SDPA:
+            register_lower_right_sdpa()
+        self._init_memory_model()
+        self._check_weights_fit()
+        if self.tp > 1:
+            from evalctx.backends.hf.parallel import check_divides, init_replica_group
+
+            if self.config is not None:
+                check_divides(self.config, self.tp)
+            init_replica_group(ctx.replica_comm, ctx.rank_in_replica, self.tp, self.device)
+        self.model = self._load_model(resolved)
+        # transformers renamed past_key_values to cache (5.2x); pass whichever this version's forward takes.
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = getattr(ctx.tokenizer, "eos_token_id", None)
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_positions: int | None = int(limit) if limit else None
+        self._cache: Any = None
+        self.check_tokenizer(resolved)
+
+    @staticmethod
+    def _pick_device(spec: str, ctx: BackendContext) -> Any:
+        import torch
+
+        from evalctx.backends.hf.parallel import local_rank
+
+        if spec == "auto":
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        if spec.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("backend hf: device=cuda but no CUDA device is visible; use device=cpu")
+        device = torch.device(spec)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return device
+
+    def _load_config(self, resolved: Any) -> Any:
+        """The model's transformers config, or None when it cannot be read (the model load reports why)."""
+        from transformers import AutoConfig
+
+        kw: dict[str, Any] = {"local_files_only": True}
+        if resolved.gguf_file:
+            kw["gguf_file"] = resolved.gguf_file
+        try:
+            return AutoConfig.from_pretrained(str(resolved.path), **kw)
+        except (OSError, ValueError):
+            return None
+
+    def _load_model(self, resolved: Any) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": self.dtype,
+                                  "attn_implementation": self.attn_implementation}
+        if resolved.gguf_file:
+            kwargs["gguf_file"] = resolved.gguf_file
+        if self.tp > 1:
+            from evalctx.backends.hf.parallel import tp_load_kwargs
+
+            kwargs.update(tp_load_kwargs(self.tp))
+        elif self.device.type == "cuda":
+            kwargs["device_map"] = str(self.device)  # straight to the GPU, not through host memory
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"backend hf: cannot load a model from {resolved.path}: {exc}".split("\n")[0]) from exc
+        return (model if self.tp > 1 else model.to(self.device)).eval()
+
+    # --- memory ------------------------------------------------------------------------------------------------
+    def _init_memory_model(self) -> None:
+        """The shape and per-device capacity the memory preflight uses; ``memory_note`` says why it is off."""
+        from evalctx.plan import GB, shape_from_hf
+
+        self.shape = None
+        self.memory_capacity: float | None = None
+        self.memory_note = ""
+        if self.options.memory_gb:
+            self.memory_capacity = self.options.memory_gb * GB
+        elif self.device.type == "cuda":
+            self.memory_capacity = float(self.torch.cuda.get_device_properties(self.device).total_memory)
+        else:
+            self.memory_note = "off on CPU (set memory_gb to plan for a memory size)"
+            return
+        if self.config is None:
+            self.memory_note = "off: the model config could not be read"
+            return
+        try:
+            self.shape = shape_from_hf(self.config.to_dict(), str(self.model_path))
+        except UsageError as exc:
+            self.memory_note = f"off: {exc}"
+        if self.memory_note and self.ctx.world_rank == 0:
+            print(f"evalctx: hf memory preflight {self.memory_note}", file=sys.stderr)
+
+    def _memory(self, tokens: int, batch: int = 1, tp: int | None = None) -> Any:
+        from evalctx.memory import hf_rank_memory
+
+        return hf_rank_memory(self.shape, tokens, chunk=self.options.chunk_size, batch=batch, tp=tp or self.tp,
+                              dtype=self.short_dtype, attention=self.attn_implementation)
+
+    def _capacity_text(self) -> str:
+        from evalctx.plan import GB
+
+        where = f"{self.options.memory_gb:g} GB (memory_gb)" if self.options.memory_gb else \
+            f"{self.memory_capacity / GB:.1f} GB on {self.torch.cuda.get_device_name(self.device)}"
+        return where
+
+    def _check_weights_fit(self) -> None:
+        """Refuse before loading when even a one-token sample cannot fit: more tp is the only way out."""
+        if self.shape is None or self.memory_capacity is None:
+            return
+        mem = self._memory(1)
+        if not mem.fits(self.memory_capacity):
+            raise UsageError(f"backend hf: the model needs {mem.breakdown()} at tp={self.tp} before any context, "
+                             f"more than the {self._capacity_text()}: raise tp")
+
+    def check_tokenizer(self, resolved: Any) -> None:
+        """The tokenizer that builds the prompts must be this model's (evalctx.tokenizer_check): UsageError."""
+        own = own_tokenizer(resolved.path, resolved.gguf_file, self.ctx.tokenizer)
+        rows = self.model.get_input_embeddings().num_embeddings
+        check_tokenizer(self.ctx.tokenizer, resolved.name, rows, own, own_spec=self.ctx.model)
+
+    def limits(self) -> EngineLimits:
+        """What the model's config lets it see: a sliding window in every layer or learned absolute positions make
+        longer prompts unsupported; RoPE positions beyond max_position_embeddings run, flagged."""
+        return limits_from_hf_config(self.model.config.to_dict())
+
+    def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
+        """Samples the model cannot see whole (:meth:`limits`), then samples whose weights + KV cache (prompt +
+        budget) + activations do not fit one GPU of the replica, with the numbers and what would fit; decided
+        from the configuration and arithmetic alone, so every rank decides the same."""
+        out = preflight(samples, self.limits())
+        if self.shape is None or self.memory_capacity is None:
+            return out
+        reasons: dict[tuple[int, int], str | None] = {}
+        for s in samples:
+            if s.id in out:
+                continue
+            key = (s.context_length, s.max_new_tokens)
+            if key not in reasons:
+                reasons[key] = self._memory_reason(*key)
+            if reasons[key] is not None:
+                out[s.id] = reasons[key]
+        return out
+
+    def _memory_reason(self, prompt: int, budget: int) -> str | None:
+        from evalctx.memory import longest_fitting
+
+        mem = self._memory(prompt + budget)
+        if mem.fits(self.memory_capacity):
+            return None
+        heads = self.shape.num_attention_heads
+        kv = self.shape.num_kv_heads
+        bigger = [t for t in (2, 4, 8, 16) if t > self.tp and heads % t == 0 and kv % t == 0
+                  and self._memory(prompt + budget, tp=t).fits(self.memory_capacity)]
+        longest = longest_fitting(self.shape, self.memory_capacity, chunk=self.options.chunk_size, tp=self.tp,
+                                  dtype=self.short_dtype, attention=self.attn_implementation)
+        fixes = [f"tp={bigger[0]} fits it"] if bigger else []
+        fixes.append(f"lengths <= {max(0, longest - budget)} fit at tp={self.tp}")
+        return (f"prompt {prompt} + max_new_tokens {budget} needs {mem.breakdown()} at tp={self.tp}, more than the "
+                f"{self._capacity_text()}: {'; '.join(fixes)}")
+
+    def _max_batch(self, tokens: int, wanted: int) -> int:
+        """The largest batch of ``tokens``-position sequences (at most ``wanted``) that fits one GPU."""
+        if self.shape is None or self.memory_capacity is None:
+            return wanted
+        b = wanted
+        while b > 1 and not self._memory(tokens, batch=b).fits(self.memory_capacity):
+            b -= 1
+        return b
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        lengths = {len(r.prompt_ids) for r in batch}
+        budgets = {r.max_new_tokens for r in batch}
+        groups = [list(batch)] if len(lengths) == 1 and len(budgets) == 1 else [[r] for r in batch]
+        out: list[GenerationResult] = []
+        for group in groups:
+            size = self._max_batch(len(group[0].prompt_ids) + group[0].max_new_tokens, len(group))
+            for i in range(0, len(group), size):
+                out.extend(self._generate_group(group[i:i + size]))
+        return out
+
+    def _generate_group(self, group: list[GenerationRequest]) -> list[GenerationResult]:
+        torch = self.torch
+        try:
+            return self._run(group)
+        except torch.cuda.OutOfMemoryError as exc:
+            self._cache = None
+            msg = f"CUDA out of memory at {len(group[0].prompt_ids)} tokens x batch {len(group)}: " \
+                  f"lower chunk_size or batch size ({str(exc).splitlines()[0][:160]})"
+            if self.tp > 1:  # the other ranks wait in a collective this rank will never join: end the job
+                raise RuntimeError(msg) from exc
+            torch.cuda.empty_cache()  # a sample-level failure: report it, free memory, go on
+            return [GenerationResult(text=None, error=msg, n_prompt_tokens=len(r.prompt_ids), batch_size=len(group))
+                    for r in group]
+
+    def _cache_for(self, batch: int, capacity: int) -> Any:
+        """An empty KV cache for ``batch`` sequences of ``capacity`` positions, reusing the last one when it has
+        the same batch and room without being far larger (a peak-memory reading should describe this sample)."""
+        from evalctx.backends.hf.cache import PreallocatedCache
+
+        old = self._cache
+        if old is not None and old.batch == batch and capacity <= old.capacity <= capacity * 5 // 4:
+            old.crop_to(0)
+            return old
+        self._cache = None  # release the old buffers before the new ones are allocated
+        del old
+        self._cache = PreallocatedCache(self.model.config.num_hidden_layers, capacity, batch)
+        return self._cache
+
+    def _run(self, group: list[GenerationRequest]) -> list[GenerationResult]:
+        torch = self.torch
+        n = len(group[0].prompt_ids)
+        bsz = len(group)
+        max_new = group[0].max_new_tokens
+        ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self.device)
+        chunk = self.options.chunk_size or n
+        cache = self._cache_for(bsz, n + max_new)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = None
+            for start in range(0, n, chunk):
+                outp = self.model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
+                                  **{self._cache_kw: cache})
+                logits = outp.logits
+            assert logits is not None
+            next_tok = logits[:, -1, :].argmax(dim=-1)
+            self._sync()
+            ttft = time.perf_counter() - t0
+            generated = self._decode(cache, next_tok, max_new)
+            self._sync()
+            latency = time.perf_counter() - t0
+        tokens = torch.stack(generated, dim=1).tolist()
+        peak = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+        results = []
+        for row in tokens:
+            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            kept = row if cut is None else row[:cut]
+            results.append(GenerationResult(
+                text=self.ctx.tokenizer.decode(kept), n_prompt_tokens=n, n_output_tokens=len(kept) + (cut is not None),
+                latency_s=latency, ttft_s=ttft, batch_size=bsz,
+                finish_reason="stop" if cut is not None else "length", peak_memory_bytes=peak,
+                n_cached_prompt_tokens=0,
+            ))
+        return results
+
+    def _decode(self, cache: Any, next_tok: Any, max_new: int) -> list[Any]:
+        """Greedy decode until every sequence has ended or ``max_new`` tokens exist (the first included).
+
+        On CUDA the end check reads the flag of the token before the newest one, which is ready without waiting
+        for the step in flight: the host queues step k+1 while the GPU runs step k, at the cost of at most one
+        step past the end (its token is cut with everything after the end token). Every rank of a tp replica
+        sees the same gathered logits, so all take the same number of steps.
+        """
+        torch = self.torch
+        generated = [next_tok]
+        eos = None
+        if self.eos_ids and not self.options.ignore_eos:
+            eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+        lag = 1 if self.device.type == "cuda" else 0
+        flags: list[tuple[Any, Any]] = []
+        done = torch.zeros(next_tok.shape[0], dtype=torch.bool, device=self.device)
+        for _ in range(max_new - 1):
+            if eos is not None:
+                done |= torch.isin(next_tok, eos)
+                flags.append(self._flag(done.all()))
+                if len(flags) > lag and self._read(flags[-1 - lag]):
+                    break
+            outp = self.model(input_ids=next_tok[:, None], use_cache=True, logits_to_keep=1,
+                              **{self._cache_kw: cache})
+            next_tok = outp.logits[:, -1, :].argmax(dim=-1)
+            generated.append(next_tok)
+        return generated
+
+    def _flag(self, value: Any) -> tuple[Any, Any]:
+        """Start copying a 0-d bool tensor to the host; on CUDA without waiting for it."""
+        if self.device.type != "cuda":
+            return None, value
+        host = self.torch.empty((), dtype=self.torch.bool, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        event = self.torch.cuda.Event()
+        event.record()
+        return event, host
+
+    @staticmethod
+    def _read(flag: tuple[Any, Any]) -> bool:
+        event, value = flag
+        if event is not None:
+            event.synchronize()
+        return bool(value)
+
+    # ------------------------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        from evalctx.plan import GB
+
+        cfg = self.model.config
+        d = super().info()
+        d.update({
+            "model": self.model_name,
+            "model_path": str(self.model_path),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attn_implementation": self.attn_implementation,
+            "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
+            "tp": self.tp,
+            "model_config": {k: getattr(cfg, k, None) for k in (
+                "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling")},
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            "memory_preflight": self.memory_note or f"on: {self.memory_capacity / GB:.1f} GB per device",
+            "torch": self.torch.__version__,
+            "gpu": self.torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+        })
+        return d
+
+    def row_columns(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": self.model_name, "hf_dtype": str(self.dtype).replace("torch.", ""),
+                "hf_device": self.device.type, "hf_chunk_size": self.options.chunk_size,
+                "hf_attn_implementation": self.attn_implementation, "hf_tp": self.tp}
+
+    def close(self) -> None:
+        self._cache = None
+        if self.tp > 1:
+            from evalctx.backends.hf.parallel import close_replica_group
+
+            close_replica_group()
