@@ -30,6 +30,11 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'evalctx' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    # The lazy names are attributes too: tab completion and dir() should offer them.
+    return sorted({*globals(), *_LAZY})
+
 __all__ = [
     "GenerationRequest",
     "GenerationResult",
