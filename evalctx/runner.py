@@ -328,7 +328,8 @@ class Runner:
                 for m in w.poll_root(TAG_PROGRESS):
                     progress.update(*m)
                 if w.comm is not None and w.comm.iprobe(tag=TAG_DONE):
-                    w.recv_root(TAG_DONE)
+                    # World rank 0 reports the run's new samples: its own and every other leader's.
+                    n_new += w.recv_root(TAG_DONE)[2]
                     pending_leaders -= 1
                 else:
                     time.sleep(0.01)

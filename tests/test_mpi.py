@@ -46,8 +46,9 @@ def test_replicas_match_single_process(tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(base, got)
         full = pd.read_parquet(tmp_path / f"n{n}" / "results.parquet")
         assert sorted(full["replica"].unique()) == list(range(n))
-        # Only rank 0 prints the table.
+        # Only rank 0 prints the table, and its closing line counts every replica's new samples.
         assert proc.stdout.count("run n") == 1
+        assert f"{len(base)} new of {len(base)} samples" in proc.stdout, proc.stdout
 
 
 def test_tp_followers_receive_identical_batches(tmp_path: Path) -> None:
