@@ -265,6 +265,10 @@ class Runner:
                     for reason in sorted(set(unsupported.values())):
                         print(f"evalctx: unsupported: {reason}", file=sys.stderr)
             runnable = [s for s in pending if s.id not in unsupported]
+            if w.is_root and self.cfg.progress:
+                # Named now, not only at the end: a long run's files can be watched (or found after a kill).
+                print(f"evalctx: run {self.run_id} -> {self.run_dir}: {len(runnable)} of {len(self.specs)} "
+                      f"samples to run", file=sys.stderr, flush=True)
             mine = shard(runnable, w.n_replicas)[w.replica]
             progress = Progress(len(runnable), sum(s.context_length for s in runnable),
                                 enabled=self.cfg.progress and w.is_root)
