@@ -45,7 +45,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "--engine-dir", dest="model", default=None,
                    help=f"model dir, engine dir, server model name or embedded name (default: {DEFAULT_MODEL})")
     p.add_argument("--tokenizer", "--tokenizer-dir", dest="tokenizer", default=None,
-                   help="tokenizer dir or 'byte' (default: the model dir)")
+                   help="tokenizer dir, embedded model name or 'byte' (default: the model dir; for the fake "
+                        f"backend without a model: {DEFAULT_MODEL}'s)")
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="one backend option per flag, repeatable (e.g. --backend-opt chunk_size=8192)")
     p.add_argument("--out", default="results", help="parent folder of run dirs (default: results)")
@@ -95,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or suite.model or (DEFAULT_MODEL if backend == "hf" else None)
     tokenizer = args.tokenizer
     if tokenizer is None and backend in ("fake", "fake-tp") and model is None:
-        tokenizer = "byte"
+        tokenizer = DEFAULT_MODEL  # the tokenizer the default suite's lengths are sized for
     cfg = RunConfig(
         suite=suite, backend=backend, backend_options=parse_kv_flags(args.backend_opt), model=model,
         tokenizer=tokenizer, out_dir=Path(args.out), run_id=args.run_id, label=args.label,
