@@ -71,6 +71,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None)
     p.add_argument("--with-ids", action="store_true", help="include prompt_ids")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -123,8 +124,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code(outcome.status)
 
 
+def _size(n_bytes: float) -> str:
+    if n_bytes < 1e6:
+        return f"{n_bytes / 1e3:.1f} kB"
+    return f"{n_bytes / 1e6:,.0f} MB" if n_bytes >= 10e6 else f"{n_bytes / 1e6:.1f} MB"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
+    from evalctx.progress import Progress
     from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
@@ -132,15 +140,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.tokenizer)
     builder = SampleBuilder(suite, tok)
     specs = builder.specs()
+    n_tokens = sum(s.context_length for s in specs)
+
+    def record(spec) -> dict:  # type: ignore[no-untyped-def]
+        return builder.build(spec).to_json(with_ids=args.with_ids)
+
+    # Said before the work: a 1M-token suite takes minutes and hundreds of MB. From the shortest sample: its
+    # prompt (and ids) bytes per token, scaled to every length, plus its other fields once per line.
+    shortest = min(specs, key=lambda s: s.context_length, default=None)
+    if shortest is not None:
+        rec = record(shortest)
+        per_len = len(json.dumps(rec["prompt"])) + len(json.dumps(rec.get("prompt_ids", "")))
+        fixed = len(json.dumps(rec)) + 1 - per_len
+        est = fixed * len(specs) + per_len / shortest.context_length * n_tokens
+        print(f"evalctx: generating {len(specs)} samples, {n_tokens:,} prompt tokens, about {_size(est)} -> "
+              f"{args.out}", file=sys.stderr, flush=True)
     out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    progress = Progress(len(specs), n_tokens, enabled=not args.no_progress)
+    written = 0
     try:
         for spec in specs:
-            out.write(json.dumps(builder.build(spec).to_json(with_ids=args.with_ids)) + "\n")
+            text = json.dumps(record(spec)) + "\n"
+            out.write(text)
+            written += len(text.encode("utf-8"))
+            progress.update(1, spec.context_length)
     finally:
+        progress.close()
         if out is not sys.stdout:
             out.close()
-    if args.out != "-":
-        print(f"wrote {len(specs)} samples to {args.out}", file=sys.stderr)
+    print(f"evalctx: wrote {len(specs)} samples ({_size(written)}) to {args.out}", file=sys.stderr)
     return 0
 
 

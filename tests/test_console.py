@@ -4,6 +4,7 @@ dir named when the run starts."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -71,3 +72,21 @@ def test_run_dir_is_named_when_the_run_starts(tmp_path: Path, capsys: pytest.Cap
     first = err.splitlines()[0]
     assert first == f"evalctx: run r -> {tmp_path / 'r'}: 18 of 18 samples to run"
     assert err.count("18/18 samples") == 1
+
+
+def test_generate_says_its_size_up_front_and_shows_progress(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    out = tmp_path / "s.jsonl"
+    assert main(["generate", "--suite", SUITE, "--tokenizer", "byte", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    m = re.fullmatch(r"evalctx: generating 18 samples, ([\d,]+) prompt tokens, about ([\d.]+) kB -> (.+)", err[0])
+    assert m, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert int(m.group(1).replace(",", "")) == sum(r["context_length"] for r in rows)
+    assert m.group(3) == str(out)
+    # The estimate (said before any prompt but the shortest is built) is within 5% of what was written.
+    assert float(m.group(2)) == pytest.approx(out.stat().st_size / 1e3, rel=0.05)
+    assert sum("18/18 samples" in x for x in err) == 1
+    assert err[-1] == f"evalctx: wrote 18 samples ({out.stat().st_size / 1e3:.1f} kB) to {out}"
