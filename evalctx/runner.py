@@ -121,9 +121,11 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
     prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
     decode_tps = None
-    if res.latency_s and res.ttft_s is not None and res.n_output_tokens and res.n_output_tokens > 1 \
-            and res.latency_s > res.ttft_s:
-        decode_tps = (res.n_output_tokens - 1) / (res.latency_s - res.ttft_s)
+    # Decode steps: every generated token after the first, prefill's; an answer that stopped on EOS took one more
+    # step for that EOS, which n_output_tokens does not count.
+    steps = (res.n_output_tokens or 0) - 1 + (res.finish_reason == "stop")
+    if res.latency_s and res.ttft_s is not None and steps > 0 and res.latency_s > res.ttft_s:
+        decode_tps = steps / (res.latency_s - res.ttft_s)
     meta = {f"meta_{k}": v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool))}
     rec = SampleRecord(
         run_id=run_id, sample_id=sample.id, task=sample.task, context_length=sample.context_length,
