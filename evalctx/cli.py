@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     ("compare", "evalctx.commands.compare"),
     ("nightly-gate", "evalctx.commands.nightly"),
     ("serve", "evalctx.commands.serve"),
+    ("show", "evalctx.commands.show"),
 ]
 
 DEFAULT_SUITE = "default"
@@ -57,6 +58,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="override every task's lengths")
     p.add_argument("--samples", type=int, default=None, help="override samples per cell")
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None, help="override every task's mode")
+    p.add_argument("--tasks", nargs="+", metavar="NAME", default=None,
+                   help="run only these tasks of the suite (names as `evalctx tasks` lists them)")
+    p.add_argument("--log-samples", nargs="?", const="excerpt", choices=("excerpt", "full"), default=None,
+                   help="also keep the prompts in RUN_DIR/prompts/: 'excerpt' (the default) keeps a prompt of up "
+                        "to 8000 characters whole and a longer one as head, needle region and tail; 'full' keeps "
+                        "every prompt whole. `evalctx show RUN SAMPLE_ID` prints one")
     p.add_argument("--no-retry-errors", action="store_true", help="on resume, keep earlier error rows")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -70,11 +77,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None)
+    p.add_argument("--tasks", nargs="+", metavar="NAME", default=None, help="only these tasks of the suite")
     p.add_argument("--with-ids", action="store_true", help="include prompt_ids")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.tasks:
+        have = list(dict.fromkeys(t.task for t in suite.tasks))
+        unknown = [n for n in args.tasks if n not in have]
+        if unknown:
+            raise UsageError(f"--tasks: {', '.join(unknown)} not in suite {suite.name} (it has: {', '.join(have)})")
+        suite.tasks = [t for t in suite.tasks if t.task in args.tasks]
     for t in suite.tasks:
         if args.lengths:
             t.lengths = list(args.lengths)
@@ -102,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite=suite, backend=backend, backend_options=parse_kv_flags(args.backend_opt), model=model,
         tokenizer=tokenizer, out_dir=Path(args.out), run_id=args.run_id, label=args.label,
         batch_size=args.batch_size, retry_errors=not args.no_retry_errors, progress=not args.no_progress,
-        command=shlex.join(["evalctx", *sys.argv[1:]]),
+        command=shlex.join(["evalctx", *sys.argv[1:]]), log_samples=args.log_samples,
     )
     runner = Runner(cfg)
     outcome = runner.run()

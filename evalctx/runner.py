@@ -26,7 +26,7 @@ from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
 from evalctx.errors import LengthError, UsageError
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
-from evalctx.results import rundir
+from evalctx.results import prompts, rundir
 from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
 from evalctx.tokenizer import Tokenizer, load_tokenizer
@@ -47,6 +47,8 @@ class RunConfig:
     retry_errors: bool = True
     progress: bool = True
     command: str = ""
+    log_samples: str | None = None
+    """``excerpt`` or ``full``: also keep each prompt in prompts/ (see results.prompts); None: only its hash."""
 
 
 @dataclass
@@ -296,6 +298,8 @@ class Runner:
                     return 0
                 backend.generate(reqs)
         journal = rundir.Journal(self.run_dir, f"replica-{w.replica}")
+        prompt_log = rundir.Journal(self.run_dir, f"replica-{w.replica}", prompts.PROMPTS_DIR) \
+            if self.cfg.log_samples else None
         n_new = 0
         try:
             for batch in batches(mine, self.batch_size):
@@ -316,6 +320,9 @@ class Runner:
                             "own tokenizer with --tokenizer")
                 rows = [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
                 journal.append(rows)
+                if prompt_log is not None:
+                    prompt_log.append(prompts.prompt_record(s, str(self.cfg.log_samples), self.tokenizer)
+                                      for s in samples)
                 n_new += len(rows)
                 n_err = sum(1 for r in rows if r["status"] == "error")
                 msg = (len(rows), sum(s.context_length for s in samples), n_err)
@@ -327,6 +334,8 @@ class Runner:
                     w.send_to_root(msg, TAG_PROGRESS)
         finally:
             journal.close()
+            if prompt_log is not None:
+                prompt_log.close()
         w.bcast_replica(None)  # release this replica's followers
         if w.is_root:
             pending_leaders = w.n_replicas - 1

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 JOURNAL_DIR = "journal"
 MANIFEST = "manifest.json"
@@ -46,8 +46,8 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 class Journal:
     """One append-only JSONL file per writer: ``replica-R`` (its leader) or ``preflight`` (world rank 0)."""
 
-    def __init__(self, run_dir: Path, name: str) -> None:
-        self.path = run_dir / JOURNAL_DIR / f"{name}.jsonl"
+    def __init__(self, run_dir: Path, name: str, folder: str = JOURNAL_DIR) -> None:
+        self.path = run_dir / folder / f"{name}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
 
@@ -63,15 +63,11 @@ class Journal:
         self._f.close()
 
 
-def read_journals(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """All journaled rows by sample id; a later row for the same id wins (a retried error row)."""
-    rows: dict[str, dict[str, Any]] = {}
-    folder = run_dir / JOURNAL_DIR
+def read_jsonl(folder: Path) -> Iterator[dict[str, Any]]:
+    """The records with a ``sample_id`` of every ``*.jsonl`` file in ``folder``, file by file, in file order."""
     if not folder.is_dir():
-        return rows
-    paths = sorted(folder.glob("*.jsonl"))
-    entries: list[dict[str, Any]] = []
-    for p in paths:
+        return
+    for p in sorted(folder.glob("*.jsonl")):
         with p.open("r", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.endswith("\n"):
@@ -80,13 +76,20 @@ def read_journals(run_dir: Path) -> dict[str, dict[str, Any]]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if not isinstance(row, dict) or "sample_id" not in row:
-                    continue  # not a record of ours
-                extra = row.pop("extra", None)  # rows are written flat; tolerate an unflattened one
-                if isinstance(extra, dict):
-                    for k, v in extra.items():
-                        row.setdefault(k, v)
-                entries.append(row)
+                if isinstance(row, dict) and "sample_id" in row:  # else not a record of ours
+                    yield row
+
+
+def read_journals(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """All journaled rows by sample id; a later row for the same id wins (a retried error row)."""
+    rows: dict[str, dict[str, Any]] = {}
+    entries: list[dict[str, Any]] = []
+    for row in read_jsonl(run_dir / JOURNAL_DIR):
+        extra = row.pop("extra", None)  # rows are written flat; tolerate an unflattened one
+        if isinstance(extra, dict):
+            for k, v in extra.items():
+                row.setdefault(k, v)
+        entries.append(row)
     # Across journals (a rerun with another rank count writes other replica files) order by finish time.
     entries.sort(key=lambda r: r.get("finished_at") or 0.0)
     for r in entries:
