@@ -109,7 +109,20 @@ def test_show_refuses_a_prompt_it_cannot_rebuild_exactly(tmp_path: Path, capsys:
     assert "fingerprint differs" in out and "The pass key" not in out
 
 
-@pytest.mark.parametrize("prefix, needle", [("zz", "no sample 'zz'"), ("", "matches 18 samples")])
+def test_show_selects_by_cell_and_wrong_answers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    df = run(tmp_path, "w", "--backend-opt", "miss_beyond=500")  # the oracle misses every 600-token needle
+    out = show(capsys, str(tmp_path / "w"), "--task", "passkey", "--wrong")
+    wrong = df[(df["task"] == "passkey") & (df["score"] == 0)].sort_values(["context_length", "depth", "sample_id"])
+    assert len(wrong) == 6 and (wrong["context_length"] == 600).all()
+    assert out.startswith(f"sample {wrong['sample_id'].iloc[0]} of run w (the first of 6 that match task passkey, "
+                          "--wrong)")
+    assert "completion: ' 99999999.'" in out
+    out = show(capsys, str(tmp_path / "w"), "--length", "300", "--depth", "1.0")
+    assert "context_length 300 tokens, depth 100%" in out and "the first of 2" in out
+
+
+@pytest.mark.parametrize("prefix, needle", [("zz", "no sample in this run matches id 'zz'"),
+                                            ("", "matches 18 samples")])
 def test_show_unknown_or_ambiguous_sample_is_exit_2(tmp_path: Path, prefix: str, needle: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     run(tmp_path, "u")

@@ -19,19 +19,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("show", help="print one sample: prompt (head, needle region, tail), target, completion",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("sample_id", metavar="SAMPLE_ID", help="a sample_id of the run, or a unique prefix of one")
+    p.add_argument("sample_id", metavar="SAMPLE_ID", nargs="?", default=None,
+                   help="a sample_id of the run, or a unique prefix of one; without it, the first sample (by task, "
+                        "length, depth, id) that the options below select")
+    p.add_argument("--task", default=None, help="select: this task")
+    p.add_argument("--length", type=int, default=None, help="select: this context length in tokens")
+    p.add_argument("--depth", type=float, default=None, help="select: this depth, a fraction 0..1")
+    p.add_argument("--wrong", action="store_true", help="select: a scored sample whose score is below 1")
     p.add_argument("--full", action="store_true", help="the whole prompt (as much of it as the log holds)")
     return p
 
 
-def _find(df: Any, prefix: str) -> Any:
-    hits = df[df["sample_id"].astype(str).str.startswith(prefix)]
+def _find(df: Any, args: argparse.Namespace) -> tuple[Any, int]:
+    """The selected row and how many matched (several only without SAMPLE_ID)."""
+    hits = df
+    if args.task is not None:
+        hits = hits[hits["task"] == args.task]
+    if args.length is not None:
+        hits = hits[hits["context_length"] == args.length]
+    if args.depth is not None:
+        hits = hits[(hits["depth"] - args.depth).abs() < 1e-6]
+    if args.wrong:
+        hits = hits[(hits["status"] == "ok") & (hits["score"] < 1.0)]
+    if args.sample_id is not None:
+        hits = hits[hits["sample_id"].astype(str).str.startswith(args.sample_id)]
+        if hits["sample_id"].nunique() > 1:
+            raise UsageError(f"sample id prefix {args.sample_id!r} matches {hits['sample_id'].nunique()} samples: "
+                             "give more of it")
     if hits.empty:
         some = ", ".join(df["sample_id"].astype(str).head(3))
-        raise UsageError(f"no sample {prefix!r} in this run (its sample ids look like: {some})")
-    if hits["sample_id"].nunique() > 1:
-        raise UsageError(f"sample id prefix {prefix!r} matches {hits['sample_id'].nunique()} samples: give more of it")
-    return hits.iloc[0]
+        raise UsageError(f"no sample in this run matches {_selection(args)} (its sample ids look like: {some})")
+    hits = hits.sort_values(["task", "context_length", "depth", "sample_id"])
+    return hits.iloc[0], len(hits)
+
+
+def _selection(args: argparse.Namespace) -> str:
+    parts = [f"id {args.sample_id!r}" if args.sample_id is not None else ""]
+    parts += [f"{k} {getattr(args, k)}" for k in ("task", "length", "depth") if getattr(args, k) is not None]
+    parts += ["--wrong" if args.wrong else ""]
+    return ", ".join(p for p in parts if p) or "(no selection)"
 
 
 def _rebuild(manifest: dict[str, Any], row: Any, full: bool) -> dict[str, Any] | str:
@@ -73,10 +99,11 @@ def main(args: argparse.Namespace) -> int:
     from evalctx.results.prompts import read_prompts, render
 
     run_dir = Path(args.run)
-    row = _find(load_run(run_dir), args.sample_id)
+    row, n_match = _find(load_run(run_dir), args)
     depth = _value(row, "depth")
     actual = _value(row, "depth_actual")
-    print(f"sample {row['sample_id']} of run {row['run_id']}")
+    more = f" (the first of {n_match} that match {_selection(args)})" if n_match > 1 else ""
+    print(f"sample {row['sample_id']} of run {row['run_id']}{more}")
     print(f"task {row['task']}, context_length {int(row['context_length']):,} tokens, depth "
           f"{'' if depth is None else f'{100 * depth:g}%'}"
           f"{'' if actual is None else f' (actual {100 * actual:.1f}%)'}, needle at token "
