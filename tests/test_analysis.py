@@ -105,6 +105,16 @@ def test_wilson_known_values(succ: int, n: int, lo: float, hi: float) -> None:
     assert got == pytest.approx((lo, hi), abs=1e-4)
 
 
+def test_wilson_matches_scipy_for_whole_counts() -> None:
+    # The formula is kept by hand because it also takes fractional successes (partial-credit scores), which
+    # scipy's binomtest does not; for whole counts both must agree.
+    stats = pytest.importorskip("scipy.stats")
+    for n in (1, 2, 5, 20, 37, 100):
+        for k in range(n + 1):
+            ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+            assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9), (k, n)
+
+
 def test_summary_uses_wilson_and_counts_errors_apart(tmp_path) -> None:
     run = write_run(tmp_path, "r1", lengths=(4096, 8192), depths=(0.5,), samples=20, miss_from=8192,
                     miss_rate=0.5)
