@@ -1,4 +1,5 @@
-"""The ``evalctx`` command: run, generate, tasks, plus plan/report/compare/nightly-gate from their own modules.
+"""The ``evalctx`` command: run, generate, tasks, plus plan/report/compare/nightly-gate/serve/show from their own
+modules.
 
 Bad input is one line on stderr and exit 2, never a traceback. Under mpirun only world rank 0 prints.
 """
