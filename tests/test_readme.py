@@ -147,7 +147,7 @@ def check_options(cmd: Command) -> None:
 
 
 def fresh_copy(dest: Path) -> Path:
-    """The repository's files as a fresh clone has them (tracked and new files, nothing ignored)."""
+    """A fresh clone: the repository's files (tracked and new ones, nothing ignored) in a new git repository."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
@@ -155,6 +155,10 @@ def fresh_copy(dest: Path) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    git_env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run(["git", *args], cwd=dest, env=git_env, check=True, capture_output=True)
     return dest
 
 
