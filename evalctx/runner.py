@@ -319,10 +319,10 @@ class Runner:
                             f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
                             "own tokenizer with --tokenizer")
                 rows = [make_record(self.run_id, s, r, w.replica, extra) for s, r in zip(samples, results)]
-                journal.append(rows)
-                if prompt_log is not None:
+                if prompt_log is not None:  # before the journal: a journaled sample has its prompt logged
                     prompt_log.append(prompts.prompt_record(s, str(self.cfg.log_samples), self.tokenizer)
                                       for s in samples)
+                journal.append(rows)
                 n_new += len(rows)
                 n_err = sum(1 for r in rows if r["status"] == "error")
                 msg = (len(rows), sum(s.context_length for s in samples), n_err)
