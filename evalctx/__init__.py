@@ -27,6 +27,11 @@ _LAZY = {
 
 __getattr__ = lazy_attributes("evalctx", _LAZY)
 
+
+def __dir__() -> list[str]:
+    # The lazy names are attributes too: tab completion and dir() should offer them.
+    return sorted({*globals(), *_LAZY})
+
 __all__ = [
     "GenerationRequest",
     "GenerationResult",

@@ -9,6 +9,7 @@ it is loaded from there (the report then says the run is partial).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -140,11 +141,13 @@ def _target_list(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def load_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+def load_runs(run_dirs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
     """All runs in one frame (the union of their columns, engine_* included).
 
-    Two runs with the same label (the same model twice) get ``label (run_id)`` so that plots and tables, which
+    ``run_dirs`` is one run directory (str or Path) or an iterable of them. Two runs with the same label (the same model twice) get ``label (run_id)`` so that plots and tables, which
     group by label, keep them apart."""
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]  # a str is iterable too: its characters are not run directories
     frames = [load_run(d) for d in run_dirs]
     if not frames:
         raise UsageError("no run directories given")

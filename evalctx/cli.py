@@ -1,4 +1,5 @@
-"""The ``evalctx`` command: run, generate, tasks, plus plan/report/compare/nightly-gate from their own modules.
+"""The ``evalctx`` command: run, generate, tasks, plus plan/report/compare/nightly-gate/serve/show from their own
+modules.
 
 Bad input is one line on stderr and exit 2, never a traceback. Under mpirun only world rank 0 prints.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from evalctx.argtypes import positive_int, run_name
-from evalctx.errors import RunFailed, UsageError
+from evalctx.errors import LengthError, RunFailed, UsageError
 
 # Subcommands that live in their own module: (name, module). Each module has add_parser(sub) and main(args).
 COMMAND_MODULES = [
@@ -24,6 +25,7 @@ COMMAND_MODULES = [
     ("compare", "evalctx.commands.compare"),
     ("nightly-gate", "evalctx.commands.nightly"),
     ("serve", "evalctx.commands.serve"),
+    ("show", "evalctx.commands.show"),
 ]
 
 DEFAULT_SUITE = "default"
@@ -47,7 +49,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "--engine-dir", dest="model", default=None,
                    help=f"model dir, engine dir, server model name or embedded name (default: {DEFAULT_MODEL})")
     p.add_argument("--tokenizer", "--tokenizer-dir", dest="tokenizer", default=None,
-                   help="tokenizer dir or 'byte' (default: the model dir)")
+                   help="tokenizer dir, embedded model name or 'byte' (default: the model dir; for the fake "
+                        f"backend without a model: {DEFAULT_MODEL}'s)")
     p.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="one backend option per flag, repeatable (e.g. --backend-opt chunk_size=8192)")
     p.add_argument("--out", default="results", help="parent folder of run dirs (default: results)")
@@ -59,6 +62,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=positive_int, nargs="+", default=None, help="override every task's lengths")
     p.add_argument("--samples", type=positive_int, default=None, help="override samples per cell")
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None, help="override every task's mode")
+    p.add_argument("--tasks", nargs="+", metavar="NAME", default=None,
+                   help="run only these tasks of the suite (names as `evalctx tasks` lists them)")
+    p.add_argument("--log-samples", nargs="?", const="excerpt", choices=("excerpt", "full"), default=None,
+                   help="also keep the prompts in RUN_DIR/prompts/: 'excerpt' (the default) keeps a prompt of up "
+                        "to 8000 characters whole and a longer one as head, needle region and tail; 'full' keeps "
+                        "every prompt whole. `evalctx show RUN SAMPLE_ID` prints one")
     p.add_argument("--no-retry-errors", action="store_true", help="on resume, keep earlier error rows")
     p.add_argument("--max-error-rate", type=float, default=0.0, metavar="RATE",
                    help="share of error rows (0..1) a complete run may have and still exit 0 (default 0: any error "
@@ -75,12 +84,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=positive_int, nargs="+", default=None)
     p.add_argument("--samples", type=positive_int, default=None)
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None)
+    p.add_argument("--tasks", nargs="+", metavar="NAME", default=None, help="only these tasks of the suite")
     p.add_argument("--with-ids", action="store_true", help="include prompt_ids")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from evalctx.limits import check_suite
 
+    if args.tasks:
+        have = list(dict.fromkeys(t.name for t in suite.tasks))
+        unknown = [n for n in args.tasks if n not in have]
+        if unknown:
+            raise UsageError(f"--tasks: {', '.join(unknown)} not in suite {suite.name} (it has: {', '.join(have)})")
+        suite.tasks = [t for t in suite.tasks if t.name in args.tasks]
     for t in suite.tasks:
         if args.lengths is not None:
             t.lengths = list(args.lengths)
@@ -104,13 +121,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or suite.model or (DEFAULT_MODEL if backend == "hf" else None)
     tokenizer = args.tokenizer
     if tokenizer is None and backend in ("fake", "fake-tp") and model is None:
-        tokenizer = "byte"
+        tokenizer = DEFAULT_MODEL  # the tokenizer the default suite's lengths are sized for
     cfg = RunConfig(
         suite=suite, backend=backend, backend_options=parse_kv_flags(args.backend_opt), model=model,
         tokenizer=tokenizer, out_dir=Path(args.out), run_id=args.run_id, label=args.label,
         batch_size=args.batch_size, retry_errors=not args.no_retry_errors, progress=not args.no_progress,
         command=shlex.join(["evalctx", *getattr(args, "argv", sys.argv[1:])]),  # the runner masks secrets
-        max_error_rate=args.max_error_rate,
+        max_error_rate=args.max_error_rate, log_samples=args.log_samples,
     )
     runner = Runner(cfg)
     outcome = runner.run()
@@ -147,8 +164,15 @@ def _error_note(n_error: int, n_total: int, max_rate: float, status: str) -> str
     return f"evalctx: {share}; accuracy is over the scored samples only; rerun the same command to retry them"
 
 
+def _size(n_bytes: float) -> str:
+    if n_bytes < 1e6:
+        return f"{n_bytes / 1e3:.1f} kB"
+    return f"{n_bytes / 1e6:,.0f} MB" if n_bytes >= 10e6 else f"{n_bytes / 1e6:.1f} MB"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
+    from evalctx.progress import Progress
     from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
@@ -156,18 +180,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.tokenizer)
     builder = SampleBuilder(suite, tok)
     specs = builder.specs()
-    try:
+    n_tokens = sum(s.context_length for s in specs)
+
+    def record(spec) -> dict:  # type: ignore[no-untyped-def]
+        return builder.build(spec).to_json(with_ids=args.with_ids)
+
+    try:  # a bad --out is one line before any work
         out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"--out {args.out}: {exc.strerror}") from None
+    # Said before the work: a 1M-token suite takes minutes and hundreds of MB. From the shortest sample that
+    # builds: its prompt (and ids) bytes per token, scaled to every length, plus its other fields once per line.
+    for shortest in sorted(specs, key=lambda s: s.context_length)[:8]:
+        try:
+            rec = record(shortest)
+        except LengthError:
+            continue  # a sample right above its minimum that cannot be built; the loop below reports it
+        per_len = len(json.dumps(rec["prompt"])) + len(json.dumps(rec.get("prompt_ids", "")))
+        fixed = len(json.dumps(rec)) + 1 - per_len
+        est = fixed * len(specs) + per_len / shortest.context_length * n_tokens
+        print(f"evalctx: generating {len(specs)} samples, {n_tokens:,} prompt tokens, about {_size(est)} -> "
+              f"{args.out}", file=sys.stderr, flush=True)
+        break
+    progress = Progress(len(specs), n_tokens, enabled=not args.no_progress)
+    written = skipped = 0
     try:
         for spec in specs:
-            out.write(json.dumps(builder.build(spec).to_json(with_ids=args.with_ids)) + "\n")
+            try:
+                text = json.dumps(record(spec)) + "\n"
+            except LengthError as exc:  # as `evalctx run` makes it an unsupported row: skip it, say so
+                print(f"evalctx: skipped (unsupported): {exc}", file=sys.stderr)
+                skipped += 1
+                continue
+            out.write(text)
+            written += len(text.encode("utf-8"))
+            progress.update(1, spec.context_length)
     finally:
+        progress.close()
         if out is not sys.stdout:
             out.close()
-    if args.out != "-":
-        print(f"wrote {len(specs)} samples to {args.out}", file=sys.stderr)
+    note = f", {skipped} unsupported sample(s) skipped" if skipped else ""
+    print(f"evalctx: wrote {len(specs) - skipped} samples ({_size(written)}) to {args.out}{note}", file=sys.stderr)
     return 0
 
 

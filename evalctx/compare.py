@@ -87,6 +87,21 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
+def tokenizer_mismatch(base_manifest: dict[str, Any], cand_manifest: dict[str, Any]) -> str | None:
+    """A one-line warning when two runs' prompts were built with different tokenizers, else None.
+
+    Context lengths count tokens of the tokenizer that built the prompts: 4096 tokens of one tokenizer is other
+    text, of another length in characters, than 4096 of another, so a cell-by-cell comparison then also compares
+    the tokenizers. Runs without tokenizer facts in their manifests (hand-made folders) are not judged."""
+    base, cand = base_manifest.get("tokenizer") or {}, cand_manifest.get("tokenizer") or {}
+    fb, fc = base.get("fingerprint"), cand.get("fingerprint")
+    if not fb or not fc or fb == fc:
+        return None
+    return (f"the two runs were built with different tokenizers ({base.get('name')} [{fb}] vs {cand.get('name')} "
+            f"[{fc}]): the same context length is different text in each, so differences mix the models with the "
+            "tokenizers")
+
+
 def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     """One run's samples with the rounded depth and the per-sample columns the counts are made of."""
     df = df.assign(depth=df["depth"].astype(float).round(6))

@@ -40,6 +40,7 @@ def _convert_gguf(src: ResolvedModel, dest: Path) -> None:
 
     require_extra("torch", "hf")
     require_extra("gguf", "smollm2")
+    require_extra("accelerate", "smollm2")  # transformers refuses to load a GGUF file without it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

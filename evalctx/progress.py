@@ -1,73 +1,83 @@
-"""A dependency-free progress line on stderr: samples done, prompt tokens per second, ETA by remaining tokens.
+"""World rank 0's progress on stderr, drawn by tqdm: samples done, prompt tokens per second, ETA by remaining tokens.
 
-ETA counts tokens, not samples: at long context one 1M-token sample costs as much as a thousand 1K ones.
+The bar counts tokens, not samples: at long context one 1M-token sample costs as much as a thousand 1K ones, so
+its rate and ETA must be by tokens. On a terminal tqdm redraws one line in place; anywhere else (a log file,
+mpirun's forwarded stderr, CI) it would write carriage returns, so there each refresh becomes a line of its own,
+at most every ``interval_s``, and the final state is printed exactly once.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
-def _fmt_s(s: float) -> str:
-    if s != s or s == float("inf"):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+class _Lines:
+    """A file for tqdm that turns its in-place redraws (``"\\r" + line``) into whole lines."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.written = 0
+
+    def write(self, s: str) -> None:
+        line = s.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+            self.written += 1
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class Progress:
+    """``update(samples, tokens, errors)`` per finished batch, ``close()`` once at the end.
+
+    Disabled (draws nothing, imports nothing) when ``enabled`` is false or there is nothing to do."""
+
     def __init__(self, total_samples: int, total_tokens: int, stream: TextIO | None = None,
-                 enabled: bool = True, interval_s: float = 10.0) -> None:
+                 enabled: bool = True, interval_s: float = 10.0, what: str = "samples") -> None:
         self.total_samples = total_samples
-        self.total_tokens = total_tokens
         self.done_samples = 0
-        self.done_tokens = 0
         self.errors = 0
-        self.stream = stream or sys.stderr
+        self.what = what
         self.enabled = enabled and total_samples > 0
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval_s = 0.2 if self.tty else interval_s
-        self.t0 = time.monotonic()
-        self._last = 0.0
-        self._last_line = ""
+        self._bar: Any = None
+        if not self.enabled:
+            return
+        from tqdm import tqdm  # imported here: `import evalctx` stays light
+
+        stream = stream or sys.stderr
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._lines = None if self.tty else _Lines(stream)
+        self._final_drawn = False
+        self._bar = tqdm(
+            total=total_tokens, unit="tok", unit_scale=True, file=stream if self.tty else self._lines,
+            mininterval=0.2 if self.tty else interval_s, miniters=1, dynamic_ncols=self.tty,
+            ncols=None if self.tty else 100, leave=self.tty, ascii=not self.tty,
+            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tokens [{elapsed}<{remaining}, "
+                       "{rate_fmt}{postfix}]",
+            postfix=self._postfix(),
+        )
+
+    def _postfix(self) -> str:
+        err = f", {self.errors} errors" if self.errors else ""
+        return f"{self.done_samples}/{self.total_samples} {self.what}{err}"
 
     def update(self, samples: int, tokens: int, errors: int = 0) -> None:
         self.done_samples += samples
-        self.done_tokens += tokens
         self.errors += errors
-        self._draw()
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.t0
-        rate = self.done_tokens / elapsed if elapsed > 0 else 0.0
-        eta = (self.total_tokens - self.done_tokens) / rate if rate > 0 else float("nan")
-        pct = 100.0 * self.done_samples / self.total_samples if self.total_samples else 100.0
-        err = f" | {self.errors} errors" if self.errors else ""
-        return (f"[{self.done_samples}/{self.total_samples} samples {pct:5.1f}%] {rate:,.0f} tok/s | "
-                f"elapsed {_fmt_s(elapsed)} | ETA {_fmt_s(eta)}{err}")
-
-    def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
+        if self._bar is None:
             return
-        now = time.monotonic()
-        if not force and now - self._last < self.interval_s and self.done_samples < self.total_samples:
-            return
-        self._last = now
-        line = self.line()
-        if line == self._last_line:
-            return
-        self._last_line = line
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self._bar.set_postfix_str(self._postfix(), refresh=False)
+        before = self._lines.written if self._lines else 0
+        self._bar.update(tokens)
+        if self._lines and self._lines.written > before:
+            self._final_drawn = self.done_samples >= self.total_samples
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(force=True)
-            if self.tty:
-                self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is None:
+            return
+        if self._lines is not None and not self._final_drawn:
+            self._lines.write(str(self._bar))  # the final state, once, unless the last update drew it already
+        self._bar.close()
+        self._bar = None

@@ -111,6 +111,11 @@ class GenerationResult:
     n_prompt_tokens: int | None = None
     """Prompt length in tokens as the backend saw it (checked against the request)."""
     n_output_tokens: int | None = None
+    """Generated tokens that make up ``text``. The end-of-sequence token (EOS, TensorRT-LLM's ``end_id``) that
+    stopped generation is not counted: an answer cut at the budget has ``max_new_tokens``, one that stopped on EOS
+    has fewer (its ``finish_reason`` is ``stop``). hf counts the tokens it kept before EOS, trtllm drops
+    ``end_id``, fake counts ``text`` with the run's tokenizer; http takes the server's ``usage.completion_tokens``
+    as reported, which a server that counts its stopping EOS makes one higher (docs/http.md). None: unknown."""
     latency_s: float | None = None
     """Wall time of this request, prefill and decode."""
     ttft_s: float | None = None
@@ -161,10 +166,12 @@ class SampleRecord:
     """``ok``, ``error`` or ``unsupported``."""
     n_prompt_tokens: int | None
     n_output_tokens: int | None
+    """See :attr:`GenerationResult.n_output_tokens` (EOS not counted)."""
     latency_s: float | None
     ttft_s: float | None
     prefill_tokens_per_s: float | None
     decode_tokens_per_s: float | None
+    """Decode steps / (latency_s - ttft_s): every generated token after the first, the stopping EOS included."""
     batch_size: int | None
     finish_reason: str | None
     peak_memory_bytes: int | None

@@ -31,7 +31,7 @@ from evalctx.limits import check_suite
 from evalctx.preflight import EngineLimits, window_flags
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
-from evalctx.results import lock, rundir
+from evalctx.results import lock, prompts, rundir
 from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
 from evalctx.status import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INCOMPLETE, INTERRUPTED, RUNNING
@@ -56,6 +56,8 @@ class RunConfig:
     max_error_rate: float = 0.0
     """Share of error rows (0..1) a complete run may have and still be ``complete`` (exit 0); above it the run is
     ``complete_with_errors`` (exit 3)."""
+    log_samples: str | None = None
+    """``excerpt`` or ``full``: also keep each prompt in prompts/ (see results.prompts); None: only its hash."""
 
 
 @dataclass
@@ -137,9 +139,11 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
     prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
     decode_tps = None
-    if res.latency_s and res.ttft_s is not None and res.n_output_tokens and res.n_output_tokens > 1 \
-            and res.latency_s > res.ttft_s:
-        decode_tps = (res.n_output_tokens - 1) / (res.latency_s - res.ttft_s)
+    # Decode steps: every generated token after the first, prefill's; an answer that stopped on EOS took one more
+    # step for that EOS, which n_output_tokens does not count.
+    steps = (res.n_output_tokens or 0) - 1 + (res.finish_reason == "stop")
+    if res.latency_s and res.ttft_s is not None and steps > 0 and res.latency_s > res.ttft_s:
+        decode_tps = steps / (res.latency_s - res.ttft_s)
     meta = {f"meta_{k}": v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool))}
     rec = SampleRecord(
         run_id=run_id, sample_id=sample.id, task=sample.task, context_length=sample.context_length,
@@ -407,6 +411,10 @@ class Runner:
             # another rank has recorded.
             w.bcast_world(None)
             runnable = [s for s in pending if s.id not in unsupported]
+            if w.is_root and self.cfg.progress:
+                # Named now, not only at the end: a long run's files can be watched (or found after a kill).
+                print(f"evalctx: run {self.run_id} -> {self.run_dir}: {len(runnable)} of {len(self.specs)} "
+                      f"samples to run", file=sys.stderr, flush=True)
             mine = shard(runnable, w.n_replicas)[w.replica]
             progress = Progress(len(runnable), sum(s.context_length for s in runnable),
                                 enabled=self.cfg.progress and w.is_root)
@@ -429,12 +437,17 @@ class Runner:
                     return 0
                 backend.generate(reqs)
         journal = rundir.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash)
+        prompt_log = rundir.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash, prompts.PROMPTS_DIR) \
+            if self.cfg.log_samples else None
         n_new = 0
         try:
             for batch in batches(mine, self.batch_size):
                 samples, rows = self._build(batch, extra)
                 if samples:
                     rows += self._generate(backend, samples, extra)
+                if prompt_log is not None:  # before the journal: a journaled sample has its prompt logged
+                    prompt_log.append(prompts.prompt_record(s, str(self.cfg.log_samples), self.tokenizer)
+                                      for s in samples)
                 journal.append(rows)
                 n_new += len(rows)
                 n_err = sum(1 for r in rows if r["status"] == "error")
@@ -447,6 +460,8 @@ class Runner:
                     w.send_to_root(msg, TAG_PROGRESS)
         finally:
             journal.close()
+            if prompt_log is not None:
+                prompt_log.close()
         w.bcast_replica(None)  # release this replica's followers
         if w.is_root:
             pending_leaders = w.n_replicas - 1
@@ -454,7 +469,8 @@ class Runner:
                 for m in w.poll_root(TAG_PROGRESS):
                     progress.update(*m)
                 if w.comm is not None and w.comm.iprobe(tag=TAG_DONE):
-                    w.recv_root(TAG_DONE)
+                    # World rank 0 reports the run's new samples: its own and every other leader's.
+                    n_new += w.recv_root(TAG_DONE)[2]
                     pending_leaders -= 1
                 else:
                     time.sleep(0.01)

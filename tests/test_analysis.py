@@ -77,6 +77,24 @@ def test_load_runs_keeps_same_labels_apart(tmp_path) -> None:
         analysis.load_runs([a, a])
 
 
+def test_load_runs_takes_one_run_dir_as_str_or_path(tmp_path) -> None:
+    run = write_run(tmp_path, "one", lengths=(4096,), depths=(0.5,), samples=2)
+    expected = analysis.load_runs([run])
+    for given in (str(run), run):  # a str must not be read as an iterable of one-character "run dirs"
+        pd.testing.assert_frame_equal(analysis.load_runs(given), expected)
+
+
+def test_lazy_entry_points_are_listed_by_dir() -> None:
+    import subprocess
+    import sys
+
+    code = "import evalctx, sys; print(' '.join(dir(evalctx))); print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    names = set(out[0].split())
+    assert {"load_runs", "load_run", "effective_length", "compare", "write_report", "__version__"} <= names
+    assert out[1] == "False"  # listing them imports nothing heavy
+
+
 @pytest.mark.parametrize("succ, n, lo, hi", [
     # Reference values of the Wilson score interval at 95% (z = 1.95996).
     (18, 20, 0.6990, 0.9721), (0, 20, 0.0, 0.1611), (20, 20, 0.8389, 1.0), (10, 20, 0.2993, 0.7007),
@@ -85,6 +103,16 @@ def test_load_runs_keeps_same_labels_apart(tmp_path) -> None:
 def test_wilson_known_values(succ: int, n: int, lo: float, hi: float) -> None:
     got = wilson_interval(succ, n)
     assert got == pytest.approx((lo, hi), abs=1e-4)
+
+
+def test_wilson_matches_scipy_for_whole_counts() -> None:
+    # The formula is kept by hand because it also takes fractional successes (partial-credit scores), which
+    # scipy's binomtest does not; for whole counts both must agree.
+    stats = pytest.importorskip("scipy.stats")
+    for n in (1, 2, 5, 20, 37, 100):
+        for k in range(n + 1):
+            ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+            assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9), (k, n)
 
 
 def test_summary_uses_wilson_and_counts_errors_apart(tmp_path) -> None:

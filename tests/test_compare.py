@@ -250,3 +250,19 @@ def test_pooled_rows_only_over_depths_both_runs_have(tmp_path) -> None:
     assert set(t.loc[t["level"] == "cell", "verdict"]) == {"ok", "only_in_base", "only_in_candidate"}
     assert not result.regressed
     assert cmp.compare(base, cand).regressed  # the lost depth is still lost coverage
+
+
+def test_compare_warns_when_the_runs_used_different_tokenizers(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    suite = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
+    for run_id, tok in (("byte", "byte"), ("byte2", "byte"), ("tiny", "tiny")):
+        assert cli_main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", tok, "--out", str(tmp_path),
+                         "--run-id", run_id, "--no-progress", "--label", "same"]) == 0
+    capsys.readouterr()
+    assert cli_main(["compare", str(tmp_path / "byte"), str(tmp_path / "tiny")]) == 0  # the oracle: no regression
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evalctx: warning: the two runs were built with different tokenizers")
+    assert "byte" in err[0] and "models/tiny" in err[0] and "different text" in err[0]
+    assert cli_main(["compare", str(tmp_path / "byte"), str(tmp_path / "byte2")]) == 0
+    assert capsys.readouterr().err == ""

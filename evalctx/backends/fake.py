@@ -140,7 +140,7 @@ class FakeBackend(Backend):
             out.append(GenerationResult(
                 text=text,
                 n_prompt_tokens=n + o.length_delta,
-                n_output_tokens=max(1, len(text.split())),
+                n_output_tokens=len(self.ctx.tokenizer.encode(text)) if self.ctx.tokenizer is not None else None,
                 latency_s=elapsed,
                 ttft_s=elapsed * 0.9 if elapsed else None,
                 batch_size=len(batch),

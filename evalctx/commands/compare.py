@@ -63,11 +63,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def main(args: argparse.Namespace) -> int:
-    from evalctx.analysis import load_run
-    from evalctx.compare import compare
+    import sys
+
+    from evalctx.analysis import load_manifest, load_run
+    from evalctx.compare import compare, tokenizer_mismatch
 
     kwargs = gate_kwargs(args)
     base, cand = load_run(args.base), load_run(args.cand)
+    warning = tokenizer_mismatch(load_manifest(args.base), load_manifest(args.cand))
+    if warning:
+        print(f"evalctx: warning: {warning}", file=sys.stderr)
     result = compare(base, cand, **kwargs)  # type: ignore[arg-type]
     if args.json:
         print(result.to_json())

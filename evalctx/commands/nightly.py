@@ -130,7 +130,7 @@ def _summary_rows(df: Any, run_id: str, label: str, date: str, passed: bool) -> 
 
 def main(args: argparse.Namespace) -> int:
     from evalctx.analysis import load_manifest, load_run
-    from evalctx.compare import CompareResult, compare
+    from evalctx.compare import CompareResult, compare, tokenizer_mismatch
 
     kwargs = gate_kwargs(args)
     run_dir, history = Path(args.run_dir), Path(args.history)
@@ -156,6 +156,9 @@ def main(args: argparse.Namespace) -> int:
     if baseline is not None:
         result = compare(load_run(baseline), df, **kwargs)  # type: ignore[arg-type]
         print(f"baseline: {baseline}")
+        warning = tokenizer_mismatch(load_manifest(baseline), manifest)
+        if warning:
+            print(f"nightly-gate: warning: {warning}")
         print(result.to_markdown(only_notable=True), end="")
         if result.regressed:
             reasons.append(result.headline())

@@ -17,11 +17,13 @@ import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from evalctx.errors import RunFailed, UsageError
 
 JOURNAL_DIR = "journal"
+PROMPTS_DIR = "prompts"
+"""The prompt log of ``--log-samples`` (see :mod:`evalctx.results.prompts`)."""
 MANIFEST = "manifest.json"
 RESULTS = "results.parquet"
 SUMMARY = "summary.csv"
@@ -264,10 +266,11 @@ def repair_tail(path: Path) -> int:
 
 
 def repair_journals(run_dir: Path) -> list[str]:
-    """Repair every journal's tail (with the run-dir lock held); one note per journal that had a torn line."""
-    folder = journal_folder(run_dir)
+    """Repair every journal's tail, and the prompt log's (``--log-samples``), with the run-dir lock held; one note
+    per file that had a torn line."""
+    folders = [journal_folder(run_dir), run_dir / PROMPTS_DIR]
     notes = []
-    for p in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+    for p in [q for folder in folders if folder.is_dir() for q in sorted(folder.glob("*.jsonl"))]:
         try:
             dropped = repair_tail(p)
         except OSError as exc:
@@ -282,10 +285,10 @@ class Journal:
     """One append-only JSONL file per writer: ``replica-R`` (its leader) or ``preflight`` (world rank 0).
 
     Every row carries ``config_hash``, so rows are never adopted by a run of another configuration, even with the
-    manifest gone."""
+    manifest gone. ``folder``: the journal folder, or another folder of per-sample records (the prompt log)."""
 
-    def __init__(self, run_dir: Path, name: str, config_hash: str) -> None:
-        self.path = journal_folder(run_dir) / f"{name}.jsonl"
+    def __init__(self, run_dir: Path, name: str, config_hash: str, folder: str = JOURNAL_DIR) -> None:
+        self.path = (journal_folder(run_dir) if folder == JOURNAL_DIR else run_dir / folder) / f"{name}.jsonl"
         self.config_hash = config_hash
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,10 +336,21 @@ def _check_row(row: dict[str, Any], where: str) -> None:
 
 
 def iter_journal_rows(run_dir: Path, problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Every row of every journal, in file order. A torn last line (a writer killed mid-write, or one still
-    writing) ends a file; an unreadable line elsewhere is skipped and noted in ``problems``. Raises UsageError for
-    a row of the wrong shape."""
-    folder = journal_folder(run_dir)
+    """Every row of every journal, in file order (see :func:`read_jsonl`). Raises UsageError for a row of the
+    wrong shape."""
+    for row in read_jsonl(journal_folder(run_dir), problems, _check_row):
+        extra = row.pop("extra", None)  # rows are written flat; tolerate an unflattened one
+        if isinstance(extra, dict):
+            for k, v in extra.items():
+                row.setdefault(k, v)
+        yield row
+
+
+def read_jsonl(folder: Path, problems: list[str] | None = None,
+               check: Callable[[dict[str, Any], str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The records with a ``sample_id`` of every ``*.jsonl`` file in ``folder``, file by file, in file order. A
+    torn last line (a writer killed mid-write, or one still writing) ends a file; an unreadable line elsewhere is
+    skipped and noted in ``problems``; ``check(row, where)`` may raise for a row of the wrong shape."""
     if not folder.is_dir():
         return
     for p in sorted(folder.glob("*.jsonl")):
@@ -353,11 +367,8 @@ def iter_journal_rows(run_dir: Path, problems: list[str] | None = None) -> Itera
                     continue
                 if not isinstance(row, dict) or "sample_id" not in row:
                     continue  # not a record of ours
-                _check_row(row, f"{p}:{lineno}")
-                extra = row.pop("extra", None)  # rows are written flat; tolerate an unflattened one
-                if isinstance(extra, dict):
-                    for k, v in extra.items():
-                        row.setdefault(k, v)
+                if check is not None:
+                    check(row, f"{p}:{lineno}")
                 yield row
 
 

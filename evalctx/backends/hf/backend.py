@@ -355,7 +355,8 @@ class HFBackend(Backend):
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
             kept = row if cut is None else row[:cut]
             results.append(GenerationResult(
-                text=self.ctx.tokenizer.decode(kept), n_prompt_tokens=n, n_output_tokens=len(kept) + (cut is not None),
+                # n_output_tokens leaves out the EOS that stopped the answer, as every backend does (records.py).
+                text=self.ctx.tokenizer.decode(kept), n_prompt_tokens=n, n_output_tokens=len(kept),
                 latency_s=latency, ttft_s=ttft, batch_size=bsz,
                 finish_reason="stop" if cut is not None else "length", peak_memory_bytes=peak,
                 n_cached_prompt_tokens=0,

@@ -1,0 +1,92 @@
+"""What a run prints on the console: the progress line (tqdm), the table's legend and latency format, and the run
+dir named when the run starts."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from evalctx.cli import main
+from evalctx.progress import Progress
+from evalctx.results.table import format_summary
+
+SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
+
+
+def test_final_progress_line_prints_once_when_the_last_update_drew_it() -> None:
+    out = io.StringIO()  # not a terminal: one line per refresh
+    p = Progress(4, 4000, stream=out, interval_s=0.0)
+    for _ in range(4):
+        p.update(1, 1000)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    finals = [ln for ln in lines if "4/4 samples" in ln]
+    assert len(finals) == 1, lines
+    assert "4.00k/4.00k tokens" in finals[0]
+
+
+def test_final_progress_line_prints_once_when_close_draws_it() -> None:
+    out = io.StringIO()
+    p = Progress(3, 300, stream=out, interval_s=3600.0)  # no refresh between the first line and close()
+    for _ in range(3):
+        p.update(1, 100, errors=1)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines  # the start line and the final one
+    assert "0/3 samples" in lines[0] and "3/3 samples, 3 errors" in lines[1]
+
+
+def test_disabled_progress_draws_nothing() -> None:
+    out = io.StringIO()
+    for p in (Progress(3, 300, stream=out, enabled=False), Progress(0, 0, stream=out)):
+        p.update(1, 100)
+        p.close()
+    assert out.getvalue() == ""
+
+
+def _rows(latencies: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "task": "passkey", "context_length": [1024 * (i + 1) for i in range(len(latencies))], "depth": 0.5,
+        "status": "ok", "score": 1.0, "latency_s": latencies, "ttft_s": latencies, "completion": " 1.",
+    })
+
+
+def test_table_latencies_share_one_format_and_abbreviations_are_explained() -> None:
+    text = format_summary(_rows([0.0403, 0.03, 13.0, 0.00012]))
+    rows = [ln for ln in text.splitlines() if ln.lstrip()[:1].isdigit()]
+    assert [r.split()[-1] for r in rows] == ["0.040", "0.030", "13.000", "0.000"]
+    for word in ("err:", "uns:", "n:", "95% CI:", "p50 s:"):
+        assert word in text
+    assert max(len(ln) for ln in text.splitlines()) <= 100
+
+
+def test_run_dir_is_named_when_the_run_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--suite", SUITE, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", "r"]) == 0
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert first == f"evalctx: run r -> {tmp_path / 'r'}: 18 of 18 samples to run"
+    assert err.count("18/18 samples") == 1
+
+
+def test_generate_says_its_size_up_front_and_shows_progress(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    out = tmp_path / "s.jsonl"
+    assert main(["generate", "--suite", SUITE, "--tokenizer", "byte", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    m = re.fullmatch(r"evalctx: generating 18 samples, ([\d,]+) prompt tokens, about ([\d.]+) kB -> (.+)", err[0])
+    assert m, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert int(m.group(1).replace(",", "")) == sum(r["context_length"] for r in rows)
+    assert m.group(3) == str(out)
+    # The estimate (said before any prompt but the shortest is built) is within 5% of what was written.
+    assert float(m.group(2)) == pytest.approx(out.stat().st_size / 1e3, rel=0.05)
+    assert sum("18/18 samples" in x for x in err) == 1
+    assert err[-1] == f"evalctx: wrote 18 samples ({out.stat().st_size / 1e3:.1f} kB) to {out}"
