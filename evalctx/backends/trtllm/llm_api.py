@@ -4,7 +4,9 @@ TensorRT-LLM now points new projects here rather than at prebuilt engines (its d
 workflow legacy). Same rows, preflight and timing as ``trtllm``: requests go in as token ids, the answer is
 ``outputs[0].token_ids`` (generated only), timings are the executor's ``request_perf_metrics``
 (``SamplingParams(return_perf_metrics=True)``), each request is awaited on its own so one error or one stuck request
-ends only its own row (``RequestOutput.result(timeout)``, then ``abort()``).
+ends only its own row: ``RequestOutput.result()`` runs in a helper thread, because the newest
+``tensorrt_llm/executor/result.py`` ignores ``result(timeout)``'s timeout (``_result_step`` calls ``queue.get()``
+without it), and a request still running at the deadline is ``abort()``-ed.
 
 Launch: evalctx runs in one process. With tensor_parallel_size > 1 on one node, plain ``evalctx run`` lets the LLM
 spawn its MPI workers itself (mpi4py's MPIPoolExecutor; needs mpi4py); under mpirun or Slurm use
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -36,6 +38,26 @@ log = logging.getLogger("evalctx.backends.trtllm")
 # Without these the run would be wrong rather than slower, so a release without them is refused.
 REQUIRED_ARGS = ("model", "kv_cache_config", "enable_chunked_prefill", "max_seq_len", "max_num_tokens",
                  "return_perf_metrics")
+ABORT_GRACE_S = 60.0
+"""After aborting, how long to wait for the aborted requests' final responses before giving up on the run."""
+
+
+class _Wait(threading.Thread):
+    """``item.result()`` in a daemon thread: the caller can stop waiting at a deadline whatever the release does
+    with ``result(timeout)``, and a result that never comes cannot keep the process alive at exit."""
+
+    def __init__(self, item: Any) -> None:
+        super().__init__(daemon=True, name="evalctx-trtllm-result")
+        self.item = item
+        self.error: BaseException | None = None
+        self.ended_at: float | None = None
+
+    def run(self) -> None:
+        try:
+            self.item.result()
+        except BaseException as exc:  # reported by the caller as this request's row (or the run's error)
+            self.error = exc
+        self.ended_at = time.perf_counter()
 
 
 class TRTLLMAPIBackend(Backend):
@@ -183,24 +205,38 @@ class TRTLLMAPIBackend(Backend):
                 if is_fatal(exc):
                     raise
                 pending.append(exc)
+        waits = {i: _Wait(item) for i, item in enumerate(pending) if not isinstance(item, Exception)}
+        for w in waits.values():
+            w.start()
         deadline = t0 + self.options.request_timeout_s
-        return [self._await(req, item, t0, deadline, n) for req, item in zip(reqs, pending)]
+        for w in waits.values():
+            w.join(max(0.0, deadline - time.perf_counter()))
+        late = {i for i, w in waits.items() if w.is_alive()}
+        for i in late:
+            pending[i].abort()
+        grace_end = time.perf_counter() + ABORT_GRACE_S
+        for i in late:
+            waits[i].join(max(0.0, grace_end - time.perf_counter()))
+        stuck = [reqs[i].sample_id for i in sorted(late) if waits[i].is_alive()]
+        if stuck:
+            raise RuntimeError(f"tensorrt_llm: aborted requests {stuck} got no final response within "
+                               f"{ABORT_GRACE_S:g} s; the LLM's state is unknown")
+        return [self._outcome(req, pending[i], waits.get(i), i in late, t0, n) for i, req in enumerate(reqs)]
 
-    def _await(self, req: GenerationRequest, item: Any, t0: float, deadline: float, n: int) -> GenerationResult:
+    def _outcome(self, req: GenerationRequest, item: Any, wait: _Wait | None, late: bool, t0: float,
+                 n: int) -> GenerationResult:
         if isinstance(item, Exception):
             return error_result(req, one_line(item), n)
-        try:
-            out = item.result(timeout=max(0.0, deadline - time.perf_counter()))
-        except (queue.Empty, TimeoutError):
-            item.abort()
+        assert wait is not None and wait.ended_at is not None
+        latency = wait.ended_at - t0
+        if late:
             return error_result(req, f"no final response within request_timeout_s={self.options.request_timeout_s:g} s:"
-                                     " aborted", n, time.perf_counter() - t0)
-        except Exception as exc:
-            if is_fatal(exc):
-                raise
-            return error_result(req, one_line(exc), n, time.perf_counter() - t0)
-        latency = time.perf_counter() - t0
-        c = out.outputs[0]
+                                     " aborted", n, latency)
+        if wait.error is not None:
+            if is_fatal(wait.error):
+                raise wait.error
+            return error_result(req, one_line(wait.error), n, latency)
+        c = item.outputs[0]
         if c.finish_reason == "cancelled":
             return error_result(req, "the request was cancelled by tensorrt_llm", n, latency)
         reuse = self.options.kv_cache_enable_block_reuse
