@@ -216,6 +216,19 @@ def test_limits_are_the_runtimes(standin, tmp_path):
     assert "max_seq_len is 2048" in out[0].error and out[1].text == " 42"
 
 
+def test_an_answer_the_runtime_cut_is_an_error_row_even_past_the_checks(standin, tmp_path, monkeypatch):
+    """Were a request to slip past preflight, the executor lowers max_tokens (LlmRequest::validate) and ends with
+    LENGTH before the budget: that answer is cut, so it must be an error row, never an ok row."""
+    from evalctx.backends.trtllm import backend as trt_backend
+
+    standin.BEHAVIOUR["answer"] = [55, 53, 60, 61, 62, 63, 64, 65, 66, 67]
+    b = backend(make_engine(tmp_path, max_seq_len=2048))
+    monkeypatch.setattr(trt_backend, "check", lambda *a: None)  # the checks bypassed
+    out = b.generate([GenerationRequest(sample_id="x", prompt_ids=[5] * 2044, prompt="", max_new_tokens=8)])
+    assert out[0].text is None and "ended after 4 of max_new_tokens 8 tokens" in out[0].error
+    assert "finish reason LENGTH" in out[0].error
+
+
 def test_without_paged_context_fmha_long_prompts_are_unsupported(standin, tmp_path):
     b = backend(make_engine(tmp_path, use_paged_context_fmha=False), enable_chunked_context="true")
     assert b.row_columns()["runtime_enable_chunked_context"] is False
