@@ -138,6 +138,20 @@ def test_one_rank_replicas_pass_their_participant_and_device_ids(standin, tmp_pa
     assert b.replicas == 2 and b.generate([request("a")])[0].text == " 42"
 
 
+def test_more_ranks_on_a_node_than_the_engines_gpus_per_node_is_refused(standin, tmp_path, monkeypatch):
+    """mpirun -n 8 with a TP1 engine built for 4 GPUs per node: ranks 4..7 have no GPU of their own. The executor
+    refuses device ids >= gpus_per_node (worldConfig.cpp) and its default would put them on GPU 0, shared with
+    replica 0, so their latencies would be wrong: a usage error instead."""
+    engine = make_engine(tmp_path)
+    cfg = json.loads((engine / "config.json").read_text())
+    cfg["pretrained_config"]["mapping"]["gpus_per_node"] = 4
+    (engine / "config.json").write_text(json.dumps(cfg))
+    standin.WORLD.update(rank=5, size=8)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "5")
+    with pytest.raises(UsageError, match="rank 5 is rank 5 of its node, but the engine was built for 4 GPUs per node"):
+        backend(engine, dict(world_rank=5, world_size=8, replica=5, rank_in_replica=0))
+
+
 def test_a_tp2_follower_builds_the_executor_and_never_enqueues(standin, tmp_path, monkeypatch):
     standin.WORLD.update(rank=3, size=4)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
