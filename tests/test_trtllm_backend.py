@@ -262,6 +262,24 @@ def test_attention_window_and_sink_tokens_reach_the_executor_and_preflight(stand
     assert list(reason) == ["out"] and "attention sees only the last 1000 tokens and its first 4 (sink tokens)" in reason["out"]
 
 
+def test_the_engines_own_sliding_window_reaches_preflight(standin, tmp_path):
+    """An engine whose config.json carries runtime defaults (a model's sliding window) gets them from the executor
+    (KvCacheConfig runtime_defaults, as from_dir passes them): preflight must refuse what that window hides."""
+    engine = make_engine(tmp_path)
+    cfg = json.loads((engine / "config.json").read_text())
+    cfg["pretrained_config"]["runtime_defaults"] = {"max_attention_window": [4096], "sink_token_length": 2}
+    (engine / "config.json").write_text(json.dumps(cfg))
+    b = backend(engine)
+    assert b._executor.attention_window == 4096
+    cols = b.row_columns()
+    assert (cols["runtime_attention_window"], cols["runtime_sink_token_length"]) == (4096, 2)
+    reason = b.preflight([SimpleNamespace(id="in", context_length=4088, max_new_tokens=8),
+                          SimpleNamespace(id="out", context_length=8000, max_new_tokens=8)])
+    assert list(reason) == ["out"] and "attention sees only the last 4096 tokens and its first 2" in reason["out"]
+    # an explicit option wins over the engine's default, as fillEmptyFieldsFromRuntimeDefaults fills only unset fields
+    assert backend(engine, max_attention_window_size="9000").row_columns()["runtime_attention_window"] == 9000
+
+
 def test_block_reuse_makes_the_cached_prompt_count_unknown_and_flags_the_row(standin, tmp_path):
     standin.BEHAVIOUR["reused_blocks"] = 4
     (r,) = backend(make_engine(tmp_path), kv_cache_enable_block_reuse="true").generate([request("a")])

@@ -105,6 +105,7 @@ class TRTLLMBackend(Backend):
         self.max_input_len = runtime_max_input_len(self.engine, self.chunked_context)
         seq = self.engine.max_seq_len or 0
         self.attention_window = min(options.max_attention_window_size or seq, seq)
+        self.sink_tokens = options.sink_token_length or 0
         self.tokenizer = ctx.tokenizer if ctx.tokenizer is not None else self._load_tokenizer()
         # Before the engine loads: ids beyond its vocabulary would crash or read other embeddings silently.
         check_tokenizer(self.tokenizer, str(self.engine.path), self.engine.vocab_size)
@@ -171,8 +172,9 @@ class TRTLLMBackend(Backend):
         ctx, e, o = self.ctx, self.engine, self.options
         self.placement = place(world_rank=ctx.world_rank, world_size=ctx.world_size, ranks_per_replica=e.world_size,
                                replica_comm=ctx.replica_comm, tp=e.tp, pp=e.pp, gpus_per_node=e.gpus_per_node or 8)
-        config = trt.ExecutorConfig(max_beam_width=1, max_batch_size=o.max_batch_size,
-                                    kv_cache_config=self._kv_cache_config(trt))
+        kv = self._kv_cache_config(trt)
+        self._window_in_effect(kv)
+        config = trt.ExecutorConfig(max_beam_width=1, max_batch_size=o.max_batch_size, kv_cache_config=kv)
         self._require(ex.set_optional(config, "parallel_config", ex.parallel_config(trt, self.placement),
                                       self.dropped, "ExecutorConfig"), "ExecutorConfig.parallel_config")
         applied = ex.set_optional(config, "enable_chunked_context", self.chunked_context, self.dropped,
@@ -212,6 +214,18 @@ class TRTLLMBackend(Backend):
                                   window=o.max_attention_window_size, sink_tokens=o.sink_token_length,
                                   runtime_defaults=defaults, dropped=self.dropped)
 
+    def _window_in_effect(self, kv: Any) -> None:
+        """The attention window and sink tokens the executor will use, read back from the built KvCacheConfig: it
+        holds the engine's own runtime defaults (a model's sliding window in config.json, filled in by
+        ``fillEmptyFieldsFromRuntimeDefaults`` where no option was given), which preflight must know too. With one
+        window per layer the largest counts (a full-attention layer sees the whole prompt), clipped to max_seq_len
+        as the runtime clips it."""
+        windows = getattr(kv, "max_attention_window", None)
+        if windows:
+            self.attention_window = min(max(int(w) for w in windows), self.engine.max_seq_len or 0)
+        sinks = getattr(kv, "sink_token_length", None)
+        self.sink_tokens = int(sinks) if sinks else 0
+
     def _perf_knobs(self, trt: Any, config: Any) -> None:
         """multi_block_mode and FMHA fp32 accumulation, as from_dir sets them; None leaves the runtime default."""
         o = self.options
@@ -246,8 +260,7 @@ class TRTLLMBackend(Backend):
     def limits(self) -> EngineLimits:
         base = limits_from_engine(self.engine, max_input_len=self.max_input_len, chunked_context=self.chunked_context,
                                   kv_cache_tokens=self.options.max_tokens_in_paged_kv_cache)
-        return dataclasses.replace(base, attention_window=self.attention_window,
-                                   sink_tokens=self.options.sink_token_length or 0)
+        return dataclasses.replace(base, attention_window=self.attention_window, sink_tokens=self.sink_tokens)
 
     def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
         return preflight(samples, self.limits())
@@ -328,7 +341,7 @@ class TRTLLMBackend(Backend):
             "runtime_max_seq_len": self.engine.max_seq_len,
             "runtime_max_input_len": self.max_input_len,
             "runtime_attention_window": self.attention_window,
-            "runtime_sink_token_length": o.sink_token_length,
+            "runtime_sink_token_length": self.sink_tokens or None,
             "runtime_max_batch_size": o.max_batch_size,
             "runtime_enable_chunked_context": self.chunked_context,
             "runtime_max_tokens_in_paged_kv_cache": o.max_tokens_in_paged_kv_cache,

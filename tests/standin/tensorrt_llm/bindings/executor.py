@@ -64,6 +64,15 @@ class KvCacheConfig(_Bound):
                   free_gpu_memory_fraction=None, host_cache_size=None, onboard_blocks=True,
                   cross_kv_cache_fraction=None, runtime_defaults=None)
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        defaults = kwargs.get("runtime_defaults")
+        if defaults is not None:  # KvCacheConfig::fillEmptyFieldsFromRuntimeDefaults: only fields left unset
+            if self.max_attention_window is None and getattr(defaults, "max_attention_window", None):
+                self.max_attention_window = list(defaults.max_attention_window)
+            if self.sink_token_length is None and getattr(defaults, "sink_token_length", None) is not None:
+                self.sink_token_length = defaults.sink_token_length
+
 
 class ExtendedRuntimePerfKnobConfig(_Bound):
     FIELDS = dict(multi_block_mode=True, enable_context_fmha_fp32_acc=False, cuda_graph_mode=False,
