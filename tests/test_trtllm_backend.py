@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -278,6 +279,34 @@ def test_the_engines_own_sliding_window_reaches_preflight(standin, tmp_path):
     assert list(reason) == ["out"] and "attention sees only the last 4096 tokens and its first 2" in reason["out"]
     # an explicit option wins over the engine's default, as fillEmptyFieldsFromRuntimeDefaults fills only unset fields
     assert backend(engine, max_attention_window_size="9000").row_columns()["runtime_attention_window"] == 9000
+
+
+@pytest.mark.parametrize("option, value, want", [
+    ("request_timeout_s", "0", "> 0 seconds"),  # else every request is cancelled at once: an all-error run
+    ("max_batch_size", "0", ">= 1"), ("kv_cache_free_gpu_memory_fraction", "1.5", "in (0, 1]"),
+    ("max_tokens_in_paged_kv_cache", "0", ">= 1 tokens"), ("max_attention_window_size", "0", ">= 1 tokens"),
+    ("sink_token_length", "-1", ">= 0 tokens"),
+    ("end_ids", "-1", "token ids >= 0"),
+])
+def test_out_of_range_options_are_usage_errors(standin, tmp_path, option, value, want):
+    with pytest.raises(UsageError, match=rf"backend option {option}=.* \(want {re.escape(want)}\)"):
+        backend(make_engine(tmp_path), **{option: value})
+
+
+def test_an_executor_that_refuses_to_load_is_a_one_line_usage_error(standin, tmp_path):
+    """fail_fast_on_attention_window_too_large (evalctx's default) with a KV cache smaller than max_seq_len: the
+    executor throws at load; the user gets one line saying what to change, not a traceback."""
+    with pytest.raises(UsageError) as err:
+        backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("tensorrt_llm could not load engine ")
+    assert "Attention window too large" in msg and "max_attention_window_size=<longest prompt" in msg
+    # what the advice says works: a window the cache holds, or fail-fast off with preflight doing the refusing
+    assert backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000",
+                   max_attention_window_size="1000").generate([request("a")])[0].text == " 42"
+    b = backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000",
+                fail_fast_on_attention_window_too_large="false")
+    assert list(b.preflight([SimpleNamespace(id="long", context_length=1000, max_new_tokens=8)])) == ["long"]
 
 
 def test_block_reuse_makes_the_cached_prompt_count_unknown_and_flags_the_row(standin, tmp_path):

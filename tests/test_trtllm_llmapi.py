@@ -120,6 +120,18 @@ def test_an_older_llm_drops_unknown_arguments_with_a_warning(standin, tmp_path, 
         backend(hf_dir(tmp_path))
 
 
+def test_an_llm_that_refuses_to_load_is_a_one_line_usage_error(standin, tmp_path, monkeypatch):
+    from tensorrt_llm import llmapi
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: Attention window too large\n(trace)")
+
+    monkeypatch.setattr(llmapi.LLM, "__init__", refuse)
+    with pytest.raises(UsageError, match=r"LLM\(\.\.\.\) refused the settings: .*Attention window too large; the KV "
+                                         r"cache cannot hold one sequence"):
+        backend(hf_dir(tmp_path))
+
+
 def test_close_shuts_the_llm_down(standin, tmp_path):
     b = backend(hf_dir(tmp_path))
     llm = b._llm

@@ -57,6 +57,25 @@ class SharedOptions:
     request_timeout_s: float = 3600.0
     """A batch's requests without a final response this long after enqueue are cancelled and become error rows."""
 
+    def __post_init__(self) -> None:
+        """Values TensorRT-LLM would refuse deep inside (or, for the timeout, turn into all-error runs)."""
+        bad = [f"{name}={getattr(self, name)!r} (want {want})" for name, ok, want in (
+            ("request_timeout_s", self.request_timeout_s > 0, "> 0 seconds"),
+            ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
+            ("kv_cache_free_gpu_memory_fraction", 0 < self.kv_cache_free_gpu_memory_fraction <= 1, "in (0, 1]"),
+            ("max_tokens_in_paged_kv_cache", _at_least(self.max_tokens_in_paged_kv_cache, 1), ">= 1 tokens"),
+            ("max_attention_window_size", _at_least(self.max_attention_window_size, 1), ">= 1 tokens"),
+            ("sink_token_length", _at_least(self.sink_token_length, 0), ">= 0 tokens"),
+            ("end_ids", self.end_ids is None or all(i >= 0 for i in self.end_ids), "token ids >= 0"),
+        ) if not ok]
+        if bad:
+            raise UsageError(f"backend option {bad[0]}")
+
+
+def _at_least(value: int | None, low: int) -> bool:
+    """An optional setting is unset or at least ``low``."""
+    return value is None or value >= low
+
 
 def runtime_max_input_len(engine: EngineConfig, chunked: bool) -> int | None:
     """The longest prompt the C++ runtime takes (batch_manager/trtGptModel.h): max_seq_len - 1 with chunked context

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.trtllm.backend import SharedOptions
+from evalctx.backends.trtllm.executor import WINDOW_ADVICE
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
@@ -137,8 +138,11 @@ class TRTLLMAPIBackend(Backend):
         self.llm_args = self._known_args({k: v for k, v in wanted.items() if v is not None})
         try:
             self._llm = LLM(**self.llm_args)
-        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            raise UsageError(f"tensorrt_llm {self.version}: LLM(...) refused the settings: {one_line(exc)}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:  # pydantic's ValidationError is a ValueError; the
+            # executor's own refusals at load (KV cache too small for the window, out of memory) are RuntimeErrors
+            advice = f"; {WINDOW_ADVICE}" if "attention window" in str(exc).lower() else ""
+            raise UsageError(f"tensorrt_llm {self.version}: LLM(...) refused the settings: {one_line(exc)}"
+                             f"{advice}") from None
         fields = getattr(SamplingParams, "__dataclass_fields__", None)
         self._sp_fields = set(fields) if fields else None
         self._sampling_cls = SamplingParams
