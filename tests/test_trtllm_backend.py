@@ -373,11 +373,15 @@ def test_a_release_without_participant_ids_cannot_run_replicas(standin, tmp_path
 
 def test_an_executor_that_never_ends_cancelled_requests_fails_the_run_instead_of_hanging(standin, tmp_path,
                                                                                          monkeypatch):
+    """The cancellation is lost (the execution thread is stuck): the batch fails the run, and close() leaves the
+    executor alone, since its shutdown() would join the stuck thread forever (the stand-in raises instead)."""
     from evalctx.backends.trtllm import executor as ex
 
-    standin.BEHAVIOUR["hang_token"] = ord("?") + ByteTokenizer.OFFSET
+    standin.BEHAVIOUR.update(hang_token=ord("?") + ByteTokenizer.OFFSET, cancel_lost=True)
     monkeypatch.setattr(ex, "CANCEL_GRACE_S", 0.1)
     b = backend(make_engine(tmp_path), request_timeout_s="0.1")
-    monkeypatch.setattr(b._executor, "cancel_request", lambda id: None)  # cancellation lost
+    executor = b._executor
     with pytest.raises(RuntimeError, match=r"cancelled requests \[1\] got no final response"):
         b.generate([request("stuck", "where?")])
+    b.close()
+    assert executor._wedged and not executor._shutdown and b._executor is None

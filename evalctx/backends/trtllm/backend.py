@@ -28,6 +28,8 @@ from evalctx.records import GenerationRequest, GenerationResult
 from evalctx.tokenizer_check import check_tokenizer
 
 log = logging.getLogger("evalctx.backends.trtllm")
+_ABANDONED: list[Any] = []
+"""Executors of failed runs, never shut down (their execution thread may be stuck) nor destroyed."""
 
 
 @dataclass
@@ -138,6 +140,7 @@ class TRTLLMBackend(Backend):
         self.placement = Placement(None, None, None)
         self._lora: Any = None
         self._executor: Any = None
+        self._failed = False
         self._load()
 
     # ----------------------------------------------------------------------------------------- construction
@@ -303,7 +306,13 @@ class TRTLLMBackend(Backend):
             # Leader mode: this rank enqueues nothing; its executor threads serve the replica in the background.
             n = len(batch)
             return [GenerationResult(text=None, n_prompt_tokens=len(r.prompt_ids), batch_size=n) for r in batch]
-        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        try:
+            return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        except Exception:
+            # The run ends here (CUDA/NCCL/out-of-memory, or requests the executor never ended): its execution thread
+            # may be stuck, and shutdown() would join it forever instead of letting the error end the job.
+            self._failed = True
+            raise
 
     def _request(self, req: GenerationRequest) -> Any:
         lora_config = lora.request_config(self._trt, self._lora, self._lora_uid(req)) if self._lora else None
@@ -397,10 +406,16 @@ class TRTLLMBackend(Backend):
                 **self.runtime_columns()}
 
     def close(self) -> None:
-        # Every rank shuts down together: followers wait for the leader's terminate message (leader mode).
+        # Followers' execution threads end on the leader's terminate request (leader mode). After a failed
+        # generate the executor is left alone (kept referenced, so no destructor runs its shutdown either): the
+        # error then ends the job (MPI_Abort under mpirun) rather than a join on a stuck thread hanging it.
         executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown()
+        if executor is None:
+            return
+        if self._failed:
+            _ABANDONED.append(executor)
+            return
+        executor.shutdown()
 
 
 def _engine_dir(options: Any, model: str | None) -> str:

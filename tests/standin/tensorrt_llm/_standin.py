@@ -14,6 +14,7 @@ BEHAVIOUR: dict = {
     "error_token": None,  # a prompt holding this id gets an error response
     "error_message": "[TensorRT-LLM][ERROR] stand-in: injected request error",
     "hang_token": None,  # a prompt holding this id gets no response until it is cancelled
+    "cancel_lost": False,  # cancel_request never ends a stuck request (the execution thread is wedged)
     "reused_blocks": 0,
     # LLM API: "ignored" = RequestOutput.result(timeout) blocks until a response whatever the timeout, as the newest
     # tensorrt_llm/executor/result.py does (_result_step calls self.queue.get() without it); "honoured" = older
