@@ -86,6 +86,9 @@ def test_an_abort_that_never_ends_the_request_fails_the_run_instead_of_hanging(s
     b = backend(hf_dir(tmp_path), request_timeout_s="0.1")
     with pytest.raises(RuntimeError, match=r"aborted requests \['stuck'\] got no final response within 0.1 s"):
         b.generate([request("stuck", "where?")])
+    llm = b._llm
+    b.close()  # its shutdown would wait on the stuck request: left alone
+    assert not llm._shutdown and b._llm is None
 
 
 def test_preflight_uses_the_llms_limits(standin, tmp_path):

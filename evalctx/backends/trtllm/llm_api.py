@@ -39,6 +39,7 @@ log = logging.getLogger("evalctx.backends.trtllm")
 # Without these the run would be wrong rather than slower, so a release without them is refused.
 REQUIRED_ARGS = ("model", "kv_cache_config", "enable_chunked_prefill", "max_seq_len", "max_num_tokens",
                  "return_perf_metrics")
+_ABANDONED: list[Any] = []
 ABORT_GRACE_S = 60.0
 """After aborting, how long to wait for the aborted requests' final responses before giving up on the run."""
 
@@ -101,6 +102,7 @@ class TRTLLMAPIBackend(Backend):
         self.dropped: list[str] = []
         self.version: str | None = None
         self._llm: Any = None
+        self._failed = False
         self._load(options.max_seq_len or wanted or None)
         args = getattr(self._llm, "args", None)
         # What the LLM settled on (it may derive max_seq_len from the checkpoint when none was given).
@@ -195,7 +197,11 @@ class TRTLLMAPIBackend(Backend):
         return check(len(req.prompt_ids), req.max_new_tokens, self.limits())
 
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        try:
+            return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        except Exception:
+            self._failed = True  # close() then leaves the LLM alone: its shutdown may wait on a stuck worker
+            raise
 
     def _run_group(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         n = len(reqs)
@@ -288,5 +294,7 @@ class TRTLLMAPIBackend(Backend):
 
     def close(self) -> None:
         llm, self._llm = self._llm, None
-        if llm is not None:
+        if llm is not None and self._failed:
+            _ABANDONED.append(llm)  # never shut down nor destroyed: the error ends the run instead of a hang
+        elif llm is not None:
             llm.shutdown()
