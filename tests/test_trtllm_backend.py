@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -138,6 +139,20 @@ def test_one_rank_replicas_pass_their_participant_and_device_ids(standin, tmp_pa
     assert b.replicas == 2 and b.generate([request("a")])[0].text == " 42"
 
 
+def test_more_ranks_on_a_node_than_the_engines_gpus_per_node_is_refused(standin, tmp_path, monkeypatch):
+    """mpirun -n 8 with a TP1 engine built for 4 GPUs per node: ranks 4..7 have no GPU of their own. The executor
+    refuses device ids >= gpus_per_node (worldConfig.cpp) and its default would put them on GPU 0, shared with
+    replica 0, so their latencies would be wrong: a usage error instead."""
+    engine = make_engine(tmp_path)
+    cfg = json.loads((engine / "config.json").read_text())
+    cfg["pretrained_config"]["mapping"]["gpus_per_node"] = 4
+    (engine / "config.json").write_text(json.dumps(cfg))
+    standin.WORLD.update(rank=5, size=8)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "5")
+    with pytest.raises(UsageError, match="rank 5 is rank 5 of its node, but the engine was built for 4 GPUs per node"):
+        backend(engine, dict(world_rank=5, world_size=8, replica=5, rank_in_replica=0))
+
+
 def test_a_tp2_follower_builds_the_executor_and_never_enqueues(standin, tmp_path, monkeypatch):
     standin.WORLD.update(rank=3, size=4)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
@@ -216,6 +231,19 @@ def test_limits_are_the_runtimes(standin, tmp_path):
     assert "max_seq_len is 2048" in out[0].error and out[1].text == " 42"
 
 
+def test_an_answer_the_runtime_cut_is_an_error_row_even_past_the_checks(standin, tmp_path, monkeypatch):
+    """Were a request to slip past preflight, the executor lowers max_tokens (LlmRequest::validate) and ends with
+    LENGTH before the budget: that answer is cut, so it must be an error row, never an ok row."""
+    from evalctx.backends.trtllm import backend as trt_backend
+
+    standin.BEHAVIOUR["answer"] = [55, 53, 60, 61, 62, 63, 64, 65, 66, 67]
+    b = backend(make_engine(tmp_path, max_seq_len=2048))
+    monkeypatch.setattr(trt_backend, "check", lambda *a: None)  # the checks bypassed
+    out = b.generate([GenerationRequest(sample_id="x", prompt_ids=[5] * 2044, prompt="", max_new_tokens=8)])
+    assert out[0].text is None and "ended after 4 of max_new_tokens 8 tokens" in out[0].error
+    assert "finish reason LENGTH" in out[0].error
+
+
 def test_without_paged_context_fmha_long_prompts_are_unsupported(standin, tmp_path):
     b = backend(make_engine(tmp_path, use_paged_context_fmha=False), enable_chunked_context="true")
     assert b.row_columns()["runtime_enable_chunked_context"] is False
@@ -233,6 +261,52 @@ def test_attention_window_and_sink_tokens_reach_the_executor_and_preflight(stand
              SimpleNamespace(id="out", context_length=993, max_new_tokens=8)]
     reason = b.preflight(specs)
     assert list(reason) == ["out"] and "attention sees only the last 1000 tokens and its first 4 (sink tokens)" in reason["out"]
+
+
+def test_the_engines_own_sliding_window_reaches_preflight(standin, tmp_path):
+    """An engine whose config.json carries runtime defaults (a model's sliding window) gets them from the executor
+    (KvCacheConfig runtime_defaults, as from_dir passes them): preflight must refuse what that window hides."""
+    engine = make_engine(tmp_path)
+    cfg = json.loads((engine / "config.json").read_text())
+    cfg["pretrained_config"]["runtime_defaults"] = {"max_attention_window": [4096], "sink_token_length": 2}
+    (engine / "config.json").write_text(json.dumps(cfg))
+    b = backend(engine)
+    assert b._executor.attention_window == 4096
+    cols = b.row_columns()
+    assert (cols["runtime_attention_window"], cols["runtime_sink_token_length"]) == (4096, 2)
+    reason = b.preflight([SimpleNamespace(id="in", context_length=4088, max_new_tokens=8),
+                          SimpleNamespace(id="out", context_length=8000, max_new_tokens=8)])
+    assert list(reason) == ["out"] and "attention sees only the last 4096 tokens and its first 2" in reason["out"]
+    # an explicit option wins over the engine's default, as fillEmptyFieldsFromRuntimeDefaults fills only unset fields
+    assert backend(engine, max_attention_window_size="9000").row_columns()["runtime_attention_window"] == 9000
+
+
+@pytest.mark.parametrize("option, value, want", [
+    ("request_timeout_s", "0", "> 0 seconds"),  # else every request is cancelled at once: an all-error run
+    ("max_batch_size", "0", ">= 1"), ("kv_cache_free_gpu_memory_fraction", "1.5", "in (0, 1]"),
+    ("max_tokens_in_paged_kv_cache", "0", ">= 1 tokens"), ("max_attention_window_size", "0", ">= 1 tokens"),
+    ("sink_token_length", "-1", ">= 0 tokens"),
+    ("end_ids", "-1", "token ids >= 0"),
+])
+def test_out_of_range_options_are_usage_errors(standin, tmp_path, option, value, want):
+    with pytest.raises(UsageError, match=rf"backend option {option}=.* \(want {re.escape(want)}\)"):
+        backend(make_engine(tmp_path), **{option: value})
+
+
+def test_an_executor_that_refuses_to_load_is_a_one_line_usage_error(standin, tmp_path):
+    """fail_fast_on_attention_window_too_large (evalctx's default) with a KV cache smaller than max_seq_len: the
+    executor throws at load; the user gets one line saying what to change, not a traceback."""
+    with pytest.raises(UsageError) as err:
+        backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("tensorrt_llm could not load engine ")
+    assert "Attention window too large" in msg and "max_attention_window_size=<longest prompt" in msg
+    # what the advice says works: a window the cache holds, or fail-fast off with preflight doing the refusing
+    assert backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000",
+                   max_attention_window_size="1000").generate([request("a")])[0].text == " 42"
+    b = backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000",
+                fail_fast_on_attention_window_too_large="false")
+    assert list(b.preflight([SimpleNamespace(id="long", context_length=1000, max_new_tokens=8)])) == ["long"]
 
 
 def test_block_reuse_makes_the_cached_prompt_count_unknown_and_flags_the_row(standin, tmp_path):
@@ -299,11 +373,15 @@ def test_a_release_without_participant_ids_cannot_run_replicas(standin, tmp_path
 
 def test_an_executor_that_never_ends_cancelled_requests_fails_the_run_instead_of_hanging(standin, tmp_path,
                                                                                          monkeypatch):
+    """The cancellation is lost (the execution thread is stuck): the batch fails the run, and close() leaves the
+    executor alone, since its shutdown() would join the stuck thread forever (the stand-in raises instead)."""
     from evalctx.backends.trtllm import executor as ex
 
-    standin.BEHAVIOUR["hang_token"] = ord("?") + ByteTokenizer.OFFSET
+    standin.BEHAVIOUR.update(hang_token=ord("?") + ByteTokenizer.OFFSET, cancel_lost=True)
     monkeypatch.setattr(ex, "CANCEL_GRACE_S", 0.1)
     b = backend(make_engine(tmp_path), request_timeout_s="0.1")
-    monkeypatch.setattr(b._executor, "cancel_request", lambda id: None)  # cancellation lost
+    executor = b._executor
     with pytest.raises(RuntimeError, match=r"cancelled requests \[1\] got no final response"):
         b.generate([request("stuck", "where?")])
+    b.close()
+    assert executor._wedged and not executor._shutdown and b._executor is None

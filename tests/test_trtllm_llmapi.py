@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,13 +63,32 @@ def test_rows_match_the_engine_backend(standin, tmp_path):
         assert r.n_cached_prompt_tokens == 0 and r.flags == [] and r.n_prompt_tokens == len(req.prompt_ids)
 
 
-def test_errors_and_stuck_requests_end_only_their_own_rows(standin, tmp_path):
-    standin.BEHAVIOUR.update(error_token=ord("!") + 3, hang_token=ord("?") + 3)
+@pytest.mark.parametrize("result_timeout", ["ignored", "honoured"])
+def test_errors_and_stuck_requests_end_only_their_own_rows(standin, tmp_path, result_timeout):
+    """The newest result.py ignores result(timeout)'s timeout (a stuck request would block forever); older ones
+    raise queue.Empty after it. Either way the stuck request is aborted at the deadline and ends only its row."""
+    standin.BEHAVIOUR.update(error_token=ord("!") + 3, hang_token=ord("?") + 3, result_timeout=result_timeout,
+                             block_cap_s=5.0)
     b = backend(hf_dir(tmp_path), max_batch_size="3", request_timeout_s="0.1")
+    t0 = time.perf_counter()
     out = b.generate([request("bad", "boom!"), request("stuck", "where?"), request("ok")])
+    assert time.perf_counter() - t0 < 2.0
     assert out[0].error == "RequestError: [TensorRT-LLM][ERROR] stand-in: injected request error"
     assert "request_timeout_s=0.1 s: aborted" in out[1].error and out[2].text == " 42"
     assert b.generate([request("next")])[0].text == " 42"
+
+
+def test_an_abort_that_never_ends_the_request_fails_the_run_instead_of_hanging(standin, tmp_path, monkeypatch):
+    from evalctx.backends.trtllm import llm_api
+
+    standin.BEHAVIOUR.update(hang_token=ord("?") + 3, abort_lost=True, block_cap_s=2.0)
+    monkeypatch.setattr(llm_api, "ABORT_GRACE_S", 0.1)
+    b = backend(hf_dir(tmp_path), request_timeout_s="0.1")
+    with pytest.raises(RuntimeError, match=r"aborted requests \['stuck'\] got no final response within 0.1 s"):
+        b.generate([request("stuck", "where?")])
+    llm = b._llm
+    b.close()  # its shutdown would wait on the stuck request: left alone
+    assert not llm._shutdown and b._llm is None
 
 
 def test_preflight_uses_the_llms_limits(standin, tmp_path):
@@ -100,6 +120,18 @@ def test_an_older_llm_drops_unknown_arguments_with_a_warning(standin, tmp_path, 
     assert b.row_columns()["runtime_fail_fast_on_attention_window"] is None
     del TorchLlmArgs.model_fields["enable_chunked_prefill"]
     with pytest.raises(UsageError, match="enable_chunked_prefill"):
+        backend(hf_dir(tmp_path))
+
+
+def test_an_llm_that_refuses_to_load_is_a_one_line_usage_error(standin, tmp_path, monkeypatch):
+    from tensorrt_llm import llmapi
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: Attention window too large\n(trace)")
+
+    monkeypatch.setattr(llmapi.LLM, "__init__", refuse)
+    with pytest.raises(UsageError, match=r"LLM\(\.\.\.\) refused the settings: .*Attention window too large; the KV "
+                                         r"cache cannot hold one sequence"):
         backend(hf_dir(tmp_path))
 
 

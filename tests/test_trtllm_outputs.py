@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from evalctx.backends.trtllm.outputs import default_end_ids, engine_timing, is_fatal, strip_end
+from evalctx.backends.trtllm.outputs import Timing, default_end_ids, engine_timing, is_fatal, strip_end, to_result
+from evalctx.records import GenerationRequest
 from evalctx.tokenizer import ByteTokenizer
 
 
@@ -43,6 +44,20 @@ def test_strip_end_and_finish_reasons():
     assert strip_end([5, 6, 9], "STOP_WORDS", [2, 9], 8) == ([5, 6], "stop")
     assert strip_end([5, 6], "END_ID", [2], 8) == ([5, 6], "stop")  # a release that drops the end id itself
     assert strip_end([5, 6, 7], "LENGTH", [2], 3) == ([5, 6, 7], "length")
+
+
+@pytest.mark.parametrize("tokens, finish, ok", [
+    ([5, 6, 2], "END_ID", True), ([5, 6, 7], "LENGTH", True), ([5, 6, 7], None, True), ([5, 2], "CANCELLED", True),
+    ([5, 6], "TIMED_OUT", False), ([5, 6], "CANCELLED", False), ([5], "NOT_FINISHED", False), ([5], None, False),
+    ([5, 6], "timeout", False),  # the LLM API's name
+    ([5, 6], "LENGTH", False),  # the runtime lowered max_new_tokens (prompt + budget > max_seq_len): cut
+])
+def test_an_answer_cut_before_an_end_id_or_the_budget_is_an_error_row(tokens, finish, ok):
+    req = GenerationRequest(sample_id="s", prompt_ids=[1, 2, 3], prompt="abc", max_new_tokens=3)
+    res = to_result(req, tokens, finish, Timing(0.1, 0.2, 0), tokenizer=ByteTokenizer(), end_ids=[2], batch_size=1)
+    assert (res.error is None) == ok and (res.text is not None) == ok
+    if not ok:
+        assert f"finish reason {finish or 'none'}" in res.error and res.latency_s == 0.2
 
 
 def test_end_ids_from_generation_config(tmp_path):

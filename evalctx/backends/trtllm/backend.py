@@ -28,6 +28,8 @@ from evalctx.records import GenerationRequest, GenerationResult
 from evalctx.tokenizer_check import check_tokenizer
 
 log = logging.getLogger("evalctx.backends.trtllm")
+_ABANDONED: list[Any] = []
+"""Executors of failed runs, never shut down (their execution thread may be stuck) nor destroyed."""
 
 
 @dataclass
@@ -56,6 +58,25 @@ class SharedOptions:
     top_p: float = 0.0
     request_timeout_s: float = 3600.0
     """A batch's requests without a final response this long after enqueue are cancelled and become error rows."""
+
+    def __post_init__(self) -> None:
+        """Values TensorRT-LLM would refuse deep inside (or, for the timeout, turn into all-error runs)."""
+        bad = [f"{name}={getattr(self, name)!r} (want {want})" for name, ok, want in (
+            ("request_timeout_s", self.request_timeout_s > 0, "> 0 seconds"),
+            ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
+            ("kv_cache_free_gpu_memory_fraction", 0 < self.kv_cache_free_gpu_memory_fraction <= 1, "in (0, 1]"),
+            ("max_tokens_in_paged_kv_cache", _at_least(self.max_tokens_in_paged_kv_cache, 1), ">= 1 tokens"),
+            ("max_attention_window_size", _at_least(self.max_attention_window_size, 1), ">= 1 tokens"),
+            ("sink_token_length", _at_least(self.sink_token_length, 0), ">= 0 tokens"),
+            ("end_ids", self.end_ids is None or all(i >= 0 for i in self.end_ids), "token ids >= 0"),
+        ) if not ok]
+        if bad:
+            raise UsageError(f"backend option {bad[0]}")
+
+
+def _at_least(value: int | None, low: int) -> bool:
+    """An optional setting is unset or at least ``low``."""
+    return value is None or value >= low
 
 
 def runtime_max_input_len(engine: EngineConfig, chunked: bool) -> int | None:
@@ -105,6 +126,7 @@ class TRTLLMBackend(Backend):
         self.max_input_len = runtime_max_input_len(self.engine, self.chunked_context)
         seq = self.engine.max_seq_len or 0
         self.attention_window = min(options.max_attention_window_size or seq, seq)
+        self.sink_tokens = options.sink_token_length or 0
         self.tokenizer = ctx.tokenizer if ctx.tokenizer is not None else self._load_tokenizer()
         # Before the engine loads: ids beyond its vocabulary would crash or read other embeddings silently.
         check_tokenizer(self.tokenizer, str(self.engine.path), self.engine.vocab_size)
@@ -118,6 +140,7 @@ class TRTLLMBackend(Backend):
         self.placement = Placement(None, None, None)
         self._lora: Any = None
         self._executor: Any = None
+        self._failed = False
         self._load()
 
     # ----------------------------------------------------------------------------------------- construction
@@ -171,8 +194,9 @@ class TRTLLMBackend(Backend):
         ctx, e, o = self.ctx, self.engine, self.options
         self.placement = place(world_rank=ctx.world_rank, world_size=ctx.world_size, ranks_per_replica=e.world_size,
                                replica_comm=ctx.replica_comm, tp=e.tp, pp=e.pp, gpus_per_node=e.gpus_per_node or 8)
-        config = trt.ExecutorConfig(max_beam_width=1, max_batch_size=o.max_batch_size,
-                                    kv_cache_config=self._kv_cache_config(trt))
+        kv = self._kv_cache_config(trt)
+        self._window_in_effect(kv)
+        config = trt.ExecutorConfig(max_beam_width=1, max_batch_size=o.max_batch_size, kv_cache_config=kv)
         self._require(ex.set_optional(config, "parallel_config", ex.parallel_config(trt, self.placement),
                                       self.dropped, "ExecutorConfig"), "ExecutorConfig.parallel_config")
         applied = ex.set_optional(config, "enable_chunked_context", self.chunked_context, self.dropped,
@@ -212,6 +236,18 @@ class TRTLLMBackend(Backend):
                                   window=o.max_attention_window_size, sink_tokens=o.sink_token_length,
                                   runtime_defaults=defaults, dropped=self.dropped)
 
+    def _window_in_effect(self, kv: Any) -> None:
+        """The attention window and sink tokens the executor will use, read back from the built KvCacheConfig: it
+        holds the engine's own runtime defaults (a model's sliding window in config.json, filled in by
+        ``fillEmptyFieldsFromRuntimeDefaults`` where no option was given), which preflight must know too. With one
+        window per layer the largest counts (a full-attention layer sees the whole prompt), clipped to max_seq_len
+        as the runtime clips it."""
+        windows = getattr(kv, "max_attention_window", None)
+        if windows:
+            self.attention_window = min(max(int(w) for w in windows), self.engine.max_seq_len or 0)
+        sinks = getattr(kv, "sink_token_length", None)
+        self.sink_tokens = int(sinks) if sinks else 0
+
     def _perf_knobs(self, trt: Any, config: Any) -> None:
         """multi_block_mode and FMHA fp32 accumulation, as from_dir sets them; None leaves the runtime default."""
         o = self.options
@@ -246,8 +282,7 @@ class TRTLLMBackend(Backend):
     def limits(self) -> EngineLimits:
         base = limits_from_engine(self.engine, max_input_len=self.max_input_len, chunked_context=self.chunked_context,
                                   kv_cache_tokens=self.options.max_tokens_in_paged_kv_cache)
-        return dataclasses.replace(base, attention_window=self.attention_window,
-                                   sink_tokens=self.options.sink_token_length or 0)
+        return dataclasses.replace(base, attention_window=self.attention_window, sink_tokens=self.sink_tokens)
 
     def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
         return preflight(samples, self.limits())
@@ -271,7 +306,13 @@ class TRTLLMBackend(Backend):
             # Leader mode: this rank enqueues nothing; its executor threads serve the replica in the background.
             n = len(batch)
             return [GenerationResult(text=None, n_prompt_tokens=len(r.prompt_ids), batch_size=n) for r in batch]
-        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        try:
+            return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        except Exception:
+            # The run ends here (CUDA/NCCL/out-of-memory, or requests the executor never ended): its execution thread
+            # may be stuck, and shutdown() would join it forever instead of letting the error end the job.
+            self._failed = True
+            raise
 
     def _request(self, req: GenerationRequest) -> Any:
         lora_config = lora.request_config(self._trt, self._lora, self._lora_uid(req)) if self._lora else None
@@ -328,7 +369,7 @@ class TRTLLMBackend(Backend):
             "runtime_max_seq_len": self.engine.max_seq_len,
             "runtime_max_input_len": self.max_input_len,
             "runtime_attention_window": self.attention_window,
-            "runtime_sink_token_length": o.sink_token_length,
+            "runtime_sink_token_length": self.sink_tokens or None,
             "runtime_max_batch_size": o.max_batch_size,
             "runtime_enable_chunked_context": self.chunked_context,
             "runtime_max_tokens_in_paged_kv_cache": o.max_tokens_in_paged_kv_cache,
@@ -365,10 +406,16 @@ class TRTLLMBackend(Backend):
                 **self.runtime_columns()}
 
     def close(self) -> None:
-        # Every rank shuts down together: followers wait for the leader's terminate message (leader mode).
+        # Followers' execution threads end on the leader's terminate request (leader mode). After a failed
+        # generate the executor is left alone (kept referenced, so no destructor runs its shutdown either): the
+        # error then ends the job (MPI_Abort under mpirun) rather than a join on a stuck thread hanging it.
         executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown()
+        if executor is None:
+            return
+        if self._failed:
+            _ABANDONED.append(executor)
+            return
+        executor.shutdown()
 
 
 def _engine_dir(options: Any, model: str | None) -> str:

@@ -112,9 +112,26 @@ def parallel_config(trt: Any, placement: Placement) -> Any:
                          "(mpirun -n tp*pp*cp) or install tensorrt_llm >= 1.2") from None
 
 
+WINDOW_ADVICE = ("the KV cache cannot hold one sequence of the attention window (max_seq_len unless "
+                 "max_attention_window_size is set): raise max_tokens_in_paged_kv_cache or "
+                 "kv_cache_free_gpu_memory_fraction, or pass max_attention_window_size=<longest prompt + max_new_tokens>, "
+                 "or set fail_fast_on_attention_window_too_large=false together with max_tokens_in_paged_kv_cache "
+                 "(preflight then refuses what the cache cannot hold)")
+
+
 def build_executor(trt: Any, engine: EngineConfig, config: Any) -> Any:
-    """Load the engine on this rank (every rank of the replica calls it together)."""
-    return trt.Executor(Path(engine.path), trt.ModelType.DECODER_ONLY, config)
+    """Load the engine on this rank (every rank of the replica calls it together).
+
+    The executor's own refusals at load (TensorRT-LLM raises them as RuntimeError: the KV cache too small for the
+    attention window under fail-fast, an engine built for another version or GPU, out of memory) are the settings'
+    fault, not a bug: they become a one-line UsageError saying what failed, with advice where it is known.
+    """
+    try:
+        return trt.Executor(Path(engine.path), trt.ModelType.DECODER_ONLY, config)
+    except RuntimeError as exc:
+        message = one_line(str(exc))
+        advice = f"; {WINDOW_ADVICE}" if "attention window" in message.lower() else ""
+        raise UsageError(f"tensorrt_llm could not load engine {engine.path}: {message}{advice}") from None
 
 
 def output_config(trt: Any, dropped: list[str]) -> tuple[Any, bool, bool]:

@@ -16,7 +16,9 @@ the version indexed as commit 036a60f7, and ``cpp/tensorrt_llm/runtime/worldConf
 
 evalctx therefore passes, for each replica of a multi-replica world, the replica's world ranks as participant ids
 and, when the replica sits on one node, the node-local GPU of each member in session-rank order. A single replica
-spanning the whole world keeps TensorRT-LLM's defaults (no ids), the path its own scripts take.
+spanning the whole world keeps TensorRT-LLM's defaults (no ids), the path its own scripts take. A rank whose
+node-local index is not below the engine's ``gpus_per_node`` has no GPU of its own to get (the executor refuses such
+device ids, and its default would put the replica on a GPU another replica uses), so that is a usage error.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from evalctx.errors import UsageError
 
 log = logging.getLogger("evalctx.backends.trtllm")
 
@@ -73,11 +77,17 @@ def place(*, world_rank: int, world_size: int, ranks_per_replica: int, replica_c
         return Placement(participant_ids=None, device_ids=None, device=None)
     mine = (world_rank, local_gpu(world_rank, gpus_per_node))
     members = [tuple(m) for m in replica_comm.allgather(mine)] if replica_comm is not None else [mine]
+    crowded = [(rank, gpu) for rank, gpu in members if gpu >= gpus_per_node]
+    if crowded:
+        rank, gpu = crowded[0]
+        raise UsageError(f"rank {rank} is rank {gpu} of its node, but the engine was built for {gpus_per_node} GPUs "
+                         f"per node (mapping.gpus_per_node): replicas would share GPUs and their timings would be "
+                         f"wrong; run at most {gpus_per_node} ranks per node, or rebuild with --gpus_per_node")
     gpu_of = dict(members)
     participants = [rank for rank, _ in members]  # replica-rank order: the leader (replica rank 0) first
     order = session_order(participants, tp, pp)
     devices = [gpu_of[rank] for rank in order]
-    if len(set(devices)) != len(devices) or max(devices) >= gpus_per_node:
+    if len(set(devices)) != len(devices):
         # A replica over several nodes: its local GPUs repeat. TensorRT-LLM's default (session rank modulo
         # gpus_per_node) is right when each node holds whole, contiguous groups of its ranks.
         if world_rank == participants[0]:

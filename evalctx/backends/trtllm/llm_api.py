@@ -4,7 +4,9 @@ TensorRT-LLM now points new projects here rather than at prebuilt engines (its d
 workflow legacy). Same rows, preflight and timing as ``trtllm``: requests go in as token ids, the answer is
 ``outputs[0].token_ids`` (generated only), timings are the executor's ``request_perf_metrics``
 (``SamplingParams(return_perf_metrics=True)``), each request is awaited on its own so one error or one stuck request
-ends only its own row (``RequestOutput.result(timeout)``, then ``abort()``).
+ends only its own row: ``RequestOutput.result()`` runs in a helper thread, because the newest
+``tensorrt_llm/executor/result.py`` ignores ``result(timeout)``'s timeout (``_result_step`` calls ``queue.get()``
+without it), and a request still running at the deadline is ``abort()``-ed.
 
 Launch: evalctx runs in one process. With tensor_parallel_size > 1 on one node, plain ``evalctx run`` lets the LLM
 spawn its MPI workers itself (mpi4py's MPIPoolExecutor; needs mpi4py); under mpirun or Slurm use
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.trtllm.backend import SharedOptions
+from evalctx.backends.trtllm.executor import WINDOW_ADVICE
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
@@ -36,6 +39,27 @@ log = logging.getLogger("evalctx.backends.trtllm")
 # Without these the run would be wrong rather than slower, so a release without them is refused.
 REQUIRED_ARGS = ("model", "kv_cache_config", "enable_chunked_prefill", "max_seq_len", "max_num_tokens",
                  "return_perf_metrics")
+_ABANDONED: list[Any] = []
+ABORT_GRACE_S = 60.0
+"""After aborting, how long to wait for the aborted requests' final responses before giving up on the run."""
+
+
+class _Wait(threading.Thread):
+    """``item.result()`` in a daemon thread: the caller can stop waiting at a deadline whatever the release does
+    with ``result(timeout)``, and a result that never comes cannot keep the process alive at exit."""
+
+    def __init__(self, item: Any) -> None:
+        super().__init__(daemon=True, name="evalctx-trtllm-result")
+        self.item = item
+        self.error: BaseException | None = None
+        self.ended_at: float | None = None
+
+    def run(self) -> None:
+        try:
+            self.item.result()
+        except BaseException as exc:  # reported by the caller as this request's row (or the run's error)
+            self.error = exc
+        self.ended_at = time.perf_counter()
 
 
 class TRTLLMAPIBackend(Backend):
@@ -78,6 +102,7 @@ class TRTLLMAPIBackend(Backend):
         self.dropped: list[str] = []
         self.version: str | None = None
         self._llm: Any = None
+        self._failed = False
         self._load(options.max_seq_len or wanted or None)
         args = getattr(self._llm, "args", None)
         # What the LLM settled on (it may derive max_seq_len from the checkpoint when none was given).
@@ -115,8 +140,11 @@ class TRTLLMAPIBackend(Backend):
         self.llm_args = self._known_args({k: v for k, v in wanted.items() if v is not None})
         try:
             self._llm = LLM(**self.llm_args)
-        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            raise UsageError(f"tensorrt_llm {self.version}: LLM(...) refused the settings: {one_line(exc)}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:  # pydantic's ValidationError is a ValueError; the
+            # executor's own refusals at load (KV cache too small for the window, out of memory) are RuntimeErrors
+            advice = f"; {WINDOW_ADVICE}" if "attention window" in str(exc).lower() else ""
+            raise UsageError(f"tensorrt_llm {self.version}: LLM(...) refused the settings: {one_line(exc)}"
+                             f"{advice}") from None
         fields = getattr(SamplingParams, "__dataclass_fields__", None)
         self._sp_fields = set(fields) if fields else None
         self._sampling_cls = SamplingParams
@@ -169,7 +197,11 @@ class TRTLLMAPIBackend(Backend):
         return check(len(req.prompt_ids), req.max_new_tokens, self.limits())
 
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        try:
+            return run_checked(batch, self._check_request, self._run_group, self.options.max_batch_size)
+        except Exception:
+            self._failed = True  # close() then leaves the LLM alone: its shutdown may wait on a stuck worker
+            raise
 
     def _run_group(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
         n = len(reqs)
@@ -183,24 +215,38 @@ class TRTLLMAPIBackend(Backend):
                 if is_fatal(exc):
                     raise
                 pending.append(exc)
+        waits = {i: _Wait(item) for i, item in enumerate(pending) if not isinstance(item, Exception)}
+        for w in waits.values():
+            w.start()
         deadline = t0 + self.options.request_timeout_s
-        return [self._await(req, item, t0, deadline, n) for req, item in zip(reqs, pending)]
+        for w in waits.values():
+            w.join(max(0.0, deadline - time.perf_counter()))
+        late = {i for i, w in waits.items() if w.is_alive()}
+        for i in late:
+            pending[i].abort()
+        grace_end = time.perf_counter() + ABORT_GRACE_S
+        for i in late:
+            waits[i].join(max(0.0, grace_end - time.perf_counter()))
+        stuck = [reqs[i].sample_id for i in sorted(late) if waits[i].is_alive()]
+        if stuck:
+            raise RuntimeError(f"tensorrt_llm: aborted requests {stuck} got no final response within "
+                               f"{ABORT_GRACE_S:g} s; the LLM's state is unknown")
+        return [self._outcome(req, pending[i], waits.get(i), i in late, t0, n) for i, req in enumerate(reqs)]
 
-    def _await(self, req: GenerationRequest, item: Any, t0: float, deadline: float, n: int) -> GenerationResult:
+    def _outcome(self, req: GenerationRequest, item: Any, wait: _Wait | None, late: bool, t0: float,
+                 n: int) -> GenerationResult:
         if isinstance(item, Exception):
             return error_result(req, one_line(item), n)
-        try:
-            out = item.result(timeout=max(0.0, deadline - time.perf_counter()))
-        except (queue.Empty, TimeoutError):
-            item.abort()
+        assert wait is not None and wait.ended_at is not None
+        latency = wait.ended_at - t0
+        if late:
             return error_result(req, f"no final response within request_timeout_s={self.options.request_timeout_s:g} s:"
-                                     " aborted", n, time.perf_counter() - t0)
-        except Exception as exc:
-            if is_fatal(exc):
-                raise
-            return error_result(req, one_line(exc), n, time.perf_counter() - t0)
-        latency = time.perf_counter() - t0
-        c = out.outputs[0]
+                                     " aborted", n, latency)
+        if wait.error is not None:
+            if is_fatal(wait.error):
+                raise wait.error
+            return error_result(req, one_line(wait.error), n, latency)
+        c = item.outputs[0]
         if c.finish_reason == "cancelled":
             return error_result(req, "the request was cancelled by tensorrt_llm", n, latency)
         reuse = self.options.kv_cache_enable_block_reuse
@@ -248,5 +294,7 @@ class TRTLLMAPIBackend(Backend):
 
     def close(self) -> None:
         llm, self._llm = self._llm, None
-        if llm is not None:
+        if llm is not None and self._failed:
+            _ABANDONED.append(llm)  # never shut down nor destroyed: the error ends the run instead of a hang
+        elif llm is not None:
             llm.shutdown()

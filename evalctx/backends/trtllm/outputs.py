@@ -109,8 +109,15 @@ def strip_end(tokens: Sequence[int], finish: str | None, end_ids: Sequence[int],
 
 def to_result(req: GenerationRequest, tokens: Sequence[int], finish: str | None, timing: Timing, *,
               tokenizer: Any, end_ids: Sequence[int], batch_size: int) -> GenerationResult:
-    """An ``ok`` result (the caller turns errors into error results before this)."""
+    """An ``ok`` result, or an error result when the answer is known to be cut: the generation ended without an end
+    id and before ``max_new_tokens`` (finish reason TIMED_OUT, CANCELLED, NOT_FINISHED or none, or LENGTH with fewer
+    tokens, which is the runtime lowering the budget: LlmRequest::validate). The caller turns error responses into
+    error results before this."""
     gen, reason = strip_end(tokens, finish, end_ids, req.max_new_tokens)
+    if reason not in ("stop", "length") or (reason == "length" and len(gen) < req.max_new_tokens):
+        return error_result(req, f"the answer ended after {len(gen)} of max_new_tokens {req.max_new_tokens} tokens "
+                                 f"without an end id (finish reason {finish or 'none'}): it is cut, not scored",
+                            batch_size, timing.latency_s)
     return GenerationResult(text=tokenizer.decode(gen), n_prompt_tokens=len(req.prompt_ids), n_output_tokens=len(gen),
                             latency_s=timing.latency_s, ttft_s=timing.ttft_s, batch_size=batch_size,
                             finish_reason=reason, n_cached_prompt_tokens=timing.n_cached_prompt_tokens,

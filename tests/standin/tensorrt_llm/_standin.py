@@ -14,7 +14,14 @@ BEHAVIOUR: dict = {
     "error_token": None,  # a prompt holding this id gets an error response
     "error_message": "[TensorRT-LLM][ERROR] stand-in: injected request error",
     "hang_token": None,  # a prompt holding this id gets no response until it is cancelled
+    "cancel_lost": False,  # cancel_request never ends a stuck request (the execution thread is wedged)
     "reused_blocks": 0,
+    # LLM API: "ignored" = RequestOutput.result(timeout) blocks until a response whatever the timeout, as the newest
+    # tensorrt_llm/executor/result.py does (_result_step calls self.queue.get() without it); "honoured" = older
+    # releases (queue.get(timeout=timeout), queue.Empty after it)
+    "result_timeout": "ignored",
+    "abort_lost": False,  # LLM API: abort() never produces the final (cancelled) response
+    "block_cap_s": 30.0,  # how long a blocked result() waits here before failing the test instead of hanging it
 }
 BEHAVIOUR.update(json.loads(os.environ.get("EVALCTX_STANDIN_BEHAVIOUR", "{}")))
 WORLD = {"rank": 0, "size": 1}

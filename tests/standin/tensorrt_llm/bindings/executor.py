@@ -12,6 +12,9 @@ from pathlib import Path
 from tensorrt_llm import _standin as S
 
 
+TERMINATE_TAG = 4242
+
+
 class ModelType(Enum):
     DECODER_ONLY = 0
     ENCODER_DECODER = 1
@@ -63,6 +66,15 @@ class KvCacheConfig(_Bound):
     FIELDS = dict(enable_block_reuse=False, max_tokens=None, max_attention_window=None, sink_token_length=None,
                   free_gpu_memory_fraction=None, host_cache_size=None, onboard_blocks=True,
                   cross_kv_cache_fraction=None, runtime_defaults=None)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        defaults = kwargs.get("runtime_defaults")
+        if defaults is not None:  # KvCacheConfig::fillEmptyFieldsFromRuntimeDefaults: only fields left unset
+            if self.max_attention_window is None and getattr(defaults, "max_attention_window", None):
+                self.max_attention_window = list(defaults.max_attention_window)
+            if self.sink_token_length is None and getattr(defaults, "sink_token_length", None) is not None:
+                self.sink_token_length = defaults.sink_token_length
 
 
 class ExtendedRuntimePerfKnobConfig(_Bound):
@@ -237,7 +249,8 @@ class Executor:
                 S.fail("Attention window too large to fit even a single sequence in the KV cache")
             self.attention_window = kv.max_tokens  # shrunk silently, as the runtime does without fail-fast
         self._ids = itertools.count(1)
-        self._queue, self._hung, self._done, self._shutdown = [], {}, set(), False
+        self._queue, self._hung, self._done, self._shutdown, self._wedged = [], {}, set(), False, False
+        self._leader_session_rank = order.index(ids[0]) if self.is_worker else None
         S.place_log(dict(world_rank=rank, local_rank=os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK"),
                          session_rank=session_rank, device=self.device,
                          participants=parallel.participant_ids, device_ids=devices, leader=self.is_leader))
@@ -314,6 +327,9 @@ class Executor:
 
     def cancel_request(self, id):
         self._check()
+        if S.BEHAVIOUR["cancel_lost"] and id in self._hung:
+            self._wedged = True  # the request never ends: the execution thread is stuck
+            return
         req = self._hung.pop(id, None)
         if req is not None:
             self._queue.append(Response(id, Result(is_final=True, output_token_ids=[[]],
@@ -321,8 +337,20 @@ class Executor:
             self._done.add(id)
 
     def shutdown(self):
+        """executorImpl.cpp: the leader enqueues a terminate request (its execution thread passes it on to the
+        followers' execution threads, without the followers' main threads) and joins its execution thread; a
+        follower joins its execution thread, which ends when that terminate arrives. A wedged execution thread (a
+        cancellation never answered: stuck in a kernel or a collective) never ends, so join() would block forever."""
         if self._shutdown:
             return
         self._shutdown = True
-        if self.session is not None:
-            self.session.Barrier()  # followers wait for the leader's terminate request
+        if self._wedged:
+            raise AssertionError("Executor.shutdown() would block forever here: its execution thread is stuck")
+        if self.session is None:
+            return
+        if self.is_leader:
+            leader = self.session.Get_rank()
+            self._terminate = [self.session.isend(True, dest=r, tag=TERMINATE_TAG)
+                               for r in range(self.session.Get_size()) if r != leader]
+        else:
+            self.session.recv(source=self._leader_session_rank, tag=TERMINATE_TAG)

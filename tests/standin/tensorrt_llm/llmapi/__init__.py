@@ -3,7 +3,9 @@
 Follows tensorrt_llm/llmapi/llm.py as indexed: generate_async() checks the prompt against max_num_tokens when
 chunked prefill is off (``_check_arguments``, raised at submission), returns a RequestOutput whose ``result()``
 waits (raising on an error) and whose ``outputs[0]`` carries generated ``token_ids`` only, the finish reason and
-the executor's ``request_perf_metrics``; stop tokens are stripped as result.py strips them.
+the executor's ``request_perf_metrics``; stop tokens are stripped as result.py strips them. A stuck request's
+``result(timeout)`` blocks until ``abort()`` whatever the timeout, as the newest result.py does
+(``BEHAVIOUR["result_timeout"]`` = "honoured" acts as older releases, which raise ``queue.Empty``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,21 +73,25 @@ class RequestOutput:
         self.request_id, self.prompt_token_ids = rid, prompt_ids
         self.outputs = [CompletionOutput(0)]
         self.finished, self._error, self._hung = not hung, error, hung
+        self._ended = threading.Event()  # the final response of a stuck request (after abort)
+        if not hung:
+            self._ended.set()
 
     def result(self, timeout=None):
-        if self._hung:
-            if timeout is None:
-                raise AssertionError("result() without a timeout would block forever here")
-            time.sleep(min(timeout, 0.02))
-            raise queue.Empty()  # result_step: self.queue.get(timeout=timeout)
+        if S.BEHAVIOUR["result_timeout"] == "honoured" and timeout is not None:
+            if not self._ended.wait(timeout):
+                raise queue.Empty()  # older result.py: _result_step's self.queue.get(timeout=timeout)
+        elif not self._ended.wait(S.BEHAVIOUR["block_cap_s"]):  # newest result.py: self.queue.get(), no timeout
+            raise AssertionError("result() would block forever here: nothing ended this request")
         if self._error:
             raise RequestError(self._error)
         return self
 
     def abort(self):
-        if self._hung:
+        if self._hung and not S.BEHAVIOUR["abort_lost"]:
             self._hung, self.finished = False, True
             self.outputs[0].finish_reason = "cancelled"
+            self._ended.set()
 
 
 class LLM:
