@@ -107,6 +107,20 @@ def test_distractor_haystack_is_deterministic_and_grows_as_a_prefix():
     assert DistractorHaystack(NEEDLE, "uuids", "uuids").fingerprint != fp
 
 
+def test_distractor_word_keys_do_not_repeat_within_a_deck():
+    """RULER's distractor keys come from millions of wonderwords pairs and practically never repeat; drawn with
+    replacement from our ~9.6K the 128K haystack held ~1,200 keys twice or more (the first repeat at line 43),
+    each with other values. Dealt from a deck, every key of the distractors' half comes once before any repeats."""
+    from evalctx.tasks.keys import distractor_words
+
+    deck = distractor_words()
+    h = DistractorHaystack(NEEDLE, "words", "numbers")
+    h.stream(ByteTokenizer(), 80 * (len(deck) + 50))  # ~70 bytes a line: the whole deck and the next one's start
+    keys = [NEEDLE_LINE.fullmatch(line).group(2) for line in h.text.splitlines()]
+    assert len(keys) > len(deck)
+    assert sorted(keys[:len(deck)]) == deck  # each distractor key exactly once in the first deck
+
+
 def check_needle_haystack_sample(task, s: Sample, length: int, key_type: str, value_type: str) -> None:
     assert len(s.prompt_ids) == length
     lines = NEEDLE_LINE.findall(s.prompt)
