@@ -228,7 +228,9 @@ def suite_average(data: pd.DataFrame) -> pd.DataFrame:
     Takes samples or a summary, like :func:`length_accuracy`; ``task`` is the suite entry's name. The tasks are
     every task the label has at any length. Where one of them has no scored sample at a length (not run there,
     or every sample an error or unsupported), the average would be over other tasks than at the other lengths,
-    so it is NaN and ``missing`` names them. Columns: label, context_length, accuracy (0..1), n_tasks, missing.
+    so it is NaN and ``missing`` names them; ``not_run`` names those of them with no row at all at that length
+    (the suite does not run them there). Columns: label, context_length, accuracy (0..1), n_tasks, missing,
+    not_run.
     """
     acc = length_accuracy(data)
     rows = []
@@ -239,16 +241,27 @@ def suite_average(data: pd.DataFrame) -> pd.DataFrame:
             missing = sorted(set(tasks) - set(scored["task"]))
             rows.append({"label": label, "context_length": int(length),
                          "accuracy": math.nan if missing else float(scored["accuracy"].mean()),
-                         "n_tasks": len(tasks), "missing": ", ".join(missing)})
-    return pd.DataFrame(rows, columns=["label", "context_length", "accuracy", "n_tasks", "missing"])
+                         "n_tasks": len(tasks), "missing": ", ".join(missing),
+                         "not_run": ", ".join(sorted(set(tasks) - set(h["task"])))})
+    return pd.DataFrame(rows, columns=["label", "context_length", "accuracy", "n_tasks", "missing", "not_run"])
 
 
 def suite_effective_length(data: pd.DataFrame, threshold: float = RULER_THRESHOLD) -> dict[str, int | None]:
     """RULER's effective length on :func:`suite_average`, per label: the longest length whose average, and every
-    shorter length's, reaches ``threshold`` (0..1); a NaN average fails. None: not even the shortest length."""
-    avg = suite_average(data)
-    return {str(label): _longest_passing(g["context_length"].tolist(), g["accuracy"].tolist(), threshold)
-            for label, g in avg.groupby("label", sort=True)}
+    shorter length's, reaches ``threshold`` (0..1). Only the lengths every task was run at count: one that some task
+    does not run at (``not_run``) says nothing about the model and is skipped, while a task with rows but no scored
+    sample there (every one an error or unsupported) makes the average NaN, which fails. None: not even the
+    shortest such length passes, or there is none (see :func:`suite_lengths`)."""
+    out: dict[str, int | None] = {}
+    for label, g in suite_average(data).groupby("label", sort=True):
+        g = g[g["not_run"] == ""]
+        out[str(label)] = _longest_passing(g["context_length"].tolist(), g["accuracy"].tolist(), threshold)
+    return out
+
+
+def suite_lengths(avg: pd.DataFrame) -> list[int]:
+    """The lengths of one label's :func:`suite_average` rows that every task was run at (the effective length's)."""
+    return sorted(int(x) for x in avg.loc[avg["not_run"] == "", "context_length"])
 
 
 def effective_length_table(data: pd.DataFrame, threshold: float = RULER_THRESHOLD,
@@ -275,7 +288,8 @@ def effective_length_table(data: pd.DataFrame, threshold: float = RULER_THRESHOL
 def suite_average_table(data: pd.DataFrame, threshold: float = RULER_THRESHOLD) -> pd.DataFrame:
     """RULER's results table: one row per label, the average over its tasks (percent, one decimal) per length as
     columns ("4K", "8K", ...), the number of tasks and the effective length on the average. A length where some
-    task has no scored sample reads "n/a (no <tasks>)"."""
+    task has no scored sample reads "n/a (no <tasks>)"; one where some task was not run is left out of the
+    effective length (see :func:`suite_effective_length`)."""
     avg = suite_average(data)
     eff = suite_effective_length(data, threshold=threshold)
     lengths = sorted(avg["context_length"].unique())
@@ -287,10 +301,17 @@ def suite_average_table(data: pd.DataFrame, threshold: float = RULER_THRESHOLD) 
             r = by_length.get(int(length))
             row[length_label(length)] = ("" if r is None else f"n/a (no {r.missing})" if r.missing
                                          else f"{100 * r.accuracy:.1f}")
-        row[f"effective (>= {threshold:g})"] = _eff_text(eff[str(label)], int(g["context_length"].min()),
-                                                         int(g["context_length"].max()))
+        row[f"effective (>= {threshold:g})"] = suite_eff_text(eff[str(label)], g)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def suite_eff_text(eff: int | None, avg: pd.DataFrame) -> str:
+    """:func:`_eff_text` of one label's effective length on the average, over the lengths every task ran at."""
+    lengths = suite_lengths(avg)
+    if not lengths:
+        return "n/a (no length that every task ran at)"
+    return _eff_text(eff, lengths[0], lengths[-1])
 
 
 def _eff_text(eff: int | None, shortest: int, longest: int) -> str:

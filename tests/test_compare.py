@@ -266,3 +266,38 @@ def test_compare_warns_when_the_runs_used_different_tokenizers(tmp_path, capsys)
     assert "byte" in err[0] and "models/tiny" in err[0] and "different text" in err[0]
     assert cli_main(["compare", str(tmp_path / "byte"), str(tmp_path / "byte2")]) == 0
     assert capsys.readouterr().err == ""
+
+
+def _named_entry_suite(tmp_path, file: str, task: str, options: str) -> str:
+    path = tmp_path / file
+    path.write_text(f'name = "gate"\n[[tasks]]\ntask = "{task}"\nname = "niah_single_1"\nlengths = [1200]\n'
+                    f'depths = [0.0, 1.0]\nsamples = 2\n[tasks.options]\n{options}\n')
+    return str(path)
+
+
+def test_compare_warns_when_an_entry_name_is_another_task_in_each_run(tmp_path, capsys) -> None:
+    """The gate keys on the entry name: niah_single_1 as a noise niah_single in the baseline and as a niah_multikey
+    (or an essay niah_single) in the candidate used to PASS silently, comparing two different tasks."""
+    suites = {"base": ("niah_single", 'haystack = "noise"'), "same": ("niah_single", 'haystack = "noise"'),
+              "multikey": ("niah_multikey", 'haystack = "needle"'), "essay": ("niah_single", 'haystack = "essay"')}
+    for run_id, (task, options) in suites.items():
+        suite = _named_entry_suite(tmp_path, f"{run_id}.toml", task, options)
+        assert cli_main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", "byte", "--out",
+                         str(tmp_path / "runs"), "--run-id", run_id, "--no-progress"]) == 0
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    assert cli_main(["compare", str(runs / "base"), str(runs / "same")]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli_main(["compare", str(runs / "base"), str(runs / "multikey")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["evalctx: warning: entry 'niah_single_1' is not the same task in the two runs (task niah_single "
+                   "in the baseline, niah_multikey in the candidate): its cells compare different tasks; give one "
+                   "of them another name (name = \"...\") or rerun the baseline"]
+    assert cli_main(["compare", str(runs / "base"), str(runs / "essay")]) == 0
+    err = capsys.readouterr().err
+    assert "options haystack = 'noise' / 'essay' (baseline / candidate)" in err
+    # an option the baseline does not record (added since, default = the old behaviour) is not a difference
+    base, cand = load_run(runs / "base"), load_run(runs / "same")
+    base["task_options"] = base["task_options"].str.replace('"key_type": "words", ', "")
+    assert cmp.variant_mismatch(base, cand) == []
+    assert cmp.variant_mismatch(base.drop(columns=["task_type", "task_options"]), load_run(runs / "essay")) == []

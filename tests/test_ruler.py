@@ -69,6 +69,43 @@ def test_every_ruler_configuration_builds_and_scores():
         assert get_scorer(s.scorer)(" " + ", ".join(s.target), s.target).value == 1.0
 
 
+# NVIDIA/RULER scripts/data/synthetic/constants.py TASKS["niah"]: template and answer_prefix, which prepare.py joins
+# (after the model template, "base" here: nothing) into the --template niah.py formats.
+RULER_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize "
+                  "it. I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special "
+                  "magic {type_needle_v} for {query} mentioned in the provided text?")
+RULER_ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
+
+
+def ruler_input_text(type_needle_v: str, num_v: int, num_q: int, context: str, query: str) -> str:
+    """niah.py generate_input_output, from ``template = args.template`` on, as written there."""
+    template = RULER_TEMPLATE + RULER_ANSWER_PREFIX
+    if num_q * num_v == 1:
+        template = template.replace('Some', 'A')
+        template = template.replace('are all', 'is')
+        template = template.replace('are', 'is')
+        template = template.replace('answers', 'answer')
+        type_needle_v = type_needle_v[:-1]  # remove "s"
+    return template.format(type_needle_v=type_needle_v, context=context, query=query)
+
+
+def test_every_ruler_prompt_is_niah_py_around_its_context():
+    """Character for character: the eight configurations' prompts are what niah.py's last step renders around the
+    haystack-with-needles, and every needle (real or distractor) is niah.py's needle with the plural kind."""
+    for ts in load_suite("ruler").tasks:
+        _, _, vk, _, v, q = RULER_SYNTHETIC[ts.name]
+        s = get_task(ts.task)(ByteTokenizer(), ts.options).make_sample(2500, 0.3, 4)
+        start = s.prompt.index(" afterwards.\n") + len(" afterwards.\n")
+        context = s.prompt[start:s.prompt.rindex("\nWhat ")]
+        assert s.prompt == ruler_input_text(vk, v, q, context, s.meta["key"]), ts.name
+        asked = s.meta["key"].replace(", and ", ", ").split(", ")
+        assert s.meta["key"] == (", ".join(asked[:-1]) + ", and " + asked[-1] if len(asked) > 1 else asked[0])
+        assert len(asked) == q and set(asked) <= set(s.meta["keys"])
+        for kind, key, value in NEEDLE_LINE.findall(context):
+            assert f"One of the special magic {kind} for {key} is: {value}." == NEEDLE.format(
+                type_v=vk, key=key, value=value) and kind == vk
+
+
 def test_key_kinds_are_rulers():
     rng = random.Random(0)
     for kind, pattern in KIND_PATTERN.items():
@@ -105,6 +142,20 @@ def test_distractor_haystack_is_deterministic_and_grows_as_a_prefix():
     keys = [NEEDLE_LINE.fullmatch(line).group(2) for line in lines]
     assert all(in_distractor_pool(k) and re.fullmatch(KIND_PATTERN["words"], k) for k in keys)
     assert DistractorHaystack(NEEDLE, "uuids", "uuids").fingerprint != fp
+
+
+def test_distractor_word_keys_do_not_repeat_within_a_deck():
+    """RULER's distractor keys come from millions of wonderwords pairs and practically never repeat; drawn with
+    replacement from our ~9.6K the 128K haystack held ~1,200 keys twice or more (the first repeat at line 43),
+    each with other values. Dealt from a deck, every key of the distractors' half comes once before any repeats."""
+    from evalctx.tasks.keys import distractor_words
+
+    deck = distractor_words()
+    h = DistractorHaystack(NEEDLE, "words", "numbers")
+    h.stream(ByteTokenizer(), 80 * (len(deck) + 50))  # ~70 bytes a line: the whole deck and the next one's start
+    keys = [NEEDLE_LINE.fullmatch(line).group(2) for line in h.text.splitlines()]
+    assert len(keys) > len(deck)
+    assert sorted(keys[:len(deck)]) == deck  # each distractor key exactly once in the first deck
 
 
 def check_needle_haystack_sample(task, s: Sample, length: int, key_type: str, value_type: str) -> None:

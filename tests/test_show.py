@@ -129,3 +129,19 @@ def test_show_unknown_or_ambiguous_sample_is_exit_2(tmp_path: Path, prefix: str,
     capsys.readouterr()
     assert main(["show", str(tmp_path / "u"), prefix]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_show_task_is_the_entry_name_and_a_task_type_is_pointed_to_its_entries(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--task niah_single on a run of named entries used to answer with three sample ids; it now lists the run's
+    task names and the entries of that task."""
+    suite = tmp_path / "named.toml"
+    suite.write_text('name = "named"\n[[tasks]]\ntask = "niah_single"\nname = "noise_1"\nlengths = [400]\n'
+                     '[[tasks]]\ntask = "passkey"\nlengths = [400]\n')
+    run(tmp_path, "n", suite=str(suite))
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "n"), "--task", "niah_single"]) == 2
+    assert capsys.readouterr().err.strip() == ("evalctx: error: --task niah_single: no such task in this run; its "
+                                               "tasks (suite entry names): noise_1, passkey (niah_single is the "
+                                               "task of noise_1)")
+    assert "task noise_1, context_length 400" in show(capsys, str(tmp_path / "n"), "--task", "noise_1")

@@ -33,7 +33,7 @@ def test_each_task_weighs_the_same_whatever_its_sample_count() -> None:
     df = frame(rows("a", 4096, 100, 100), rows("b", 4096, 5, 10))
     avg = analysis.suite_average(df)
     assert avg.to_dict("records") == [{"label": "m", "context_length": 4096, "accuracy": 0.75, "n_tasks": 2,
-                                       "missing": ""}]
+                                       "missing": "", "not_run": ""}]
     # a summary (n and accuracy per cell) gives the same average
     assert analysis.suite_average(summarize(df, by=["label", "task", "context_length", "depth"]))[
         "accuracy"].tolist() == [0.75]
@@ -46,7 +46,29 @@ def test_a_length_some_task_lacks_has_no_average() -> None:
     avg = analysis.suite_average(df).set_index("context_length")
     assert avg.loc[4096, "accuracy"] == pytest.approx(0.9) and avg.loc[4096, "missing"] == ""
     assert math.isnan(avg.loc[8192, "accuracy"]) and avg.loc[8192, "missing"] == "b, c"
+    assert avg.loc[8192, "not_run"] == "b" and avg.loc[4096, "not_run"] == ""
     assert (avg["n_tasks"] == 3).all()
+
+
+def test_a_length_some_task_is_not_run_at_is_skipped_by_the_effective_length() -> None:
+    """passkey at 512-2K and kv_retrieval at 1K-2K, both 100%: the effective length used to read "<512" (the
+    missing 512 average failed), as if the model failed everywhere. A length a task only errored at still fails."""
+    df = frame(rows("passkey", 512, 10, 10), rows("passkey", 1024, 10, 10), rows("passkey", 2048, 10, 10),
+               rows("kv", 1024, 10, 10), rows("kv", 2048, 10, 10))
+    assert analysis.suite_effective_length(df) == {"m": 2048}
+    assert analysis.suite_average_table(df)["effective (>= 0.856)"].tolist() == [">=2K"]
+    text = format_summary(df.drop(columns="label"))
+    assert "    512 |     -  (not run: kv)" in text
+    assert ("effective length (average >= 85.6% here and at every shorter length; lengths some task is not run "
+            "at are skipped): >=2K") in text
+    errored = frame(rows("passkey", 512, 10, 10), rows("kv", 512, 0, 0, errors=3),
+                    rows("passkey", 1024, 10, 10), rows("kv", 1024, 10, 10))
+    assert analysis.suite_effective_length(errored) == {"m": None}
+    assert "   512 |     -  (no scored sample of: kv)" in format_summary(errored.drop(columns="label"))
+    disjoint = frame(rows("a", 512, 10, 10), rows("b", 1024, 10, 10))
+    assert analysis.suite_effective_length(disjoint) == {"m": None}
+    assert analysis.suite_average_table(disjoint)["effective (>= 0.856)"].tolist() == [
+        "n/a (no length that every task ran at)"]
 
 
 def test_effective_length_on_the_average() -> None:
@@ -73,8 +95,9 @@ def test_the_run_table_prints_the_average_only_for_several_tasks() -> None:
     df = frame(rows("a", 4096, 10, 10), rows("b", 4096, 8, 10), rows("a", 8192, 7, 10))
     text = format_summary(df.drop(columns="label"))
     assert "average over the 2 tasks, as RULER reports it" in text
-    assert "   4096 |  90.0" in text and "   8192 |     -  (no scored sample of: b)" in text
-    assert "effective length (average >= 85.6% here and at every shorter length): 4K" in text
+    assert "   4096 |  90.0" in text and "   8192 |     -  (not run: b)" in text
+    assert ("effective length (average >= 85.6% here and at every shorter length; lengths some task is not run "
+            "at are skipped): >=4K") in text
     assert "average over" not in format_summary(frame(rows("a", 4096, 10, 10)))
 
 

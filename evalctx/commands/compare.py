@@ -66,13 +66,13 @@ def main(args: argparse.Namespace) -> int:
     import sys
 
     from evalctx.analysis import load_manifest, load_run
-    from evalctx.compare import compare, tokenizer_mismatch
+    from evalctx.compare import compare, tokenizer_mismatch, variant_mismatch
 
     kwargs = gate_kwargs(args)
     base, cand = load_run(args.base), load_run(args.cand)
     warning = tokenizer_mismatch(load_manifest(args.base), load_manifest(args.cand))
-    if warning:
-        print(f"evalctx: warning: {warning}", file=sys.stderr)
+    for line in ([warning] if warning else []) + variant_mismatch(base, cand):
+        print(f"evalctx: warning: {line}", file=sys.stderr)
     result = compare(base, cand, **kwargs)  # type: ignore[arg-type]
     if args.json:
         print(result.to_json())

@@ -130,7 +130,7 @@ def _summary_rows(df: Any, run_id: str, label: str, date: str, passed: bool) -> 
 
 def main(args: argparse.Namespace) -> int:
     from evalctx.analysis import load_manifest, load_run
-    from evalctx.compare import CompareResult, compare, tokenizer_mismatch
+    from evalctx.compare import CompareResult, compare, tokenizer_mismatch, variant_mismatch
 
     kwargs = gate_kwargs(args)
     run_dir, history = Path(args.run_dir), Path(args.history)
@@ -154,11 +154,12 @@ def main(args: argparse.Namespace) -> int:
     result: CompareResult | None = None
     reasons = []
     if baseline is not None:
-        result = compare(load_run(baseline), df, **kwargs)  # type: ignore[arg-type]
+        base_df = load_run(baseline)
+        result = compare(base_df, df, **kwargs)  # type: ignore[arg-type]
         print(f"baseline: {baseline}")
         warning = tokenizer_mismatch(load_manifest(baseline), manifest)
-        if warning:
-            print(f"nightly-gate: warning: {warning}")
+        for line in ([warning] if warning else []) + variant_mismatch(base_df, df):
+            print(f"nightly-gate: warning: {line}")
         print(result.to_markdown(only_notable=True), end="")
         if result.regressed:
             reasons.append(result.headline())

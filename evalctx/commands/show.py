@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("sample_id", metavar="SAMPLE_ID", nargs="?", default=None,
                    help="a sample_id of the run, or a unique prefix of one; without it, the first sample (by task, "
                         "length, depth, id) that the options below select")
-    p.add_argument("--task", default=None, help="select: this task")
+    p.add_argument("--task", default=None, help="select: this task (the suite entry's name, the task column)")
     p.add_argument("--length", type=int, default=None, help="select: this context length in tokens")
     p.add_argument("--depth", type=float, default=None, help="select: this depth, a fraction 0..1")
     p.add_argument("--wrong", action="store_true", help="select: a scored sample whose score is below 1")
@@ -34,6 +34,10 @@ def _find(df: Any, args: argparse.Namespace) -> tuple[Any, int]:
     """The selected row and how many matched (several only without SAMPLE_ID)."""
     hits = df
     if args.task is not None:
+        names = sorted(df["task"].astype(str).unique())
+        if args.task not in names:
+            raise UsageError(f"--task {args.task}: no such task in this run; its tasks (suite entry names): "
+                             f"{', '.join(names)}{_entries_of(df, args.task)}")
         hits = hits[hits["task"] == args.task]
     if args.length is not None:
         hits = hits[hits["context_length"] == args.length]
@@ -51,6 +55,14 @@ def _find(df: Any, args: argparse.Namespace) -> tuple[Any, int]:
         raise UsageError(f"no sample in this run matches {_selection(args)} (its sample ids look like: {some})")
     hits = hits.sort_values(["task", "context_length", "depth", "sample_id"])
     return hits.iloc[0], len(hits)
+
+
+def _entries_of(df: Any, task_type: str) -> str:
+    """A hint when ``task_type`` is the task of some named entries (``niah_single`` for ``niah_single_1``)."""
+    if "task_type" not in df.columns:
+        return ""
+    entries = sorted(df.loc[df["task_type"] == task_type, "task"].astype(str).unique())
+    return f" ({task_type} is the task of {', '.join(entries)})" if entries else ""
 
 
 def _selection(args: argparse.Namespace) -> str:

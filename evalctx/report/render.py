@@ -196,7 +196,8 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
         doc.para(f"RULER's headline: the mean over the {len(tasks)} tasks of each task's accuracy (pooled over "
                  "depths) per length, in percent, each task weighted equally; the effective length is the longest "
                  f"length whose average, and every shorter length's, reaches {analysis.RULER_THRESHOLD:g}. A length "
-                 "that some task lacks (not run, or no scored sample) has no average.")
+                 "that some task lacks (not run, or no scored sample) has no average; one that some task is not "
+                 "run at is skipped by the effective length (no scored sample fails it).")
         doc.table(analysis.suite_average_table(df))
 
     doc.section("Accuracy by length")

@@ -49,19 +49,22 @@ def format_summary(df: pd.DataFrame) -> str:
 
 
 def _average_lines(df: pd.DataFrame) -> list[str]:
-    from evalctx.analysis import RULER_THRESHOLD, _eff_text, suite_average, suite_effective_length
+    from evalctx.analysis import RULER_THRESHOLD, suite_average, suite_eff_text, suite_effective_length
 
     avg = suite_average(df.assign(label=""))
     eff = suite_effective_length(df.assign(label=""))[""]
     n_tasks = int(avg["n_tasks"].iloc[0])
-    eff_text = _eff_text(eff, int(avg["context_length"].min()), int(avg["context_length"].max()))
     lines = [f"average over the {n_tasks} tasks, as RULER reports it: accuracy % per length, each task weighted "
              "equally",
              "length  | avg %", "----------------"]
     for row in avg.itertuples(index=False):
-        note = f"  (no scored sample of: {row.missing})" if row.missing else ""
+        unscored = [t for t in row.missing.split(", ") if t and t not in row.not_run.split(", ")]
+        notes = ([f"not run: {row.not_run}"] if row.not_run else []) + (
+            [f"no scored sample of: {', '.join(unscored)}"] if unscored else [])
+        note = f"  ({'; '.join(notes)})" if notes else ""
         avg_s = "    -" if row.accuracy != row.accuracy else f"{100 * row.accuracy:5.1f}"
         lines.append(f"{row.context_length:>7} | {avg_s}{note}")
-    lines.append(f"effective length (average >= {100 * RULER_THRESHOLD:g}% here and at every shorter length): "
-                 f"{eff_text}")
+    skipped = "; lengths some task is not run at are skipped" if (avg["not_run"] != "").any() else ""
+    lines.append(f"effective length (average >= {100 * RULER_THRESHOLD:g}% here and at every shorter length"
+                 f"{skipped}): {suite_eff_text(eff, avg)}")
     return lines

@@ -7,8 +7,13 @@ the haystack is the same for every sample and model, like the essay haystack, an
 tokenizer and sliced like the others. It grows on demand instead of cycling: a repeated period would repeat the
 same distractors. Distractor keys and values come from their own half of the strings
 (:func:`evalctx.tasks.keys.in_distractor_pool`), so no distractor ever carries the asked key or an asked value.
-With word keys that half holds about 9,600 keys, so beyond about 200K tokens distractor keys start to repeat
-(each with other values); the asked key still occurs once.
+
+Word keys are dealt from a shuffled deck of that half (9,642 adjective-noun pairs), not drawn with replacement:
+drawn at random from so small a pool, keys would repeat within the first hundred lines (RULER draws from
+wonderwords' millions of pairs, where a repeat is rare), and one distractor key would carry several values. Only
+after the whole deck (9,642 lines, about 240K tokens at 25 tokens a line) does a key come again, in a reshuffled
+deck. Number and uuid
+keys and values are drawn at random: their pools are millions of strings.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import random
 import re
 
 from evalctx.tasks.haystack import Haystack, TokenStream
-from evalctx.tasks.keys import draw_pooled, in_distractor_pool
+from evalctx.tasks.keys import distractor_words, draw_pooled, in_distractor_pool
 from evalctx.tokenizer import Tokenizer
 
-_VERSION = 1  # bump when the generated lines change: the fingerprint enters every sample id
+_VERSION = 2  # 2: word keys dealt from a deck, never repeated within it. Bump when the generated lines change: the fingerprint enters every sample id
 _FIRST_LINES = 256
 
 
@@ -38,6 +43,7 @@ class DistractorHaystack(Haystack):
         self.template, self.key_type, self.value_type = template, key_type, value_type
         spec = f"{template}|{key_type}|{value_type}|{_VERSION}"
         self._rng = random.Random(spec)  # a str seed is hashed with sha512: the same lines in every process
+        self._decks: dict[str, list[str]] = {"key": [], "value": []}
         super().__init__("needle", self._lines(_FIRST_LINES), unit="line")
         # Keyed by what generates the lines, not by how many of them exist yet.
         self.fingerprint = hashlib.sha1(f"needle\0{spec}".encode()).hexdigest()[:16]
@@ -45,10 +51,20 @@ class DistractorHaystack(Haystack):
     def __repr__(self) -> str:
         return f"DistractorHaystack({self.key_type!r}, {self.value_type!r}, {len(self.text)} chars so far)"
 
+    def _draw(self, role: str, kind: str) -> str:
+        """The next distractor key or value (``role``) of ``kind``: words from the role's deck, reshuffled when
+        spent; numbers and uuids at random from the distractor half."""
+        if kind != "words":
+            return draw_pooled(kind, self._rng, True)
+        deck = self._decks[role]
+        if not deck:
+            deck.extend(distractor_words())
+            self._rng.shuffle(deck)
+        return deck.pop()
+
     def _lines(self, n: int) -> str:
-        rng = self._rng
-        return "".join(self.template.format(type_v=self.value_type, key=draw_pooled(self.key_type, rng, True),
-                                     value=draw_pooled(self.value_type, rng, True)) + "\n" for _ in range(n))
+        return "".join(self.template.format(type_v=self.value_type, key=self._draw("key", self.key_type),
+                                            value=self._draw("value", self.value_type)) + "\n" for _ in range(n))
 
     def _grow(self, chars: int) -> None:
         n_lines = self.text.count("\n")

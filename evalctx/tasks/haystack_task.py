@@ -64,7 +64,7 @@ class HaystackTask(Task):
         unknown = sorted(set(self.options) - set(self.defaults))
         if unknown:
             raise UsageError(f"task {self.name}: unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(self.defaults))}")
+                             f"known: {', '.join(sorted(self.defaults)) or 'none (it takes no options)'}")
         self.explicit = dict(self.options)
         self.options = {**self.defaults, **self.options}
         if prompt_mode == "chat" and not tokenizer.has_chat_template():
