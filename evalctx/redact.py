@@ -19,8 +19,13 @@ _URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^/\s@]+@")
 _BEARER = re.compile(r"(\bBearer\s+)\S+", re.IGNORECASE)
 
 
+_NOT_SECRET = re.compile(r"(?:per|bos|eos|pad|unk|sep|cls)[_-]token$", re.IGNORECASE)
+"""Rates and special-token names that end in ``token`` but hold no secret (``seconds_per_token``, ``eos_token``)."""
+
+
 def is_secret_key(key: str) -> bool:
-    return bool(_SECRET_KEY.search(str(key).strip().lstrip("-")))
+    k = str(key).strip().lstrip("-")
+    return bool(_SECRET_KEY.search(k)) and not _NOT_SECRET.search(k)
 
 
 def mask_text(text: str) -> str:
