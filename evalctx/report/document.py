@@ -27,7 +27,8 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f4f4f4; }
 tr:nth-child(even) td { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; margin: .5em 0; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure { display: inline-block; max-width: 100%; margin: .4em 1em .4em 0; vertical-align: top; }
 .warn { background: #fff4e5; border-left: 4px solid #EBB839; padding: .5em 1em; }
 .fail { background: #fdecef; border-left: 4px solid #F0496E; padding: .5em 1em; }
 .pass { background: #e8fbf5; border-left: 4px solid #0CD79F; padding: .5em 1em; }
@@ -57,12 +58,14 @@ def fmt(value: Any) -> str:
 
 
 # CommonMark 0.31 section 2.4: any ASCII punctuation may be backslash-escaped and then renders as itself. These are
-# the ones that can start markup inside a line: links and images ([ ] !), raw HTML and autolinks (< >), entities
-# (&), code (`), emphasis (* and _ at a word edge; GFM leaves intraword _ alone), strikethrough (~), math on GitHub
-# ($), table cells (|), headings (#), and the backslash itself. Left as they are for a readable .md: . , : ; ( ) ...
-_MD_INLINE = re.compile(r"[\\`*\[\]<>&~$|#!{}]|(?<![^\W_])_|_(?![^\W_])")
-# Block markup that only counts at the start of a line: list items, setext underlines, ordered lists ("1. ").
-_MD_LINE_START = re.compile(r"^([-+=]|\d{1,9}(?=[.)](?:\s|$)))")
+# the ones that can start markup inside a line: links and images ([ ]; "!" is harmless once "[" is escaped), raw
+# HTML and autolinks (<), entity references (& before "name;" or "#123;"), code (`), emphasis (* and _ at a word
+# edge; GFM leaves intraword _ alone), strikethrough (~), math on GitHub ($), table cells (|), headings (#), and the
+# backslash itself. Everything else stays as typed, so the .md reads as plain text: "a >= b", "R&D", "x!".
+_MD_INLINE = re.compile(r"[\\`*\[\]<~$|#]|&(?=#?\w+;)|(?<![^\W_])_|_(?![^\W_])")
+# Block markup that only counts at the start of a line: block quotes, list items, setext underlines, ordered lists
+# ("1. ").
+_MD_LINE_START = re.compile(r"^([->+=]|\d{1,9}(?=[.)](?:\s|$)))")
 
 
 def md_escape(text: str) -> str:
