@@ -59,10 +59,11 @@ def fmt(value: Any) -> str:
 
 # CommonMark 0.31 section 2.4: any ASCII punctuation may be backslash-escaped and then renders as itself. These are
 # the ones that can start markup inside a line: links and images ([ ]; "!" is harmless once "[" is escaped), raw
-# HTML and autolinks (<), entity references (& before "name;" or "#123;"), code (`), emphasis (* and _ at a word
-# edge; GFM leaves intraword _ alone), strikethrough (~), math on GitHub ($), table cells (|), headings (#), and the
-# backslash itself. Everything else stays as typed, so the .md reads as plain text: "a >= b", "R&D", "x!".
-_MD_INLINE = re.compile(r"[\\`*\[\]<~$|#]|&(?=#?\w+;)|(?<![^\W_])_|_(?![^\W_])")
+# HTML and autolinks (< before a letter, "/", "!" or "?", or with a ">" later on the line: an e-mail autolink may
+# start with a digit), entity references (& before "name;" or "#123;"), code (`), emphasis (* and _ at a word edge;
+# GFM leaves intraword _ alone), strikethrough (~), math on GitHub ($), table cells (|), headings (#), and the
+# backslash itself. Everything else stays as typed, so the .md reads as plain text: "a >= b", "<4K", "R&D", "x!".
+_MD_INLINE = re.compile(r"[\\`*\[\]~$|#]|<(?=[A-Za-z/!?]|[^\n]*>)|&(?=#?\w+;)|(?<![^\W_])_|_(?![^\W_])")
 # Block markup that only counts at the start of a line: block quotes, list items, setext underlines, ordered lists
 # ("1. ").
 _MD_LINE_START = re.compile(r"^([->+=]|\d{1,9}(?=[.)](?:\s|$)))")
