@@ -27,8 +27,9 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f4f4f4; }
 tr:nth-child(even) td { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figure { display: inline-block; max-width: 100%; margin: .4em 1em .4em 0; vertical-align: top; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; box-sizing: border-box; }
+figure { display: inline-block; max-width: 100%; margin: .4em .8em .4em 0; vertical-align: top; }
+figure.half { max-width: calc(50% - 1.2em); }
 .warn { background: #fff4e5; border-left: 4px solid #EBB839; padding: .5em 1em; }
 .fail { background: #fdecef; border-left: 4px solid #F0496E; padding: .5em 1em; }
 .pass { background: #e8fbf5; border-left: 4px solid #0CD79F; padding: .5em 1em; }
@@ -136,10 +137,12 @@ class Document:
         self.md += ["| " + " | ".join(md_escape(v) for v in r) + " |" for r in rows]
         self.md.append("")
 
-    def image(self, png: Path, alt: str, md_dir: Path) -> None:
-        """Embedded in the HTML as a data: URI; linked by relative path from the Markdown."""
+    def image(self, png: Path, alt: str, md_dir: Path, half: bool = False) -> None:
+        """Embedded in the HTML as a data: URI; linked by relative path from the Markdown. ``half``: at most half
+        the page wide in the HTML, so that two such plots (a heatmap per run) sit side by side."""
         data = base64.b64encode(png.read_bytes()).decode("ascii")
-        self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
+        cls = ' class="half"' if half else ""
+        self.html.append(f'<figure{cls}><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
         rel = png.resolve().relative_to(md_dir.resolve()).as_posix() if png.resolve().is_relative_to(
             md_dir.resolve()) else png.resolve().as_posix()
         # Percent-encoded, so that spaces or parentheses in an --out folder cannot end the link destination.

@@ -125,7 +125,8 @@ def _log_steps(lo: float, hi: float, mantissas: tuple[int, ...]) -> list[float]:
 def readable_log_y(ax: Any, text: Callable[[float], str]) -> None:
     """A log y axis ticked at 1, 2, 3 and 5 x 10^k (fewer per decade over a wide range) and labelled in plain
     units by ``text`` ("20 ms", "1.5K") instead of matplotlib's 10^k mathtext, whose minor-tick labels
-    ("3x10^-2") are hard to read. The limits widen to the enclosing ticks, so that at least two are labelled."""
+    ("3x10^-2") are hard to read. The limits widen to just beyond the enclosing ticks, so that at least two are
+    labelled."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     lo, hi = ax.dataLim.intervaly
@@ -136,7 +137,8 @@ def readable_log_y(ax: Any, text: Callable[[float], str]) -> None:
         if len(steps) <= MAX_LOG_TICKS:
             break
     ax.set_yscale("log")
-    ax.set_ylim(steps[0], steps[-1])
+    # A little room beyond the outer ticks, so that a point on one is not cut in half by the frame.
+    ax.set_ylim(steps[0] / 1.1, steps[-1] * 1.1)
     ax.yaxis.set_major_locator(FixedLocator(steps))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: text(v)))

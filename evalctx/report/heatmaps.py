@@ -64,6 +64,13 @@ def _size(n_lengths: int, n_depths: int) -> tuple[float, float]:
     return max(5.0, 1.6 + 0.95 * n_lengths), max(2.8, 1.3 + 0.5 * n_depths)
 
 
+def _hatch(ax: Any, i: int, j: int) -> None:
+    """Hatch a cell without a value, so that it reads as "no data" and not as a colour of the scale."""
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#c8c8c8", linewidth=0))
+
+
 def _no_score_text(row: pd.Series | None) -> str:
     """Why a cell has no accuracy: never run, or every sample an error or unsupported."""
     if row is None:
@@ -75,8 +82,8 @@ def _no_score_text(row: pd.Series | None) -> str:
 
 def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | Path | None = None) -> "Figure":
     """Accuracy in percent per (depth, context length) cell of one label, with the cell's ``n`` (scored samples)
-    under it. A cell with no scored sample is white and says why ("error", "unsupported"; "not run" where the
-    task has no such cell). Raises UsageError when the task or label has no rows, or when ``label`` is None and
+    under it. A cell with no scored sample is hatched white and says why ("error", "unsupported"; "not run" where
+    the task has no such cell). Raises UsageError when the task or label has no rows, or when ``label`` is None and
     the frame holds several labels."""
     require_matplotlib()
     import matplotlib
@@ -99,7 +106,9 @@ def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | P
             row = cells.loc[(d, n)] if (d, n) in cells.index else None
             v = values[i, j]
             if math.isnan(v):
-                ax.text(j, i, _no_score_text(row), ha="center", va="center", fontsize=7, color="black")
+                _hatch(ax, i, j)
+                ax.text(j, i, _no_score_text(row), ha="center", va="center", fontsize=7, color="black",
+                        backgroundcolor="white")
             else:
                 ax.text(j, i, f"{v:.0f}%\nn={int(row['n'])}", ha="center", va="center", fontsize=8,
                         color=cell_text_color(cmap(v / 100.0)))
@@ -129,7 +138,7 @@ def difference_heatmap(base: pd.DataFrame, cand: pd.DataFrame, task: str, result
 
     ``result`` (the gate's :func:`evalctx.compare.compare` of the two) marks the cells it judged a significant
     drop (▼: regression, error_regression) or rise (▲: improved). Cells only one run has, or with no scored
-    sample on a side, are white and say so. Raises UsageError when neither run has the task."""
+    sample on a side, are hatched white and say so. Raises UsageError when neither run has the task."""
     require_matplotlib()
     import matplotlib
 
@@ -166,8 +175,12 @@ def difference_heatmap(base: pd.DataFrame, cand: pd.DataFrame, task: str, result
     _axes_grid(ax, depths, lengths)
     for (i, j), text in texts.items():
         v = values[i, j]
-        color = "black" if math.isnan(v) else cell_text_color(cmap((v + 100.0) / 200.0))
-        ax.text(j, i, text, ha="center", va="center", fontsize=8 if not math.isnan(v) else 7, color=color)
+        if math.isnan(v):
+            _hatch(ax, i, j)
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="black", backgroundcolor="white")
+        else:
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color=cell_text_color(cmap((v + 100.0) / 200.0)))
     title = f"{task}: {c_label} − {b_label}"
     if result is not None:
         title += "\n▼ / ▲: a significant drop / rise (the gate's one-sided Fisher test)"

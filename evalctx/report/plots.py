@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from evalctx.analysis import RULER_THRESHOLD, effective_length, length_label
+from evalctx.analysis import RULER_THRESHOLD, _eff_text, effective_length
 from evalctx.errors import UsageError
 from evalctx.report.figures import (count_text, figure, labels_of, line_style, log2_length_axis, mpl_text,
                                     readable_log_y, save, seconds_text, select_task)
@@ -53,8 +53,9 @@ def accuracy_vs_length(df: pd.DataFrame, task: str, path: str | Path | None = No
         ax.errorbar(x, y, yerr=yerr, fmt="none", capsize=3, color=style["color"])
         ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
         e = eff.get((label, task))
-        if e is not None:
-            ax.axvline(e, color=style["color"], linestyle="--", linewidth=1, label=f"effective {length_label(e)}")
+        if e is not None:  # "≥16K" when the longest length tested still passes (RULER's notation)
+            text = _eff_text(e, int(x.min()), int(x.max())).replace(">=", "≥")
+            ax.axvline(e, color=style["color"], linestyle="--", linewidth=1, label=f"effective {text}")
     ax.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {100 * threshold:g}%")
     log2_length_axis(ax, lengths)
     ax.set_ylim(-0.03, 1.03)
@@ -157,12 +158,20 @@ def trend(history_df: pd.DataFrame, path: str | Path | None = None) -> "Figure":
             if not bad.empty:
                 ax.scatter(bad["date"], bad[col], marker="X", s=90, color="black", zorder=3,
                            label=mpl_text(f"{label}: gate failed"))
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    from matplotlib.ticker import FuncFormatter, PercentFormatter
+
     ax_acc.set_ylim(-0.03, 1.03)
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
     ax_acc.set_title("accuracy over nightly runs")
     ax_acc.set_ylabel("accuracy (all cells)")
+    # From 0: scheduler jitter of a few ms must not look like a doubling.
+    top = pd.to_numeric(pts["latency_s_p50"], errors="coerce").max()
+    if top == top and top > 0:  # not NaN: some run has timings
+        ax_lat.set_ylim(0.0, 1.1 * top)
+    ax_lat.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: seconds_text(v) if v > 0 else "0"))
     ax_lat.set_title("median latency over nightly runs")
-    ax_lat.set_ylabel("median of cell p50 latency (s)")
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    ax_lat.set_ylabel("median of cell p50 latency")
 
     for ax in (ax_acc, ax_lat):
         locator = AutoDateLocator()

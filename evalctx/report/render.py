@@ -262,13 +262,13 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
             if ((df["task"] == task) & (df["label"] == label)).any():
                 parts = (task,) if len(labels) == 1 else (task, label)
                 png = files.save(plots.heatmap(df, task, label=label), files.path("heatmap", *parts))
-                doc.image(png, f"{task}: depth x length heatmap, {label}", out)
+                doc.image(png, f"{task}: depth x length heatmap, {label}", out, half=True)
         for pair in pairs:
             if (pair.base["task"] == task).any() or (pair.cand["task"] == task).any():
                 names = [str(x["label"].iloc[0]) for x in (pair.cand, pair.base)]
                 png = files.save(plots.difference_heatmap(pair.base, pair.cand, task, result=pair.result),
                                  files.path("difference", task, "-vs-".join(map(files.part, names))))
-                doc.image(png, f"{task}: difference heatmap, {names[0]} minus {names[1]}", out)
+                doc.image(png, f"{task}: difference heatmap, {names[0]} minus {names[1]}", out, half=True)
 
     doc.section("Accuracy vs context length")
     for task in tasks:

@@ -73,6 +73,7 @@ def error_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         return pd.DataFrame(), pd.DataFrame()
     counts = (bad.groupby(["label", "task", "context_length", "status"]).size().rename("count").reset_index())
     counts["context_length"] = [length_label(x) for x in counts["context_length"]]
+    counts = counts.rename(columns={"context_length": "length"})
     err = bad.assign(error=bad["error"].fillna("(no message)").map(redact.mask_text) if "error" in bad
                      else "(no message)")
     msgs = (err.groupby(["label", "status", "error"], sort=False)
