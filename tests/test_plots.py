@@ -61,6 +61,15 @@ def test_heatmap_says_why_a_cell_has_no_score(tmp_path) -> None:
     assert colors[0] == "white"  # 0% is cividis' darkest blue
 
 
+def test_heatmaps_of_results_without_depths_have_one_row(two_runs) -> None:
+    """A hand-made results file without a depth column loads with depth NaN: one row "n/a", not one per sample."""
+    fp16 = two_runs[two_runs["label"] == "fp16"].assign(depth=float("nan"))
+    for fig in (plots.heatmap(fp16, "passkey"), plots.difference_heatmap(fp16, fp16, "passkey")):
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["n/a"] and len(ax.texts) == 3
+    assert [t.get_text() for t in plots.heatmap(fp16, "passkey").axes[0].texts] == ["100%\nn=60"] * 3
+
+
 def test_difference_heatmap(two_runs, tmp_path) -> None:
     from evalctx.compare import compare
 

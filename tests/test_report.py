@@ -180,6 +180,13 @@ def test_two_runs_get_a_difference_heatmap_without_a_baseline(tmp_path) -> None:
     assert "difference heatmap" not in md.read_text()  # which pair? --baseline says
 
 
+def test_a_baseline_of_the_same_label_is_named_by_run(tmp_path) -> None:
+    opts = {"tasks": ("passkey",), "lengths": (4096,), "depths": (0.5,), "samples": 2}
+    base, cand = write_run(tmp_path, "mon", label="tiny", **opts), write_run(tmp_path, "tue", label="tiny", **opts)
+    _, md = write_report([cand], tmp_path / "out", baseline=base)
+    assert "(plots/difference_passkey_tiny-tue-vs-tiny-mon.png)" in md.read_text()
+
+
 @pytest.mark.parametrize(("parts", "want"), [
     (("passkey",), "heatmap_passkey.png"),
     (("niah_single", "int8 kv/v2"), "heatmap_niah_single_int8-kv-v2.png"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -52,9 +52,17 @@ def _cells(sel: pd.DataFrame) -> pd.DataFrame:
     return cells.set_index(["depth", "context_length"])
 
 
+def _grid(keys: Iterable[tuple[float, int]]) -> tuple[list[float], list[int]]:
+    """The rows (depths, ascending; a NaN depth of a results file without depths last, once) and columns
+    (context lengths) of the cells ``keys``."""
+    keys = list(keys)
+    depths = pd.Index([d for d, _ in keys], dtype=float).unique().sort_values()
+    return list(depths), sorted({int(n) for _, n in keys})
+
+
 def _axes_grid(ax: Any, depths: list[float], lengths: list[int]) -> None:
     ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{round(d * 100, 1):g}%" for d in depths])
+    ax.set_yticks(range(len(depths)), ["n/a" if math.isnan(d) else f"{round(d * 100, 1):g}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
 
@@ -90,11 +98,12 @@ def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | P
 
     sel, label = _one_label(select_task(df, task), label, task)
     cells = _cells(sel)
-    depths = sorted({float(d) for d, _ in cells.index})
-    lengths = sorted({int(n) for _, n in cells.index})
+    depths, lengths = _grid(cells.index)
     values = np.full((len(depths), len(lengths)), np.nan)
-    for (d, n), row in cells.iterrows():
-        values[depths.index(float(d)), lengths.index(int(n))] = 100.0 * row["accuracy"]
+    for i, d in enumerate(depths):
+        for j, n in enumerate(lengths):
+            if (d, n) in cells.index:
+                values[i, j] = 100.0 * cells.loc[(d, n), "accuracy"]
 
     fig, ax = figure(*_size(len(lengths), len(depths)))
     cmap = matplotlib.colormaps[ACCURACY_CMAP].with_extremes(bad=NO_DATA_COLOR)
@@ -148,7 +157,7 @@ def difference_heatmap(base: pd.DataFrame, cand: pd.DataFrame, task: str, result
     b_cells = _cells(b_sel) if not b_sel.empty else pd.DataFrame()
     c_cells = _cells(c_sel) if not c_sel.empty else pd.DataFrame()
     keys = set(b_cells.index) | set(c_cells.index)
-    depths, lengths = sorted({float(d) for d, _ in keys}), sorted({int(n) for _, n in keys})
+    depths, lengths = _grid(keys)
     b_label, c_label = (str(x["label"].iloc[0]) if not x.empty else "" for x in (b_sel, c_sel))
     marks = _marks(result, task)
 

@@ -192,7 +192,10 @@ def _pairs(df: pd.DataFrame, run_ids: list[str], manifests: Mapping[str, Mapping
     for rid in cands:
         cand = df[df["run_id"] == rid]
         result = comparisons.get(rid) or compare(base, cand)
-        pairs.append(Pair(base, cand, result, tokenizer_mismatch(dict(base_manifest), dict(manifests[rid]))))
+        b, c = base, cand
+        if b["label"].iloc[0] == c["label"].iloc[0]:  # the same model twice: plots name the runs apart
+            b, c = (x.assign(label=x["label"] + " (" + x["run_id"] + ")") for x in (b, c))
+        pairs.append(Pair(b, c, result, tokenizer_mismatch(dict(base_manifest), dict(manifests[rid]))))
     return pairs, how
 
 
@@ -248,7 +251,7 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
 
     doc.section("Heatmaps")
     doc.para("Accuracy per needle depth (0% = the start of the context) and context length: percent of the scored "
-             "samples, n under it. White cells have no scored sample and say why.")
+             "samples, n under it. Hatched cells have no scored sample and say why.")
     if pairs:
         doc.para("Difference heatmaps: candidate minus reference accuracy per cell in percentage points, both "
                  f"accuracies under it; {pairs_how}. ▼ / ▲ mark the cells the regression gate (evalctx compare, "
