@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
 LINE_COLORS = ("#3f90da", "#ffa90e", "#bd1f01", "#94a4a2", "#832db6", "#a96b59", "#e76300", "#b9ac70",
                "#717581", "#92dadd")
 LINE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LEGEND_CHARS = 40
+"""A legend entry (a label) is cut to this many characters, so that a long label cannot squeeze the axes."""
 
 
 def require_matplotlib() -> None:
@@ -47,11 +49,23 @@ def figure(width: float, height: float, ncols: int = 1) -> tuple["Figure", Any]:
     return fig, axes
 
 
-def mpl_text(value: Any) -> str:
+def mpl_text(value: Any, max_chars: int | None = None) -> str:
     """A label, task or model name as matplotlib text that shows it as typed: ``$`` escaped (mathtext would parse
-    "$" pairs as formulas, and fail on an odd count), and a leading ``_`` kept off the legend's hide-this marker."""
-    text = str(value).replace("$", r"\$")
+    "$" pairs as formulas, and fail on an odd count), and a leading ``_`` kept off the legend's hide-this marker.
+    ``max_chars``: longer text is cut there with "…" (a legend entry; the report's tables carry it whole)."""
+    text = str(value)
+    if max_chars is not None and len(text) > max_chars:
+        text = text[:max_chars - 1] + "…"
+    text = text.replace("$", r"\$")
     return " " + text if text.startswith("_") else text
+
+
+def title_text(text: str, width_in: float) -> str:
+    """A title wrapped to the figure's width (about 8 characters per inch at the title's size), then made
+    matplotlib-safe by :func:`mpl_text`. Wrapped first, so that a line break never splits an escaped "\\$"."""
+    import textwrap
+
+    return "\n".join(mpl_text(line) for line in textwrap.wrap(text, max(20, int(width_in * 8))))
 
 
 def save(fig: "Figure", path: str | Path | None) -> None:

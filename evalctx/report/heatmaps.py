@@ -19,7 +19,8 @@ import pandas as pd
 
 from evalctx.analysis import length_label
 from evalctx.errors import UsageError
-from evalctx.report.figures import cell_text_color, figure, labels_of, mpl_text, require_matplotlib, save, select_task
+from evalctx.report.figures import (cell_text_color, figure, labels_of, require_matplotlib, save, select_task,
+                                    title_text)
 from evalctx.results.summary import summarize
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,7 +106,8 @@ def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | P
             if (d, n) in cells.index:
                 values[i, j] = 100.0 * cells.loc[(d, n), "accuracy"]
 
-    fig, ax = figure(*_size(len(lengths), len(depths)))
+    size = _size(len(lengths), len(depths))
+    fig, ax = figure(*size)
     cmap = matplotlib.colormaps[ACCURACY_CMAP].with_extremes(bad=NO_DATA_COLOR)
     image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="accuracy (%)", fraction=0.05)
@@ -125,7 +127,7 @@ def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | P
     if "model" in sel.columns and sel["model"].notna().any():
         m = str(sel["model"].dropna().iloc[0])
         model = f" ({m})" if m != label else ""
-    ax.set_title(mpl_text(f"{label}{model}: {task}"))
+    ax.set_title(title_text(f"{label}{model}: {task}", size[0]))
     save(fig, path)
     return fig
 
@@ -177,7 +179,8 @@ def difference_heatmap(base: pd.DataFrame, cand: pd.DataFrame, task: str, result
                 mark = marks.get((d, n), "")
                 texts[(i, j)] = f"{sign}{' ' + mark if mark else ''}\n{100 * b:.0f}→{100 * c:.0f}%"
 
-    fig, ax = figure(*_size(len(lengths), len(depths)))
+    size = _size(len(lengths), len(depths))
+    fig, ax = figure(*size)
     cmap = matplotlib.colormaps[DIFFERENCE_CMAP].with_extremes(bad=NO_DATA_COLOR)
     image = ax.imshow(values, cmap=cmap, vmin=-100.0, vmax=100.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="difference (percentage points)", fraction=0.05)
@@ -190,9 +193,9 @@ def difference_heatmap(base: pd.DataFrame, cand: pd.DataFrame, task: str, result
         else:
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color=cell_text_color(cmap((v + 100.0) / 200.0)))
-    title = f"{task}: {c_label} − {b_label}"
+    title = title_text(f"{task}: {c_label} − {b_label}", size[0] * 1.2)  # at 10 pt: more per inch
     if result is not None:
         title += "\n▼ / ▲: a significant drop / rise (the gate's one-sided Fisher test)"
-    ax.set_title(mpl_text(title), fontsize=10)
+    ax.set_title(title, fontsize=10)
     save(fig, path)
     return fig

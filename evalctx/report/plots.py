@@ -15,7 +15,7 @@ import pandas as pd
 
 from evalctx.analysis import RULER_THRESHOLD, _eff_text, effective_length
 from evalctx.errors import UsageError
-from evalctx.report.figures import (count_text, figure, labels_of, line_style, log2_length_axis, mpl_text,
+from evalctx.report.figures import (LEGEND_CHARS, count_text, figure, labels_of, line_style, log2_length_axis, mpl_text,
                                     readable_log_y, save, seconds_text, select_task)
 from evalctx.report.heatmaps import difference_heatmap, heatmap
 from evalctx.results.summary import summarize
@@ -49,7 +49,7 @@ def accuracy_vs_length(df: pd.DataFrame, task: str, path: str | Path | None = No
         lo, hi = g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float)
         # Clipped at 0: at accuracy 1.0 the Wilson bound can be 1 - 1e-16, a "negative" error bar to matplotlib.
         yerr = [(y - lo).clip(min=0.0), (hi - y).clip(min=0.0)]
-        ax.plot(x, y, **style, label=mpl_text(label or task))
+        ax.plot(x, y, **style, label=mpl_text(label or task, LEGEND_CHARS))
         ax.errorbar(x, y, yerr=yerr, fmt="none", capsize=3, color=style["color"])
         ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
         e = eff.get((label, task))
@@ -116,7 +116,7 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
             for i, label in enumerate(labels_of(sel)):
                 g = med[med["label"] == label]
                 if not g.empty:
-                    ax.plot(g["context_length"], g[col], **line_style(i), label=mpl_text(label or "run"))
+                    ax.plot(g["context_length"], g[col], **line_style(i), label=mpl_text(label or "run", LEGEND_CHARS))
             readable_log_y(ax, tick_text)
             ax.legend(fontsize=8)
         if lengths:
@@ -153,11 +153,11 @@ def trend(history_df: pd.DataFrame, path: str | Path | None = None) -> "Figure":
     for i, label in enumerate(sorted(pts["label"].astype(str).unique())):
         g = pts[pts["label"].astype(str) == label]
         for ax, col in ((ax_acc, "accuracy"), (ax_lat, "latency_s_p50")):
-            ax.plot(g["date"], g[col], **line_style(i), label=mpl_text(label))
+            ax.plot(g["date"], g[col], **line_style(i), label=mpl_text(label, LEGEND_CHARS))
             bad = g[~g["passed"]]
             if not bad.empty:
                 ax.scatter(bad["date"], bad[col], marker="X", s=90, color="black", zorder=3,
-                           label=mpl_text(f"{label}: gate failed"))
+                           label=mpl_text(label, LEGEND_CHARS) + ": gate failed")
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.ticker import FuncFormatter, PercentFormatter
 
