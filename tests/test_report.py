@@ -231,3 +231,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path) -> None:
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+    # The DOM the browser built: every plot an image, the evil label text only, the results before the metadata.
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          html_path.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<img ") == 11 and "<script" not in dom and "&lt;script&gt;" in dom
+    headings = re.findall(r'<h2 id="[^"]*">([^<]+)</h2>', dom)
+    assert headings == RESULTS + METADATA

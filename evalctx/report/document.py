@@ -30,6 +30,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; box-sizing: border-box; }
 figure { display: inline-block; max-width: 100%; margin: .4em .8em .4em 0; vertical-align: top; }
 figure.half { max-width: calc(50% - 1.2em); }
+@media (max-width: 900px) { figure.half { max-width: 100%; } }
 .warn { background: #fff4e5; border-left: 4px solid #EBB839; padding: .5em 1em; }
 .fail { background: #fdecef; border-left: 4px solid #F0496E; padding: .5em 1em; }
 .pass { background: #e8fbf5; border-left: 4px solid #0CD79F; padding: .5em 1em; }
