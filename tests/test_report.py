@@ -96,14 +96,16 @@ def test_html_escapes_user_text(report) -> None:
     assert EVIL not in md_path.read_text(encoding="utf-8")
 
 
+RESULTS = ["Effective length", "Average over tasks", "Heatmaps", "Accuracy vs context length", "Wrong answers",
+           "Latency", "Comparison with the baseline", "Errors and unsupported samples", "Accuracy by length and depth"]
+METADATA = ["Settings used", "Runs", "Engine configuration and options"]
+
+
 def test_report_content(report) -> None:
     html_path, md_path, root = report
     checker = Checker()
     checker.feed(html_path.read_text(encoding="utf-8"))
     page = " ".join(checker.text)
-    for heading in ("Runs", "Engine configuration", "Effective length", "Accuracy by length", "Plots",
-                    "Errors and unsupported samples", "Comparison with the baseline"):
-        assert heading in page
     assert "results are partial" in page  # the interrupted run is flagged
     assert "CUDA out of memory at 16384 tokens" in page
     assert "INT8" in page and "kv_cache_quant_algo" in page
@@ -112,9 +114,98 @@ def test_report_content(report) -> None:
     md = md_path.read_text(encoding="utf-8")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert images and all((md_path.parent / p).is_file() and p.startswith("plots/") for p in images)
-    # 2 accuracy plots + 2 tasks x 2 labels heatmaps + latency
-    assert len(images) == 7
+    # 2 tasks x (2 labels' heatmaps + 2 difference heatmaps against the baseline + 1 accuracy plot) + latency
+    assert len(images) == 11
     assert "| task | length | label |" in md
+
+
+def test_results_come_before_metadata(report) -> None:
+    _, md_path, _ = report
+    headings = re.findall(r"^## (.+)$", md_path.read_text(encoding="utf-8"), re.M)
+    assert headings == RESULTS + METADATA
+
+
+def test_headline_table_gives_percent_with_n_and_the_effective_length(report) -> None:
+    _, md_path, _ = report
+    md = md_path.read_text(encoding="utf-8")
+    head = md[md.index("## Effective length"):md.index("## Average over tasks")]
+    assert "| task | label | 4K | 8K | 16K | effective (≥ 85.6%) | effective (≥ 0.85 × shortest) |" in head
+    assert "| passkey | fp16 | 100.0% (n=40) | 100.0% (n=40) | 100.0% (n=40) | ≥16K | ≥16K |" in head
+    # The interrupted int8 run: every 16K sample an error, so no scored sample there.
+    assert re.search(r"\| passkey \| int8kv .*\| 100\.0% \(n=40\) \| n=0 \| 8K \| 8K \|", head)
+
+
+def test_markdown_has_no_html_entities_nor_needless_escapes(report) -> None:
+    _, md_path, _ = report
+    md = md_path.read_text(encoding="utf-8")
+    assert not re.search(r"&(#\d+|#x[0-9a-fA-F]+|[A-Za-z]+);", md)
+    assert ">=" not in md and "\\>" not in md  # "≥16K", not "\>=16K"
+
+
+def test_plot_files_are_named_by_task_and_label(report) -> None:
+    _, _, root = report
+    label = "int8kv-script-alert-1-script"  # "int8kv <script>alert(1)</script>", sanitised
+    names = {p.name for p in (root / "out" / "plots").iterdir()}
+    assert names == {
+        *(f"heatmap_{t}_{lab}.png" for t in ("passkey", "niah_single") for lab in ("fp16", label)),
+        *(f"difference_{t}_{lab}-vs-fp16-baseline.png" for t in ("passkey", "niah_single")
+          for lab in ("fp16", label)),
+        "accuracy_passkey.png", "accuracy_niah_single.png", "latency.png"}
+
+
+def test_one_run_names_plots_by_task_and_removes_stale_ones(tmp_path) -> None:
+    run = write_run(tmp_path, "only", label="m", tasks=("passkey",), lengths=(4096, 8192), depths=(0.5,), samples=4)
+    plots_dir = run / "plots"
+    plots_dir.mkdir()
+    for old in ("heatmap_01.png", "accuracy_00.png", "difference_passkey_x-vs-y.png"):
+        (plots_dir / old).write_bytes(b"old")  # an earlier report's plots
+    (plots_dir / "my_notes.png").write_bytes(b"mine")
+    _, md = write_report([run])
+    assert {p.name for p in plots_dir.iterdir()} == {"heatmap_passkey.png", "accuracy_passkey.png", "latency.png",
+                                                    "my_notes.png"}
+    assert "difference heatmap" not in md.read_text()  # one run: nothing to compare
+
+
+def test_two_runs_get_a_difference_heatmap_without_a_baseline(tmp_path) -> None:
+    a = write_run(tmp_path, "a", label="fp16", tasks=("passkey",), lengths=(4096, 8192), depths=(0.5,), samples=6)
+    b = write_run(tmp_path, "b", label="int8", tasks=("passkey",), lengths=(4096, 8192), depths=(0.5,), samples=6,
+                  miss_from=8192, miss_rate=1.0)
+    _, md = write_report([a, b], tmp_path / "out")
+    text = md.read_text()
+    assert "![passkey: difference heatmap, int8 minus fp16](plots/difference_passkey_int8-vs-fp16.png)" in text
+    assert "fp16 is the reference (the first run given), int8 the candidate" in text
+    assert "## Comparison with the baseline" not in text  # the gate table needs --baseline
+    three = write_run(tmp_path, "c", label="lora", tasks=("passkey",), lengths=(4096,), depths=(0.5,), samples=2)
+    _, md = write_report([a, b, three], tmp_path / "out3")
+    assert "difference heatmap" not in md.read_text()  # which pair? --baseline says
+
+
+def test_a_baseline_of_the_same_label_is_named_by_run(tmp_path) -> None:
+    opts = {"tasks": ("passkey",), "lengths": (4096,), "depths": (0.5,), "samples": 2}
+    base, cand = write_run(tmp_path, "mon", label="tiny", **opts), write_run(tmp_path, "tue", label="tiny", **opts)
+    _, md = write_report([cand], tmp_path / "out", baseline=base)
+    assert "(plots/difference_passkey_tiny-tue-vs-tiny-mon.png)" in md.read_text()
+
+
+@pytest.mark.parametrize(("parts", "want"), [
+    (("passkey",), "heatmap_passkey.png"),
+    (("niah_single", "int8 kv/v2"), "heatmap_niah_single_int8-kv-v2.png"),
+    (("passkey", "..hidden"), "heatmap_passkey_hidden.png"),
+    (("passkey", "modèle ü"), "heatmap_passkey_modele-u.png"),
+    (("passkey", "!!!"), "heatmap_passkey_x.png"),
+])
+def test_plot_file_names(parts, want, tmp_path) -> None:
+    from evalctx.report.render import PlotFiles
+
+    assert PlotFiles(tmp_path).path("heatmap", *parts).name == want
+
+
+def test_plot_file_names_never_collide(tmp_path) -> None:
+    from evalctx.report.render import PlotFiles
+
+    files = PlotFiles(tmp_path)
+    got = [files.path("heatmap", "t", lab).name for lab in ("a/b", "a b", "A-B", "a-b")]
+    assert got == ["heatmap_t_a-b.png", "heatmap_t_a-b-2.png", "heatmap_t_A-B-3.png", "heatmap_t_a-b-4.png"]
 
 
 def test_report_command_defaults_to_the_first_run_dir(tmp_path, capsys) -> None:
@@ -140,3 +231,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path) -> None:
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+    # The DOM the browser built: every plot an image, the evil label text only, the results before the metadata.
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          html_path.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<img ") == 11 and "<script" not in dom and "&lt;script&gt;" in dom
+    headings = re.findall(r'<h2 id="[^"]*">([^<]+)</h2>', dom)
+    assert headings == RESULTS + METADATA

@@ -25,6 +25,7 @@ MD = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"])
 LABEL = "![x](https://evil.example/t.png) <img src=https://evil.example/i.png> $5 *bold* `code` | [l](u) & $"
 ERROR = "server said: <script>alert(1)</script> ![p](http://evil.example/p.png)\nsecond line | cell"
 SECRET = "sk-live-0123456789abcdef"
+ANSWER = ' <img src=x onerror=alert(1)> | *no* [a](http://evil.example/a) &amp; \n`x`'  # a wrong completion
 OPTS = {"tasks": ("passkey",), "lengths": (4096, 8192), "depths": (0.0, 1.0), "samples": 4}
 
 
@@ -69,6 +70,8 @@ def evil_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
 
     df = pd.read_parquet(run / "results.parquet")
     df.loc[df["status"] == "error", "error"] = ERROR
+    wrong = df.index[df["status"] == "ok"][:1]
+    df.loc[wrong, ["score", "completion"]] = [0.0, ANSWER]
     df.to_parquet(run / "results.parquet", index=False)
     import warnings
 
@@ -87,6 +90,18 @@ def test_markdown_report_shows_labels_and_errors_as_text(evil_report: tuple[Path
     text = text_of(rendered)
     assert LABEL in text  # the label reads exactly as typed
     assert "server said: <script>alert(1)</script> ![p](http://evil.example/p.png)\nsecond line | cell" in text
+
+
+def test_wrong_answers_show_as_text_quoted(evil_report: tuple[Path, Path, Path]) -> None:
+    """The model's answer is quoted as a JSON string (leading space and newline visible) and is text in both
+    formats: no tag, link or entity of it survives."""
+    html_path, md_path, _ = evil_report
+    quoted = json.dumps(ANSWER)
+    rendered = MD.render(md_path.read_text(encoding="utf-8"))
+    assert quoted in text_of(rendered)
+    assert "evil.example/a\"" not in rendered and "<img src=x" not in rendered
+    page = html_path.read_text(encoding="utf-8")
+    assert html.escape(quoted) in page and "<img src=x" not in page and "&amp;amp;" in page
 
 
 def test_html_report_escapes_the_same_text(evil_report: tuple[Path, Path, Path]) -> None:

@@ -27,7 +27,10 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f4f4f4; }
 tr:nth-child(even) td { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; margin: .5em 0; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; box-sizing: border-box; }
+figure { display: inline-block; max-width: 100%; margin: .4em .8em .4em 0; vertical-align: top; }
+figure.half { max-width: calc(50% - 1.2em); }
+@media (max-width: 900px) { figure.half { max-width: 100%; } }
 .warn { background: #fff4e5; border-left: 4px solid #EBB839; padding: .5em 1em; }
 .fail { background: #fdecef; border-left: 4px solid #F0496E; padding: .5em 1em; }
 .pass { background: #e8fbf5; border-left: 4px solid #0CD79F; padding: .5em 1em; }
@@ -35,7 +38,7 @@ pre { background: #f6f6f6; padding: .6em; overflow-x: auto; white-space: pre-wra
 nav a { margin-right: 1em; }
 """
 
-_NUMERIC = re.compile(r"^-?[\d.,]+(e[-+]?\d+)?%?$")
+_NUMERIC = re.compile(r"^[<≥]?-?[\d.,]+(e[-+]?\d+)?[KM]?%?$")  # "0.85", "1e-05", "128K", "≥128K", "50%"
 
 
 def fmt(value: Any) -> str:
@@ -57,12 +60,15 @@ def fmt(value: Any) -> str:
 
 
 # CommonMark 0.31 section 2.4: any ASCII punctuation may be backslash-escaped and then renders as itself. These are
-# the ones that can start markup inside a line: links and images ([ ] !), raw HTML and autolinks (< >), entities
-# (&), code (`), emphasis (* and _ at a word edge; GFM leaves intraword _ alone), strikethrough (~), math on GitHub
-# ($), table cells (|), headings (#), and the backslash itself. Left as they are for a readable .md: . , : ; ( ) ...
-_MD_INLINE = re.compile(r"[\\`*\[\]<>&~$|#!{}]|(?<![^\W_])_|_(?![^\W_])")
-# Block markup that only counts at the start of a line: list items, setext underlines, ordered lists ("1. ").
-_MD_LINE_START = re.compile(r"^([-+=]|\d{1,9}(?=[.)](?:\s|$)))")
+# the ones that can start markup inside a line: links and images ([ ]; "!" is harmless once "[" is escaped), raw
+# HTML and autolinks (< before a letter, "/", "!" or "?", or with a ">" later on the line: an e-mail autolink may
+# start with a digit), entity references (& before "name;" or "#123;"), code (`), emphasis (* and _ at a word edge;
+# GFM leaves intraword _ alone), strikethrough (~), math on GitHub ($), table cells (|), headings (#), and the
+# backslash itself. Everything else stays as typed, so the .md reads as plain text: "a >= b", "<4K", "R&D", "x!".
+_MD_INLINE = re.compile(r"[\\`*\[\]~$|#]|<(?=[A-Za-z/!?]|[^\n]*>)|&(?=#?\w+;)|(?<![^\W_])_|_(?![^\W_])")
+# Block markup that only counts at the start of a line: block quotes, list items, setext underlines, ordered lists
+# ("1. ").
+_MD_LINE_START = re.compile(r"^([->+=]|\d{1,9}(?=[.)](?:\s|$)))")
 
 
 def md_escape(text: str) -> str:
@@ -132,10 +138,12 @@ class Document:
         self.md += ["| " + " | ".join(md_escape(v) for v in r) + " |" for r in rows]
         self.md.append("")
 
-    def image(self, png: Path, alt: str, md_dir: Path) -> None:
-        """Embedded in the HTML as a data: URI; linked by relative path from the Markdown."""
+    def image(self, png: Path, alt: str, md_dir: Path, half: bool = False) -> None:
+        """Embedded in the HTML as a data: URI; linked by relative path from the Markdown. ``half``: at most half
+        the page wide in the HTML, so that two such plots (a heatmap per run) sit side by side."""
         data = base64.b64encode(png.read_bytes()).decode("ascii")
-        self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
+        cls = ' class="half"' if half else ""
+        self.html.append(f'<figure{cls}><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>')
         rel = png.resolve().relative_to(md_dir.resolve()).as_posix() if png.resolve().is_relative_to(
             md_dir.resolve()) else png.resolve().as_posix()
         # Percent-encoded, so that spaces or parentheses in an --out folder cannot end the link destination.

@@ -1,126 +1,29 @@
-"""Plots of a results DataFrame: the depth x length heatmap, accuracy and latency vs length, nightly trends.
+"""Plots of a results DataFrame: accuracy and latency vs length, nightly trends; the depth x length heatmaps are
+in :mod:`evalctx.report.heatmaps` (re-exported here).
 
-Every function returns a matplotlib Figure and, given ``path``, also writes it as PNG. Figures are built on the
-Agg canvas directly instead of through pyplot: that works on a headless node (no DISPLAY), never touches the
-caller's pyplot backend or state (a notebook keeps its inline backend), and does not leak figures into pyplot's
-registry when a report draws dozens of them. matplotlib is imported only here, inside the functions.
+Every function returns a matplotlib Figure and, given ``path``, also writes it as PNG (see
+:mod:`evalctx.report.figures` for the canvas, the colours and the axes). matplotlib is imported only inside the
+functions.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from evalctx.analysis import RULER_THRESHOLD, effective_length, length_label
+from evalctx.analysis import RULER_THRESHOLD, _eff_text, effective_length
 from evalctx.errors import UsageError
+from evalctx.report.figures import (LEGEND_CHARS, count_text, figure, labels_of, line_style, log2_length_axis, mpl_text,
+                                    readable_log_y, save, seconds_text, select_task)
+from evalctx.report.heatmaps import difference_heatmap, heatmap
 from evalctx.results.summary import summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-# gkamradt's LLMTest_NeedleInAHaystack heatmap colours: red (missed) -> yellow -> green (found).
-HEATMAP_COLORS = ["#F0496E", "#EBB839", "#0CD79F"]
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError("matplotlib is not installed: pip install 'evalctx[plot]'") from None
-
-
-def _figure(width: float, height: float, ncols: int = 1) -> tuple["Figure", Any]:
-    _require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)  # the Agg canvas: PNG output with no display
-    axes = fig.subplots(1, ncols, squeeze=True)
-    return fig, axes
-
-
-def _text(value: Any) -> str:
-    """A label, task or model name as matplotlib text that shows it as typed: ``$`` escaped (mathtext would parse
-    "$" pairs as formulas, and fail on an odd count), and a leading ``_`` kept off the legend's hide-this marker."""
-    text = str(value).replace("$", r"\$")
-    return " " + text if text.startswith("_") else text
-
-
-def _save(fig: "Figure", path: str | Path | None) -> None:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=110)
-
-
-def _select(df: pd.DataFrame, task: str | None) -> pd.DataFrame:
-    if task is None:
-        return df
-    sel = df[df["task"] == task]
-    if sel.empty:
-        raise UsageError(f"no rows for task {task!r}; tasks here: {sorted(df['task'].unique())}")
-    return sel
-
-
-def _labels(df: pd.DataFrame) -> list[str]:
-    return sorted(df["label"].astype(str).unique()) if "label" in df.columns else [""]
-
-
-def _log2_length_axis(ax: Any, lengths: list[int]) -> None:
-    from matplotlib.ticker import NullLocator
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [length_label(n) for n in lengths])
-    # Only the x minor ticks go: a log y axis spanning less than a decade is labelled by its minor ticks.
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("context length (tokens)")
-
-
-def heatmap(df: pd.DataFrame, task: str, label: str | None = None, path: str | Path | None = None) -> "Figure":
-    """Accuracy per (depth, context length) cell: depth 0% (start of the context) on top, as in gkamradt's chart.
-    Cells with no scored sample (all errors) are grey and marked "err"."""
-    _require_matplotlib()
-    from matplotlib.colors import LinearSegmentedColormap
-
-    sel = _select(df, task)
-    labels = _labels(sel)
-    if label is None and len(labels) > 1:
-        raise UsageError(f"several labels in the data ({', '.join(labels)}): pass label=")
-    label = labels[0] if label is None else label
-    if "label" in sel.columns:
-        sel = sel[sel["label"].astype(str) == label]
-        if sel.empty:
-            raise UsageError(f"no rows for label {label!r} and task {task!r}")
-    grid = summarize(sel, by=["depth", "context_length"]).pivot(index="depth", columns="context_length",
-                                                                 values="accuracy")
-    grid = grid.sort_index().sort_index(axis=1)
-    lengths, depths = [int(c) for c in grid.columns], [float(d) for d in grid.index]
-
-    # At least 5 in wide so the title (model and task) fits even for one or two lengths.
-    fig, ax = _figure(max(5.0, 1.2 + 0.9 * len(lengths)), max(2.6, 1.2 + 0.42 * len(depths)))
-    cmap = LinearSegmentedColormap.from_list("gkamradt", HEATMAP_COLORS).with_extremes(bad="#cccccc")
-    values = grid.to_numpy(dtype=float)
-    image = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="accuracy", fraction=0.05)
-    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{round(d * 100, 1):g}%" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            v = values[i, j]
-            ax.text(j, i, "err" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="black")
-    model = ""
-    if "model" in sel.columns and sel["model"].notna().any():
-        m = str(sel["model"].dropna().iloc[0])
-        model = f" ({m})" if m != label else ""
-    ax.set_title(_text(f"{label}{model}: {task}"))
-    _save(fig, path)
-    return fig
+__all__ = ["accuracy_vs_length", "difference_heatmap", "heatmap", "latency_vs_length", "trend"]
 
 
 def _length_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -130,68 +33,98 @@ def _length_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def accuracy_vs_length(df: pd.DataFrame, task: str, path: str | Path | None = None,
                        threshold: float = RULER_THRESHOLD) -> "Figure":
-    """Accuracy (pooled over depths) vs length, one line per label, Wilson 95% CI as error bars and a band; a
-    dashed vertical line marks each label's effective length, a dotted line the threshold."""
-    sel = _select(df, task)
+    """Accuracy (pooled over depths, y in percent) vs length, one line per label, Wilson 95% CI as error bars and
+    a band; a dashed vertical line marks each label's effective length, a dotted line the threshold."""
+    from matplotlib.ticker import PercentFormatter
+
+    sel = select_task(df, task)
     s = _length_summary(sel)
     eff = effective_length(sel if "label" in sel.columns else sel.assign(label=""), threshold=threshold)
     lengths = sorted(int(x) for x in s["context_length"].unique())
-    fig, ax = _figure(7.5, 4.2)
-    for i, label in enumerate(_labels(sel)):
+    fig, ax = figure(7.5, 4.2)
+    for i, label in enumerate(labels_of(sel)):
         g = s[s["label"] == label].sort_values("context_length")
-        color = f"C{i % 10}"
+        style = line_style(i)
         x, y = g["context_length"].to_numpy(), g["accuracy"].to_numpy(dtype=float)
         lo, hi = g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float)
         # Clipped at 0: at accuracy 1.0 the Wilson bound can be 1 - 1e-16, a "negative" error bar to matplotlib.
         yerr = [(y - lo).clip(min=0.0), (hi - y).clip(min=0.0)]
-        ax.plot(x, y, marker="o", color=color, label=_text(label or task))
-        ax.errorbar(x, y, yerr=yerr, fmt="none", capsize=3, color=color)
-        ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+        ax.plot(x, y, **style, label=mpl_text(label or task, LEGEND_CHARS))
+        ax.errorbar(x, y, yerr=yerr, fmt="none", capsize=3, color=style["color"])
+        ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
         e = eff.get((label, task))
-        if e is not None:
-            ax.axvline(e, color=color, linestyle="--", linewidth=1, label=f"effective {length_label(e)}")
-    ax.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {threshold:g}")
-    _log2_length_axis(ax, lengths)
+        if e is not None:  # "≥16K" when the longest length tested still passes (RULER's notation)
+            text = _eff_text(e, int(x.min()), int(x.max())).replace(">=", "≥")
+            ax.axvline(e, color=style["color"], linestyle="--", linewidth=1, label=f"effective {text}")
+    ax.axhline(threshold, color="grey", linestyle=":", linewidth=1, label=f"threshold {100 * threshold:g}%")
+    log2_length_axis(ax, lengths)
     ax.set_ylim(-0.03, 1.03)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
     ax.set_ylabel("accuracy (Wilson 95% CI)")
-    ax.set_title(_text(f"{task}: accuracy vs context length"))
+    ax.set_title(mpl_text(f"{task}: accuracy vs context length"))
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
     return fig
 
 
-LATENCY_PANELS = (("ttft_s", "TTFT (s)"), ("latency_s", "latency (s)"), ("prefill_tokens_per_s", "prefill tokens/s"))
+# (column, panel name, tick text): seconds in s/ms/µs, rates with K/M.
+LATENCY_PANELS = (("ttft_s", "TTFT", seconds_text), ("latency_s", "latency", seconds_text),
+                  ("prefill_tokens_per_s", "prefill tokens/s", count_text))
+
+
+def latency_rows(df: pd.DataFrame, task: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The rows the latency plot takes and one sentence saying what they are: the scored samples of ``task``
+    (default: every task), all depths pooled, leaving out samples whose prompt came partly from a KV or prefix
+    cache (``n_cached_prompt_tokens`` > 0): their TTFT is not a cold prefill of the whole prompt."""
+    sel = select_task(df, task)
+    sel = sel[sel["status"] == "ok"] if "status" in sel.columns else sel
+    tasks = sorted(str(t) for t in sel["task"].unique())
+    cache_note = ""
+    if "n_cached_prompt_tokens" in sel.columns:
+        warm = pd.to_numeric(sel["n_cached_prompt_tokens"], errors="coerce").fillna(0) > 0
+        if warm.all() and len(sel):
+            cache_note = "; every one reused cached prompt tokens, so TTFT is not a cold prefill"
+        elif warm.any():
+            sel = sel[~warm]
+            cache_note = (f"; {int(warm.sum())} samples that reused cached prompt tokens (n_cached_prompt_tokens > 0) "
+                          "left out, as their TTFT is not a cold prefill")
+    what = (f"Medians per length over {len(sel)} scored samples ("
+            + (f"task {tasks[0]}" if len(tasks) == 1 else f"tasks {', '.join(tasks)}")
+            + ", all depths pooled)" + cache_note)
+    return sel, what + "."
 
 
 def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Path | None = None) -> "Figure":
-    """Median TTFT, end-to-end latency and prefill throughput of scored samples vs length, log-log, one line per
-    label. All tasks are pooled unless ``task`` is given (prefill dominates at long context, whatever the task)."""
-    sel = _select(df, task)
-    sel = sel[sel["status"] == "ok"] if "status" in sel.columns else sel
+    """Median TTFT, end-to-end latency and prefill throughput vs length, log-log, one line per label, over the
+    rows :func:`latency_rows` picks (its sentence is the figure's caption). The y ticks read "20 ms", "1.5 s",
+    "40K" rather than powers of ten."""
+    import textwrap
+
+    sel, what = latency_rows(df, task)
     if "label" not in sel.columns:
         sel = sel.assign(label="")
-    fig, axes = _figure(13.0, 4.0, ncols=len(LATENCY_PANELS))
+    fig, axes = figure(13.0, 4.3, ncols=len(LATENCY_PANELS))
+    fig.suptitle(textwrap.fill(mpl_text(what), 170), fontsize=9)
     lengths = sorted(int(x) for x in sel["context_length"].unique())
-    for ax, (col, name) in zip(axes, LATENCY_PANELS):
+    for ax, (col, name, tick_text) in zip(axes, LATENCY_PANELS):
         data = sel[["label", "context_length", col]].dropna() if col in sel.columns else pd.DataFrame()
         if data.empty:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         else:
             med = data.groupby(["label", "context_length"])[col].median().reset_index()
-            for i, label in enumerate(_labels(sel)):
+            for i, label in enumerate(labels_of(sel)):
                 g = med[med["label"] == label]
                 if not g.empty:
-                    ax.plot(g["context_length"], g[col], marker="o", color=f"C{i % 10}",
-                            label=_text(label or "run"))
-            ax.set_yscale("log")
+                    ax.plot(g["context_length"], g[col], **line_style(i), label=mpl_text(label or "run", LEGEND_CHARS))
+            readable_log_y(ax, tick_text)
             ax.legend(fontsize=8)
         if lengths:
-            _log2_length_axis(ax, lengths)
+            log2_length_axis(ax, lengths)
         ax.set_title(f"{name} vs length")
         ax.set_ylabel(f"median {name}")
-        ax.grid(True, which="both", alpha=0.3)
-    _save(fig, path)
+        ax.grid(True, which="major", alpha=0.3)
+    save(fig, path)
     return fig
 
 
@@ -212,26 +145,33 @@ def history_points(history_df: pd.DataFrame) -> pd.DataFrame:
 
 def trend(history_df: pd.DataFrame, path: str | Path | None = None) -> "Figure":
     """Accuracy and median latency over the nightly runs in history/summary.csv (x = run date), one line per
-    label; failed gates are drawn as red crosses."""
+    label; failed gates are drawn as black crosses."""
     pts = history_points(history_df)
     if pts.empty:
         raise UsageError("the history has no runs to plot")
-    fig, (ax_acc, ax_lat) = _figure(11.0, 3.8, ncols=2)
+    fig, (ax_acc, ax_lat) = figure(11.0, 3.8, ncols=2)
     for i, label in enumerate(sorted(pts["label"].astype(str).unique())):
         g = pts[pts["label"].astype(str) == label]
-        color = f"C{i % 10}"
         for ax, col in ((ax_acc, "accuracy"), (ax_lat, "latency_s_p50")):
-            ax.plot(g["date"], g[col], marker="o", color=color, label=_text(label))
+            ax.plot(g["date"], g[col], **line_style(i), label=mpl_text(label, LEGEND_CHARS))
             bad = g[~g["passed"]]
             if not bad.empty:
-                ax.scatter(bad["date"], bad[col], marker="x", s=80, color="red", zorder=3,
-                           label=_text(f"{label}: gate failed"))
+                ax.scatter(bad["date"], bad[col], marker="X", s=90, color="black", zorder=3,
+                           label=mpl_text(label, LEGEND_CHARS) + ": gate failed")
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    from matplotlib.ticker import FuncFormatter, PercentFormatter
+
     ax_acc.set_ylim(-0.03, 1.03)
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
     ax_acc.set_title("accuracy over nightly runs")
     ax_acc.set_ylabel("accuracy (all cells)")
+    # From 0: scheduler jitter of a few ms must not look like a doubling.
+    top = pd.to_numeric(pts["latency_s_p50"], errors="coerce").max()
+    if top == top and top > 0:  # not NaN: some run has timings
+        ax_lat.set_ylim(0.0, 1.1 * top)
+    ax_lat.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: seconds_text(v) if v > 0 else "0"))
     ax_lat.set_title("median latency over nightly runs")
-    ax_lat.set_ylabel("median of cell p50 latency (s)")
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+    ax_lat.set_ylabel("median of cell p50 latency")
 
     for ax in (ax_acc, ax_lat):
         locator = AutoDateLocator()
@@ -241,5 +181,5 @@ def trend(history_df: pd.DataFrame, path: str | Path | None = None) -> "Figure":
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         ax.tick_params(axis="x", labelrotation=30)
-    _save(fig, path)
+    save(fig, path)
     return fig

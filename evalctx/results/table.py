@@ -3,7 +3,6 @@ several tasks, their average per length (RULER's headline) and the effective len
 
 from __future__ import annotations
 
-import math
 import textwrap
 
 import pandas as pd
@@ -25,17 +24,18 @@ def format_summary(df: pd.DataFrame) -> str:
         return "no results"
     lines: list[str] = []
     for task, g in df.groupby("task", sort=True):
-        cells = summarize(g, by=("context_length", "depth"))
+        # The length x depth grid by pandas' pivot (a depth some length lacks is NaN, printed "-").
+        grid = summarize(g, by=("context_length", "depth")).pivot(index="context_length", columns="depth",
+                                                                     values="accuracy")
         per_len = summarize(g, by=("context_length",))
-        depths = sorted(cells["depth"].unique())
+        depths = list(grid.columns)
         head = "length  | " + " ".join(f"{d * 100:4.0f}" for d in depths) + " | acc %  95% CI        n  err uns   p50 s"
         lines.append(f"{task}: accuracy % by depth (% of haystack)")
         lines.append(head)
         lines.append("-" * len(head))
         for _, row in per_len.iterrows():
             length = int(row["context_length"])
-            sub = cells[cells["context_length"] == length].set_index("depth")
-            accs = " ".join(_pct(sub["accuracy"].get(d, math.nan)) for d in depths)
+            accs = " ".join(_pct(v) for v in grid.loc[length])
             ci = "" if row["n"] == 0 else f"[{100 * row['ci_low']:3.0f},{100 * row['ci_high']:4.0f}]"
             lat = row["latency_s_p50"]
             lat_s = "" if lat != lat else f"{lat:7.3f}"  # one format for every row: seconds, ms resolution

@@ -24,6 +24,7 @@ from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cud
                                            register_lower_right_sdpa)
 from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
+from evalctx.model_facts import SHAPE_FIELDS, rope_facts
 from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult, Sample
 from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
@@ -422,9 +423,8 @@ class HFBackend(Backend):
             "attn_implementation": self.attn_implementation,
             "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
             "tp": self.tp,
-            "model_config": {k: getattr(cfg, k, None) for k in (
-                "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling")},
+            # The rope facts from to_dict(): under transformers 5 they sit in rope_parameters.
+            "model_config": {**{k: getattr(cfg, k, None) for k in SHAPE_FIELDS}, **rope_facts(cfg.to_dict())},
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
             "memory_preflight": self.memory_note or f"on: {self.memory_capacity / GB:.1f} GB per device",
             "torch": self.torch.__version__,
