@@ -97,3 +97,29 @@ def test_plan_command_for_hf_refuses_what_hf_cannot_do(llama3_dir, capsys):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--weight-dtype", "int4"], capsys)
     with pytest.raises(UsageError, match="does not divide"):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--tp", "3"], capsys)
+
+
+def test_plan_for_hf_uses_the_dtype_and_attention_the_backend_runs_on_cuda(tmp_path, capsys):
+    # The embedded model's checkpoint is float32, but the backend's dtype=auto runs bfloat16 on CUDA: planning in
+    # fp32 doubled its KV cache (3.22 GB at 1M instead of 1.61).
+    data = json.loads(_plan(["--backend", "hf", "--config", "tiny", "--context", str(ONE_M), "--json"], capsys))
+    assert data["dtype"] == "bf16" and data["attn_implementation"] == "evalctx_sdpa"
+    assert data["per_rank"]["kv_cache"] == ONE_M * 3 * 2 * 64 * 2 * 2  # layers x KV heads x head_dim x K,V x bf16
+    # A sliding-window model runs stock sdpa, whose chunk x context mask the plan must count as the preflight does.
+    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+           "vocab_size": 32000, "sliding_window": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = _plan(["--backend", "hf", "--config", str(tmp_path), "--context", "131072", "--chunk-size", "8192"], capsys)
+    assert "attention sdpa (not plain causal" in out
+    mistral = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, vocab_size=32000)
+    masked = hf_rank_memory(mistral, 131072, chunk=8192, attention="sdpa")
+    assert f"activations (chunk   8192)    {masked.activations / GB:>8,.2f}" in out
+
+
+def test_plan_for_hf_refuses_trtllm_only_settings(llama3_dir, capsys):
+    with pytest.raises(UsageError, match="--pp, --max-num-tokens are TensorRT-LLM settings"):
+        _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--pp", "2",
+               "--max-num-tokens", "4096"], capsys)
+    _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--pp", "1"], capsys)  # a no-op
