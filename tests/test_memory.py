@@ -123,3 +123,32 @@ def test_plan_for_hf_refuses_trtllm_only_settings(llama3_dir, capsys):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--pp", "2",
                "--max-num-tokens", "4096"], capsys)
     _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--pp", "1"], capsys)  # a no-op
+
+
+def test_readme_quotes_the_benchmark_csv_and_the_plan_it_names():
+    """The README's "Measured on GPUs" numbers are the committed CSV's, and its plan quote is today's arithmetic."""
+    import csv
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    text = " ".join(readme.read_text().split())
+    rows = list(csv.DictReader((root / "benchmarks/results/hf_long_2xH200_2026-11-30.csv").open()))
+    names = {32768: "32K", 131072: "128K", 1048576: "1M"}
+    for r in (r for r in rows if r["layers"] == "4"):
+        ttft, ideal = float(r["ttft_s"]), float(r["ideal_s"])
+        digits = 3 if ttft < 1 else 2 if ttft < 10 else 1
+        line = (f"| {names[int(r['length'])]} | {r['tp']} | {ttft:.{digits}f} s | {ideal:.{digits}f} s | "
+                f"{float(r['of_ideal']):.0%} | {float(r['decode_ms']):.1f} | {float(r['peak_GiB']):.2f} "
+                f"({float(r['planned_GiB']):.2f}) |")
+        assert line in text, line
+    full = next(r for r in rows if r["layers"] == "32")
+    assert f"TTFT {float(full['ttft_s']):.1f} s against an ideal of {float(full['ideal_s']):.1f} s " \
+           f"({float(full['of_ideal']):.0%})" in text
+    m = re.search(r"--context (\d+) --chunk-size (\d+) --gpu-memory ([\d.]+)`: ([\d.]+) GB needed, ([\d,]+) tokens fit",
+                  text)
+    assert m, "the README's plan quote"
+    context, chunk, gpu = int(m[1]), int(m[2]), float(m[3]) * GB
+    assert f"{hf_rank_memory(LLAMA3_8B, context, chunk=chunk).total / GB:.1f}" == m[4]
+    assert f"{longest_fitting(LLAMA3_8B, gpu, chunk=chunk):,}" == m[5]
