@@ -249,9 +249,19 @@ def test_memory_preflight_marks_what_does_not_fit_unsupported(tiny_llama: Path, 
 def test_weights_that_cannot_fit_stop_before_loading(tiny_llama: Path) -> None:
     from evalctx.errors import UsageError
 
+    # The 2 GB reserve alone is over 1 GB: no tp helps, and the message must not send the user to raise it.
     with pytest.raises(UsageError, match=r"needs .* GB per GPU .* at tp=1 before any context, more than the 1 GB "
-                                         r"\(memory_gb\): raise tp"):
+                                         r"\(memory_gb\): no tp up to 16 fits it: raise memory_gb$"):
         make_backend(tiny_llama, memory_gb=1)
+    # Llama-3-8B's weights in 10 GB: tp=2 still needs 10.6 GB, tp=4 fits.
+    from evalctx.plan import ModelShape
+
+    backend = make_backend(tiny_llama, memory_gb=10)
+    backend.shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, head_dim=128,
+                               intermediate_size=14336, vocab_size=128256)
+    backend.short_dtype = "bf16"
+    with pytest.raises(UsageError, match=r"at tp=1 before any context, .*: raise tp \(tp=4 fits\)$"):
+        backend._check_weights_fit()
 
 
 def test_batches_split_to_fit_memory(tiny_llama: Path) -> None:
