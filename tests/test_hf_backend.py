@@ -309,6 +309,27 @@ def test_split_attention_merges_blocks_exactly(monkeypatch: pytest.MonkeyPatch, 
     assert torch.allclose(got, ref, atol=1e-5)
 
 
+def test_cuda_path_check_covers_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of the CUDA path runs on the batch layout too: a kernel that reads position-major keys of several
+    sequences wrongly (here: every sequence gets the first one's keys) is caught for batches, while one sequence,
+    whose layout it handles, keeps the fast path. Kernels replaced by the float64 reference so it runs on CPU."""
+    from evalctx.backends.hf import attention
+
+    def first_sequence_keys(q, k, v, causal, scale):
+        return _attention_with_lse(q, k[:1].expand_as(k), v[:1].expand_as(v), causal, scale)
+
+    monkeypatch.setattr(attention, "_CHECKED", {})
+    monkeypatch.setattr(attention, "_flash", lambda q, k, v, s: _attention_with_lse(q, k, v, False, s)[0])
+    monkeypatch.setattr(attention, "_cudnn", _attention_with_lse)
+    q2, q1, k = torch.zeros(2, 4, 1, 16), torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 1, 16)
+    assert attention.cuda_path_ok(q2, k) and attention.cuda_path_ok(q1, k)
+    monkeypatch.setattr(attention, "_CHECKED", {})
+    monkeypatch.setattr(attention, "_cudnn", first_sequence_keys)
+    assert attention.cuda_path_ok(q1, k)
+    assert not attention.cuda_path_ok(q2, k)
+    assert attention.cuda_kernels() == "flash (causal_lower_right): the cuDNN path failed its check"
+
+
 def test_prefix_blocks_repeat_few_shapes() -> None:
     from evalctx.backends.hf.attention import prefix_blocks
 
