@@ -67,13 +67,14 @@ def test_tp2_on_two_gpus_answers_like_tp1(tmp_path: Path) -> None:
     assert two["peak_memory_bytes"].gt(0).all()
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (16, 4, 128), (2, 2, 64)])
-def test_cuda_attention_path_passes_its_check(heads: int, kv_heads: int, dim: int) -> None:
-    """The cuDNN block path (Llama-3-8B heads at tp 1 and 2, the tiny model's) agrees with float32 attention;
-    failing here means the lower-right SDPA fell back to the slower flash kernel."""
+def test_cuda_attention_path_passes_its_check(heads: int, kv_heads: int, dim: int, batch: int) -> None:
+    """The cuDNN block path (Llama-3-8B heads at tp 1 and 2, the tiny model's), for one sequence and a batch,
+    agrees with float32 attention; failing here means the lower-right SDPA fell back to the slower flash kernel."""
     from evalctx.backends.hf.attention import cuda_kernels, cuda_path_ok
 
-    q = torch.zeros(1, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.zeros(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     assert cuda_path_ok(q, k)
     assert cuda_kernels().startswith("cuDNN")

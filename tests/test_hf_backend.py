@@ -249,9 +249,19 @@ def test_memory_preflight_marks_what_does_not_fit_unsupported(tiny_llama: Path, 
 def test_weights_that_cannot_fit_stop_before_loading(tiny_llama: Path) -> None:
     from evalctx.errors import UsageError
 
+    # The 2 GB reserve alone is over 1 GB: no tp helps, and the message must not send the user to raise it.
     with pytest.raises(UsageError, match=r"needs .* GB per GPU .* at tp=1 before any context, more than the 1 GB "
-                                         r"\(memory_gb\): raise tp"):
+                                         r"\(memory_gb\): no tp up to 16 fits it: raise memory_gb$"):
         make_backend(tiny_llama, memory_gb=1)
+    # Llama-3-8B's weights in 10 GB: tp=2 still needs 10.6 GB, tp=4 fits.
+    from evalctx.plan import ModelShape
+
+    backend = make_backend(tiny_llama, memory_gb=10)
+    backend.shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, head_dim=128,
+                               intermediate_size=14336, vocab_size=128256)
+    backend.short_dtype = "bf16"
+    with pytest.raises(UsageError, match=r"at tp=1 before any context, .*: raise tp \(tp=4 fits\)$"):
+        backend._check_weights_fit()
 
 
 def test_batches_split_to_fit_memory(tiny_llama: Path) -> None:
@@ -297,6 +307,27 @@ def test_split_attention_merges_blocks_exactly(monkeypatch: pytest.MonkeyPatch, 
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                            attn_mask=mask)
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_cuda_path_check_covers_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check of the CUDA path runs on the batch layout too: a kernel that reads position-major keys of several
+    sequences wrongly (here: every sequence gets the first one's keys) is caught for batches, while one sequence,
+    whose layout it handles, keeps the fast path. Kernels replaced by the float64 reference so it runs on CPU."""
+    from evalctx.backends.hf import attention
+
+    def first_sequence_keys(q, k, v, causal, scale):
+        return _attention_with_lse(q, k[:1].expand_as(k), v[:1].expand_as(v), causal, scale)
+
+    monkeypatch.setattr(attention, "_CHECKED", {})
+    monkeypatch.setattr(attention, "_flash", lambda q, k, v, s: _attention_with_lse(q, k, v, False, s)[0])
+    monkeypatch.setattr(attention, "_cudnn", _attention_with_lse)
+    q2, q1, k = torch.zeros(2, 4, 1, 16), torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 1, 16)
+    assert attention.cuda_path_ok(q2, k) and attention.cuda_path_ok(q1, k)
+    monkeypatch.setattr(attention, "_CHECKED", {})
+    monkeypatch.setattr(attention, "_cudnn", first_sequence_keys)
+    assert attention.cuda_path_ok(q1, k)
+    assert not attention.cuda_path_ok(q2, k)
+    assert attention.cuda_kernels() == "flash (causal_lower_right): the cuDNN path failed its check"
 
 
 def test_prefix_blocks_repeat_few_shapes() -> None:

@@ -1,5 +1,6 @@
 """Tensor parallelism of the hf backend under a real mpirun (gloo on CPU): tp=2, and 2 replicas x tp=2, give the
-answers of tp=1 on the embedded tiny model (2 attention heads, 2 KV heads: one of each per rank)."""
+answers of tp=1 on the embedded tiny model (2 attention heads, 2 KV heads: one of each per rank), and on a
+grouped-query variant of it (4 query heads sharing 2 KV heads, as Llama-3's 32 share 8) in batches, raw and chat."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ max_new_tokens = 8
 COLUMNS = ["completion", "score", "status", "n_prompt_tokens", "n_output_tokens", "finish_reason"]
 
 
-def _args(out: Path, run_id: str, *opts: str) -> list[str]:
-    (out / "s.toml").write_text(SUITE)
-    return ["run", "--suite", str(out / "s.toml"), "--backend", "hf", "--model", "tiny", "--out", str(out),
+def _args(out: Path, run_id: str, *opts: str, suite: str = SUITE, model: str = "tiny") -> list[str]:
+    (out / "s.toml").write_text(suite)
+    return ["run", "--suite", str(out / "s.toml"), "--backend", "hf", "--model", model, "--out", str(out),
             "--run-id", run_id, "--no-progress", "--backend-opt", "chunk_size=128",
             *[x for o in opts for x in ("--backend-opt", o)]]
 
@@ -61,3 +62,68 @@ def test_world_not_a_multiple_of_tp_is_refused(tmp_path: Path) -> None:
                           timeout=120, env=mpi_env())
     assert proc.returncode != 0
     assert "not a multiple of the 2 ranks one replica needs" in proc.stderr
+
+
+GQA_SUITE = """
+name = "tp-gqa"
+[[tasks]]
+task = "passkey"
+lengths = [300, 700]
+depths = [0.0, 0.5, 1.0]
+samples = 1
+max_new_tokens = 8
+prompt_mode = "raw"
+[[tasks]]
+task = "niah_single"
+lengths = [500]
+depths = [0.3, 0.8]
+samples = 2
+max_new_tokens = 24
+prompt_mode = "chat"
+"""
+
+
+def _gqa_tiny(dest: Path) -> Path:
+    """The tiny model with each query head duplicated: 4 query heads in 2 groups sharing its 2 KV heads, o_proj
+    halved to match. The same function as tiny, so it must give tiny's answers; under tp=2 each rank holds one
+    group (2 query heads, 1 KV head), which is how an 8B model's 32/8 heads split."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from evalctx.models import resolve_model
+
+    src = resolve_model("tiny").path
+    tiny = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    cfg = {k: v for k, v in tiny.config.to_dict().items() if k != "transformers_version"}
+    dim = cfg["head_dim"]
+    assert cfg["num_attention_heads"] == cfg["num_key_value_heads"] == 2
+    gqa = LlamaForCausalLM(LlamaConfig(**{**cfg, "num_attention_heads": 4}))
+    weights = {}
+    for name, w in tiny.state_dict().items():
+        if name.endswith("q_proj.weight"):
+            h = w.view(2, dim, -1)
+            w = torch.cat([h[0], h[0], h[1], h[1]])
+        elif name.endswith("o_proj.weight"):
+            h = w.view(w.shape[0], 2, dim)
+            w = torch.cat([h[:, 0], h[:, 0], h[:, 1], h[:, 1]], 1) / 2
+        weights[name] = w
+    gqa.load_state_dict(weights)
+    gqa.save_pretrained(dest)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+            (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_grouped_query_tp2_in_batches_answers_like_tiny(tmp_path: Path) -> None:
+    model = str(_gqa_tiny(tmp_path / "gqa"))
+    assert main(_args(tmp_path, "tiny1", suite=GQA_SUITE) + ["--batch-size", "3"]) == 0
+    base = _table(tmp_path, "tiny1")
+    assert (base["status"] == "ok").all() and set(base["prompt_mode"]) == {"raw", "chat"}
+    assert base["batch_size"].max() > 1
+    args = _args(tmp_path, "gqa2", "tp=2", suite=GQA_SUITE, model=model) + ["--batch-size", "3"]
+    proc = subprocess.run(mpirun_cmd(2, *args), capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _table(tmp_path, "gqa2")
+    pd.testing.assert_frame_equal(base[COLUMNS], got[COLUMNS])
+    assert (got["hf_tp"] == 2).all() and got["batch_size"].max() > 1

@@ -97,3 +97,58 @@ def test_plan_command_for_hf_refuses_what_hf_cannot_do(llama3_dir, capsys):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--weight-dtype", "int4"], capsys)
     with pytest.raises(UsageError, match="does not divide"):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--tp", "3"], capsys)
+
+
+def test_plan_for_hf_uses_the_dtype_and_attention_the_backend_runs_on_cuda(tmp_path, capsys):
+    # The embedded model's checkpoint is float32, but the backend's dtype=auto runs bfloat16 on CUDA: planning in
+    # fp32 doubled its KV cache (3.22 GB at 1M instead of 1.61).
+    data = json.loads(_plan(["--backend", "hf", "--config", "tiny", "--context", str(ONE_M), "--json"], capsys))
+    assert data["dtype"] == "bf16" and data["attn_implementation"] == "evalctx_sdpa"
+    assert data["per_rank"]["kv_cache"] == ONE_M * 3 * 2 * 64 * 2 * 2  # layers x KV heads x head_dim x K,V x bf16
+    # A sliding-window model runs stock sdpa, whose chunk x context mask the plan must count as the preflight does.
+    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+           "vocab_size": 32000, "sliding_window": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = _plan(["--backend", "hf", "--config", str(tmp_path), "--context", "131072", "--chunk-size", "8192"], capsys)
+    assert "attention sdpa (not plain causal" in out
+    mistral = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, head_dim=128,
+                         intermediate_size=14336, vocab_size=32000)
+    masked = hf_rank_memory(mistral, 131072, chunk=8192, attention="sdpa")
+    assert f"activations (chunk   8192)    {masked.activations / GB:>8,.2f}" in out
+
+
+def test_plan_for_hf_refuses_trtllm_only_settings(llama3_dir, capsys):
+    with pytest.raises(UsageError, match="--pp, --max-num-tokens are TensorRT-LLM settings"):
+        _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--pp", "2",
+               "--max-num-tokens", "4096"], capsys)
+    _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--pp", "1"], capsys)  # a no-op
+
+
+def test_readme_quotes_the_benchmark_csv_and_the_plan_it_names():
+    """The README's "Measured on GPUs" numbers are the committed CSV's, and its plan quote is today's arithmetic."""
+    import csv
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    text = " ".join(readme.read_text().split())
+    rows = list(csv.DictReader((root / "benchmarks/results/hf_long_2xH200_2026-11-30.csv").open()))
+    names = {32768: "32K", 131072: "128K", 1048576: "1M"}
+    for r in (r for r in rows if r["layers"] == "4"):
+        ttft, ideal = float(r["ttft_s"]), float(r["ideal_s"])
+        digits = 3 if ttft < 1 else 2 if ttft < 10 else 1
+        line = (f"| {names[int(r['length'])]} | {r['tp']} | {ttft:.{digits}f} s | {ideal:.{digits}f} s | "
+                f"{float(r['of_ideal']):.0%} | {float(r['decode_ms']):.1f} | {float(r['peak_GiB']):.2f} "
+                f"({float(r['planned_GiB']):.2f}) |")
+        assert line in text, line
+    full = next(r for r in rows if r["layers"] == "32")
+    assert f"TTFT {float(full['ttft_s']):.1f} s against an ideal of {float(full['ideal_s']):.1f} s " \
+           f"({float(full['of_ideal']):.0%})" in text
+    m = re.search(r"--context (\d+) --chunk-size (\d+) --gpu-memory ([\d.]+)`: ([\d.]+) GB needed, ([\d,]+) tokens fit",
+                  text)
+    assert m, "the README's plan quote"
+    context, chunk, gpu = int(m[1]), int(m[2]), float(m[3]) * GB
+    assert f"{hf_rank_memory(LLAMA3_8B, context, chunk=chunk).total / GB:.1f}" == m[4]
+    assert f"{longest_fitting(LLAMA3_8B, gpu, chunk=chunk):,}" == m[5]

@@ -35,12 +35,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--context", type=positive_int, metavar="TOKENS",
                    help="tokens per sequence, prompt plus generated (default: the engine's max_seq_len)")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences resident at once (default 1)")
-    p.add_argument("--beams", type=positive_int, default=1, help="beam width (default 1)")
+    p.add_argument("--beams", type=positive_int, help="beam width (default 1)")
     p.add_argument("--tp", type=positive_int, help="tensor parallel size (default: the engine's, else 1)")
     p.add_argument("--pp", type=positive_int, help="pipeline parallel size (default: the engine's, else 1)")
     p.add_argument("--weight-dtype", metavar="DTYPE",
                    help=f"{', '.join(WEIGHT_DTYPES)} in any spelling (float16, half, bfloat16, ...); default: the "
-                        "engine's, the HF torch_dtype, or fp16")
+                        "engine's, the HF torch_dtype, or fp16 (--backend hf: bf16, what its dtype=auto runs on "
+                        "CUDA)")
     p.add_argument("--kv-dtype", metavar="DTYPE",
                    help=f"{', '.join(KV_DTYPES)} in any spelling; default: the engine's KV dtype, else the weight dtype")
     p.add_argument("--gpu-memory", type=positive_float, metavar="GB",
@@ -49,11 +50,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"engine max_num_tokens, the chunk size (default: the engine's, else {DEFAULT_MAX_NUM_TOKENS})")
     p.add_argument("--tokens-per-block", type=positive_int,
                    help=f"paged KV block size (default: the engine's, else {DEFAULT_TOKENS_PER_BLOCK})")
-    p.add_argument("--kv-fraction", type=fraction, default=0.9,
+    p.add_argument("--kv-fraction", type=fraction,
                    help="kv_cache_free_gpu_memory_fraction the runtime will use (default 0.9)")
     p.add_argument("--reserve-gb", type=non_negative_float, default=2.0,
                    help="per-GPU memory for CUDA context, NCCL and TensorRT workspaces (default 2)")
-    p.add_argument("--kv-headroom", type=non_negative_float, default=0.05,
+    p.add_argument("--kv-headroom", type=non_negative_float,
                    help="extra fraction on max_tokens_in_paged_kv_cache (default 0.05)")
     p.add_argument("--backend", choices=("trtllm", "hf"), default="trtllm",
                    help="whose memory layout to plan (default trtllm; hf: what the hf backend's preflight decides)")
@@ -93,12 +94,13 @@ def _resolve(args: argparse.Namespace) -> Plan:
     if not context:
         raise UsageError("evalctx plan: pass --context TOKENS (the config has no max_seq_len)")
     return plan(
-        shape, context, batch=args.batch, beams=args.beams,
+        shape, context, batch=args.batch, beams=args.beams or 1,
         tp=args.tp or (e.tp if e else 1), pp=args.pp or (e.pp if e else 1),
         weight_dtype=weight, kv_dtype=kv, gpu_memory_gb=args.gpu_memory,
         tokens_per_block=args.tokens_per_block or (e.tokens_per_block if e else DEFAULT_TOKENS_PER_BLOCK),
         max_num_tokens=args.max_num_tokens or (e.max_num_tokens if e and e.max_num_tokens else DEFAULT_MAX_NUM_TOKENS),
-        kv_fraction=args.kv_fraction, reserve_gb=args.reserve_gb, kv_headroom=args.kv_headroom,
+        kv_fraction=0.9 if args.kv_fraction is None else args.kv_fraction, reserve_gb=args.reserve_gb,
+        kv_headroom=0.05 if args.kv_headroom is None else args.kv_headroom,
     )
 
 
@@ -157,17 +159,38 @@ def position_warning(p: Plan) -> str | None:
             "position embeddings cannot run there at all")
 
 
+_TRTLLM_ONLY = ("--pp", "--beams", "--max-num-tokens", "--tokens-per-block", "--kv-fraction", "--kv-headroom")
+
+
+def _hf_attention(source: str) -> str:
+    """The attention the hf backend picks on CUDA for this config (its ``attn_implementation=auto``)."""
+    from types import SimpleNamespace
+
+    from evalctx.backends.hf.attention import auto_attention
+
+    data = json.loads(Path(source).read_text())
+    return auto_attention(SimpleNamespace(**data), on_cuda=True)
+
+
 def _hf(args: argparse.Namespace) -> str:
     """The hf backend's view: per tp, weights + preallocated KV + chunk activations + reserve, and what fits."""
+    from evalctx.backends.hf.attention import LOWER_RIGHT_SDPA
     from evalctx.backends.hf.backend import HFBackend
     from evalctx.memory import hf_rank_memory, longest_fitting
 
     shape, engine = load_shape(_config_path(args.config))
     if engine is not None:
         raise UsageError("evalctx plan --backend hf: pass a Hugging Face model directory, not a TensorRT-LLM engine")
+    values = (args.pp not in (None, 1), args.beams not in (None, 1), args.max_num_tokens is not None,
+              args.tokens_per_block is not None, args.kv_fraction is not None, args.kv_headroom is not None)
+    trtllm_only = [flag for flag, given in zip(_TRTLLM_ONLY, values) if given]
+    if trtllm_only:  # silently planning without them would answer a question the user did not ask
+        raise UsageError(f"evalctx plan --backend hf: {', '.join(trtllm_only)} are TensorRT-LLM settings the hf "
+                         "backend does not have; drop them (its prefill chunk is --chunk-size)")
     hf_dtypes = ("fp32", "fp16", "bf16")
     given = canonical_dtype(args.weight_dtype, None, "--weight-dtype") if args.weight_dtype else None
-    dtype = given or _hf_dtype(shape.source) or "bf16"
+    # The backend's dtype=auto runs bfloat16 on CUDA whatever the checkpoint holds (an fp32 checkpoint included).
+    dtype = given or "bf16"
     if dtype not in hf_dtypes:
         raise UsageError(f"evalctx plan --backend hf: the hf backend runs fp32, fp16 or bf16, not {dtype}")
     if args.kv_dtype and canonical_dtype(args.kv_dtype, None, "--kv-dtype") != dtype:
@@ -180,21 +203,25 @@ def _hf(args: argparse.Namespace) -> str:
     if shape.num_attention_heads % tp or shape.num_kv_heads % tp:
         raise UsageError(f"tp {tp} does not divide the {shape.num_attention_heads} attention and "
                          f"{shape.num_kv_heads} KV heads")
-    common = dict(chunk=chunk, batch=args.batch, dtype=dtype, reserve_gb=args.reserve_gb)
+    attention = _hf_attention(shape.source)
+    common = dict(chunk=chunk, batch=args.batch, dtype=dtype, reserve_gb=args.reserve_gb, attention=attention)
     tps = [t for t in (1, 2, 4, 8, 16) if shape.num_attention_heads % t == 0 and shape.num_kv_heads % t == 0]
     rows = {t: hf_rank_memory(shape, args.context, tp=t, **common) for t in sorted({tp, *tps})}
     gpu = args.gpu_memory * GB if args.gpu_memory else None
     longest = {t: longest_fitting(shape, gpu, tp=t, **common) for t in rows} if gpu else {}
     if args.json:
         return json.dumps({"backend": "hf", "shape": shape.__dict__, "context": args.context, "dtype": dtype,
-                           "chunk_size": chunk, "gpu_memory_gb": args.gpu_memory, "per_rank": rows[tp].to_dict(),
+                           "attn_implementation": attention, "chunk_size": chunk, "gpu_memory_gb": args.gpu_memory,
+                           "per_rank": rows[tp].to_dict(),
                            "by_tp": [{**m.to_dict(), "fits": m.fits(gpu) if gpu else None,
                                       "longest_context": longest.get(t)} for t, m in rows.items()]}, indent=2)
     m = rows[tp]
     lines = [
         f"model    {shape.architecture or 'model'} from {shape.source}",
-        f"hf       {dtype} weights and KV cache, KV preallocated for {args.context:,} tokens x batch {args.batch}, "
-        f"prefill chunk {m.chunk}, lower-right SDPA (no mask tensor)",
+        f"hf       {dtype} weights and KV cache{'' if given else ' (dtype=auto on CUDA)'}, KV preallocated for "
+        f"{args.context:,} tokens x batch {args.batch}, prefill chunk {m.chunk}, "
+        + ("lower-right SDPA (no mask tensor)" if attention == LOWER_RIGHT_SDPA else
+           f"attention {attention} (not plain causal: a chunk x context mask per chunk)"),
         "",
         f"per rank at tp {tp}".ljust(36) + "GB",
         f"  weights                        {_gb(m.weights):>8}",

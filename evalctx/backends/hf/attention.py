@@ -113,15 +113,17 @@ _CHECKED: dict[tuple, bool] = {}
 
 
 def cuda_path_ok(query: Any, key: Any) -> bool:
-    """Whether :func:`split_attention` matches a float32 reference for this head layout, dtype and device
-    (checked once each, on random data laid out as the model's: transposed queries, keys viewed from a larger
-    position-major buffer, a prefix with power-of-two blocks and a remainder, and one decode query)."""
+    """Whether :func:`split_attention` matches a float32 reference for this head layout, dtype and device, and for
+    one sequence or a batch (checked once each, on random data laid out as the model's: transposed queries, keys
+    viewed from a larger position-major buffer, a prefix with power-of-two blocks and a remainder, and one decode
+    query). A batch is checked apart because position-major keys of several sequences have a batch stride below
+    the position stride, a layout one sequence never shows the kernels."""
     import torch
 
-    sig = (query.device, query.dtype, query.shape[1], key.shape[1], query.shape[-1])
+    sig = (query.device, query.dtype, query.shape[1], key.shape[1], query.shape[-1], query.shape[0] > 1)
     if sig in _CHECKED:
         return _CHECKED[sig]
-    heads, kv_heads, dim = sig[2], sig[3], sig[4]
+    heads, kv_heads, dim, batch = sig[2], sig[3], sig[4], 2 if sig[5] else 1
     gen = torch.Generator(device=query.device).manual_seed(0)
 
     def rand(*shape: int) -> Any:
@@ -129,10 +131,10 @@ def cuda_path_ok(query: Any, key: Any) -> bool:
 
     ok, why = True, ""
     for q_len, k_len in ((1, 3000), (200, 200), (200, 200 + 3 * BLOCK_UNIT + 500)):
-        q = rand(1, q_len, heads, dim).transpose(1, 2)
+        q = rand(batch, q_len, heads, dim).transpose(1, 2)
         # keys and values as the preallocated cache hands them out: position-major storage, permuted
-        k = rand(k_len + 64, 1, kv_heads, dim)[:k_len].permute(1, 2, 0, 3)
-        v = rand(k_len + 64, 1, kv_heads, dim)[:k_len].permute(1, 2, 0, 3)
+        k = rand(k_len + 64, batch, kv_heads, dim)[:k_len].permute(1, 2, 0, 3)
+        v = rand(k_len + 64, batch, kv_heads, dim)[:k_len].permute(1, 2, 0, 3)
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float().repeat_interleave(heads // kv_heads, 1),
@@ -144,7 +146,7 @@ def cuda_path_ok(query: Any, key: Any) -> bool:
             break
         err = float((got - ref).norm() / ref.norm())
         if not err < 2e-2:
-            ok, why = False, f"relative error {err:.2g} at {q_len} queries x {k_len} keys"
+            ok, why = False, f"relative error {err:.2g} at {batch} x {q_len} queries x {k_len} keys"
             break
     if not ok:
         print(f"evalctx: the cuDNN attention path failed its check ({why}); using the flash kernel",
@@ -179,7 +181,7 @@ def plain_causal(cfg: Any) -> bool:
     """Whether a transformers config describes plain full causal attention (no sliding window, no other kinds)."""
     sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
     layer_types = getattr(cfg, "layer_types", None) or []
-    return cfg.model_type in _PLAIN_CAUSAL and not sliding and all(t == "full_attention" for t in layer_types)
+    return getattr(cfg, "model_type", None) in _PLAIN_CAUSAL and not sliding and all(t == "full_attention" for t in layer_types)
 
 
 def auto_attention(cfg: Any, on_cuda: bool) -> str:

@@ -222,8 +222,17 @@ class HFBackend(Backend):
             return
         mem = self._memory(1)
         if not mem.fits(self.memory_capacity):
+            bigger = self._fitting_tp(1)
+            fix = f"raise tp (tp={bigger} fits)" if bigger else \
+                "no tp up to 16 fits it: " + ("raise memory_gb" if self.options.memory_gb else "use larger GPUs")
             raise UsageError(f"backend hf: the model needs {mem.breakdown()} at tp={self.tp} before any context, "
-                             f"more than the {self._capacity_text()}: raise tp")
+                             f"more than the {self._capacity_text()}: {fix}")
+
+    def _fitting_tp(self, tokens: int) -> int | None:
+        """The smallest tp above this one (dividing the heads) at which ``tokens`` positions fit, if any."""
+        heads, kv = self.shape.num_attention_heads, self.shape.num_kv_heads
+        return next((t for t in (2, 4, 8, 16) if t > self.tp and heads % t == 0 and kv % t == 0
+                     and self._memory(tokens, tp=t).fits(self.memory_capacity)), None)
 
     def check_tokenizer(self, resolved: Any) -> None:
         """The tokenizer that builds the prompts must be this model's (evalctx.tokenizer_check): UsageError."""
@@ -260,13 +269,10 @@ class HFBackend(Backend):
         mem = self._memory(prompt + budget)
         if mem.fits(self.memory_capacity):
             return None
-        heads = self.shape.num_attention_heads
-        kv = self.shape.num_kv_heads
-        bigger = [t for t in (2, 4, 8, 16) if t > self.tp and heads % t == 0 and kv % t == 0
-                  and self._memory(prompt + budget, tp=t).fits(self.memory_capacity)]
+        bigger = self._fitting_tp(prompt + budget)
         longest = longest_fitting(self.shape, self.memory_capacity, chunk=self.options.chunk_size, tp=self.tp,
                                   dtype=self.short_dtype, attention=self.attn_implementation)
-        fixes = [f"tp={bigger[0]} fits it"] if bigger else []
+        fixes = [f"tp={bigger} fits it"] if bigger else []
         fixes.append(f"lengths <= {max(0, longest - budget)} fit at tp={self.tp}")
         return (f"prompt {prompt} + max_new_tokens {budget} needs {mem.breakdown()} at tp={self.tp}, more than the "
                 f"{self._capacity_text()}: {'; '.join(fixes)}")
