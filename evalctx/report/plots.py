@@ -16,7 +16,7 @@ import pandas as pd
 
 from evalctx.analysis import RULER_THRESHOLD, effective_length, length_label
 from evalctx.errors import UsageError
-from evalctx.results.summary import summarize
+from evalctx.results.summary import summarize, warm_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -165,10 +165,15 @@ LATENCY_PANELS = (("ttft_s", "TTFT (s)"), ("latency_s", "latency (s)"), ("prefil
 
 
 def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Path | None = None) -> "Figure":
-    """Median TTFT, end-to-end latency and prefill throughput of scored samples vs length, log-log, one line per
-    label. All tasks are pooled unless ``task`` is given (prefill dominates at long context, whatever the task)."""
+    """Median TTFT, end-to-end latency and prefill throughput of cold scored samples vs length, log-log, one line
+    per label. All tasks are pooled unless ``task`` is given (prefill dominates at long context, whatever the
+    task). Rows whose prompt came partly from a KV cache are left out (results.summary.warm_rows) and the title
+    says how many."""
     sel = _select(df, task)
     sel = sel[sel["status"] == "ok"] if "status" in sel.columns else sel
+    warm = warm_rows(sel)
+    n_warm = int(warm.sum())
+    sel = sel[~warm]
     if "label" not in sel.columns:
         sel = sel.assign(label="")
     fig, axes = _figure(13.0, 4.0, ncols=len(LATENCY_PANELS))
@@ -176,7 +181,8 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
     for ax, (col, name) in zip(axes, LATENCY_PANELS):
         data = sel[["label", "context_length", col]].dropna() if col in sel.columns else pd.DataFrame()
         if data.empty:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            why = f"no cold row: {n_warm} rows had\nprompt tokens from a KV cache" if n_warm else "not measured"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         else:
             med = data.groupby(["label", "context_length"])[col].median().reset_index()
             for i, label in enumerate(_labels(sel)):
@@ -188,7 +194,7 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
             ax.legend(fontsize=8)
         if lengths:
             _log2_length_axis(ax, lengths)
-        ax.set_title(f"{name} vs length")
+        ax.set_title(f"{name} vs length" + (f"\n(cold rows; {n_warm} warm rows left out)" if n_warm else ""))
         ax.set_ylabel(f"median {name}")
         ax.grid(True, which="both", alpha=0.3)
     _save(fig, path)
