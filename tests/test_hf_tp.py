@@ -30,8 +30,8 @@ max_new_tokens = 8
 COLUMNS = ["completion", "score", "status", "n_prompt_tokens", "n_output_tokens", "finish_reason"]
 
 
-def _args(out: Path, run_id: str, *opts: str) -> list[str]:
-    (out / "s.toml").write_text(SUITE)
+def _args(out: Path, run_id: str, *opts: str, suite: str = SUITE) -> list[str]:
+    (out / "s.toml").write_text(suite)
     return ["run", "--suite", str(out / "s.toml"), "--backend", "hf", "--model", "tiny", "--out", str(out),
             "--run-id", run_id, "--no-progress", "--backend-opt", "chunk_size=128",
             *[x for o in opts for x in ("--backend-opt", o)]]
@@ -61,3 +61,18 @@ def test_world_not_a_multiple_of_tp_is_refused(tmp_path: Path) -> None:
                           timeout=120, env=mpi_env())
     assert proc.returncode != 0
     assert "not a multiple of the 2 ranks one replica needs" in proc.stderr
+
+
+def test_prefix_reuse_under_tp2_answers_like_tp1_without_it(tmp_path: Path) -> None:
+    """Every rank of a replica computes the same common prefix from the same broadcast prompts and crops its shard
+    of the KV cache to it: a depth sweep at tp=2 with prefix_reuse answers as tp=1 cold does."""
+    sweep = SUITE.replace("lengths = [300, 700]", "lengths = [400]").replace("depths = [0.0, 1.0]",
+                                                                            "depths = { linear = 5 }")
+    assert main(_args(tmp_path, "cold", "chunk_size=32", suite=sweep)) == 0
+    base = _table(tmp_path, "cold")
+    warm = _args(tmp_path, "warm", "chunk_size=32", "tp=2", "prefix_reuse=true", suite=sweep)
+    proc = subprocess.run(mpirun_cmd(2, *warm), capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _table(tmp_path, "warm")
+    pd.testing.assert_frame_equal(base[COLUMNS], got[COLUMNS])
+    assert (got["n_cached_prompt_tokens"] > 0).sum() >= 3 and (base["n_cached_prompt_tokens"] == 0).all()
