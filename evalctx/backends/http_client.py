@@ -81,12 +81,12 @@ class Answer:
     """Data events in a stream: 0 is an empty stream (llama.cpp's answer to a prompt over its context)."""
 
 
-def _count(usage: dict[str, Any], key: str) -> int | None:
+def _count(usage: dict[str, Any], key: str, where: str = "usage") -> int | None:
     v = usage.get(key)
     if v is None:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise Fatal(f"malformed answer: usage.{key} is {v!r}, not a token count")
+        raise Fatal(f"malformed answer: {where}.{key} is {v!r}, not a token count")
     return v
 
 
@@ -97,7 +97,7 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None]:
     if not isinstance(usage, dict):
         raise Fatal(f"malformed answer: usage is {one_line(json.dumps(usage), 120)}, not an object")
     details = usage.get("prompt_tokens_details")
-    cached = _count(details, "cached_tokens") if isinstance(details, dict) else None
+    cached = _count(details, "cached_tokens", "usage.prompt_tokens_details") if isinstance(details, dict) else None
     return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), cached
 
 
@@ -105,7 +105,7 @@ def _cache_n(d: Any) -> int | None:
     """llama.cpp's ``llama-server``: ``timings.cache_n``, the prompt tokens it kept from its slot's KV cache
     (``timings.prompt_n`` are the ones it computed); sent in every answer and in a stream's last chunk."""
     timings = d.get("timings") if isinstance(d, dict) else None
-    return _count(timings, "cache_n") if isinstance(timings, dict) else None
+    return _count(timings, "cache_n", "timings") if isinstance(timings, dict) else None
 
 
 def _cached(usage_cached: int | None, cache_n: int | None, prompt_tokens: int | None) -> int | None:
