@@ -60,7 +60,8 @@ def run(backend: Any, samples: list[Any]) -> tuple[list[dict[str, Any]], float, 
     """One pass over the sweep after a warm-up prompt: per-sample rows, the pass's wall and CPU seconds."""
     n = samples[0].context_length
     rng = random.Random(0)
-    warm = [rng.randrange(5, 1000) for _ in range(n)]  # no BOS: shares no prefix with the sweep
+    vocab = int(backend.model.config.vocab_size)
+    warm = [rng.randrange(5, min(1000, vocab)) for _ in range(n)]  # no BOS: shares no prefix with the sweep
     backend.generate([GenerationRequest(sample_id="warm-up", prompt_ids=warm, prompt="", max_new_tokens=2)])
     rows = []
     t0, c0 = time.perf_counter(), time.process_time()
