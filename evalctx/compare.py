@@ -15,7 +15,9 @@ Per cell (and per pooled length, see below):
 * latency: the candidate/base ratio of median ``latency_s`` and of median ``ttft_s`` above ``1 + tolerance`` is a
   ``latency_regression`` when the medians also differ by more than ``latency_min_delta_s`` (2 ms): a 10% rise of a
   sub-millisecond request is timer and scheduler jitter (an identical rerun of the fake backend trips it), not
-  something anyone can act on. Needs ``min_latency_samples`` timings a side; medians of fewer are noise.
+  something anyone can act on. Needs ``min_latency_samples`` timings a side; medians of fewer are noise. Only cold
+  rows are timed: a row whose prompt came partly from a KV cache (``n_cached_prompt_tokens`` > 0 or the flag
+  ``kv_cache_reuse``) measured its suffix's prefill, which depends on the order the samples ran in.
 * run-level error rate: error + unsupported rows per attempted sample over the cells both runs have. A candidate
   whose rate rose by more than ``max_error_rate_rise`` (default 0: any rise) fails the gate, however few samples a
   cell has: an error row is a sample the candidate could not answer (a crash, a timeout, a cut answer), not
@@ -47,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+
+from evalctx.results.summary import warm_rows
 
 CELL = ["task", "context_length", "depth"]
 LENGTH = ["task", "context_length"]
@@ -144,9 +148,10 @@ def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     """One run's samples with the rounded depth and the per-sample columns the counts are made of."""
     df = df.assign(depth=df["depth"].astype(float).round(6))
     ok = df["status"] == "ok"
+    timed = ok & ~warm_rows(df)  # a warm row's TTFT is its suffix's prefill: not comparable (results.summary)
     return df.assign(_ok=ok, _succ=df["score"].where(ok).fillna(0.0),
-                     _lat=df["latency_s"].where(ok) if "latency_s" in df else math.nan,
-                     _ttft=df["ttft_s"].where(ok) if "ttft_s" in df else math.nan)
+                     _lat=df["latency_s"].where(timed) if "latency_s" in df else math.nan,
+                     _ttft=df["ttft_s"].where(timed) if "ttft_s" in df else math.nan)
 
 
 def _cells(df: pd.DataFrame) -> pd.DataFrame:

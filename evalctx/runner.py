@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 from evalctx import redact
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
@@ -28,6 +28,7 @@ from evalctx.errors import LengthError, RunFailed, UsageError
 from evalctx.fingerprint import changed_files, model_fingerprint
 from evalctx.interrupts import signal_name
 from evalctx.limits import check_suite
+from evalctx.prefix_order import order_by_prefix, prefix_windows
 from evalctx.preflight import EngineLimits, window_flags
 from evalctx.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
@@ -36,6 +37,9 @@ from evalctx.sampling import SampleBuilder, SampleSpec
 from evalctx.scoring import get_scorer
 from evalctx.status import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INCOMPLETE, INTERRUPTED, RUNNING
 from evalctx.tokenizer import Tokenizer, load_tokenizer
+
+
+S = TypeVar("S", SampleSpec, Sample)
 
 
 @dataclass
@@ -111,9 +115,10 @@ def shard(specs: Sequence[SampleSpec], n_replicas: int) -> list[list[SampleSpec]
     return shards
 
 
-def batches(specs: Sequence[SampleSpec], batch_size: int) -> list[list[SampleSpec]]:
-    """Consecutive specs of equal length and budget, at most ``batch_size`` each (equal lengths need no padding)."""
-    out: list[list[SampleSpec]] = []
+def batches(specs: Sequence[S], batch_size: int) -> list[list[S]]:
+    """Consecutive specs (or samples) of equal length and budget, at most ``batch_size`` each (equal lengths need no
+    padding)."""
+    out: list[list[S]] = []
     for s in specs:
         if out and len(out[-1]) < batch_size and out[-1][0].context_length == s.context_length \
                 and out[-1][0].max_new_tokens == s.max_new_tokens:
@@ -440,24 +445,33 @@ class Runner:
         prompt_log = rundir.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash, prompts.PROMPTS_DIR) \
             if self.cfg.log_samples else None
         n_new = 0
+
+        def record(rows: list[dict], tokens: int) -> None:
+            nonlocal n_new
+            journal.append(rows)
+            n_new += len(rows)
+            msg = (len(rows), tokens, sum(1 for r in rows if r["status"] == "error"))
+            if w.is_root:
+                progress.update(*msg)
+                for m in w.poll_root(TAG_PROGRESS):
+                    progress.update(*m)
+            else:
+                w.send_to_root(msg, TAG_PROGRESS)
+
         try:
-            for batch in batches(mine, self.batch_size):
-                samples, rows = self._build(batch, extra)
-                if samples:
-                    rows += self._generate(backend, samples, extra)
-                if prompt_log is not None:  # before the journal: a journaled sample has its prompt logged
-                    prompt_log.append(prompts.prompt_record(s, str(self.cfg.log_samples), self.tokenizer)
-                                      for s in samples)
-                journal.append(rows)
-                n_new += len(rows)
-                n_err = sum(1 for r in rows if r["status"] == "error")
-                msg = (len(rows), sum(s.context_length for s in batch), n_err)
-                if w.is_root:
-                    progress.update(*msg)
-                    for m in w.poll_root(TAG_PROGRESS):
-                        progress.update(*m)
-                else:
-                    w.send_to_root(msg, TAG_PROGRESS)
+            # Each window's prompts are built first and run in the order of their token ids, so that consecutive
+            # prompts share the longest prefix (evalctx.prefix_order): KV caches that keep it (hf prefix_reuse,
+            # servers' prefix caches) compute only what differs.
+            for window in prefix_windows(mine):
+                samples, unbuilt = self._build(window, extra)
+                if unbuilt:
+                    record(unbuilt, sum(r["context_length"] for r in unbuilt))
+                for batch in batches(order_by_prefix(samples), self.batch_size):
+                    rows = self._generate(backend, batch, extra)
+                    if prompt_log is not None:  # before the journal: a journaled sample has its prompt logged
+                        prompt_log.append(prompts.prompt_record(s, str(self.cfg.log_samples), self.tokenizer)
+                                          for s in batch)
+                    record(rows, sum(s.context_length for s in batch))
         finally:
             journal.close()
             if prompt_log is not None:
@@ -480,11 +494,11 @@ class Runner:
             w.send_to_root(("done", w.replica, n_new), TAG_DONE)
         return n_new
 
-    def _build(self, batch: list[SampleSpec], extra: dict[str, Any]) -> tuple[list[Sample], list[dict]]:
-        """The batch's samples, and an unsupported row for each spec no prompt of its exact length fits (a key
+    def _build(self, specs: list[SampleSpec], extra: dict[str, Any]) -> tuple[list[Sample], list[dict]]:
+        """The specs' samples, and an unsupported row for each spec no prompt of its exact length fits (a key
         longer than any :meth:`SampleBuilder.unbuildable` saw): that sample is skipped, the run goes on."""
         samples, rows = [], []
-        for spec in batch:
+        for spec in specs:
             try:
                 samples.append(self.builder.build(spec))
             except LengthError as exc:

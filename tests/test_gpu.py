@@ -78,3 +78,16 @@ def test_cuda_attention_path_passes_its_check(heads: int, kv_heads: int, dim: in
     k = torch.zeros(1, kv_heads, 1, dim, device="cuda", dtype=torch.bfloat16)
     assert cuda_path_ok(q, k)
     assert cuda_kernels().startswith("cuDNN")
+
+
+def test_prefix_reuse_on_cuda_answers_like_cold(tmp_path: Path) -> None:
+    """bf16 on the cuDNN path: a reused prefix of whole chunks leaves every computed position's inputs, shapes and
+    key blocks as in a cold prefill, so the answers are the same, and most rows are warm."""
+    cold = _run(tmp_path, "cold", "chunk_size=1000")
+    warm = _run(tmp_path, "warm", "chunk_size=1000", "prefix_reuse=true")
+    assert warm["completion"].tolist() == cold["completion"].tolist()
+    assert (cold["n_cached_prompt_tokens"] == 0).all()
+    # At 16384 the two depth-1 prompts share all but their needles, so do the two at depth 0.5 (in token-id order
+    # the depth-0.5 pair follows the depth-0 pair, with which it shares the instruction only).
+    long = warm[warm["context_length"] == 16384]
+    assert sorted(long["n_cached_prompt_tokens"]) == [0, 0, 0, 0, 8000, 16000]

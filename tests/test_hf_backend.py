@@ -20,18 +20,6 @@ from evalctx.tokenizer import ByteTokenizer  # noqa: E402
 SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    return path
-
-
 def make_backend(path: Path, **opts: object) -> HFBackend:
     options = parse_options(HFBackend, {"device": "cpu", **opts})
     return HFBackend(options, BackendContext(model=str(path), tokenizer=ByteTokenizer()))

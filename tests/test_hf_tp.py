@@ -127,3 +127,18 @@ def test_grouped_query_tp2_in_batches_answers_like_tiny(tmp_path: Path) -> None:
     got = _table(tmp_path, "gqa2")
     pd.testing.assert_frame_equal(base[COLUMNS], got[COLUMNS])
     assert (got["hf_tp"] == 2).all() and got["batch_size"].max() > 1
+
+
+def test_prefix_reuse_under_tp2_answers_like_tp1_without_it(tmp_path: Path) -> None:
+    """Every rank of a replica computes the same common prefix from the same broadcast prompts and crops its shard
+    of the KV cache to it: a depth sweep at tp=2 with prefix_reuse answers as tp=1 cold does."""
+    sweep = SUITE.replace("lengths = [300, 700]", "lengths = [400]").replace("depths = [0.0, 1.0]",
+                                                                            "depths = { linear = 5 }")
+    assert main(_args(tmp_path, "cold", "chunk_size=32", suite=sweep)) == 0
+    base = _table(tmp_path, "cold")
+    warm = _args(tmp_path, "warm", "chunk_size=32", "tp=2", "prefix_reuse=true", suite=sweep)
+    proc = subprocess.run(mpirun_cmd(2, *warm), capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _table(tmp_path, "warm")
+    pd.testing.assert_frame_equal(base[COLUMNS], got[COLUMNS])
+    assert (got["n_cached_prompt_tokens"] > 0).sum() >= 3 and (base["n_cached_prompt_tokens"] == 0).all()

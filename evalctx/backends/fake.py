@@ -145,6 +145,7 @@ class FakeBackend(Backend):
                 ttft_s=elapsed * 0.9 if elapsed else None,
                 batch_size=len(batch),
                 finish_reason="stop",
+                n_cached_prompt_tokens=0,  # no KV cache: every prompt is a cold prefill
             ))
         self._n_batches += 1
         return out

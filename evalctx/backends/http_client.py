@@ -72,7 +72,7 @@ class Answer:
     prompt_tokens: int | None
     completion_tokens: int | None
     cached_tokens: int | None
-    """``usage.prompt_tokens_details.cached_tokens`` (vLLM, SGLang, trtllm-serve, OpenAI) where sent."""
+    """Prompt tokens the server took from its prefix cache, where it says (:func:`_cached`); None where not."""
     latency_s: float
     ttft_s: float | None
     """Time to the first streamed chunk carrying generated text; None without streaming."""
@@ -81,12 +81,12 @@ class Answer:
     """Data events in a stream: 0 is an empty stream (llama.cpp's answer to a prompt over its context)."""
 
 
-def _count(usage: dict[str, Any], key: str) -> int | None:
+def _count(usage: dict[str, Any], key: str, where: str = "usage") -> int | None:
     v = usage.get(key)
     if v is None:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise Fatal(f"malformed answer: usage.{key} is {v!r}, not a token count")
+        raise Fatal(f"malformed answer: {where}.{key} is {v!r}, not a token count")
     return v
 
 
@@ -97,8 +97,26 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None]:
     if not isinstance(usage, dict):
         raise Fatal(f"malformed answer: usage is {one_line(json.dumps(usage), 120)}, not an object")
     details = usage.get("prompt_tokens_details")
-    cached = _count(details, "cached_tokens") if isinstance(details, dict) else None
+    cached = _count(details, "cached_tokens", "usage.prompt_tokens_details") if isinstance(details, dict) else None
     return _count(usage, "prompt_tokens"), _count(usage, "completion_tokens"), cached
+
+
+def _cache_n(d: Any) -> int | None:
+    """llama.cpp's ``llama-server``: ``timings.cache_n``, the prompt tokens it kept from its slot's KV cache
+    (``timings.prompt_n`` are the ones it computed); sent in every answer and in a stream's last chunk."""
+    timings = d.get("timings") if isinstance(d, dict) else None
+    return _count(timings, "cache_n", "timings") if isinstance(timings, dict) else None
+
+
+def _cached(usage_cached: int | None, cache_n: int | None, prompt_tokens: int | None) -> int | None:
+    """The prompt tokens served from the server's prefix cache: ``usage.prompt_tokens_details.cached_tokens``
+    (vLLM with --enable-prompt-tokens-details, SGLang with --enable-cache-report, trtllm-serve, newer llama.cpp,
+    the OpenAI API), else llama.cpp's ``timings.cache_n``. None when the server says neither: a server that only
+    reports a hit (SGLang without --enable-cache-report leaves out a count of 0) says nothing about the others."""
+    cached = usage_cached if usage_cached is not None else cache_n
+    if cached is not None and prompt_tokens is not None and cached > prompt_tokens:
+        raise Fatal(f"malformed answer: {cached} cached prompt tokens of a {prompt_tokens}-token prompt")
+    return cached
 
 
 def _choice(d: Any, what: str) -> dict[str, Any] | None:
@@ -251,13 +269,15 @@ class Client:
             raise Fatal(f"malformed answer: choice 0 has no text: {one_line(json.dumps(choice), 200)}")
         p, c, cached = _usage(d.get("usage"))
         return Answer(text=text, finish_reason=_finish(choice, "answer"), prompt_tokens=p, completion_tokens=c,
-                      cached_tokens=cached, latency_s=latency, ttft_s=None, streamed=False)
+                      cached_tokens=_cached(cached, _cache_n(d), p), latency_s=latency, ttft_s=None,
+                      streamed=False)
 
     def _read_stream(self, resp: http.client.HTTPResponse, t0: float) -> Answer:
         parts: list[str] = []
         ttft: float | None = None
         finish: str | None = None
         usage: tuple[int | None, int | None, int | None] = (None, None, None)
+        cache_n: int | None = None
         n_events = 0
         done = False
         while True:
@@ -281,6 +301,7 @@ class Client:
                 raise Fatal(f"server error in stream: {server_message(json.dumps(chunk).encode())}")
             if isinstance(chunk, dict) and chunk.get("usage") is not None:
                 usage = _usage(chunk["usage"])
+            cache_n = _cache_n(chunk) if isinstance(chunk, dict) and "timings" in chunk else cache_n
             choice = _choice(chunk, "stream chunk")
             if choice is None:
                 continue
@@ -296,5 +317,6 @@ class Client:
         if not done and finish is None and n_events:
             raise Retryable(f"the stream from {self.base_url} broke off before [DONE] after {n_events} events")
         return Answer(text="".join(parts), finish_reason=finish, prompt_tokens=usage[0],
-                      completion_tokens=usage[1], cached_tokens=usage[2], latency_s=time.perf_counter() - t0,
+                      completion_tokens=usage[1], cached_tokens=_cached(usage[2], cache_n, usage[0]),
+                      latency_s=time.perf_counter() - t0,
                       ttft_s=ttft, streamed=True, n_events=n_events)

@@ -295,9 +295,10 @@ class HTTPBackend(Backend):
                             f"differs from the same request without streaming {one_line(repr(again.text), 60)} "
                             f"({again.finish_reason}): the stream was cut or the server does not decode "
                             "deterministically")
-        # Cached tokens of the replay count a cache the stream itself just filled: not the stream's.
+        # Cached tokens of the replay count a cache the stream itself just filled: the stream's own count (llama.cpp
+        # sends timings.cache_n in its last chunk) or none.
         return dataclasses.replace(streamed, prompt_tokens=again.prompt_tokens,
-                                   completion_tokens=again.completion_tokens, cached_tokens=None)
+                                   completion_tokens=again.completion_tokens)
 
     def _explain_empty_stream(self, path: str, unstreamed: dict[str, Any]) -> None:
         """An empty 200 stream says nothing; the same request without streaming gets the server's own refusal

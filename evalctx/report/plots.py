@@ -18,7 +18,7 @@ from evalctx.errors import UsageError
 from evalctx.report.figures import (LEGEND_CHARS, count_text, figure, labels_of, line_style, log2_length_axis, mpl_text,
                                     readable_log_y, save, seconds_text, select_task)
 from evalctx.report.heatmaps import difference_heatmap, heatmap
-from evalctx.results.summary import summarize
+from evalctx.results.summary import summarize, warm_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -80,15 +80,11 @@ def latency_rows(df: pd.DataFrame, task: str | None = None) -> tuple[pd.DataFram
     sel = select_task(df, task)
     sel = sel[sel["status"] == "ok"] if "status" in sel.columns else sel
     tasks = sorted(str(t) for t in sel["task"].unique())
-    cache_note = ""
-    if "n_cached_prompt_tokens" in sel.columns:
-        warm = pd.to_numeric(sel["n_cached_prompt_tokens"], errors="coerce").fillna(0) > 0
-        if warm.all() and len(sel):
-            cache_note = "; every one reused cached prompt tokens, so TTFT is not a cold prefill"
-        elif warm.any():
-            sel = sel[~warm]
-            cache_note = (f"; {int(warm.sum())} samples that reused cached prompt tokens (n_cached_prompt_tokens > 0) "
-                          "left out, as their TTFT is not a cold prefill")
+    warm = warm_rows(sel)  # n_cached_prompt_tokens > 0, or the trtllm flag kv_cache_reuse
+    n_warm = int(warm.sum())
+    sel = sel[~warm]
+    cache_note = (f"; {n_warm} samples that reused cached prompt tokens left out (cold rows only), as their TTFT is "
+                  "not a cold prefill") if n_warm else ""
     what = (f"Medians per length over {len(sel)} scored samples ("
             + (f"task {tasks[0]}" if len(tasks) == 1 else f"tasks {', '.join(tasks)}")
             + ", all depths pooled)" + cache_note)
@@ -102,6 +98,9 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
     import textwrap
 
     sel, what = latency_rows(df, task)
+    scored = select_task(df, task)
+    scored = scored[scored["status"] == "ok"] if "status" in scored.columns else scored
+    n_warm = int(warm_rows(scored).sum())
     if "label" not in sel.columns:
         sel = sel.assign(label="")
     fig, axes = figure(13.0, 4.3, ncols=len(LATENCY_PANELS))
@@ -110,7 +109,8 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
     for ax, (col, name, tick_text) in zip(axes, LATENCY_PANELS):
         data = sel[["label", "context_length", col]].dropna() if col in sel.columns else pd.DataFrame()
         if data.empty:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            why = f"no cold row: {n_warm} rows had\nprompt tokens from a KV cache" if n_warm else "not measured"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         else:
             med = data.groupby(["label", "context_length"])[col].median().reset_index()
             for i, label in enumerate(labels_of(sel)):
@@ -121,7 +121,7 @@ def latency_vs_length(df: pd.DataFrame, task: str | None = None, path: str | Pat
             ax.legend(fontsize=8)
         if lengths:
             log2_length_axis(ax, lengths)
-        ax.set_title(f"{name} vs length")
+        ax.set_title(f"{name} vs length" + (f"\n(cold rows; {n_warm} warm rows left out)" if n_warm else ""))
         ax.set_ylabel(f"median {name}")
         ax.grid(True, which="major", alpha=0.3)
     save(fig, path)

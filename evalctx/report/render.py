@@ -104,6 +104,8 @@ def _summary_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     out["latency p95 (s)"] = s["latency_s_p95"]
     out["TTFT p50 (s)"] = s["ttft_s_p50"]
     out["prefill tok/s p50"] = ["" if pd.isna(x) else f"{x:,.0f}" for x in s["prefill_tokens_per_s_p50"]]
+    if s["n_warm"].any():  # timings above are of cold rows only (results.summary)
+        out["warm (not timed)"] = s["n_warm"]
     return out
 
 

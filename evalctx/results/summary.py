@@ -1,4 +1,9 @@
-"""Per-cell summaries of a results DataFrame: counts, accuracy with a Wilson 95% interval, latency percentiles."""
+"""Per-cell summaries of a results DataFrame: counts, accuracy with a Wilson 95% interval, latency percentiles.
+
+Latency percentiles are over cold rows only: a row whose prompt came partly from a KV cache (hf ``prefix_reuse``,
+a server's prefix cache, TensorRT-LLM block reuse) timed the prefill of its suffix, not of its prompt, so its TTFT
+and latency would read as a faster model. ``n_warm`` counts the scored rows left out for that reason.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,20 @@ DEFAULT_BY: tuple[str, ...] = ("task", "context_length", "depth")
 SUMMARY_COLUMNS = [
     "n", "n_error", "n_unsupported", "accuracy", "ci_low", "ci_high",
     "latency_s_p50", "latency_s_p95", "ttft_s_p50", "prefill_tokens_per_s_p50", "n_empty",
-    "n_flagged",
+    "n_flagged", "n_warm",
 ]
+
+
+def warm_rows(df: pd.DataFrame) -> pd.Series:
+    """Rows whose prompt came partly from a KV cache: ``n_cached_prompt_tokens`` > 0, or the flag
+    ``kv_cache_reuse`` (a reuse whose count is unknown). Rows that say neither (older runs, servers that do not
+    report their cache) count as cold."""
+    warm = pd.Series(False, index=df.index)
+    if "n_cached_prompt_tokens" in df:
+        warm |= pd.to_numeric(df["n_cached_prompt_tokens"], errors="coerce").fillna(0) > 0
+    if "flags" in df:
+        warm |= pd.Series([f is not None and "kv_cache_reuse" in list(f) for f in df["flags"]], index=df.index)
+    return warm
 
 
 def _n_flagged(rows: pd.DataFrame) -> int:
@@ -26,7 +43,8 @@ def _n_flagged(rows: pd.DataFrame) -> int:
 
 def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
     """One row per group. Accuracy is the mean score over scored (status ok) rows only: error and unsupported
-    rows are counted apart and never scored as wrong; ``n`` is the number of scored rows."""
+    rows are counted apart and never scored as wrong; ``n`` is the number of scored rows. Latency, TTFT and
+    prefill throughput are over the cold scored rows (NaN when all are warm); ``n_warm`` is the rest."""
     by = [c for c in by if c in df.columns]
     rows = []
     for key, g in df.groupby(by, sort=True, dropna=False):
@@ -35,9 +53,11 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
         n = int(len(ok))
         total = float(ok["score"].sum()) if n else 0.0
         lo, hi = wilson_interval(total, n)
-        lat = ok["latency_s"].dropna()
-        ttft = ok["ttft_s"].dropna() if "ttft_s" in ok else pd.Series(dtype=float)
-        pre = ok["prefill_tokens_per_s"].dropna() if "prefill_tokens_per_s" in ok else pd.Series(dtype=float)
+        warm = warm_rows(ok)
+        cold = ok[~warm]
+        lat = cold["latency_s"].dropna()
+        ttft = cold["ttft_s"].dropna() if "ttft_s" in cold else pd.Series(dtype=float)
+        pre = cold["prefill_tokens_per_s"].dropna() if "prefill_tokens_per_s" in cold else pd.Series(dtype=float)
         comp = ok["completion"].fillna("") if "completion" in ok else pd.Series(dtype=str)
         rows.append({
             **dict(zip(by, key)),
@@ -53,5 +73,6 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
             "prefill_tokens_per_s_p50": float(pre.median()) if len(pre) else float("nan"),
             "n_empty": int((comp.str.strip() == "").sum()),
             "n_flagged": _n_flagged(ok),
+            "n_warm": int(warm.sum()),
         })
     return pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS])

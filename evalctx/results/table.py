@@ -12,7 +12,7 @@ from evalctx.results.summary import summarize
 
 LEGEND = ("acc %: mean score of the scored samples; 95% CI: Wilson interval; n: scored samples; err: backend "
           "errors (not scored, retried on resume); uns: unsupported by the backend (not scored); p50 s: median "
-          "latency per sample, seconds")
+          "latency per sample, seconds, of the samples whose prompt was not served from a KV cache")
 
 
 def _pct(x: float) -> str:

@@ -9,6 +9,13 @@ parallel plan (:mod:`.parallel`); every rank runs the same batch, the leader's r
 Before loading, the weights must fit; before any generation, each sample's weights + KV cache + activations must
 fit the GPU (:mod:`evalctx.memory`), else the sample is an ``unsupported`` row that says by how much.
 TTFT is the prefill time through the first generated token; latency covers decode too.
+
+With ``prefix_reuse`` the cache outlives a request: the next prompt keeps the positions it shares with the
+previous one (their common prefix of token ids, rounded down to whole chunks) and computes the rest. The runner
+orders each length's prompts so consecutive ones share the most (:mod:`evalctx.prefix_order`): an 11-depth sweep
+then computes about 0.6x the prompt tokens. Every position is still computed in the same chunk, against the same
+keys, as in a cold prefill, so answers equal a run without reuse; a warm row's TTFT is the prefill of its suffix
+alone, and the row says so with ``n_cached_prompt_tokens`` > 0.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cud
 from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
 from evalctx.model_facts import SHAPE_FIELDS, rope_facts
+from evalctx.prefix_order import common_prefix
 from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult, Sample
 from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
@@ -58,6 +66,11 @@ class HFBackend(Backend):
         ignore_eos: bool = False
         """Decode all max_new_tokens even past an end-of-sequence token (for timing runs; the answer is still cut
         at the first one)."""
+        prefix_reuse: bool = False
+        """Keep the previous prompt's KV cache and compute only the positions after its common prefix with the
+        next prompt (token ids compared, rounded down to whole chunks so the logits equal a cold prefill's). Off by
+        default: a warm row's TTFT is not a cold prefill (its n_cached_prompt_tokens says how much was reused, and
+        latency tables leave such rows out). Needs chunk_size > 0."""
 
     @classmethod
     def ranks_per_replica(cls, options: Any, model: str | None) -> int:
@@ -85,6 +98,9 @@ class HFBackend(Backend):
             raise UsageError("backend hf: chunk_size must be >= 0")
         if options.memory_gb < 0:
             raise UsageError("backend hf: memory_gb must be >= 0 (0 = the device's own memory)")
+        if options.prefix_reuse and options.chunk_size == 0:
+            raise UsageError("backend hf: prefix_reuse reuses whole prefill chunks: set chunk_size > 0 "
+                             "(e.g. chunk_size=4096)")
         if ctx.model is None:
             raise UsageError("backend hf needs --model (a model directory or an embedded name such as 'tiny')")
         if options.threads:
@@ -128,6 +144,8 @@ class HFBackend(Backend):
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_positions: int | None = int(limit) if limit else None
         self._cache: Any = None
+        self._cached_prompts: list[list[int]] | None = None
+        """With prefix_reuse: the prompts whose keys and values fill the cache's first positions, one per row."""
         self.check_tokenizer(resolved)
 
     @staticmethod
@@ -307,7 +325,7 @@ class HFBackend(Backend):
         try:
             return self._run(group)
         except torch.cuda.OutOfMemoryError as exc:
-            self._cache = None
+            self._cache = self._cached_prompts = None
             msg = f"CUDA out of memory at {len(group[0].prompt_ids)} tokens x batch {len(group)}: " \
                   f"lower chunk_size or batch size ({str(exc).splitlines()[0][:160]})"
             if self.tp > 1:  # the other ranks wait in a collective this rank will never join: end the job
@@ -316,19 +334,35 @@ class HFBackend(Backend):
             return [GenerationResult(text=None, error=msg, n_prompt_tokens=len(r.prompt_ids), batch_size=len(group))
                     for r in group]
 
-    def _cache_for(self, batch: int, capacity: int) -> Any:
-        """An empty KV cache for ``batch`` sequences of ``capacity`` positions, reusing the last one when it has
-        the same batch and room without being far larger (a peak-memory reading should describe this sample)."""
+    def _cache_for(self, prompts: list[list[int]], capacity: int) -> tuple[Any, int]:
+        """A KV cache for ``prompts`` (one per row) of ``capacity`` positions each, and how many of their first
+        positions it already holds (:meth:`_reusable`; 0 without prefix_reuse). The last cache is reused when it
+        has the same batch and room: kept in part for a shared prefix, else emptied if it is not far larger (a
+        peak-memory reading should describe this sample)."""
         from evalctx.backends.hf.cache import PreallocatedCache
 
         old = self._cache
-        if old is not None and old.batch == batch and capacity <= old.capacity <= capacity * 5 // 4:
-            old.crop_to(0)
-            return old
-        self._cache = None  # release the old buffers before the new ones are allocated
+        if old is not None and old.batch == len(prompts) and old.capacity >= capacity:
+            keep = self._reusable(prompts)
+            if keep or old.capacity <= capacity * 5 // 4:
+                old.crop_to(keep)
+                return old, keep
+        self._cache = self._cached_prompts = None  # release the old buffers before the new ones are allocated
         del old
-        self._cache = PreallocatedCache(self.model.config.num_hidden_layers, capacity, batch)
-        return self._cache
+        self._cache = PreallocatedCache(self.model.config.num_hidden_layers, capacity, len(prompts))
+        return self._cache, 0
+
+    def _reusable(self, prompts: list[list[int]]) -> int:
+        """Leading positions of ``prompts`` whose keys and values the cache holds: the shortest common prefix of
+        each row's cached and new prompt, short of the last prompt token (its logits give the first answer token),
+        rounded down to a whole number of chunks so that every computed position sits in the same chunk as in a
+        cold prefill (same shapes, same keys: the same logits)."""
+        cached = self._cached_prompts
+        if not self.options.prefix_reuse or cached is None or len(cached) != len(prompts):
+            return 0
+        shared = min(min(common_prefix(a, b) for a, b in zip(cached, prompts)), len(prompts[0]) - 1)
+        chunk = self.options.chunk_size
+        return shared // chunk * chunk
 
     def _run(self, group: list[GenerationRequest]) -> list[GenerationResult]:
         torch = self.torch
@@ -337,14 +371,16 @@ class HFBackend(Backend):
         max_new = group[0].max_new_tokens
         ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self.device)
         chunk = self.options.chunk_size or n
-        cache = self._cache_for(bsz, n + max_new)
+        prompts = [r.prompt_ids for r in group]
+        cache, reused = self._cache_for(prompts, n + max_new)
+        self._cached_prompts = None  # the cache holds these prompts only once their prefill has finished
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = None
-            for start in range(0, n, chunk):
+            for start in range(reused, n, chunk):
                 outp = self.model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
                                   **{self._cache_kw: cache})
                 logits = outp.logits
@@ -355,6 +391,8 @@ class HFBackend(Backend):
             generated = self._decode(cache, next_tok, max_new)
             self._sync()
             latency = time.perf_counter() - t0
+        if self.options.prefix_reuse:
+            self._cached_prompts = prompts
         tokens = torch.stack(generated, dim=1).tolist()
         peak = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
         results = []
@@ -366,7 +404,7 @@ class HFBackend(Backend):
                 text=self.ctx.tokenizer.decode(kept), n_prompt_tokens=n, n_output_tokens=len(kept),
                 latency_s=latency, ttft_s=ttft, batch_size=bsz,
                 finish_reason="stop" if cut is not None else "length", peak_memory_bytes=peak,
-                n_cached_prompt_tokens=0,
+                n_cached_prompt_tokens=reused,
             ))
         return results
 
@@ -429,6 +467,7 @@ class HFBackend(Backend):
             "attn_implementation": self.attn_implementation,
             "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
             "tp": self.tp,
+            "prefix_reuse": self.options.prefix_reuse,
             # The rope facts from to_dict(): under transformers 5 they sit in rope_parameters.
             "model_config": {**{k: getattr(cfg, k, None) for k in SHAPE_FIELDS}, **rope_facts(cfg.to_dict())},
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -441,10 +480,11 @@ class HFBackend(Backend):
     def row_columns(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model_name, "hf_dtype": str(self.dtype).replace("torch.", ""),
                 "hf_device": self.device.type, "hf_chunk_size": self.options.chunk_size,
-                "hf_attn_implementation": self.attn_implementation, "hf_tp": self.tp}
+                "hf_attn_implementation": self.attn_implementation, "hf_tp": self.tp,
+                "hf_prefix_reuse": self.options.prefix_reuse}
 
     def close(self) -> None:
-        self._cache = None
+        self._cache = self._cached_prompts = None
         if self.tp > 1:
             from evalctx.backends.hf.parallel import close_replica_group
 
