@@ -226,6 +226,16 @@ def test_stream_broken_off_before_done_is_retried() -> None:
     assert len(stub.bodies) == 3 and "broke off before [DONE]" in res.error
 
 
+def test_stream_cut_in_the_middle_of_an_event_is_retried_not_malformed() -> None:
+    """A close-delimited stream whose connection closes mid-event leaves half a JSON chunk: a broken stream (retried),
+    not a malformed answer (once a Fatal "bad SSE chunk", never retried)."""
+    part = {"choices": [{"index": 0, "text": " 1", "finish_reason": None}]}
+    stub = StubServer([Reply(sse=sse(part, done=False), raw=b'data: {"choices": [{"index": 0, "te')])
+    with stub.run() as url:
+        res = backend(url, retries="1").generate([request()])[0]
+    assert len(stub.bodies) == 2 and "broke off in the middle of an event after 1 events" in res.error
+
+
 def test_stream_without_usage_is_verified_by_the_same_request_without_streaming() -> None:
     chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in (" 68", "142.")]
     end = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
