@@ -409,8 +409,9 @@ def test_length_mismatch_advice_follows_what_was_sent() -> None:
     cases = [
         # a chat-templated prompt: add_special_tokens=false was sent and the server still added a BOS
         (chat_req, {}, 1, "although add_special_tokens=false was sent"),
-        # the same prompt, the field sent to a server that does not know it
-        (chat_req, {"server": "llamacpp"}, 1, "whatever it is sent"),
+        # the same prompt to llama.cpp (nothing sent about special tokens): it adds a BOS the template has none of
+        (chat_req, {"server": "llamacpp"}, 1, "BOS token that --tokenizer's chat template does not start with; "
+                                              "this server adds it whatever it is sent"),
         # a raw prompt whose ids start with the BOS the tokenizer adds: a BOS is not the question
         (request(), {}, 1, "splits the prompt text differently"),
         (request(), {}, -1, "add_special_tokens=true"),

@@ -385,8 +385,10 @@ class HTTPBackend(Backend):
                               + ("Use send=ids" if self.preset.takes_ids else "Use prompt_mode raw"))
         added_bos = req.add_special_tokens and self._tokenizer_added_bos(req)
         if n == want + 1 and add_special is None and not added_bos:
-            held = "the chat-templated prompt text already holds" if not req.add_special_tokens \
-                else "--tokenizer does not add"
+            # A chat-templated prompt gets here only from a server that ignores add_special_tokens, with no BOS
+            # text to leave out (see _prompt_text): its template starts with none.
+            held = "--tokenizer does not add" if req.add_special_tokens \
+                else "that --tokenizer's chat template does not start with"
             fix = f"pass --backend-opt add_special_tokens=false{ids_fix}" \
                 if self.preset.honours_add_special_tokens else own
             raise LengthError(f"{head}: it added a BOS token {held}; {fix}")
