@@ -427,6 +427,12 @@ def test_length_mismatch_advice_follows_what_was_sent() -> None:
     with stub.run() as url, pytest.raises(LengthError, match="continue_final_message") as err:
         backend(url, endpoint="chat", stream="false").generate([request(extra={"messages": messages})])
     assert "endpoint=completions" in str(err.value) and "tokenizer differs" not in str(err.value)
+    stub = StubServer([Reply(body=completion(" 1.", prompt_tokens=len(request().prompt_ids) + 4, chat=True))])
+    with stub.run() as url, pytest.raises(LengthError, match="with continue_final_message=false the server closes"
+                                          ) as err:  # what was sent closes the prefix, whatever the template
+        backend(url, endpoint="chat", stream="false", continue_final_message="false").generate(
+            [request(extra={"messages": messages})])
+    assert "template differs" not in str(err.value)
 
 
 def test_label_defaults_to_the_served_model_name() -> None:

@@ -369,8 +369,14 @@ class HTTPBackend(Backend):
             if not (req.extra or {}).get("messages"):
                 raise LengthError(f"{head}: the chat endpoint wraps the prompt in the server's chat template. Use "
                                   "endpoint=completions for token-exact prompts")
+            prefix = req.extra["messages"][-1].get("role") == "assistant"
+            if prefix and not o.continue_final_message:
+                raise LengthError(f"{head} rendered from the sample's chat messages: with continue_final_message="
+                                  "false the server closes the answer prefix (the final assistant message) as a "
+                                  "finished turn. Drop continue_final_message=false, or use endpoint=completions "
+                                  "(the default): the prompt then goes as evalctx rendered it")
             prefill = " or ignores continue_final_message (llama.cpp does) and closes the answer prefix" \
-                if o.continue_final_message and req.extra["messages"][-1].get("role") == "assistant" else ""
+                if prefix else ""
             raise LengthError(f"{head} rendered from the sample's chat messages: the server's chat template differs "
                               f"from --tokenizer's{prefill}. Use endpoint=completions (the default): the prompt then "
                               "goes as evalctx rendered it")
