@@ -280,6 +280,11 @@ def test_answer_cut_by_the_server_context_is_an_error_row() -> None:
     assert res.text is None and "after 4 of max_tokens 8" in res.error and "context" in res.error
     assert len(stub.bodies) == 2  # not retried: it would be cut again
     assert whole.error is None and whole.finish_reason == "length"  # max_tokens reached: the budget, not a cut
+    stub = StubServer([counted(" 681", completion_tokens=4, finish_reason="length")])
+    with stub.run() as url:  # llama.cpp's context must be a multiple of 256 (docs/http.md): the advice says so
+        res = backend(url, stream="false", server="llamacpp").generate([request(max_new_tokens=8)])[0]
+    need = len(request().prompt_ids) + 8
+    assert f"at least {need} tokens (--n_ctx 256: llama-cpp-python needs a multiple of 256)" in res.error
 
 
 def test_empty_stream_gets_the_servers_own_refusal() -> None:

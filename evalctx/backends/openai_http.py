@@ -273,7 +273,9 @@ class HTTPBackend(Backend):
             need = (n_prompt or len(req.prompt_ids)) + req.max_new_tokens
             raise Fatal(f"the server stopped the answer after {ans.completion_tokens} of max_tokens "
                         f"{req.max_new_tokens} tokens (finish_reason length): the prompt plus max_tokens exceed its "
-                        f"context window; serve with a context of at least {need} tokens")
+                        f"context window; serve with a context of at least {need} tokens"
+                        + (f" (--n_ctx {-(-need // 256) * 256}: llama-cpp-python needs a multiple of 256)"
+                           if self.preset.name == "llamacpp" else ""))
         return GenerationResult(
             text=ans.text, n_prompt_tokens=n_prompt, n_output_tokens=ans.completion_tokens,
             latency_s=ans.latency_s, ttft_s=ans.ttft_s, finish_reason=ans.finish_reason,
