@@ -13,10 +13,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from evalctx.argtypes import positive_int, run_name
 from evalctx.errors import LengthError, RunFailed, UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Subcommands that live in their own module: (name, module). Each module has add_parser(sub) and main(args).
 COMMAND_MODULES = [
@@ -144,24 +147,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_summary(df))
         print(f"\nrun {runner.run_id}: {outcome.status}, {outcome.n_new} new of {outcome.n_total} samples "
               f"-> {outcome.run_dir}")
-    n_error = int((df["status"] == "error").sum())
-    if n_error:
-        print(_error_note(n_error, outcome.n_total, args.max_error_rate, outcome.status), file=sys.stderr)
+    errors = df.loc[df["status"] == "error", "error"]
+    if len(errors):
+        print(_error_note(errors, outcome.n_total, args.max_error_rate, outcome.status), file=sys.stderr)
     from evalctx.status import exit_code
 
     return exit_code(outcome.status)
 
 
-def _error_note(n_error: int, n_total: int, max_rate: float, status: str) -> str:
-    """Why a run with error rows exits as it does: the accuracy printed is over the scored samples only."""
+def _error_note(errors: pd.Series, n_total: int, max_rate: float, status: str) -> str:
+    """Why a run with error rows exits as it does (the accuracy printed is over the scored samples only), with the
+    most frequent error message (``errors``: the error column of the error rows) so that the cause is on screen."""
     from evalctx.status import COMPLETE_WITH_ERRORS
 
+    n_error = len(errors)
+    counts = errors.fillna("(no message)").value_counts()
+    msg, n = str(counts.index[0]), int(counts.iloc[0])
+    msg = msg if len(msg) <= 300 else msg[:297] + "..."
     share = f"{n_error} of {n_total} samples are error rows ({n_error / n_total:.1%})"
+    first = f"Most frequent error ({n} of {n_error}): {msg}" if counts.size > 1 else f"Error: {msg}"
     if status == COMPLETE_WITH_ERRORS:
         return (f"evalctx: {share}, above --max-error-rate {max_rate:g}: accuracy is over the scored samples only "
-                "(exit 3). Their messages are in the error column of results.parquet; rerun the same command to "
-                "retry them")
-    return f"evalctx: {share}; accuracy is over the scored samples only; rerun the same command to retry them"
+                f"(exit 3). {first}. All messages are in the error column of results.parquet; rerun the same "
+                "command to retry them")
+    return (f"evalctx: {share}; accuracy is over the scored samples only. {first}. Rerun the same command to retry "
+            "them")
 
 
 def _size(n_bytes: float) -> str:

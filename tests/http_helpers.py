@@ -71,7 +71,8 @@ class Reply:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None
-    """Sent as the body verbatim (malformed JSON), instead of ``body``."""
+    """Sent as the body verbatim (malformed JSON), instead of ``body``; after an ``sse`` stream's events, the bytes
+    written before the connection closes."""
     trickle_s: float = 0.0
     """Seconds between the bytes of the body: a server that trickles."""
 
@@ -132,6 +133,8 @@ class StubServer:
                             time.sleep(delay)
                             self.wfile.write(f"data: {data}\n\n".encode())
                             self.wfile.flush()
+                        if reply.raw is not None:
+                            self.wfile.write(reply.raw)  # then the connection closes: a cut stream
                         return
                     answer = reply.body(body) if callable(reply.body) else reply.body  # may echo the request
                     data = reply.raw if reply.raw is not None else json.dumps(answer).encode()

@@ -98,3 +98,17 @@ def test_run_eval_sh_passes_exit_3_on_and_gates_a_nightly_run_with_errors(tmp_pa
     night2 = _sh("--nightly", *common, "--run-id", "night2", "--backend-opt", "fail_every=6")
     assert night2.returncode == 1 and "complete_with_errors" in night2.stdout  # gated, and it fails
     assert (tmp_path / "night2" / "report.html").is_file()
+
+
+def test_the_error_note_shows_the_most_frequent_cause() -> None:
+    """A run with error rows says why on screen: the most frequent message (the rest are in results.parquet)."""
+    import pandas as pd
+
+    from evalctx.cli import _error_note
+
+    errors = pd.Series(["HTTP 500: engine crashed"] * 3 + ["timed out after 600 s"] + ["x" * 400])
+    note = _error_note(errors, 10, 0.0, "complete_with_errors")
+    assert note.startswith("evalctx: 5 of 10 samples are error rows (50.0%)") and "(exit 3)" in note
+    assert "Most frequent error (3 of 5): HTTP 500: engine crashed." in note and "\n" not in note
+    one = _error_note(pd.Series(["x" * 400]), 10, 0.5, "complete")
+    assert "Error: " + "x" * 297 + "..." in one and "exit 3" not in one

@@ -226,6 +226,16 @@ def test_stream_broken_off_before_done_is_retried() -> None:
     assert len(stub.bodies) == 3 and "broke off before [DONE]" in res.error
 
 
+def test_stream_cut_in_the_middle_of_an_event_is_retried_not_malformed() -> None:
+    """A close-delimited stream whose connection closes mid-event leaves half a JSON chunk: a broken stream (retried),
+    not a malformed answer (once a Fatal "bad SSE chunk", never retried)."""
+    part = {"choices": [{"index": 0, "text": " 1", "finish_reason": None}]}
+    stub = StubServer([Reply(sse=sse(part, done=False), raw=b'data: {"choices": [{"index": 0, "te')])
+    with stub.run() as url:
+        res = backend(url, retries="1").generate([request()])[0]
+    assert len(stub.bodies) == 2 and "broke off in the middle of an event after 1 events" in res.error
+
+
 def test_stream_without_usage_is_verified_by_the_same_request_without_streaming() -> None:
     chunks = [{"choices": [{"index": 0, "text": t, "finish_reason": None}]} for t in (" 68", "142.")]
     end = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
@@ -270,6 +280,11 @@ def test_answer_cut_by_the_server_context_is_an_error_row() -> None:
     assert res.text is None and "after 4 of max_tokens 8" in res.error and "context" in res.error
     assert len(stub.bodies) == 2  # not retried: it would be cut again
     assert whole.error is None and whole.finish_reason == "length"  # max_tokens reached: the budget, not a cut
+    stub = StubServer([counted(" 681", completion_tokens=4, finish_reason="length")])
+    with stub.run() as url:  # llama.cpp's context must be a multiple of 256 (docs/http.md): the advice says so
+        res = backend(url, stream="false", server="llamacpp").generate([request(max_new_tokens=8)])[0]
+    need = len(request().prompt_ids) + 8
+    assert f"at least {need} tokens (--n_ctx 256: llama-cpp-python needs a multiple of 256)" in res.error
 
 
 def test_empty_stream_gets_the_servers_own_refusal() -> None:
@@ -399,8 +414,9 @@ def test_length_mismatch_advice_follows_what_was_sent() -> None:
     cases = [
         # a chat-templated prompt: add_special_tokens=false was sent and the server still added a BOS
         (chat_req, {}, 1, "although add_special_tokens=false was sent"),
-        # the same prompt, the field sent to a server that does not know it
-        (chat_req, {"server": "llamacpp"}, 1, "whatever it is sent"),
+        # the same prompt to llama.cpp (nothing sent about special tokens): it adds a BOS the template has none of
+        (chat_req, {"server": "llamacpp"}, 1, "BOS token that --tokenizer's chat template does not start with; "
+                                              "this server adds it whatever it is sent"),
         # a raw prompt whose ids start with the BOS the tokenizer adds: a BOS is not the question
         (request(), {}, 1, "splits the prompt text differently"),
         (request(), {}, -1, "add_special_tokens=true"),
@@ -416,6 +432,12 @@ def test_length_mismatch_advice_follows_what_was_sent() -> None:
     with stub.run() as url, pytest.raises(LengthError, match="continue_final_message") as err:
         backend(url, endpoint="chat", stream="false").generate([request(extra={"messages": messages})])
     assert "endpoint=completions" in str(err.value) and "tokenizer differs" not in str(err.value)
+    stub = StubServer([Reply(body=completion(" 1.", prompt_tokens=len(request().prompt_ids) + 4, chat=True))])
+    with stub.run() as url, pytest.raises(LengthError, match="with continue_final_message=false the server closes"
+                                          ) as err:  # what was sent closes the prefix, whatever the template
+        backend(url, endpoint="chat", stream="false", continue_final_message="false").generate(
+            [request(extra={"messages": messages})])
+    assert "template differs" not in str(err.value)
 
 
 def test_label_defaults_to_the_served_model_name() -> None:

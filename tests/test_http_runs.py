@@ -151,7 +151,9 @@ def test_a_run_where_every_request_fails_is_not_green(tmp_path: Path, suite: str
     with StubServer([Reply(500, {"error": {"message": "engine crashed"}})]).run() as url:
         assert run(tmp_path, suite, url, "500s", *opts) == 3
     assert rows(tmp_path, "500s")["error"].str.contains("engine crashed").all()
-    assert "16 of 16 samples are error rows" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "16 of 16 samples are error rows" in err
+    assert "Error: HTTP 500 from" in err and "engine crashed" in err  # the cause on screen, not only in the parquet
     refused = f"http://127.0.0.1:{free_port()}/v1"
     assert run(tmp_path, suite, refused, "refused", *opts) == 3
     assert run(tmp_path, suite, refused, "refused-auto", "retries=0") == 2  # nothing to recognise: stop at once
@@ -190,6 +192,7 @@ def test_max_error_rate_threshold(tmp_path: Path, suite: str, capsys: pytest.Cap
         assert run(tmp_path, suite, url, "within", "retries=0", args=("--max-error-rate", "0.5")) == 0
     assert manifest(tmp_path, "within")["status"] == "complete"
     assert 0 < manifest(tmp_path, "within")["error_rate"] <= 0.5
-    assert "error rows" in capsys.readouterr().err  # still said, though within the threshold
+    err = capsys.readouterr().err
+    assert "error rows" in err and "Error: " in err and "injected" in err  # still said, though within the threshold
     assert main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
                  "--max-error-rate", "1.5"]) == 2

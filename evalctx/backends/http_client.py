@@ -284,6 +284,11 @@ class Client:
             line = resp.readline()
             if not line:
                 break
+            if not line.endswith(b"\n"):
+                # The connection closed in the middle of an event (a close-delimited stream cut by a crash or a
+                # proxy): the answer broke off, the server did not send a malformed chunk.
+                raise Retryable(f"the stream from {self.base_url} broke off in the middle of an event after "
+                                f"{n_events} events")
             line = line.strip()
             if not line.startswith(b"data:"):
                 continue  # blank separators, ": keep-alive" comments, "event:" lines

@@ -273,7 +273,9 @@ class HTTPBackend(Backend):
             need = (n_prompt or len(req.prompt_ids)) + req.max_new_tokens
             raise Fatal(f"the server stopped the answer after {ans.completion_tokens} of max_tokens "
                         f"{req.max_new_tokens} tokens (finish_reason length): the prompt plus max_tokens exceed its "
-                        f"context window; serve with a context of at least {need} tokens")
+                        f"context window; serve with a context of at least {need} tokens"
+                        + (f" (--n_ctx {-(-need // 256) * 256}: llama-cpp-python needs a multiple of 256)"
+                           if self.preset.name == "llamacpp" else ""))
         return GenerationResult(
             text=ans.text, n_prompt_tokens=n_prompt, n_output_tokens=ans.completion_tokens,
             latency_s=ans.latency_s, ttft_s=ans.ttft_s, finish_reason=ans.finish_reason,
@@ -370,8 +372,14 @@ class HTTPBackend(Backend):
             if not (req.extra or {}).get("messages"):
                 raise LengthError(f"{head}: the chat endpoint wraps the prompt in the server's chat template. Use "
                                   "endpoint=completions for token-exact prompts")
+            prefix = req.extra["messages"][-1].get("role") == "assistant"
+            if prefix and not o.continue_final_message:
+                raise LengthError(f"{head} rendered from the sample's chat messages: with continue_final_message="
+                                  "false the server closes the answer prefix (the final assistant message) as a "
+                                  "finished turn. Drop continue_final_message=false, or use endpoint=completions "
+                                  "(the default): the prompt then goes as evalctx rendered it")
             prefill = " or ignores continue_final_message (llama.cpp does) and closes the answer prefix" \
-                if o.continue_final_message and req.extra["messages"][-1].get("role") == "assistant" else ""
+                if prefix else ""
             raise LengthError(f"{head} rendered from the sample's chat messages: the server's chat template differs "
                               f"from --tokenizer's{prefill}. Use endpoint=completions (the default): the prompt then "
                               "goes as evalctx rendered it")
@@ -386,8 +394,10 @@ class HTTPBackend(Backend):
                               + ("Use send=ids" if self.preset.takes_ids else "Use prompt_mode raw"))
         added_bos = req.add_special_tokens and self._tokenizer_added_bos(req)
         if n == want + 1 and add_special is None and not added_bos:
-            held = "the chat-templated prompt text already holds" if not req.add_special_tokens \
-                else "--tokenizer does not add"
+            # A chat-templated prompt gets here only from a server that ignores add_special_tokens, with no BOS
+            # text to leave out (see _prompt_text): its template starts with none.
+            held = "--tokenizer does not add" if req.add_special_tokens \
+                else "that --tokenizer's chat template does not start with"
             fix = f"pass --backend-opt add_special_tokens=false{ids_fix}" \
                 if self.preset.honours_add_special_tokens else own
             raise LengthError(f"{head}: it added a BOS token {held}; {fix}")
