@@ -3,9 +3,13 @@ an uninterrupted run, and readers of a run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -39,6 +43,29 @@ def manifest(run_dir: Path) -> dict:
 
 def journal_lines(run_dir: Path) -> int:
     return sum(len(p.read_bytes().splitlines()) for p in (run_dir / "journal").glob("*.jsonl"))
+
+
+def assert_no_torn_line(run_dir: Path) -> None:
+    """Every journal ends at a line boundary. An empty one is whole too: a rank whose first batch met the full disk
+    cut it back to nothing (under load the other rank often fills the disk before this one's first batch)."""
+    for j in (run_dir / "journal").glob("*.jsonl"):
+        data = j.read_bytes()
+        assert data == b"" or data.endswith(b"\n"), f"{j.name} ends in a torn line: {data[-80:]!r}"
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[bool]:
+    """A tmpfs mounted at ``where`` with ``mount -o OPTIONS`` (``size=100k``); yields False where this machine
+    cannot mount one (not root). On the way out it is unmounted, lazily if a process still has a file open in it
+    (a rank that a timed-out mpirun left), so that no test leaves a mount behind."""
+    where.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                                                   capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted and subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def one_line(stderr: str) -> str:

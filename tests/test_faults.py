@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fault_util import N, SUITE_80, journal_lines, manifest, one_line, table, wait_for_rows
+from fault_util import (N, SUITE_80, assert_no_torn_line, journal_lines, manifest, one_line, table, tmpfs,
+                        wait_for_rows)
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +74,21 @@ def test_kill_9_mid_run_resumes_to_the_same_table(suite: Path, tmp_path: Path, r
 
 
 # --- 1. full disk -----------------------------------------------------------------------------------------------
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
 def _assert_failed_and_resumable(proc: subprocess.CompletedProcess[str], run_dir: Path, needle: str) -> None:
     assert proc.returncode == 1, proc.stderr
     line = one_line(proc.stderr)
     assert needle in line and "marked failed" in line and "rerun the same command" in line
     m = manifest(run_dir)
     assert m["status"] == "failed" and needle in m["stopped_by"]
-    for j in (run_dir / "journal").glob("*.jsonl"):
-        assert j.read_bytes().endswith(b"\n")  # the failed batch was cut back: nothing torn
+    assert_no_torn_line(run_dir)  # the failed batch was cut back
 
 
 def test_full_disk_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Path,
                                                        reference: pd.DataFrame) -> None:
     mnt = tmp_path / "small"
-    if not _mount_tmpfs(mnt, "100k"):
-        pytest.skip("cannot mount a tmpfs here (test_file_size_limit covers a failing write)")
-    try:
+    with tmpfs(mnt, "size=100k") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (test_file_size_limit covers a failing write)")
         proc = run(suite, mnt)
         _assert_failed_and_resumable(proc, mnt / "r", "No space left on device")
         assert 0 < journal_lines(mnt / "r") < N
@@ -105,8 +97,6 @@ def test_full_disk_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Pa
         assert again.returncode == 0, again.stderr
         pd.testing.assert_frame_equal(table(mnt / "r"), reference)
         assert journal_lines(mnt / "r") == N
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_file_size_limit_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Path,
