@@ -335,7 +335,9 @@ class Runner:
         when it could not be written. Every rank tries (rank 0 in full, the others by marking the manifest),
         since the first rank to abort the job kills the rest."""
         st = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else FAILED
-        reason = signal_name(exc) if st == INTERRUPTED else " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        # The error text can quote a server URL with its password (mask_manifest ran before this field is added).
+        reason = signal_name(exc) if st == INTERRUPTED else \
+            redact.mask_text(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
         disk_full = isinstance(exc, rundir.StorageError)
         if not self.world.is_root:
             return rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason, disk_full)
