@@ -126,7 +126,11 @@ def test_rows_carry_the_config_hash_and_other_configs_are_left_out(tmp_path: Pat
 
 
 @pytest.mark.parametrize("field, value", [("context_length", "abc"), ("context_length", True), ("depth", "x"),
-                                          ("status", 3), ("score", "1.0"), ("finished_at", [1])])
+                                          ("status", 3), ("score", "1.0"), ("finished_at", [1]),
+                                          # every results column is checked, not only the ones resume reads:
+                                          # these broke results.parquet with a traceback after the run's work
+                                          ("target", 5), ("target", ["a", 1]), ("flags", "x"), ("completion", 7),
+                                          ("latency_s", "x"), ("replica", "a"), ("task_options", 3)])
 def test_rows_of_the_wrong_type_are_one_line_errors(tmp_path: Path, field: str, value: object) -> None:
     p = journal_file(tmp_path)
     p.parent.mkdir(parents=True)

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import secrets
+import types
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -34,11 +36,30 @@ _TMP_SUFFIX = ".tmp"
 _NAME_MAX_BYTES = 200
 _NOT_IN_NAMES = re.compile(r"[/\\\x00-\x1f\x7f]")
 
-# Field -> accepted types of a journal row (bool is refused where a number is expected: it is an int in Python).
-_ROW_TYPES: dict[str, tuple[type, ...]] = {
-    "sample_id": (str,), "task": (str,), "status": (str,), "context_length": (int,), "depth": (int, float),
-    "score": (int, float, type(None)), "finished_at": (int, float, type(None)), "config_hash": (str,),
-}
+def _accepted(hint: Any) -> tuple[type, ...]:
+    """The JSON value types a field annotated ``hint`` takes: numbers as int or float alike."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted(arg))
+    if hint in (int, float):
+        return (int, float)
+    return (typing.get_origin(hint) or hint,)
+
+
+def _row_types() -> dict[str, tuple[tuple[type, ...], type | None]]:
+    """Field -> (accepted types, item type of a list field) for every field of a results row."""
+    from evalctx.records import SampleRecord
+
+    out = {}
+    for name, hint in typing.get_type_hints(SampleRecord).items():
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        out[name] = (_accepted(hint), item)
+    out.pop("extra")
+    return out
+
+
+# A journal row of the wrong shape is refused where the journals are read, before any work, instead of breaking
+# results.parquet (or a score) once the run is over.
+_ROW_TYPES = _row_types()
 _ROW_REQUIRED = ("sample_id", "task", "status", "context_length", "depth")
 
 
@@ -113,8 +134,15 @@ def atomic_write_parquet(df: Any, path: Path) -> None:
     except OSError as exc:  # pyarrow's IO errors are OSErrors too
         tmp.unlink(missing_ok=True)
         raise StorageError(path, exc) from exc
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        import pyarrow
+
+        if isinstance(exc, pyarrow.ArrowException):  # a column of mixed types: rows the journal check cannot know
+            what = "; ".join(str(a) for a in exc.args)
+            raise UsageError(f"cannot write {path}: {what}: a journal row holds a value of another type in that "
+                             "column (a journal edited or written by another program); remove that line (its "
+                             "sample runs again)") from None
         raise
 
 
@@ -323,16 +351,21 @@ class Journal:
 
 
 def _check_row(row: dict[str, Any], where: str) -> None:
+    fix = "the journal was edited or written by another program; remove that line (its sample runs again)"
     for key in _ROW_REQUIRED:
         if key not in row:
-            raise UsageError(f"{where}: journal row lacks {key!r}: the journal was edited or written by another "
-                             "program; remove that line (its sample runs again)")
-    for key, types in _ROW_TYPES.items():
-        v = row.get(key)
-        if key in row and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise UsageError(f"{where}: journal row has {key}={v!r}, not {want}: the journal was edited or written "
-                             "by another program; remove that line (its sample runs again)")
+            raise UsageError(f"{where}: journal row lacks {key!r}: {fix}")
+    for key, (types_, item) in _ROW_TYPES.items():
+        if key not in row:
+            continue
+        v = row[key]
+        bad = not isinstance(v, types_) or (isinstance(v, bool) and bool not in types_) or \
+            (item is not None and isinstance(v, list) and not all(isinstance(x, item) for x in v))
+        if bad:
+            want = " or ".join(dict.fromkeys("null" if t is type(None) else "number" if t in (int, float)
+                                             else f"list of {item.__name__}" if t is list and item else t.__name__
+                                             for t in types_))
+            raise UsageError(f"{where}: journal row has {key}={v!r:.60}, not {want}: {fix}")
 
 
 def iter_journal_rows(run_dir: Path, problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
