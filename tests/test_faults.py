@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -109,6 +110,39 @@ def test_file_size_limit_ends_failed_in_one_line_and_resumes(suite: Path, tmp_pa
     again = run(suite, tmp_path)
     assert again.returncode == 0, again.stderr
     pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+
+
+def generate(suite: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "evalctx.cli", "generate", "--suite", str(suite), "--tokenizer", "byte", "--out",
+            str(out), "--no-progress"]
+
+
+def test_generate_on_a_full_disk_leaves_no_partial_file(suite: Path, tmp_path: Path) -> None:
+    """It wrote straight into --out: a full disk left 53 KB cut mid-line, which reads as a smaller suite."""
+    with tmpfs(tmp_path / "small", "size=50k") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here")
+        proc = subprocess.run(generate(suite, tmp_path / "small" / "g.jsonl"), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == \
+            f"evalctx: error: --out {tmp_path / 'small' / 'g.jsonl'}: No space left on device"
+        assert list((tmp_path / "small").iterdir()) == []
+
+
+def test_generate_stopped_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text('name = "big"\n[[tasks]]\ntask = "passkey"\nlengths = [200000]\ndepths = [0.5]\nsamples = 50\n')
+    out = tmp_path / "g.jsonl"
+    proc = subprocess.Popen(generate(big, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size for p in tmp_path.glob(".g.jsonl.*.tmp")):  # some samples written
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "evalctx: interrupted (SIGTERM)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.toml"]
 
 
 # --- 2. concurrent runs -----------------------------------------------------------------------------------------

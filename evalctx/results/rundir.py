@@ -19,7 +19,7 @@ import types
 import typing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from evalctx.errors import RunFailed, UsageError
 
@@ -70,6 +70,7 @@ class StorageError(RunFailed):
         super().__init__(f"cannot write {path}: {exc.strerror or exc}")
         self.path = path
         self.errno = exc.errno
+        self.strerror = exc.strerror or str(exc)
 
 
 def utc_now() -> str:
@@ -104,6 +105,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StorageError(path, exc) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: Path) -> Iterator[TextIO]:
+    """A text file written under a unique temporary name beside ``path`` and renamed onto it (after an fsync) only
+    when the block ends without an exception; otherwise removed, so that a failed or interrupted write never
+    leaves a partial file that looks whole. Raises StorageError for a failed open, write or rename."""
+    tmp = _tmp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise StorageError(path, exc) from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
