@@ -525,6 +525,10 @@ class Runner:
         if df.empty:
             df = pd.DataFrame(columns=record_fields())
         df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
+        if len(df):
+            # One run, one label: a resume under another --label (same --run-id, same configuration) renames the
+            # run; rows of the earlier attempts would otherwise keep the old one and split the run in reports.
+            df["label"] = self.label
         missing = len(wanted) - len(df)
         n_error = int((df["status"] == "error").sum()) if len(df) else 0
         error_rate = n_error / len(wanted) if wanted else 0.0

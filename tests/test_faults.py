@@ -199,6 +199,22 @@ def test_journal_rows_without_a_hash_and_no_manifest_are_refused(suite: Path, tm
     assert proc.returncode == 2 and "none (rows older than the hash)" in one_line(proc.stderr)
 
 
+def test_resume_under_another_label_renames_the_whole_run(suite: Path, tmp_path: Path) -> None:
+    """The label is no part of the configuration, so --label B resumes --label A's run; its rows kept label A and
+    load_runs split one run into two models (62 rows 'A', 18 rows 'B')."""
+    from evalctx import load_runs
+
+    assert run(suite, tmp_path, "--label", "A").returncode == 0
+    j = tmp_path / "r" / "journal" / "replica-0.jsonl"
+    j.write_text("".join(j.read_text().splitlines(keepends=True)[:30]))  # as a stop after 30 samples leaves it
+    proc = run(suite, tmp_path, "--label", "B")
+    assert proc.returncode == 0 and f"50 new of {N}" in proc.stdout
+    assert set(pd.read_parquet(tmp_path / "r" / "results.parquet")["label"]) == {"B"}
+    assert manifest(tmp_path / "r")["label"] == "B"
+    (tmp_path / "r" / "results.parquet").unlink()  # an interrupted run is read from its journal
+    assert set(load_runs([tmp_path / "r"])["label"]) == {"B"}
+
+
 # --- 4. paths ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("run_id", ["../../escaped", "/tmp/evalctx-absolute-escape", "a/b", ".."])
 def test_run_id_is_a_name_never_a_path(suite: Path, tmp_path: Path, run_id: str) -> None:
