@@ -176,7 +176,7 @@ def _size(n_bytes: float) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
-    from evalctx.results.rundir import StorageError, atomic_text_file
+    from evalctx.results.rundir import StorageError, atomic_file
     from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
@@ -184,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     builder = SampleBuilder(suite, load_tokenizer(args.tokenizer))
     # Written under a temporary name and renamed at the end: a full disk or a Ctrl-C leaves no partial file that
     # looks like a whole suite. A bad --out (a missing folder) is one line before any work.
-    output = contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_text_file(Path(args.out))
+    output = contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_file(Path(args.out))
     try:
         with output as out:
             _write_samples(args, builder, out)

@@ -19,7 +19,7 @@ import types
 import typing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from evalctx.errors import RunFailed, UsageError
 
@@ -98,36 +98,16 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{_TMP_SUFFIX}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (temporary file, fsync, rename). Raises StorageError."""
+@contextlib.contextmanager
+def atomic_file(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
+    """A file written under a unique temporary name beside ``path`` and renamed onto it (after an fsync) only when
+    the block ends without an exception; otherwise removed, so that a failed or interrupted write never leaves a
+    partial file that looks whole. Text is UTF-8. Raises StorageError for a failed open, write or rename (an
+    OSError inside the block is taken for a failed write)."""
     tmp = _tmp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(path, exc) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_text_file(path: Path) -> Iterator[TextIO]:
-    """A text file written under a unique temporary name beside ``path`` and renamed onto it (after an fsync) only
-    when the block ends without an exception; otherwise removed, so that a failed or interrupted write never
-    leaves a partial file that looks whole. Raises StorageError for a failed open, write or rename."""
-    tmp = _tmp_path(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise StorageError(path, exc) from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -138,6 +118,12 @@ def atomic_text_file(path: Path) -> Iterator[TextIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temporary file, fsync, rename). Raises StorageError."""
+    with atomic_file(path, binary=True) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
