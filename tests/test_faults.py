@@ -165,15 +165,15 @@ def test_concurrent_identical_runs_one_works_the_others_exit_2(suite: Path, tmp_
 # --- 6. bad state ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [5, [1]])
 def test_journal_column_of_mixed_types_is_one_line_exit_2(suite: Path, tmp_path: Path, value: object) -> None:
-    """A backend column (``label``) of another type in one row: results.parquet cannot hold it. It was a pyarrow
+    """A backend column (``model``) of another type in one row: results.parquet cannot hold it. It was a pyarrow
     traceback after the run; now one line, exit 2, every journaled sample kept."""
     assert run(suite, tmp_path).returncode == 0
     j = tmp_path / "r" / "journal" / "replica-0.jsonl"
     lines = j.read_text().splitlines()
-    lines[3] = json.dumps(dict(json.loads(lines[3]), label=value))
+    lines[3] = json.dumps(dict(json.loads(lines[3]), model=value))
     j.write_text("\n".join(lines) + "\n")
     proc = run(suite, tmp_path)
-    assert proc.returncode == 2 and "column label" in one_line(proc.stderr) and "remove that line" in proc.stderr
+    assert proc.returncode == 2 and "column model" in one_line(proc.stderr) and "remove that line" in proc.stderr
     assert journal_lines(tmp_path / "r") == N
 
 
