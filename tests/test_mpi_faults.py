@@ -101,7 +101,7 @@ def test_full_disk_under_mpirun_ends_failed(suite: Path, tmp_path: Path, referen
     ``late_rank`` starts its first batch late, so that the other rank fills the disk first and this one's journal
     stays empty: rank 1 records the stop (late_rank 0), or rank 0 does (late_rank 1). Under load either order
     happens by itself; this test once failed on that empty journal, taking it for a torn one."""
-    late = ("--backend-opt", "late_s=2", "--backend-opt", f"late_rank={late_rank}")
+    late = ("--backend-opt", "late_s=3", "--backend-opt", f"late_rank={late_rank}")  # the other fills ~28 KB in <1 s
     with tmpfs(tmp_path / "small", "size=100k") as mounted:
         if not mounted:
             pytest.skip("cannot mount a tmpfs here")
