@@ -78,6 +78,7 @@ class FakeBackend(Backend):
         late_rank: int = -1
         """World rank that sleeps ``late_s`` before its first batch: fixes which rank writes first (fault tests)."""
         late_s: float = 0.0
+        """How long ``late_rank`` sleeps before its first batch."""
         raise_on_rank: int = -1
         """World rank that raises inside generate (fault tests)."""
         raise_after: int = 0

@@ -36,6 +36,7 @@ _TMP_SUFFIX = ".tmp"
 _NAME_MAX_BYTES = 200
 _NOT_IN_NAMES = re.compile(r"[/\\\x00-\x1f\x7f]")
 
+
 def _accepted(hint: Any) -> tuple[type, ...]:
     """The JSON value types a field annotated ``hint`` takes: numbers as int or float alike."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -361,21 +362,27 @@ class Journal:
         os.close(self._fd)
 
 
+def _type_name(t: type, item: type | None) -> str:
+    if t is type(None):
+        return "null"
+    if t in (int, float):
+        return "number"
+    return f"list of {item.__name__}" if t is list and item is not None else t.__name__
+
+
 def _check_row(row: dict[str, Any], where: str) -> None:
     fix = "the journal was edited or written by another program; remove that line (its sample runs again)"
     for key in _ROW_REQUIRED:
         if key not in row:
             raise UsageError(f"{where}: journal row lacks {key!r}: {fix}")
-    for key, (types_, item) in _ROW_TYPES.items():
+    for key, (accepted, item) in _ROW_TYPES.items():
         if key not in row:
             continue
         v = row[key]
-        bad = not isinstance(v, types_) or (isinstance(v, bool) and bool not in types_) or \
-            (item is not None and isinstance(v, list) and not all(isinstance(x, item) for x in v))
-        if bad:
-            want = " or ".join(dict.fromkeys("null" if t is type(None) else "number" if t in (int, float)
-                                             else f"list of {item.__name__}" if t is list and item else t.__name__
-                                             for t in types_))
+        wrong_item = item is not None and isinstance(v, list) and not all(isinstance(x, item) for x in v)
+        # bool is refused where a number is expected (it is an int in Python)
+        if not isinstance(v, accepted) or (isinstance(v, bool) and bool not in accepted) or wrong_item:
+            want = " or ".join(dict.fromkeys(_type_name(t, item) for t in accepted))
             raise UsageError(f"{where}: journal row has {key}={v!r:.60}, not {want}: {fix}")
 
 
