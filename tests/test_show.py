@@ -129,3 +129,18 @@ def test_show_unknown_or_ambiguous_sample_is_exit_2(tmp_path: Path, prefix: str,
     capsys.readouterr()
     assert main(["show", str(tmp_path / "u"), prefix]) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pieces", [5, [[0]], [["0", "text"]], None])
+def test_a_malformed_prompt_log_line_is_rebuilt_not_a_traceback(tmp_path: Path, pieces: object,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A prompt log line of another shape (edited, or written by another program) was a TypeError traceback; it
+    is now left out, and show builds that prompt again, SHA-1 verified."""
+    df = run(tmp_path, "m", "--log-samples")
+    sid = df["sample_id"].iloc[0]
+    log = tmp_path / "m" / "prompts" / "replica-0.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(dict(r, pieces=pieces) if r["sample_id"] == sid else r) + "\n" for r in rows))
+    assert sid not in read_prompts(tmp_path / "m") and len(read_prompts(tmp_path / "m")) == len(rows) - 1
+    out = show(capsys, str(tmp_path / "m"), sid)
+    assert "SHA-1 verified" in out and ("The pass key is" in out or "special magic" in out)
