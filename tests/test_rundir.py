@@ -165,6 +165,17 @@ def test_bad_manifest_is_a_one_line_error(tmp_path: Path, content: str, needle: 
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("field, value, want", [("label", 5, "string or null"), ("created_at", [1], "string"),
+                                                 ("suite", 3, "object or null"), ("n_samples", "80", "number")])
+def test_manifest_field_of_the_wrong_type_is_a_one_line_error(tmp_path: Path, field: str, value: object,
+                                                              want: str) -> None:
+    """A field evalctx reads back, of another type: it was a traceback in report, show, compare or the gate."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"status": "complete", field: value}))
+    with pytest.raises(UsageError, match=f"manifest.json: {field} is .*, not {want}") as exc:
+        rundir.read_manifest(tmp_path)
+    assert "\n" not in str(exc.value)
+
+
 def test_mark_stopped_only_touches_this_attempts_running_manifest(tmp_path: Path) -> None:
     rundir.write_manifest(tmp_path, {"status": "running", "attempt_id": "a1"})
     rundir.mark_stopped(tmp_path, "interrupted", "other-attempt", "SIGTERM")

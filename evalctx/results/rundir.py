@@ -62,6 +62,16 @@ def _row_types() -> dict[str, tuple[tuple[type, ...], type | None]]:
 # results.parquet (or a score) once the run is over.
 _ROW_TYPES = _row_types()
 _ROW_REQUIRED = ("sample_id", "task", "status", "context_length", "depth")
+# The manifest fields that evalctx reads back (resume, reports, show, the gate): one of another type (a manifest
+# edited by hand) is a one-line error, not a traceback wherever it is first used.
+_STR, _NUM, _DICT = (str, type(None)), (int, float, type(None)), (dict, type(None))
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": _STR, "label": _STR, "status": _STR, "created_at": _STR, "finished_at": _STR, "config_hash": _STR,
+    "attempt_id": _STR, "command": _STR, "model": _STR, "stopped_by": _STR, "git_sha": _STR,
+    "n_samples": _NUM, "batch_size": _NUM, "error_rate": _NUM, "max_error_rate": _NUM, "schema_version": _NUM,
+    "suite": _DICT, "backend": _DICT, "tokenizer": _DICT, "model_fingerprint": _DICT, "versions": _DICT,
+    "world": _DICT, "counts": _DICT,
+}
 
 
 class StorageError(RunFailed):
@@ -225,6 +235,11 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         raise UsageError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}): {fix}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{p}: holds a JSON {type(data).__name__}, not an object: {fix}")
+    for key, types_ in _MANIFEST_TYPES.items():
+        v = data.get(key)
+        if key in data and (not isinstance(v, types_) or (isinstance(v, bool) and bool not in types_)):
+            want = " or ".join(dict.fromkeys(_type_name(t, None) for t in types_))
+            raise UsageError(f"{p}: {key} is {v!r:.60}, not {want}: {fix}")
     return data
 
 
@@ -367,7 +382,9 @@ def _type_name(t: type, item: type | None) -> str:
         return "null"
     if t in (int, float):
         return "number"
-    return f"list of {item.__name__}" if t is list and item is not None else t.__name__
+    if t is list and item is not None:
+        return f"list of {_type_name(item, None)}s"
+    return {str: "string", dict: "object"}.get(t, t.__name__)
 
 
 def _check_row(row: dict[str, Any], where: str) -> None:
