@@ -105,7 +105,7 @@ def kill9_single(c: Campaign, rows: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.005")
         p = c.start(w, *slow)
-        wait_for_rows(w / "r", rows)
+        wait_for_rows(w / "r", rows, p)
         p.kill()
         p.wait()
         c.finish(w, *slow)
@@ -116,7 +116,7 @@ def kill9_mpi(c: Campaign, ranks: int, rows: int, resume_ranks: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.02")
         p = c.start(w, *slow, ranks=ranks, start_new_session=True)
-        wait_for_rows(w / "r", rows)
+        wait_for_rows(w / "r", rows, p)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         c.finish(w, *slow, ranks=resume_ranks if resume_ranks > 1 else 0)
@@ -188,7 +188,7 @@ def sig_single(c: Campaign, sig: signal.Signals, rows: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.01")
         p = c.start(w, *slow)
-        wait_for_rows(w / "r", rows)
+        wait_for_rows(w / "r", rows, p)
         p.send_signal(sig)
         err = p.communicate(timeout=60)[1]
         assert p.returncode == 130, (p.returncode, err)
@@ -204,7 +204,7 @@ def sig_mpirun(c: Campaign, sig: signal.Signals, ranks: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.05")
         p = c.start(w, *slow, ranks=ranks, start_new_session=True)
-        wait_for_rows(w / "r", c.rng.randint(2, 20))
+        wait_for_rows(w / "r", c.rng.randint(2, 20), p)
         p.send_signal(sig)
         p.wait(timeout=60)
         assert manifest(w / "r")["status"] == "interrupted", manifest(w / "r")["status"]
@@ -219,7 +219,7 @@ def sig_run_eval(c: Campaign, sig: signal.Signals) -> Case:
         args = c.argv(w, "--backend-opt", "delay_s=0.05")[1:]
         p = subprocess.Popen([str(REPO / "run_eval.sh"), "-n", "2", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=env)
-        wait_for_rows(w / "r", 4)
+        wait_for_rows(w / "r", 4, p)
         p.send_signal(sig)
         err = p.communicate(timeout=60)[1]
         assert p.returncode == 130, (p.returncode, err)
@@ -233,7 +233,7 @@ def stray_ranks(c: Campaign) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.1")
         p = c.start(w, *slow, ranks=3, start_new_session=True)
-        wait_for_rows(w / "r", c.rng.randint(3, 12))
+        wait_for_rows(w / "r", c.rng.randint(3, 12), p)
         rank0 = json.loads((w / "r" / ".lock").read_text())["pid"]
         os.kill(p.pid, signal.SIGKILL)
         os.kill(rank0, signal.SIGKILL)

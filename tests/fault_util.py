@@ -74,10 +74,18 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-def wait_for_rows(run_dir: Path, n: int, timeout: float = 60) -> None:
+def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Until the run's journals hold ``n`` rows. With ``proc`` (the command that writes them), fail at once with
+    its exit code and stderr when it ends first: a launcher that failed must not read as a slow one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        code = None if proc is None else proc.poll()  # before counting: rows written just before the end count
         if (run_dir / "journal").is_dir() and journal_lines(run_dir) >= n:
             return
+        if code is not None:
+            err = proc.stderr.read() if proc is not None and proc.stderr is not None else ""
+            raise AssertionError(f"the command ended (exit {code}) before {n} journal rows: "
+                                 f"{err.replace(chr(0), '')[-2000:]}")
         time.sleep(0.02)
-    raise AssertionError(f"fewer than {n} journal rows after {timeout} s")
+    still = "" if proc is None else " (the command is still running)"
+    raise AssertionError(f"fewer than {n} journal rows after {timeout} s{still}")

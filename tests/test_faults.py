@@ -64,7 +64,7 @@ def test_kill_9_mid_run_resumes_to_the_same_table(suite: Path, tmp_path: Path, r
                                                   after_rows: int) -> None:
     slow = ("--backend-opt", "delay_s=0.01")  # part of the configuration: the rerun passes it too
     proc = subprocess.Popen(cmd(suite, tmp_path, *slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_rows(tmp_path / "r", after_rows)
+    wait_for_rows(tmp_path / "r", after_rows, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert manifest(tmp_path / "r")["status"] == "running"
@@ -239,7 +239,7 @@ def test_suite_name_is_a_name_never_a_path(tmp_path: Path) -> None:
 def test_sigterm_is_handled_like_ctrl_c(suite: Path, tmp_path: Path, reference: pd.DataFrame) -> None:
     slow = ("--backend-opt", "delay_s=0.02")
     proc = subprocess.Popen(cmd(suite, tmp_path, *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_rows(tmp_path / "r", 5)
+    wait_for_rows(tmp_path / "r", 5, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130

@@ -3,6 +3,7 @@ resume started while ranks of a kill -9'd mpirun still write is refused instead 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -39,9 +41,26 @@ def reference(suite: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataF
     return table(out / "r")
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test() -> Iterator[None]:
+    """A test that fails midway must not leave its mpirun (and ranks) running into the next tests."""
+    yield
+    while _started:
+        p = _started.pop()
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def start(n: int, *a: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(mpirun_cmd(n, *a), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=mpi_env(), start_new_session=True)
+    p = subprocess.Popen(mpirun_cmd(n, *a), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=mpi_env(), start_new_session=True)
+    _started.append(p)
+    return p
 
 
 def run_mpi(n: int, *a: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +72,7 @@ def test_signal_to_mpirun_leaves_the_manifest_interrupted(suite: Path, tmp_path:
                                                           sig: signal.Signals) -> None:
     slow = ("--backend-opt", "delay_s=0.1")
     proc = start(2, *args(suite, tmp_path, *slow))
-    wait_for_rows(tmp_path / "r", 4)
+    wait_for_rows(tmp_path / "r", 4, proc)
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert proc.returncode != 0
@@ -70,7 +89,7 @@ def test_resume_waits_for_ranks_left_by_a_killed_mpirun(suite: Path, tmp_path: P
                                                         reference: pd.DataFrame) -> None:
     slow = ("--backend-opt", "delay_s=0.3")  # ~27 samples per rank: about 7 s of work left after the kill
     proc = start(3, *args(suite, tmp_path, *slow))
-    wait_for_rows(tmp_path / "r", 3)
+    wait_for_rows(tmp_path / "r", 3, proc)
     rank0 = json.loads((tmp_path / "r" / ".lock").read_text())["pid"]
     os.kill(proc.pid, signal.SIGKILL)  # mpirun: its ranks live on for seconds
     os.kill(rank0, signal.SIGKILL)  # and rank 0, so that only journal writers of other ranks are left
