@@ -107,8 +107,8 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
                 df[k] = v
     run_id = str(manifest.get("run_id") or (df["run_id"].iloc[0] if "run_id" in df.columns else p.name))
     df["run_id"] = run_id
-    if "label" not in df.columns or df["label"].isna().all():
-        df["label"] = run_label(manifest, p.name)
+    if manifest.get("label") or "label" not in df.columns or df["label"].isna().all():
+        df["label"] = run_label(manifest, p.name)  # one per run, as the run id (a resume may have renamed it)
     df["created_at"] = manifest.get("created_at")
     # A partial run must never read as a finished one: the status travels with every row.
     df["run_status"] = manifest.get("status") or ("interrupted" if from_journal else "complete")

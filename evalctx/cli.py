@@ -7,19 +7,21 @@ Bad input is one line on stderr and exit 2, never a traceback. Under mpirun only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, TextIO
 
 from evalctx.argtypes import positive_int, run_name
 from evalctx.errors import LengthError, RunFailed, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from evalctx.sampling import SampleBuilder, SampleSpec
 
 # Subcommands that live in their own module: (name, module). Each module has add_parser(sub) and main(args).
 COMMAND_MODULES = [
@@ -182,23 +184,32 @@ def _size(n_bytes: float) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
-    from evalctx.progress import Progress
+    from evalctx.results.rundir import StorageError, atomic_file
     from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
     suite = _overrides(load_suite(args.suite), args)
-    tok = load_tokenizer(args.tokenizer)
-    builder = SampleBuilder(suite, tok)
+    builder = SampleBuilder(suite, load_tokenizer(args.tokenizer))
+    # Written under a temporary name and renamed at the end: a full disk or a Ctrl-C leaves no partial file that
+    # looks like a whole suite. A bad --out (a missing folder) is one line before any work.
+    output = contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_file(Path(args.out))
+    try:
+        with output as out:
+            _write_samples(args, builder, out)
+    except StorageError as exc:
+        raise UsageError(f"--out {args.out}: {exc.strerror}") from None
+    return 0
+
+
+def _write_samples(args: argparse.Namespace, builder: SampleBuilder, out: TextIO) -> None:
+    from evalctx.progress import Progress
+
     specs = builder.specs()
     n_tokens = sum(s.context_length for s in specs)
 
-    def record(spec) -> dict:  # type: ignore[no-untyped-def]
+    def record(spec: SampleSpec) -> dict:
         return builder.build(spec).to_json(with_ids=args.with_ids)
 
-    try:  # a bad --out is one line before any work
-        out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"--out {args.out}: {exc.strerror}") from None
     # Said before the work: a 1M-token suite takes minutes and hundreds of MB. From the shortest sample that
     # builds: its prompt (and ids) bytes per token, scaled to every length, plus its other fields once per line.
     for shortest in sorted(specs, key=lambda s: s.context_length)[:8]:
@@ -227,11 +238,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress.update(1, spec.context_length)
     finally:
         progress.close()
-        if out is not sys.stdout:
-            out.close()
     note = f", {skipped} unsupported sample(s) skipped" if skipped else ""
     print(f"evalctx: wrote {len(specs) - skipped} samples ({_size(written)}) to {args.out}{note}", file=sys.stderr)
-    return 0
 
 
 def _option_text(value: object) -> str:

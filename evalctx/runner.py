@@ -340,7 +340,9 @@ class Runner:
         when it could not be written. Every rank tries (rank 0 in full, the others by marking the manifest),
         since the first rank to abort the job kills the rest."""
         st = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else FAILED
-        reason = signal_name(exc) if st == INTERRUPTED else " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        # The error text can quote a server URL with its password (mask_manifest ran before this field is added).
+        reason = signal_name(exc) if st == INTERRUPTED else \
+            redact.mask_text(" ".join(f"{type(exc).__name__}: {exc}".split()))[:300]
         disk_full = isinstance(exc, rundir.StorageError)
         if not self.world.is_root:
             return rundir.mark_stopped(self.run_dir, st, self.attempt_id, reason, disk_full)
@@ -537,6 +539,10 @@ class Runner:
         if df.empty:
             df = pd.DataFrame(columns=record_fields())
         df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
+        if len(df):
+            # One run, one label: a resume under another --label (same --run-id, same configuration) renames the
+            # run; rows of the earlier attempts would otherwise keep the old one and split the run in reports.
+            df["label"] = self.label
         missing = len(wanted) - len(df)
         n_error = int((df["status"] == "error").sum()) if len(df) else 0
         error_rate = n_error / len(wanted) if wanted else 0.0

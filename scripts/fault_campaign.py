@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import pandas as pd  # noqa: E402
-from fault_util import N, SUITE_80, journal_lines, manifest, one_line, table, wait_for_rows  # noqa: E402
+from fault_util import (N, SUITE_80, assert_no_torn_line, journal_lines, manifest, one_line, table,  # noqa: E402
+                        tmpfs, wait_for_rows)
 from mpi_util import find_mpirun, mpi_env  # noqa: E402
 
 PY = sys.executable
@@ -99,17 +100,12 @@ class Campaign:
         print(f"{'held ' if held else 'BROKE'} {kind:<14} {name} {why}", flush=True)
 
 
-def torn_ok(run_dir: Path) -> None:
-    for j in (run_dir / "journal").glob("*.jsonl"):
-        assert j.read_bytes().endswith(b"\n") or j.stat().st_size == 0, f"{j.name} ends in a torn line"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 def kill9_single(c: Campaign, rows: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.005")
         p = c.start(w, *slow)
-        wait_for_rows(w / "r", rows)
+        wait_for_rows(w / "r", rows, p)
         p.kill()
         p.wait()
         c.finish(w, *slow)
@@ -120,7 +116,7 @@ def kill9_mpi(c: Campaign, ranks: int, rows: int, resume_ranks: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.02")
         p = c.start(w, *slow, ranks=ranks, start_new_session=True)
-        wait_for_rows(w / "r", rows)
+        wait_for_rows(w / "r", rows, p)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         c.finish(w, *slow, ranks=resume_ranks if resume_ranks > 1 else 0)
@@ -142,9 +138,8 @@ def torn_tail(c: Campaign, cut: int, which: str = "replica-0", ranks: int = 0, z
 def full_disk(c: Campaign, size: str, ranks: int = 0) -> Case:
     def case(w: Path) -> str | None:
         mnt = w / "mnt"
-        mnt.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
-        try:
+        with tmpfs(mnt, f"size={size}") as mounted:
+            assert mounted, "cannot mount a tmpfs"
             proc = c.run(mnt, ranks=ranks)
             if ranks:
                 assert proc.returncode != 0 and "No space left on device" in proc.stderr, proc.stderr
@@ -155,11 +150,9 @@ def full_disk(c: Campaign, size: str, ranks: int = 0) -> Case:
                 assert "No space left on device" in line, line
             if proc.returncode != 2:
                 assert manifest(mnt / "r")["status"] == "failed"
-                torn_ok(mnt / "r")
+                assert_no_torn_line(mnt / "r")
             subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
             c.finish(mnt, ranks=ranks)
-        finally:
-            subprocess.run(["umount", str(mnt)], capture_output=True)
     return case
 
 
@@ -168,7 +161,7 @@ def file_size_limit(c: Campaign, limit: int) -> Case:
         proc = c.run(w, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
         assert proc.returncode == 1 and "File too large" in one_line(proc.stderr), proc.stderr
         assert manifest(w / "r")["status"] == "failed"
-        torn_ok(w / "r")
+        assert_no_torn_line(w / "r")
         c.finish(w)
     return case
 
@@ -195,14 +188,14 @@ def sig_single(c: Campaign, sig: signal.Signals, rows: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.01")
         p = c.start(w, *slow)
-        wait_for_rows(w / "r", rows)
+        wait_for_rows(w / "r", rows, p)
         p.send_signal(sig)
         err = p.communicate(timeout=60)[1]
         assert p.returncode == 130, (p.returncode, err)
         assert one_line(err).startswith(f"evalctx: interrupted ({sig.name})")
         m = manifest(w / "r")
         assert m["status"] == "interrupted" and m["stopped_by"] == sig.name, m["status"]
-        torn_ok(w / "r")
+        assert_no_torn_line(w / "r")
         c.finish(w, *slow)
     return case
 
@@ -211,11 +204,11 @@ def sig_mpirun(c: Campaign, sig: signal.Signals, ranks: int) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.05")
         p = c.start(w, *slow, ranks=ranks, start_new_session=True)
-        wait_for_rows(w / "r", c.rng.randint(2, 20))
+        wait_for_rows(w / "r", c.rng.randint(2, 20), p)
         p.send_signal(sig)
         p.wait(timeout=60)
         assert manifest(w / "r")["status"] == "interrupted", manifest(w / "r")["status"]
-        torn_ok(w / "r")
+        assert_no_torn_line(w / "r")
         c.finish(w, *slow, ranks=ranks)
     return case
 
@@ -226,7 +219,7 @@ def sig_run_eval(c: Campaign, sig: signal.Signals) -> Case:
         args = c.argv(w, "--backend-opt", "delay_s=0.05")[1:]
         p = subprocess.Popen([str(REPO / "run_eval.sh"), "-n", "2", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=env)
-        wait_for_rows(w / "r", 4)
+        wait_for_rows(w / "r", 4, p)
         p.send_signal(sig)
         err = p.communicate(timeout=60)[1]
         assert p.returncode == 130, (p.returncode, err)
@@ -240,7 +233,7 @@ def stray_ranks(c: Campaign) -> Case:
     def case(w: Path) -> str | None:
         slow = ("--backend-opt", "delay_s=0.1")
         p = c.start(w, *slow, ranks=3, start_new_session=True)
-        wait_for_rows(w / "r", c.rng.randint(3, 12))
+        wait_for_rows(w / "r", c.rng.randint(3, 12), p)
         rank0 = json.loads((w / "r" / ".lock").read_text())["pid"]
         os.kill(p.pid, signal.SIGKILL)
         os.kill(rank0, signal.SIGKILL)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from fault_util import tmpfs
 
 from evalctx.cli import main
 
@@ -138,14 +139,10 @@ def test_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_read_only_file_system(tmp_path: Path) -> None:
     """A real read-only mount where this machine allows one (root); a subprocess, as a user would meet it."""
     mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(mnt, "size=1m,ro") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here")
         proc = subprocess.run([sys.executable, "-m", "evalctx.cli", *RUN, "--out", str(mnt / "out")],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "Read-only file system" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)

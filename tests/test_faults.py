@@ -10,11 +10,13 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from fault_util import N, SUITE_80, journal_lines, manifest, one_line, table, wait_for_rows
+from fault_util import (N, SUITE_80, assert_no_torn_line, journal_lines, manifest, one_line, table, tmpfs,
+                        wait_for_rows)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_kill_9_mid_run_resumes_to_the_same_table(suite: Path, tmp_path: Path, r
                                                   after_rows: int) -> None:
     slow = ("--backend-opt", "delay_s=0.01")  # part of the configuration: the rerun passes it too
     proc = subprocess.Popen(cmd(suite, tmp_path, *slow), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_rows(tmp_path / "r", after_rows)
+    wait_for_rows(tmp_path / "r", after_rows, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert manifest(tmp_path / "r")["status"] == "running"
@@ -73,30 +75,21 @@ def test_kill_9_mid_run_resumes_to_the_same_table(suite: Path, tmp_path: Path, r
 
 
 # --- 1. full disk -----------------------------------------------------------------------------------------------
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
 def _assert_failed_and_resumable(proc: subprocess.CompletedProcess[str], run_dir: Path, needle: str) -> None:
     assert proc.returncode == 1, proc.stderr
     line = one_line(proc.stderr)
     assert needle in line and "marked failed" in line and "rerun the same command" in line
     m = manifest(run_dir)
     assert m["status"] == "failed" and needle in m["stopped_by"]
-    for j in (run_dir / "journal").glob("*.jsonl"):
-        assert j.read_bytes().endswith(b"\n")  # the failed batch was cut back: nothing torn
+    assert_no_torn_line(run_dir)  # the failed batch was cut back
 
 
 def test_full_disk_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Path,
                                                        reference: pd.DataFrame) -> None:
     mnt = tmp_path / "small"
-    if not _mount_tmpfs(mnt, "100k"):
-        pytest.skip("cannot mount a tmpfs here (test_file_size_limit covers a failing write)")
-    try:
+    with tmpfs(mnt, "size=100k") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (test_file_size_limit covers a failing write)")
         proc = run(suite, mnt)
         _assert_failed_and_resumable(proc, mnt / "r", "No space left on device")
         assert 0 < journal_lines(mnt / "r") < N
@@ -105,8 +98,6 @@ def test_full_disk_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Pa
         assert again.returncode == 0, again.stderr
         pd.testing.assert_frame_equal(table(mnt / "r"), reference)
         assert journal_lines(mnt / "r") == N
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_file_size_limit_ends_failed_in_one_line_and_resumes(suite: Path, tmp_path: Path,
@@ -119,6 +110,39 @@ def test_file_size_limit_ends_failed_in_one_line_and_resumes(suite: Path, tmp_pa
     again = run(suite, tmp_path)
     assert again.returncode == 0, again.stderr
     pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
+
+
+def generate(suite: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "evalctx.cli", "generate", "--suite", str(suite), "--tokenizer", "byte", "--out",
+            str(out), "--no-progress"]
+
+
+def test_generate_on_a_full_disk_leaves_no_partial_file(suite: Path, tmp_path: Path) -> None:
+    """It wrote straight into --out: a full disk left 53 KB cut mid-line, which reads as a smaller suite."""
+    with tmpfs(tmp_path / "small", "size=50k") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here")
+        proc = subprocess.run(generate(suite, tmp_path / "small" / "g.jsonl"), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == \
+            f"evalctx: error: --out {tmp_path / 'small' / 'g.jsonl'}: No space left on device"
+        assert list((tmp_path / "small").iterdir()) == []
+
+
+def test_generate_stopped_by_sigterm_leaves_no_partial_file(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text('name = "big"\n[[tasks]]\ntask = "passkey"\nlengths = [200000]\ndepths = [0.5]\nsamples = 50\n')
+    out = tmp_path / "g.jsonl"
+    proc = subprocess.Popen(generate(big, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size for p in tmp_path.glob(".g.jsonl.*.tmp")):  # some samples written
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "evalctx: interrupted (SIGTERM)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.toml"]
 
 
 # --- 2. concurrent runs -----------------------------------------------------------------------------------------
@@ -136,6 +160,21 @@ def test_concurrent_identical_runs_one_works_the_others_exit_2(suite: Path, tmp_
     pd.testing.assert_frame_equal(table(tmp_path / "r"), reference)
     assert journal_lines(tmp_path / "r") == N
     assert not list((tmp_path / "r").glob(".*.tmp"))
+
+
+# --- 6. bad state ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [5, [1]])
+def test_journal_column_of_mixed_types_is_one_line_exit_2(suite: Path, tmp_path: Path, value: object) -> None:
+    """A backend column (``model``) of another type in one row: results.parquet cannot hold it. It was a pyarrow
+    traceback after the run; now one line, exit 2, every journaled sample kept."""
+    assert run(suite, tmp_path).returncode == 0
+    j = tmp_path / "r" / "journal" / "replica-0.jsonl"
+    lines = j.read_text().splitlines()
+    lines[3] = json.dumps(dict(json.loads(lines[3]), model=value))
+    j.write_text("\n".join(lines) + "\n")
+    proc = run(suite, tmp_path)
+    assert proc.returncode == 2 and "column model" in one_line(proc.stderr) and "remove that line" in proc.stderr
+    assert journal_lines(tmp_path / "r") == N
 
 
 # --- 3. identity without a manifest -----------------------------------------------------------------------------
@@ -158,6 +197,22 @@ def test_journal_rows_without_a_hash_and_no_manifest_are_refused(suite: Path, tm
     (tmp_path / "r" / "manifest.json").unlink()
     proc = run(suite, tmp_path)
     assert proc.returncode == 2 and "none (rows older than the hash)" in one_line(proc.stderr)
+
+
+def test_resume_under_another_label_renames_the_whole_run(suite: Path, tmp_path: Path) -> None:
+    """The label is no part of the configuration, so --label B resumes --label A's run; its rows kept label A and
+    load_runs split one run into two models (62 rows 'A', 18 rows 'B')."""
+    from evalctx import load_runs
+
+    assert run(suite, tmp_path, "--label", "A").returncode == 0
+    j = tmp_path / "r" / "journal" / "replica-0.jsonl"
+    j.write_text("".join(j.read_text().splitlines(keepends=True)[:30]))  # as a stop after 30 samples leaves it
+    proc = run(suite, tmp_path, "--label", "B")
+    assert proc.returncode == 0 and f"50 new of {N}" in proc.stdout
+    assert set(pd.read_parquet(tmp_path / "r" / "results.parquet")["label"]) == {"B"}
+    assert manifest(tmp_path / "r")["label"] == "B"
+    (tmp_path / "r" / "results.parquet").unlink()  # an interrupted run is read from its journal
+    assert set(load_runs([tmp_path / "r"])["label"]) == {"B"}
 
 
 # --- 4. paths ---------------------------------------------------------------------------------------------------
@@ -184,7 +239,7 @@ def test_suite_name_is_a_name_never_a_path(tmp_path: Path) -> None:
 def test_sigterm_is_handled_like_ctrl_c(suite: Path, tmp_path: Path, reference: pd.DataFrame) -> None:
     slow = ("--backend-opt", "delay_s=0.02")
     proc = subprocess.Popen(cmd(suite, tmp_path, *slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_rows(tmp_path / "r", 5)
+    wait_for_rows(tmp_path / "r", 5, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130

@@ -3,6 +3,7 @@ resume started while ranks of a kill -9'd mpirun still write is refused instead 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
-from fault_util import N, SUITE_80, journal_lines, manifest, table, wait_for_rows
+from fault_util import N, SUITE_80, assert_no_torn_line, journal_lines, manifest, table, tmpfs, wait_for_rows
 from mpi_util import mpi_env, mpirun_cmd
 
 pytestmark = pytest.mark.mpi
@@ -39,9 +41,26 @@ def reference(suite: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataF
     return table(out / "r")
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test() -> Iterator[None]:
+    """A test that fails midway must not leave its mpirun (and ranks) running into the next tests."""
+    yield
+    while _started:
+        p = _started.pop()
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def start(n: int, *a: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(mpirun_cmd(n, *a), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=mpi_env(), start_new_session=True)
+    p = subprocess.Popen(mpirun_cmd(n, *a), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env=mpi_env(), start_new_session=True)
+    _started.append(p)
+    return p
 
 
 def run_mpi(n: int, *a: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +72,7 @@ def test_signal_to_mpirun_leaves_the_manifest_interrupted(suite: Path, tmp_path:
                                                           sig: signal.Signals) -> None:
     slow = ("--backend-opt", "delay_s=0.1")
     proc = start(2, *args(suite, tmp_path, *slow))
-    wait_for_rows(tmp_path / "r", 4)
+    wait_for_rows(tmp_path / "r", 4, proc)
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert proc.returncode != 0
@@ -70,7 +89,7 @@ def test_resume_waits_for_ranks_left_by_a_killed_mpirun(suite: Path, tmp_path: P
                                                         reference: pd.DataFrame) -> None:
     slow = ("--backend-opt", "delay_s=0.3")  # ~27 samples per rank: about 7 s of work left after the kill
     proc = start(3, *args(suite, tmp_path, *slow))
-    wait_for_rows(tmp_path / "r", 3)
+    wait_for_rows(tmp_path / "r", 3, proc)
     rank0 = json.loads((tmp_path / "r" / ".lock").read_text())["pid"]
     os.kill(proc.pid, signal.SIGKILL)  # mpirun: its ranks live on for seconds
     os.kill(rank0, signal.SIGKILL)  # and rank 0, so that only journal writers of other ranks are left
@@ -92,25 +111,29 @@ def test_resume_waits_for_ranks_left_by_a_killed_mpirun(suite: Path, tmp_path: P
     assert journal_lines(tmp_path / "r") == N  # no sample was done twice
 
 
-def test_full_disk_under_mpirun_ends_failed(suite: Path, tmp_path: Path, reference: pd.DataFrame) -> None:
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_full_disk_under_mpirun_ends_failed(suite: Path, tmp_path: Path, reference: pd.DataFrame,
+                                            late_rank: int) -> None:
     """The first rank to meet the full disk records it; the SIGTERM that MPI_Abort then sends the others must not
-    turn it into "interrupted" (it did, in 1 of 5 campaign trials, before ranks waited for rank 0's manifest)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        proc = run_mpi(2, *args(suite, mnt))
+    turn it into "interrupted" (it did, in 1 of 5 campaign trials, before ranks waited for rank 0's manifest).
+
+    ``late_rank`` starts its first batch late, so that the other rank fills the disk first and this one's journal
+    stays empty: rank 1 records the stop (late_rank 0), or rank 0 does (late_rank 1). Under load either order
+    happens by itself; this test once failed on that empty journal, taking it for a torn one."""
+    late = ("--backend-opt", "late_s=3", "--backend-opt", f"late_rank={late_rank}")  # the other fills ~28 KB in <1 s
+    with tmpfs(tmp_path / "small", "size=100k") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here")
+        mnt = tmp_path / "small"
+        proc = run_mpi(2, *args(suite, mnt, *late))
         assert proc.returncode != 0 and "No space left on device" in proc.stderr and "Traceback" not in proc.stderr
         m = manifest(mnt / "r")
         assert m["status"] == "failed" and "No space left on device" in m["stopped_by"]
-        for j in (mnt / "r" / "journal").glob("*.jsonl"):
-            assert j.read_bytes().endswith(b"\n")
+        assert f"replica-{1 - late_rank}.jsonl" in m["stopped_by"]  # the rank that wrote first met the full disk
+        assert (mnt / "r" / "journal" / f"replica-{late_rank}.jsonl").read_bytes() == b""
+        assert_no_torn_line(mnt / "r")
         subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
-        done = run_mpi(3, *args(suite, mnt))
+        done = run_mpi(3, *args(suite, mnt, *late))
         assert done.returncode == 0, done.stderr
         pd.testing.assert_frame_equal(table(mnt / "r"), reference)
         assert journal_lines(mnt / "r") == N
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -159,3 +159,22 @@ def test_api_key_never_reaches_manifest_or_reports(tmp_path: Path) -> None:
     write_report([tmp_path / "r"])
     for name in ("report.html", "report.md", "results.parquet", "summary.csv", "journal/replica-0.jsonl"):
         assert SECRET.encode() not in (tmp_path / "r" / name).read_bytes(), name
+
+
+def test_a_stop_reason_quoting_a_url_password_is_masked(tmp_path: Path) -> None:
+    """The manifest's stopped_by holds the error that ended the run; an http error quotes base_url, password
+    and all (it was written in full: the field is added after the manifest is masked)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    suite = Path(__file__).parent / "data" / "suites" / "fake_small.toml"
+    argv = ["run", "--suite", str(suite), "--backend", "http", "--tokenizer", "byte", "--out", str(tmp_path),
+            "--run-id", "r", "--label", "m", "--no-progress", "--backend-opt",
+            f"base_url=http://user:{SECRET}@127.0.0.1:{port}",
+            "--backend-opt", "retries=0"]
+    assert main(argv) == 2
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "user:***@127.0.0.1" in manifest["stopped_by"]
+    assert SECRET not in json.dumps(manifest)

@@ -126,7 +126,11 @@ def test_rows_carry_the_config_hash_and_other_configs_are_left_out(tmp_path: Pat
 
 
 @pytest.mark.parametrize("field, value", [("context_length", "abc"), ("context_length", True), ("depth", "x"),
-                                          ("status", 3), ("score", "1.0"), ("finished_at", [1])])
+                                          ("status", 3), ("score", "1.0"), ("finished_at", [1]),
+                                          # every results column is checked, not only the ones resume reads:
+                                          # these broke results.parquet with a traceback after the run's work
+                                          ("target", 5), ("target", ["a", 1]), ("flags", "x"), ("completion", 7),
+                                          ("latency_s", "x"), ("replica", "a"), ("task_options", 3)])
 def test_rows_of_the_wrong_type_are_one_line_errors(tmp_path: Path, field: str, value: object) -> None:
     p = journal_file(tmp_path)
     p.parent.mkdir(parents=True)
@@ -157,6 +161,17 @@ def test_journal_that_is_a_file_is_an_error(tmp_path: Path) -> None:
 def test_bad_manifest_is_a_one_line_error(tmp_path: Path, content: str, needle: str) -> None:
     (tmp_path / "manifest.json").write_bytes(content.encode("latin-1"))
     with pytest.raises(UsageError, match=needle) as exc:
+        rundir.read_manifest(tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("field, value, want", [("label", 5, "string or null"), ("created_at", [1], "string"),
+                                                 ("suite", 3, "object or null"), ("n_samples", "80", "number")])
+def test_manifest_field_of_the_wrong_type_is_a_one_line_error(tmp_path: Path, field: str, value: object,
+                                                              want: str) -> None:
+    """A field evalctx reads back, of another type: it was a traceback in report, show, compare or the gate."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"status": "complete", field: value}))
+    with pytest.raises(UsageError, match=f"manifest.json: {field} is .*, not {want}") as exc:
         rundir.read_manifest(tmp_path)
     assert "\n" not in str(exc.value)
 

@@ -145,3 +145,18 @@ def test_show_task_is_the_entry_name_and_a_task_type_is_pointed_to_its_entries(
                                                "tasks (suite entry names): noise_1, passkey (niah_single is the "
                                                "task of noise_1)")
     assert "task noise_1, context_length 400" in show(capsys, str(tmp_path / "n"), "--task", "noise_1")
+
+
+@pytest.mark.parametrize("pieces", [5, [[0]], [["0", "text"]], None])
+def test_a_malformed_prompt_log_line_is_rebuilt_not_a_traceback(tmp_path: Path, pieces: object,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A prompt log line of another shape (edited, or written by another program) was a TypeError traceback; it
+    is now left out, and show builds that prompt again, SHA-1 verified."""
+    df = run(tmp_path, "m", "--log-samples")
+    sid = df["sample_id"].iloc[0]
+    log = tmp_path / "m" / "prompts" / "replica-0.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(dict(r, pieces=pieces) if r["sample_id"] == sid else r) + "\n" for r in rows))
+    assert sid not in read_prompts(tmp_path / "m") and len(read_prompts(tmp_path / "m")) == len(rows) - 1
+    out = show(capsys, str(tmp_path / "m"), sid)
+    assert "SHA-1 verified" in out and ("The pass key is" in out or "special magic" in out)

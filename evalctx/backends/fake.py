@@ -75,6 +75,10 @@ class FakeBackend(Backend):
         """Oracle answers wrongly for prompts longer than this many tokens (0 = never)."""
         delay_s: float = 0.0
         """Sleep per batch: makes runs slow enough to kill in tests."""
+        late_rank: int = -1
+        """World rank that sleeps ``late_s`` before its first batch: fixes which rank writes first (fault tests)."""
+        late_s: float = 0.0
+        """How long ``late_rank`` sleeps before its first batch."""
         raise_on_rank: int = -1
         """World rank that raises inside generate (fault tests)."""
         raise_after: int = 0
@@ -123,6 +127,8 @@ class FakeBackend(Backend):
         if o.raise_on_rank == self.ctx.world_rank and self._n_batches >= o.raise_after:
             raise RuntimeError(f"fake backend: injected failure on rank {self.ctx.world_rank}")
         self._record(batch)
+        if o.late_rank == self.ctx.world_rank and self._n_batches == 0:
+            time.sleep(o.late_s)
         if o.delay_s:
             time.sleep(o.delay_s)
         out: list[GenerationResult] = []

@@ -56,9 +56,19 @@ def prompt_record(sample: Sample, mode: str, tokenizer: Any = None) -> dict[str,
             "pieces": [(0, sample.prompt)] if whole else pieces(sample.prompt, needles)}
 
 
+def _well_formed(r: dict[str, Any]) -> bool:
+    """A line of the shape :func:`prompt_record` writes (one edited by hand or by another program is not)."""
+    pieces_ = r.get("pieces")
+    return (isinstance(r.get("prompt_chars"), int) and isinstance(r.get("needle_chars"), list)
+            and all(isinstance(c, int) for c in r["needle_chars"]) and isinstance(pieces_, list)
+            and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and isinstance(p[1], str)
+                    for p in pieces_))
+
+
 def read_prompts(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Logged prompts by sample id (the last line wins: a retried sample logs its prompt again)."""
-    return {r["sample_id"]: r for r in read_jsonl(Path(run_dir) / PROMPTS_DIR) if "pieces" in r}
+    """Logged prompts by sample id (the last line wins: a retried sample logs its prompt again). A line of another
+    shape is left out: ``show`` then builds that prompt again from the manifest, as for a run without a log."""
+    return {r["sample_id"]: r for r in read_jsonl(Path(run_dir) / PROMPTS_DIR) if _well_formed(r)}
 
 
 def render(record: dict[str, Any], full: bool = False) -> str:

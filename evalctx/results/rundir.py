@@ -15,9 +15,11 @@ import json
 import os
 import re
 import secrets
+import types
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from evalctx.errors import RunFailed, UsageError
 
@@ -34,12 +36,42 @@ _TMP_SUFFIX = ".tmp"
 _NAME_MAX_BYTES = 200
 _NOT_IN_NAMES = re.compile(r"[/\\\x00-\x1f\x7f]")
 
-# Field -> accepted types of a journal row (bool is refused where a number is expected: it is an int in Python).
-_ROW_TYPES: dict[str, tuple[type, ...]] = {
-    "sample_id": (str,), "task": (str,), "status": (str,), "context_length": (int,), "depth": (int, float),
-    "score": (int, float, type(None)), "finished_at": (int, float, type(None)), "config_hash": (str,),
-}
+
+def _accepted(hint: Any) -> tuple[type, ...]:
+    """The JSON value types a field annotated ``hint`` takes: numbers as int or float alike."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted(arg))
+    if hint in (int, float):
+        return (int, float)
+    return (typing.get_origin(hint) or hint,)
+
+
+def _row_types() -> dict[str, tuple[tuple[type, ...], type | None]]:
+    """Field -> (accepted types, item type of a list field) for every field of a results row."""
+    from evalctx.records import SampleRecord
+
+    out = {}
+    for name, hint in typing.get_type_hints(SampleRecord).items():
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        out[name] = (_accepted(hint), item)
+    out.pop("extra")
+    return out
+
+
+# A journal row of the wrong shape is refused where the journals are read, before any work, instead of breaking
+# results.parquet (or a score) once the run is over.
+_ROW_TYPES = _row_types()
 _ROW_REQUIRED = ("sample_id", "task", "status", "context_length", "depth")
+# The manifest fields that evalctx reads back (resume, reports, show, the gate): one of another type (a manifest
+# edited by hand) is a one-line error, not a traceback wherever it is first used.
+_STR, _NUM, _DICT = (str, type(None)), (int, float, type(None)), (dict, type(None))
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": _STR, "label": _STR, "status": _STR, "created_at": _STR, "finished_at": _STR, "config_hash": _STR,
+    "attempt_id": _STR, "command": _STR, "model": _STR, "stopped_by": _STR, "git_sha": _STR,
+    "n_samples": _NUM, "batch_size": _NUM, "error_rate": _NUM, "max_error_rate": _NUM, "schema_version": _NUM,
+    "suite": _DICT, "backend": _DICT, "tokenizer": _DICT, "model_fingerprint": _DICT, "versions": _DICT,
+    "world": _DICT, "counts": _DICT,
+}
 
 
 class StorageError(RunFailed):
@@ -49,6 +81,7 @@ class StorageError(RunFailed):
         super().__init__(f"cannot write {path}: {exc.strerror or exc}")
         self.path = path
         self.errno = exc.errno
+        self.strerror = exc.strerror or str(exc)
 
 
 def utc_now() -> str:
@@ -76,13 +109,17 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{_TMP_SUFFIX}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (temporary file, fsync, rename). Raises StorageError."""
+@contextlib.contextmanager
+def atomic_file(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
+    """A file written under a unique temporary name beside ``path`` and renamed onto it (after an fsync) only when
+    the block ends without an exception; otherwise removed, so that a failed or interrupted write never leaves a
+    partial file that looks whole. Text is UTF-8. Raises StorageError for a failed open, write or rename (an
+    OSError inside the block is taken for a failed write)."""
     tmp = _tmp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -92,6 +129,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (temporary file, fsync, rename). Raises StorageError."""
+    with atomic_file(path, binary=True) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -113,8 +156,15 @@ def atomic_write_parquet(df: Any, path: Path) -> None:
     except OSError as exc:  # pyarrow's IO errors are OSErrors too
         tmp.unlink(missing_ok=True)
         raise StorageError(path, exc) from exc
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        import pyarrow
+
+        if isinstance(exc, pyarrow.ArrowException):  # a column of mixed types: rows the journal check cannot know
+            what = "; ".join(str(a) for a in exc.args)
+            raise UsageError(f"cannot write {path}: {what}: a journal row holds a value of another type in that "
+                             "column (a journal edited or written by another program); remove that line (its "
+                             "sample runs again)") from None
         raise
 
 
@@ -185,6 +235,11 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         raise UsageError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}): {fix}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{p}: holds a JSON {type(data).__name__}, not an object: {fix}")
+    for key, types_ in _MANIFEST_TYPES.items():
+        v = data.get(key)
+        if key in data and (not isinstance(v, types_) or (isinstance(v, bool) and bool not in types_)):
+            want = " or ".join(dict.fromkeys(_type_name(t, None) for t in types_))
+            raise UsageError(f"{p}: {key} is {v!r:.60}, not {want}: {fix}")
     return data
 
 
@@ -322,17 +377,30 @@ class Journal:
         os.close(self._fd)
 
 
+def _type_name(t: type, item: type | None) -> str:
+    if t is type(None):
+        return "null"
+    if t in (int, float):
+        return "number"
+    if t is list and item is not None:
+        return f"list of {_type_name(item, None)}s"
+    return {str: "string", dict: "object"}.get(t, t.__name__)
+
+
 def _check_row(row: dict[str, Any], where: str) -> None:
+    fix = "the journal was edited or written by another program; remove that line (its sample runs again)"
     for key in _ROW_REQUIRED:
         if key not in row:
-            raise UsageError(f"{where}: journal row lacks {key!r}: the journal was edited or written by another "
-                             "program; remove that line (its sample runs again)")
-    for key, types in _ROW_TYPES.items():
-        v = row.get(key)
-        if key in row and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise UsageError(f"{where}: journal row has {key}={v!r}, not {want}: the journal was edited or written "
-                             "by another program; remove that line (its sample runs again)")
+            raise UsageError(f"{where}: journal row lacks {key!r}: {fix}")
+    for key, (accepted, item) in _ROW_TYPES.items():
+        if key not in row:
+            continue
+        v = row[key]
+        wrong_item = item is not None and isinstance(v, list) and not all(isinstance(x, item) for x in v)
+        # bool is refused where a number is expected (it is an int in Python)
+        if not isinstance(v, accepted) or (isinstance(v, bool) and bool not in accepted) or wrong_item:
+            want = " or ".join(dict.fromkeys(_type_name(t, item) for t in accepted))
+            raise UsageError(f"{where}: journal row has {key}={v!r:.60}, not {want}: {fix}")
 
 
 def iter_journal_rows(run_dir: Path, problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
