@@ -519,3 +519,19 @@ def test_chat_mode_through_the_chat_endpoint_renders_the_same_prompt(tmp_path: P
     df = pd.read_parquet(tmp_path / "chat" / "results.parquet")
     assert (df["status"] == "ok").all() and (df["score"] == 1.0).all()
     assert (df["n_prompt_tokens"] == df["context_length"]).all()
+
+
+def test_credentials_in_base_url_go_as_basic_auth() -> None:
+    """A gateway URL with user:pass@ used to fail with "Name or service not known" (the credentials went into
+    the host name); they are sent as Basic auth, and never appear in the backend's recorded base_url."""
+    import base64
+
+    req = request()
+    stub = StubServer([Reply(body=completion(prompt_tokens=len(req.prompt_ids)))])
+    with serving(stub.server) as url:
+        host = url.split("://", 1)[1]
+        b = backend(f"http://alice:s%3Acret@{host}")
+        res = b.generate([req])
+    assert res[0].error is None, res[0].error
+    assert stub.headers[-1]["Authorization"] == "Basic " + base64.b64encode(b"alice:s:cret").decode()
+    assert "s%3Acret" not in b.base_url and "s%3Acret" not in json.dumps(b.info())

@@ -8,6 +8,7 @@ an attempt alive for ever.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -17,6 +18,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
+
+from evalctx.redact import mask_text
 
 # 408 and 429 are 4xx but say "try again later", not "this request is wrong": retrying them is what every OpenAI
 # client does, and a rate-limited gateway would otherwise turn a whole run into error rows.
@@ -161,9 +164,15 @@ class Client:
 
     def __init__(self, base_url: str, api_key: str | None) -> None:
         parsed = urllib.parse.urlsplit(base_url)
-        self.base_url = base_url
+        self.base_url = mask_text(base_url)  # for messages, which land in rows: a URL password never does
         self._scheme = parsed.scheme
-        self._netloc = parsed.netloc
+        # http.client takes host[:port] only: credentials in the URL (a gateway's user:pass@) go as Basic auth.
+        self._netloc = parsed.netloc.rpartition("@")[2]
+        self._basic: str | None = None
+        if parsed.username is not None:
+            user = urllib.parse.unquote(parsed.username)
+            password = urllib.parse.unquote(parsed.password or "")
+            self._basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         self.prefix = parsed.path.rstrip("/")
         self.api_key = api_key
 
@@ -177,6 +186,8 @@ class Client:
             h["Content-Type"] = "application/json"
         if self.api_key:
             h["Authorization"] = f"Bearer {self.api_key}"
+        elif self._basic:
+            h["Authorization"] = f"Basic {self._basic}"
         return h
 
     def get_json(self, path: str, timeout: float = 10.0) -> Any:

@@ -140,8 +140,8 @@ class HTTPBackend(Backend):
         if o.retries < 0 or o.timeout_s <= 0 or o.backoff_s < 0:
             raise UsageError("backend http: retries and backoff_s must be >= 0 and timeout_s > 0")
         self.extra_body = self._parse_extra_body(o.extra_body)
-        self.base_url = _normalize_url(o.base_url)
-        self.client = Client(self.base_url, o.api_key or os.environ.get("OPENAI_API_KEY") or None)
+        self.client = Client(_normalize_url(o.base_url), o.api_key or os.environ.get("OPENAI_API_KEY") or None)
+        self.base_url = self.client.base_url  # a password in the URL is masked wherever it is shown or stored
         self._models_answer: Any = None
         self._version_probed = False
         self._warned_unverified = False
@@ -443,6 +443,7 @@ class HTTPBackend(Backend):
                 pass
         probe = GenerationRequest(sample_id="", prompt_ids=[], prompt="", max_new_tokens=0)
         sampling = {k: v for k, v in self._body(probe)[1].items() if k not in _NOT_SAMPLING}
+        d["options"] = {**d["options"], "base_url": self.base_url}  # the password-masked URL
         d.update({"base_url": self.base_url, "model": self.model_name, "endpoint": self.options.endpoint,
                   "send": self.options.send, "extra_body": self.extra_body, "server_models": self._models_answer,
                   "server": {"preset": self.preset.name, "recognised_by": self.facts.how,
