@@ -57,7 +57,9 @@ def json_object(s: Sample) -> tuple[dict[str, str], list[tuple[str, str]]]:
 def check_kv_sample(task: Task, s: Sample, length: int, depth: float) -> None:
     tok = task.tokenizer
     assert len(s.prompt_ids) == s.context_length == length
-    assert tok.encode(s.prompt, s.add_special_tokens) == s.prompt_ids
+    # the Sample contract: its ids are the prompt's with special tokens only in the chat template's spans
+    assert tok.encode(s.prompt, s.add_special_tokens, s.special_spans) == s.prompt_ids
+    assert bool(s.special_spans) == (s.prompt_mode == "chat")
     obj, pairs = json_object(s)
     key, value = s.meta["key"], s.target[0]
     assert len(obj) == len(pairs) == s.meta["n_pairs"]  # whole pairs only, every key distinct
@@ -68,12 +70,14 @@ def check_kv_sample(task: Task, s: Sample, length: int, depth: float) -> None:
     index = [k for k, _ in pairs].index(key)
     assert index == round(depth * (len(pairs) - 1))  # depth = the asked pair's place among the pairs
     # needle_token_index points at the asked pair
-    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens)
+    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens, s.special_spans)
     at = s.prompt.index(f'"{key}": "{value}"')
     i = s.needle_token_index
     assert offsets[i][0] <= at < max(offsets[i][1], offsets[i][0] + 1)
     if s.depth_actual is not None:
         assert 0.0 <= s.depth_actual <= 1.0
+    # the row keeps its answer's length (short_budget needs it) and the default budget holds it
+    assert 0 < s.meta["answer_tokens"] and task.answer_tokens() <= task.default_budget()
     scorer = get_scorer(s.scorer)
     assert scorer(f" {value}.", s.target).value == 1.0
     others = [v for k, v in pairs if k != key]

@@ -177,6 +177,23 @@ def test_kind3_a_hand_set_budget_too_small_warns_and_flags(tmp_path: Path, capsy
     assert pd.read_csv(tmp_path / "r" / "summary.csv")["n_flagged"].sum() == 6
 
 
+@pytest.mark.parametrize("task,budget", [("kv_retrieval", 10), ("niah_multivalue", 8), ("passkey", 3)])
+def test_kind3_every_task_flags_rows_whose_budget_cut_the_answer(tmp_path: Path, capsys, task, budget) -> None:
+    """The kind, past passkey: every task keeps each row's answer length and flags the rows a hand-set budget cut
+    (kv_retrieval kept none, so its cut uuids scored 0 unflagged). The fake backend cuts at the budget as a real
+    model does (cut_at_budget)."""
+    suite = _write_suite(tmp_path / "s.toml", f'name = "s"\n[[tasks]]\ntask = "{task}"\nlengths = [900]\n'
+                                              f"depths = [0.0, 1.0]\nsamples = 2\nmax_new_tokens = {budget}\n")
+    code = main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", "r", "--no-progress", "--backend-opt", "cut_at_budget=true"])
+    assert code == 0
+    assert f"max_new_tokens {budget} cannot hold its answers" in capsys.readouterr().err
+    df = pd.read_parquet(tmp_path / "r" / "results.parquet")
+    assert (df["meta_answer_tokens"] > budget).all() and (df["n_output_tokens"] == budget).all()
+    assert (df["finish_reason"] == "length").all() and (df["score"] < 1.0).all()  # multivalue: 1 of 4 values
+    assert all(list(f) == ["short_budget"] for f in df["flags"])
+
+
 # -- 6. run identity --------------------------------------------------------------------------------------------------
 def test_kind6_a_model_changed_in_place_is_another_run(tmp_path: Path, capsys) -> None:
     """The issue's example: after adding linear RoPE scaling to the copy's config.json the rerun said

@@ -71,7 +71,7 @@ class KvRetrievalTask(HaystackTask):
         if not 0.0 <= depth <= 1.0:
             raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
         depth = float(depth)
-        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
         # Right above the minimum, an asked pair that tokenizes too long, or that leaves a gap no JSON whitespace
         # can fill (a SentencePiece space costs 2 tokens, so a 1-token gap has no padding), is redrawn.
@@ -103,15 +103,21 @@ class KvRetrievalTask(HaystackTask):
                       target=[b.value], needle_token_index=t_asked, max_new_tokens=mnt,
                       add_special_tokens=b.frame.add_special_tokens, prompt_mode=self.prompt_mode,
                       depth_actual=depth_actual, scorer=self.scorer,
-                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": pad}, messages=messages)
+                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": pad,
+                            "answer_tokens": self._value_tokens(b.value)}, messages=messages,
+                      special_spans=b.spans(text))
 
     def answer_tokens(self) -> int:
         """The longest answer (a uuid value after the answer prefix) of the probed draws, in tokens."""
         key = ("answer", self.tokenizer.fingerprint(), self.prompt_mode)
         if key not in _MIN_CACHE:
             values = (_Builder(self, self._rng(0, 0.5, seed)).value for seed in range(MIN_PROBES))
-            _MIN_CACHE[key] = max(len(self.tokenizer.encode(" " + v)) for v in values)
+            _MIN_CACHE[key] = max(self._value_tokens(v) for v in values)
         return _MIN_CACHE[key]
+
+    def _value_tokens(self, value: str) -> int:
+        """Tokens of one answer (a space and the uuid value): ``meta["answer_tokens"]`` of its sample."""
+        return len(self.tokenizer.encode(" " + value))
 
     def min_length(self) -> int:
         """The longest minimum of :data:`~evalctx.tasks.haystack_task.MIN_PROBES` seeded draws of the asked pair
@@ -144,11 +150,20 @@ class _Builder:
     def count(self, text: str) -> int:
         return len(self.tok.encode(text, add_special_tokens=False))
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The chat template's spans in ``text`` (``frame.pre + body + frame.post``): only there are special-token
+        strings special (``Sample.special_spans``); empty in raw mode."""
+        shift = len(text) - len(self.frame.post)
+        return self.frame.spans("pre") + [(shift + a, shift + b) for a, b in self.frame.spans("post")]
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and offsets of a whole prompt, as :class:`~evalctx.records.Sample` states them."""
+        return self.tok.encode_with_offsets(text, self.frame.add_special_tokens, self.spans(text))
+
     def minimum(self) -> int:
         """Tokens of the prompt whose object holds the asked pair alone."""
         if self._minimum is None:
-            self._minimum = len(self.tok.encode(self.frame.pre + self.asked + self.frame.post,
-                                                self.frame.add_special_tokens))
+            self._minimum = len(self.encode(self.frame.pre + self.asked + self.frame.post)[0])
         return self._minimum
 
     def pair_counts(self, pairs: list[str]) -> list[int]:
@@ -248,7 +263,7 @@ class _Builder:
             j = round(depth * len(pairs))  # of len(pairs) + 1 pairs in all
             pairs = pairs[:j] + [self.asked] + pairs[j:]
             text = self.frame.pre + SEP.join(pairs) + " " * pad + self.frame.post
-            ids, offsets = self.tok.encode_with_offsets(text, add_special_tokens=self.frame.add_special_tokens)
+            ids, offsets = self.encode(text)
             if len(ids) == length:
                 return text, ids, offsets, pairs, j, pad
             need -= len(ids) - length  # a seam the local counts missed: aim that much off
