@@ -230,3 +230,25 @@ def test_the_fake_oracle_answers_kv_retrieval_and_the_suite_runs(tmp_path, capsy
     df = pd.read_parquet(tmp_path / "kv" / "results.parquet")
     assert len(df) == 10 and (df["score"] == 1.0).all() and set(df["task"]) == {"kv_retrieval"}
     assert (df["n_prompt_tokens"] == df["context_length"]).all() and (df["max_new_tokens"] == 50).all()
+
+
+@needs_hf
+def test_lengths_right_above_the_minimum_build_where_space_runs_are_tokens(tmp_path):
+    """SmolLM2/StarCoder-style vocabularies hold whitespace runs as tokens (2 tokens for any run of 2-21 spaces):
+    spaces alone could not pad, so with SmolLM2 every length from min + 9 to min + 55 (one pair) was unbuildable
+    and became unsupported rows. Newline-space units pad where spaces cannot."""
+    from tokenizer_fixtures import build_rust
+    from transformers import PreTrainedTokenizerFast
+
+    from evalctx.tokenizer import HFTokenizer
+
+    rust, specials = build_rust("bpe_llama3")
+    rust.add_tokens([" " * k for k in range(2, 22)])  # whitespace runs as single tokens
+    PreTrainedTokenizerFast(tokenizer_object=rust, **specials).save_pretrained(str(tmp_path))
+    tok = HFTokenizer(tmp_path)
+    assert len(tok.encode("x" + " " * 12 + "}")) <= 3
+    task = get_task("kv_retrieval")(tok, {})
+    lo = task.min_length()
+    for length in range(lo, lo + 40, 3):
+        s = task.make_sample(length, 0.5, length)
+        check_kv_sample(task, s, length, 0.5)

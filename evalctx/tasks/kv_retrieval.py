@@ -14,8 +14,9 @@ counted in context (one tokenization of a batch of them); the object is filled w
 pair is left, then filler pairs are swapped for fresh ones with more tokens (uuids tokenize to different counts)
 until the count is exact (right above the minimum, an asked pair that alone does not fit is redrawn). Where that
 cannot close the gap -- every pair the same count (a byte tokenizer), or less than one pair above the minimum --
-JSON whitespace before the closing brace fills the last tokens (``meta["pad_spaces"]``). The final text is
-tokenized once and its length asserted, never truncated. Depth is the asked pair's place among the pairs: index
+JSON whitespace before the closing brace fills the last tokens (spaces, else newlines or tabs where space runs
+merge; ``meta["pad_spaces"]`` counts its characters). The final text is tokenized once and its length asserted,
+never truncated. Depth is the asked pair's place among the pairs: index
 ``round(depth * (n_pairs - 1))``.
 """
 
@@ -38,6 +39,8 @@ QUESTION = '\n\n\nKey: "{key}"'  # create_prompt's "\n\n" + input's leading "\n"
 ANSWER_PREFIX = "\nThe value associated with the specified key is: "
 SEP = ", "
 _REF = '"00000000-0000-4000-8000-000000000000": "00000000-0000-4000-8000-000000000000"'  # context when counting
+PAD_UNITS = (" ", "\n ", "\n", "\t")
+"""JSON whitespace repeated before the closing brace to fill the last tokens, tried in this order."""
 _SWAP_ROUNDS = 16  # batches of fresh pairs tried when closing the last gap by swaps
 _SWAP_BATCH = 32
 _MAX_VERIFY = 4
@@ -103,7 +106,7 @@ class KvRetrievalTask(HaystackTask):
                       target=[b.value], needle_token_index=t_asked, max_new_tokens=mnt,
                       add_special_tokens=b.frame.add_special_tokens, prompt_mode=self.prompt_mode,
                       depth_actual=depth_actual, scorer=self.scorer,
-                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": pad,
+                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": len(pad),
                             "answer_tokens": self._value_tokens(b.value)}, messages=messages,
                       special_spans=b.spans(text))
 
@@ -226,22 +229,27 @@ class _Builder:
                     break
         return gap
 
-    def pad_for(self, gap: int) -> int | None:
-        """Spaces before the closing brace that add exactly ``gap`` tokens (measured locally), or None."""
+    def pad_for(self, gap: int) -> str | None:
+        """JSON whitespace before the closing brace that adds exactly ``gap`` tokens (measured locally), or None.
+
+        Spaces first; where runs of spaces merge into few tokens (SmolLM2/StarCoder vocabularies hold whitespace
+        runs: 2 tokens for any run of 2-21 spaces, so lengths from the minimum up to one pair more had no
+        padding at all), the other units of :data:`PAD_UNITS`."""
         if gap == 0:
-            return 0
+            return ""
         right = self.frame.post[:16]
         base = self.count(_REF + right)
-        for p in range(1, 8 * gap + 64):
-            got = self.count(_REF + " " * p + right) - base
-            if got == gap:
-                return p
-            if got > gap + 8:
-                break
+        for unit in PAD_UNITS:
+            for p in range(1, 8 * gap + 64):
+                got = self.count(_REF + unit * p + right) - base
+                if got == gap:
+                    return unit * p
+                if got > gap + 8:
+                    break
         return None
 
-    def build(self, length: int, depth: float) -> tuple[str, list[int], list[tuple[int, int]], list[str], int, int]:
-        """(text, ids, offsets, pairs, asked index, pad spaces) of a prompt of exactly ``length`` tokens."""
+    def build(self, length: int, depth: float) -> tuple[str, list[int], list[tuple[int, int]], list[str], int, str]:
+        """(text, ids, offsets, pairs, asked index, padding) of a prompt of exactly ``length`` tokens."""
         t1 = self.minimum()
         where = f"kv_retrieval at {length} tokens with tokenizer {self.tok.name}"
         if length < t1:
@@ -262,7 +270,7 @@ class _Builder:
                 break
             j = round(depth * len(pairs))  # of len(pairs) + 1 pairs in all
             pairs = pairs[:j] + [self.asked] + pairs[j:]
-            text = self.frame.pre + SEP.join(pairs) + " " * pad + self.frame.post
+            text = self.frame.pre + SEP.join(pairs) + pad + self.frame.post
             ids, offsets = self.encode(text)
             if len(ids) == length:
                 return text, ids, offsets, pairs, j, pad
