@@ -179,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     suite = _overrides(load_suite(args.suite), args)
     tok = load_tokenizer(args.tokenizer)
     builder = SampleBuilder(suite, tok)
+    builder.check_min_lengths()
     specs = builder.specs()
     n_tokens = sum(s.context_length for s in specs)
 

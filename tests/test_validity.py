@@ -122,6 +122,11 @@ def test_kind2_a_length_below_the_true_minimum_is_refused_up_front(tmp_path: Pat
                  "--out", str(tmp_path), "--run-id", "r", "--no-progress"])
     assert code == 2 and not (tmp_path / "r").exists()
     assert f"use lengths >= {need}" in capsys.readouterr().err
+    # generate refuses the same suite (it wrote the samples that happened to fit, skipping the rest, exit 0)
+    code = main(["generate", "--suite", _niah_suite(tmp_path, "[92, 4096]"), "--tokenizer", "tiny",
+                 "--out", str(tmp_path / "g.jsonl"), "--no-progress"])
+    assert code == 2 and not (tmp_path / "g.jsonl").exists()
+    assert f"use lengths >= {need}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("near", [32, 0])  # 0: nothing built up front, the loop's own check must hold
