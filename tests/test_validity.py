@@ -264,3 +264,19 @@ def test_kind8_plan_takes_float16_and_warns_beyond_max_position_embeddings(capsy
     assert main(["plan", "--config", "tiny", "--context", "2000000", "--weight-dtype", "bfloat16",
                  "--kv-dtype", "float16"]) == 0
     assert "exceeds the model's max_position_embeddings 1,048,576" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["trtllm", "hf"])
+def test_kind8_plan_warns_for_both_backends_and_for_a_sliding_window(tmp_path: Path, capsys, backend) -> None:
+    """`plan --backend hf` said nothing about a context past max_position_embeddings; neither plan said anything
+    about a sliding window in every layer, which makes evalctx run mark longer prompts unsupported."""
+    tiny = json.loads((Path(__file__).parent.parent / "evalctx" / "data" / "models" / "tiny" / "config.json")
+                      .read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**tiny, "max_position_embeddings": 512}))
+    assert main(["plan", "--config", str(tmp_path), "--context", "4096", "--backend", backend]) == 0
+    assert "exceeds the model's max_position_embeddings 512" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({**tiny, "model_type": "mistral", "sliding_window": 256}))
+    assert main(["plan", "--config", str(tmp_path), "--context", "4096", "--backend", backend]) == 0
+    assert "exceeds the sliding window of 256 tokens in every layer" in capsys.readouterr().err
+    assert main(["plan", "--config", str(tmp_path), "--context", "256", "--backend", backend]) == 0
+    assert capsys.readouterr().err == ""
