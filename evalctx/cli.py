@@ -190,6 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     suite = _overrides(load_suite(args.suite), args)
     builder = SampleBuilder(suite, load_tokenizer(args.tokenizer))
+    builder.check_min_lengths()
     # Written under a temporary name and renamed at the end: a full disk or a Ctrl-C leaves no partial file that
     # looks like a whole suite. A bad --out (a missing folder) is one line before any work.
     output = contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_file(Path(args.out))

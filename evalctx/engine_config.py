@@ -87,6 +87,8 @@ class EngineConfig:
     """Build-time flag of releases up to about 0.11 (a runtime knob since); None where the file has none."""
     max_output_len: int | None
     """Build-time value of releases up to about 0.10; None in newer files."""
+    position_embedding_type: str | None = None
+    """``rope_gpt_neox``, ``learned_absolute``, ``alibi``, ... (TensorRT-LLM's PositionEmbeddingType names)."""
     defaults_used: tuple[str, ...] = field(default=())
     """Keys that were missing and took the writing release's default."""
 
@@ -269,6 +271,7 @@ def _shape(r: _Reader, d: Mapping[str, Any], where: str, layers: str, heads: str
         max_position_embeddings=r.get_int(d, "max_position_embeddings", where),
         rotary_base=float(rope) if isinstance(rope, (int, float)) else None,
         tie_word_embeddings=bool(d.get("tie_word_embeddings") or d.get("share_embedding_table") or False),
+        position_embedding_type=r.get_str(d, "position_embedding_type"),
     )
 
 

@@ -70,13 +70,17 @@ def limits_from_engine(engine: EngineConfig, *, max_input_len: int | None, chunk
     """Limits of a TensorRT-LLM engine as it will be loaded (runtime values passed in by the backend).
 
     ``attention_window``/``sink_tokens``: the runtime's ``max_attention_window_size`` and ``sink_token_length``.
-    The engine's ``max_position_embeddings`` is taken as a rotary model's stated window (rows beyond it are
-    flagged, not refused: the engine config does not say whether positions are learned).
+    The engine's ``max_position_embeddings`` ends learned absolute positions (``position_embedding_type =
+    learned_absolute``: prompts beyond are unsupported), states no window for ALiBi, and is a rotary model's stated
+    window otherwise (rows beyond it are flagged).
     """
+    kind = (engine.position_embedding_type or "").lower()
+    absolute = kind == "learned_absolute"
     return EngineLimits(
         attention_window=attention_window,
         sink_tokens=sink_tokens,
-        trained_positions=engine.max_position_embeddings,
+        max_positions=engine.max_position_embeddings if absolute else None,
+        trained_positions=None if absolute or kind.startswith("alibi") else engine.max_position_embeddings,
         max_seq_len=engine.max_seq_len,
         max_input_len=max_input_len,
         max_num_tokens=engine.max_num_tokens,

@@ -179,15 +179,6 @@ def unsupported_record(run_id: str, spec: SampleSpec, reason: str, extra: dict[s
     return rec.to_row()
 
 
-def _check_min_lengths(builder: SampleBuilder, suite: Suite) -> None:
-    for i, ts in enumerate(suite.tasks):
-        need = builder.task(i).min_length()
-        short = [n for n in ts.lengths if n < need]
-        if short:
-            raise LengthError(f"task {ts.name}: length(s) {short} are below the {need} tokens its template and "
-                              f"needles need with this tokenizer (for the longest keys); use lengths >= {need}")
-
-
 class Runner:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -202,7 +193,7 @@ class Runner:
         self.tokenizer: Tokenizer = load_tokenizer(tok_spec)
         check_suite(cfg.suite)
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
-        _check_min_lengths(self.builder, cfg.suite)
+        self.builder.check_min_lengths()
         self.specs = self.builder.specs()
         if self.world.is_root:
             for warning in self.builder.budget_warnings():

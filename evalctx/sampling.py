@@ -99,6 +99,16 @@ class SampleBuilder:
                                                 ts.task, options))
         return specs
 
+    def check_min_lengths(self) -> None:
+        """Raise LengthError naming the task and its minimum when a suite length is below it (``run`` and
+        ``generate`` refuse the same suites)."""
+        for i, ts in enumerate(self.suite.tasks):
+            need = self.task(i).min_length()
+            short = [n for n in ts.lengths if n < need]
+            if short:
+                raise LengthError(f"task {ts.name}: length(s) {short} are below the {need} tokens its template and "
+                                  f"needles need with this tokenizer (for the longest keys); use lengths >= {need}")
+
     def budget_warnings(self) -> list[str]:
         """One line per suite table whose hand-set max_new_tokens cannot hold its task's answers."""
         out = []

@@ -90,11 +90,8 @@ _KV_STRIP = str.maketrans({c: " " for c in "\n:\"'.,?!{}"})
 def kv_retrieval_match(pred: str, refs: Sequence[str]) -> Score:
     """InfiniteBench/TensorRT-LLM ``compute_scores.get_score_one_kv_retrieval``: replace each of ``\\n : " ' . , ?
     ! { }`` with a space, split on whitespace; 1 if the label is one of the words (case-sensitive, whole words).
-
-    Raises TypeError for a bare string (it would be read as a list of characters)."""
-    if isinstance(refs, str):
-        raise TypeError("refs must be a list of reference strings, not a str")
-    label = str(refs[0])
+    """
+    label = references(refs)[0]
     words = pred.translate(_KV_STRIP).split()
     if label in words:
         return Score(1.0, label, "")

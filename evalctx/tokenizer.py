@@ -90,7 +90,8 @@ class ByteTokenizer:
         return ids, offsets
 
     def decode(self, ids: Sequence[int]) -> str:
-        data = bytes(i - self.OFFSET for i in ids if i >= self.OFFSET)
+        # Ids past the byte range (a model with a larger vocabulary) decode to nothing, as unknown ids do in HF.
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
 
     def fingerprint(self) -> str:
@@ -120,13 +121,19 @@ class HFTokenizer:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UsageError(f"tokenizer directory not found: {self.path} (pass --tokenizer DIR with tokenizer files)")
+        from evalctx.fingerprint import TOKENIZER_FILES
+
+        if not gguf_file and not any((self.path / n).is_file() for n in TOKENIZER_FILES):
+            raise UsageError(f"{self.path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                             "tokenizer.model, ...): pass --tokenizer DIR with the model's tokenizer")
         kwargs = {"local_files_only": True}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         try:
             self.hf = AutoTokenizer.from_pretrained(str(self.path), **kwargs)
-        except Exception as exc:  # transformers raises many types; the user needs one line
-            raise UsageError(f"cannot load a tokenizer from {self.path}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # transformers raises many types, over several lines; the user needs one line
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise UsageError(f"cannot load a tokenizer from {self.path}: {why}") from exc
         if not getattr(self.hf, "is_fast", False):
             raise UsageError(
                 f"tokenizer in {self.path} has no fast (Rust) version; evalctx needs token offsets: "

@@ -12,6 +12,7 @@ What can be checked without running the model:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from evalctx.errors import UsageError
@@ -41,7 +42,8 @@ def check_tokenizer(tokenizer: Tokenizer, model: str, embedding_rows: int | None
     ``embedding_rows``: rows of the model's input embedding table (None: unknown). ``own``: the tokenizer the
     model directory ships (None: it ships none), ``own_spec`` what to pass to get it.
     """
-    hint = f"pass --tokenizer {own_spec} (or leave --tokenizer out)" if own_spec else \
+    # Naming the model's own tokenizer only where the model directory ships one.
+    hint = f"pass --tokenizer {own_spec} (or leave --tokenizer out)" if own is not None and own_spec else \
         "pass the tokenizer the model was trained with (--tokenizer DIR)"
     if own is not None and own.fingerprint() != tokenizer.fingerprint():
         given, wanted = tokenizer.encode(PROBE, add_special_tokens=True), own.encode(PROBE, add_special_tokens=True)
@@ -56,6 +58,11 @@ def check_tokenizer(tokenizer: Tokenizer, model: str, embedding_rows: int | None
     if text_vocab is not None and text_vocab > embedding_rows:
         raise UsageError(f"tokenizer {tokenizer.name} has {text_vocab} text tokens but {model}'s embedding table "
                          f"has {embedding_rows} rows: ids beyond it cannot run; {hint}")
+    if text_vocab is not None and own is None and 2 * text_vocab < embedding_rows:
+        # Nothing to compare with; a table padded for speed is a few percent larger, never twice the vocabulary.
+        print(f"evalctx: warning: tokenizer {tokenizer.name} has {text_vocab} text tokens but {model}'s embedding "
+              f"table has {embedding_rows} rows: it is probably not the model's tokenizer (answers would be other "
+              f"text, scored 0); {hint}", file=sys.stderr)
     eos = getattr(tokenizer, "eos_token_id", None)
     beyond = sorted({i for i in prompt_ids_of(tokenizer) + ([eos] if isinstance(eos, int) else [])
                      if i >= embedding_rows})

@@ -90,3 +90,16 @@ def test_generate_says_its_size_up_front_and_shows_progress(tmp_path: Path,
     assert float(m.group(2)) == pytest.approx(out.stat().st_size / 1e3, rel=0.05)
     assert sum("18/18 samples" in x for x in err) == 1
     assert err[-1] == f"evalctx: wrote 18 samples ({out.stat().st_size / 1e3:.1f} kB) to {out}"
+
+
+def test_the_table_says_which_scores_carry_a_flag() -> None:
+    """A 0% row under short_budget, or a score beyond a RoPE model's stated window, must not print bare: the table
+    names the flag, how many scored samples and at which lengths (error rows' flags are not counted)."""
+    df = _rows([0.1, 0.1, 0.1]).assign(score=0.0, flags=[["short_budget"], [], ["short_budget",
+                                                                                 "beyond_trained_window"]])
+    df.loc[len(df)] = {**df.iloc[0].to_dict(), "status": "error", "score": None, "flags": ["short_budget"]}
+    text = format_summary(df)
+    assert "flagged short_budget: 2 scored samples at length 1024, 3072: max_new_tokens is below" in text
+    assert "flagged beyond_trained_window: 1 scored samples at length 3072" in text
+    assert "flagged" not in format_summary(_rows([0.1]).assign(flags=[[]]))
+    assert "flagged" not in format_summary(_rows([0.1]))  # results without a flags column

@@ -121,3 +121,45 @@ def test_ids_beyond_the_embedding_table_are_refused(byte_llama: Path, tmp_path: 
     far_eos.eos_token_id = 300
     with pytest.raises(UsageError, match=r"special token id\(s\) \[300\] lie beyond m's 259-row"):
         check_tokenizer(far_eos, "m", 259)
+
+
+def test_a_model_without_tokenizer_files(tmp_path: Path, capsys) -> None:
+    """The issue's `--tokenizer byte` against a model with a larger vocabulary that ships no tokenizer: it crashed
+    with a ValueError traceback when the model wrote an id past the byte range; now it warns before the run and
+    the run completes (scored, as it must be, 0). No tokenizer at all is one line; the hint never names the model
+    directory as a tokenizer when it has none."""
+    import shutil
+
+    from evalctx.cli import main
+    from evalctx.models import resolve_model
+
+    tiny = resolve_model("tiny").path
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny / name, bare / name)
+    suite = tmp_path / "s.toml"
+    suite.write_text('name = "s"\n[[tasks]]\ntask = "passkey"\nlengths = [256]\ndepths = [0.5]\nsamples = 2\n')
+    base = ["run", "--suite", str(suite), "--backend", "hf", "--model", str(bare), "--out", str(tmp_path),
+            "--no-progress", "--backend-opt", "device=cpu", "--backend-opt", "threads=1"]
+    assert main([*base, "--tokenizer", "byte", "--run-id", "byte"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: tokenizer byte has 259 text tokens but bare's embedding table has 1024 rows" in err
+    assert "pass the tokenizer the model was trained with" in err and "Traceback" not in err
+    assert len(pd.read_parquet(tmp_path / "byte" / "results.parquet")) == 2
+
+    assert main([*base, "--run-id", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no tokenizer files" in err and "pass --tokenizer DIR" in err
+
+    from tokenizer_fixtures import get_tokenizer
+
+    from evalctx.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        make_backend(bare, tokenizer=get_tokenizer("bpe_llama3"))
+    assert "has 2000 text tokens" in str(info.value) and f"--tokenizer {bare}" not in str(info.value)
+
+
+def test_the_byte_tokenizer_decodes_ids_past_its_range_to_nothing() -> None:
+    assert ByteTokenizer().decode([3 + ord("4"), 900, 3 + ord("2"), 1, 2]) == "42"

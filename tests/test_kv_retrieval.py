@@ -57,7 +57,9 @@ def json_object(s: Sample) -> tuple[dict[str, str], list[tuple[str, str]]]:
 def check_kv_sample(task: Task, s: Sample, length: int, depth: float) -> None:
     tok = task.tokenizer
     assert len(s.prompt_ids) == s.context_length == length
-    assert tok.encode(s.prompt, s.add_special_tokens) == s.prompt_ids
+    # the Sample contract: its ids are the prompt's with special tokens only in the chat template's spans
+    assert tok.encode(s.prompt, s.add_special_tokens, s.special_spans) == s.prompt_ids
+    assert bool(s.special_spans) == (s.prompt_mode == "chat")
     obj, pairs = json_object(s)
     key, value = s.meta["key"], s.target[0]
     assert len(obj) == len(pairs) == s.meta["n_pairs"]  # whole pairs only, every key distinct
@@ -68,12 +70,14 @@ def check_kv_sample(task: Task, s: Sample, length: int, depth: float) -> None:
     index = [k for k, _ in pairs].index(key)
     assert index == round(depth * (len(pairs) - 1))  # depth = the asked pair's place among the pairs
     # needle_token_index points at the asked pair
-    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens)
+    _, offsets = tok.encode_with_offsets(s.prompt, s.add_special_tokens, s.special_spans)
     at = s.prompt.index(f'"{key}": "{value}"')
     i = s.needle_token_index
     assert offsets[i][0] <= at < max(offsets[i][1], offsets[i][0] + 1)
     if s.depth_actual is not None:
         assert 0.0 <= s.depth_actual <= 1.0
+    # the row keeps its answer's length (short_budget needs it) and the default budget holds it
+    assert 0 < s.meta["answer_tokens"] and task.answer_tokens() <= task.default_budget()
     scorer = get_scorer(s.scorer)
     assert scorer(f" {value}.", s.target).value == 1.0
     others = [v for k, v in pairs if k != key]
@@ -226,3 +230,25 @@ def test_the_fake_oracle_answers_kv_retrieval_and_the_suite_runs(tmp_path, capsy
     df = pd.read_parquet(tmp_path / "kv" / "results.parquet")
     assert len(df) == 10 and (df["score"] == 1.0).all() and set(df["task"]) == {"kv_retrieval"}
     assert (df["n_prompt_tokens"] == df["context_length"]).all() and (df["max_new_tokens"] == 50).all()
+
+
+@needs_hf
+def test_lengths_right_above_the_minimum_build_where_space_runs_are_tokens(tmp_path):
+    """SmolLM2/StarCoder-style vocabularies hold whitespace runs as tokens (2 tokens for any run of 2-21 spaces):
+    spaces alone could not pad, so with SmolLM2 every length from min + 9 to min + 55 (one pair) was unbuildable
+    and became unsupported rows. Newline-space units pad where spaces cannot."""
+    from tokenizer_fixtures import build_rust
+    from transformers import PreTrainedTokenizerFast
+
+    from evalctx.tokenizer import HFTokenizer
+
+    rust, specials = build_rust("bpe_llama3")
+    rust.add_tokens([" " * k for k in range(2, 22)])  # whitespace runs as single tokens
+    PreTrainedTokenizerFast(tokenizer_object=rust, **specials).save_pretrained(str(tmp_path))
+    tok = HFTokenizer(tmp_path)
+    assert len(tok.encode("x" + " " * 12 + "}")) <= 3
+    task = get_task("kv_retrieval")(tok, {})
+    lo = task.min_length()
+    for length in range(lo, lo + 40, 3):
+        s = task.make_sample(length, 0.5, length)
+        check_kv_sample(task, s, length, 0.5)

@@ -73,3 +73,28 @@ def test_engine_limits_carry_the_window_and_the_stated_positions():
     assert (lim.attention_window, lim.sink_tokens) == (4096, 4)
     assert lim.trained_positions == engine.max_position_embeddings
     assert "attention sees only the last 4096 tokens" in check(5000, 8, lim)
+
+
+@pytest.mark.parametrize("kind,absolute,trained", [("rope_gpt_neox", None, 1024), ("learned_absolute", 1024, None),
+                                                   ("alibi", None, None), (None, None, 1024)])
+def test_an_engines_position_embedding_type_decides_refuse_or_flag(tmp_path, kind, absolute, trained):
+    """The engine config states how positions work (pretrained_config.position_embedding_type): a GPT-2 engine's
+    learned positions end at max_position_embeddings (prompts beyond are unsupported, as for the hf backend),
+    an ALiBi engine states no window to flag, a RoPE engine flags rows beyond it."""
+    import json
+    from pathlib import Path
+
+    from evalctx.engine_config import load_engine_config
+    from evalctx.preflight import limits_from_engine
+
+    data = json.loads((Path(__file__).parent / "data" / "engines" / "v1" / "config.json").read_text())
+    data["pretrained_config"]["max_position_embeddings"] = 1024
+    if kind is None:
+        del data["pretrained_config"]["position_embedding_type"]
+    else:
+        data["pretrained_config"]["position_embedding_type"] = kind
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    engine = load_engine_config(tmp_path)
+    lim = limits_from_engine(engine, max_input_len=None, chunked_context=True, kv_cache_tokens=None)
+    assert (lim.max_positions, lim.trained_positions) == (absolute, trained)
+    assert (check(2000, 6, lim) is not None) == (absolute is not None)

@@ -125,11 +125,21 @@ def test_scorers_match_references_on_random_text(pred, refs):
     ("first_int_match", " 1.", "12345"),  # "1" == the first character of "12345"
     ("string_match_part", " 7.", "7503775"),
     ("landmark_int_match", " 1.", "12345"),
+    ("kv_retrieval_match", " a b", "ab"),
 ])
 def test_a_bare_string_is_refused(name, pred, bare):
     with pytest.raises(TypeError, match="bare string"):
         score(name, pred, bare)
     assert score(name, pred, [bare]).value == 0.0  # the same reference as a list: the answer is wrong
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_every_scorer_refuses_bytes_and_no_reference(name):
+    """Every scorer takes its references through one check: bytes (iterated: ints) and [] are refused by all."""
+    with pytest.raises(TypeError, match="bare string"):
+        score(name, " 97", b"a")
+    with pytest.raises(ValueError, match="no reference"):
+        score(name, " 97", [])
 
 
 def test_references_from_any_list_like():

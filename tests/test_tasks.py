@@ -377,7 +377,7 @@ def test_niah_needles_at_the_very_end_stay_apart(haystack, sep):
 @pytest.mark.parametrize("tok_name,mode", [(t, m) for t in TOKENIZER_NAMES for m in ("raw", "chat")
                                            if m == "raw" or t in CHAT_TOKENIZER_NAMES])
 @pytest.mark.parametrize("task_name,options", [("passkey", {}), ("niah_single", {}), ("niah_multikey", {}),
-                                               ("niah_multivalue", {"value_type": "uuids"})])
+                                               ("niah_multivalue", {"value_type": "uuids"}), ("kv_retrieval", {})])
 def test_min_length_covers_the_draws(tok_name, mode, task_name, options):
     """min_length() is the longest minimum over many draws: at min_length() + NEAR_MINIMUM every draw builds, so
     the runner's up-front build of the near-minimum specs finds every sample a short length cannot hold."""

@@ -166,3 +166,32 @@ def test_a_whole_run_through_the_cli(tmp_path, name):
     assert df["ttft_s"].notna().all() and (df["runtime_timing"] == "executor").all()
     manifest = json.loads((tmp_path / "out" / "r" / "manifest.json").read_text())
     assert manifest["backend"]["tensorrt_llm_version"] == "1.2.0" and manifest["status"] == "complete"
+
+
+def test_the_checkpoints_own_limits_and_tokenizer_are_checked(standin, tmp_path):
+    """Issue 10 kinds 5 and 7 for the LLM API as for hf: a sliding window in every layer or learned absolute
+    positions make longer prompts unsupported, a RoPE model's stated window flags rows, and a tokenizer that is
+    not the checkpoint's is one line before the LLM loads."""
+    import shutil
+
+    from evalctx.models import resolve_model
+    from evalctx.preflight import window_flags
+
+    path = hf_dir(tmp_path)
+    specs = [SimpleNamespace(id="short", context_length=200, max_new_tokens=6),
+             SimpleNamespace(id="long", context_length=900, max_new_tokens=6)]
+    (path / "config.json").write_text(json.dumps({"model_type": "mistral", "sliding_window": 256,
+                                                  "max_position_embeddings": 32768}))
+    reasons = backend(path).preflight(specs)
+    assert list(reasons) == ["long"] and "attention sees only the last 256 tokens" in reasons["long"]
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 512}))
+    assert "512 learned absolute positions" in backend(path).preflight(specs)["long"]
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
+    b = backend(path)
+    assert b.preflight(specs) == {}
+    assert window_flags(900, 6, b.limits()) == ["beyond_trained_window"] and window_flags(200, 6, b.limits()) == []
+
+    tiny = tmp_path / "tiny"
+    shutil.copytree(resolve_model("tiny").path, tiny)
+    with pytest.raises(UsageError, match="does not tokenize like the one .* ships.*pass --tokenizer"):
+        backend(tiny, {"tokenizer": ByteTokenizer()})

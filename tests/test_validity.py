@@ -122,6 +122,11 @@ def test_kind2_a_length_below_the_true_minimum_is_refused_up_front(tmp_path: Pat
                  "--out", str(tmp_path), "--run-id", "r", "--no-progress"])
     assert code == 2 and not (tmp_path / "r").exists()
     assert f"use lengths >= {need}" in capsys.readouterr().err
+    # generate refuses the same suite (it wrote the samples that happened to fit, skipping the rest, exit 0)
+    code = main(["generate", "--suite", _niah_suite(tmp_path, "[92, 4096]"), "--tokenizer", "tiny",
+                 "--out", str(tmp_path / "g.jsonl"), "--no-progress"])
+    assert code == 2 and not (tmp_path / "g.jsonl").exists()
+    assert f"use lengths >= {need}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("near", [32, 0])  # 0: nothing built up front, the loop's own check must hold
@@ -175,6 +180,23 @@ def test_kind3_a_hand_set_budget_too_small_warns_and_flags(tmp_path: Path, capsy
     df = pd.read_parquet(tmp_path / "r" / "results.parquet")
     assert (df["score"] == 0.0).all() and all(list(f) == ["short_budget"] for f in df["flags"])
     assert pd.read_csv(tmp_path / "r" / "summary.csv")["n_flagged"].sum() == 6
+
+
+@pytest.mark.parametrize("task,budget", [("kv_retrieval", 10), ("niah_multivalue", 8), ("passkey", 3)])
+def test_kind3_every_task_flags_rows_whose_budget_cut_the_answer(tmp_path: Path, capsys, task, budget) -> None:
+    """The kind, past passkey: every task keeps each row's answer length and flags the rows a hand-set budget cut
+    (kv_retrieval kept none, so its cut uuids scored 0 unflagged). The fake backend cuts at the budget as a real
+    model does (cut_at_budget)."""
+    suite = _write_suite(tmp_path / "s.toml", f'name = "s"\n[[tasks]]\ntask = "{task}"\nlengths = [900]\n'
+                                              f"depths = [0.0, 1.0]\nsamples = 2\nmax_new_tokens = {budget}\n")
+    code = main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", "r", "--no-progress", "--backend-opt", "cut_at_budget=true"])
+    assert code == 0
+    assert f"max_new_tokens {budget} cannot hold its answers" in capsys.readouterr().err
+    df = pd.read_parquet(tmp_path / "r" / "results.parquet")
+    assert (df["meta_answer_tokens"] > budget).all() and (df["n_output_tokens"] == budget).all()
+    assert (df["finish_reason"] == "length").all() and (df["score"] < 1.0).all()  # multivalue: 1 of 4 values
+    assert all(list(f) == ["short_budget"] for f in df["flags"])
 
 
 # -- 6. run identity --------------------------------------------------------------------------------------------------
@@ -242,3 +264,19 @@ def test_kind8_plan_takes_float16_and_warns_beyond_max_position_embeddings(capsy
     assert main(["plan", "--config", "tiny", "--context", "2000000", "--weight-dtype", "bfloat16",
                  "--kv-dtype", "float16"]) == 0
     assert "exceeds the model's max_position_embeddings 1,048,576" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["trtllm", "hf"])
+def test_kind8_plan_warns_for_both_backends_and_for_a_sliding_window(tmp_path: Path, capsys, backend) -> None:
+    """`plan --backend hf` said nothing about a context past max_position_embeddings; neither plan said anything
+    about a sliding window in every layer, which makes evalctx run mark longer prompts unsupported."""
+    tiny = json.loads((Path(__file__).parent.parent / "evalctx" / "data" / "models" / "tiny" / "config.json")
+                      .read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**tiny, "max_position_embeddings": 512}))
+    assert main(["plan", "--config", str(tmp_path), "--context", "4096", "--backend", backend]) == 0
+    assert "exceeds the model's max_position_embeddings 512" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({**tiny, "model_type": "mistral", "sliding_window": 256}))
+    assert main(["plan", "--config", str(tmp_path), "--context", "4096", "--backend", backend]) == 0
+    assert "exceeds the sliding window of 256 tokens in every layer" in capsys.readouterr().err
+    assert main(["plan", "--config", str(tmp_path), "--context", "256", "--backend", backend]) == 0
+    assert capsys.readouterr().err == ""

@@ -117,6 +117,18 @@ def build_rust(kind: str, text: list[str] | None = None, vocab_size: int = 2000)
         tok, trainer = _bytelevel_bpe(vocab_size, kind == "bpe_digits", ["<|endoftext|>"])
         tok.train_from_iterator(text, trainer)
         return tok, {"eos_token": "<|endoftext|>"}
+    if kind == "bpe_prefix_space":
+        # ByteLevel with add_prefix_space (RoBERTa/BART style): every encode starts with a space. Not in HF_KINDS
+        # (the property sweeps); test_placement builds lengths that once needed more than 5 verifications.
+        tok = RustTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(text, trainer)
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+        return tok, {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>"}
     if kind == "bpe_gpt2":
         # GPT-2's own pre-tokenizer: ByteLevel with its regex (`` ?\p{L}+``, ``\s+(?!\S)``, ``\s+`` ...).
         tok = RustTokenizer(models.BPE())

@@ -91,6 +91,9 @@ class FakeBackend(Backend):
         """Where every rank writes a digest of each batch it received (FakeTPBackend)."""
         seconds_per_token: float = 0.0
         """Simulated prefill cost added to the reported latency (not slept): gives latency plots shape."""
+        cut_at_budget: bool = False
+        """Cut each answer to max_new_tokens tokens (finish_reason ``length``) as a real model's output is, so a
+        budget too small for the answer shows in fake runs (off by default: the oracle's whole answer)."""
 
     def __init__(self, options: Any, ctx: BackendContext) -> None:
         super().__init__(options, ctx)
@@ -139,22 +142,34 @@ class FakeBackend(Backend):
                 out.append(GenerationResult(text=None, error="fake backend: injected error",
                                             n_prompt_tokens=len(req.prompt_ids), batch_size=len(batch)))
                 continue
-            text = self._answer(req)
+            budget = req.max_new_tokens if o.cut_at_budget else None
+            text, n_out, finish = self._within_budget(self._answer(req), budget)
             n = len(req.prompt_ids)
             sim = o.seconds_per_token * n
             elapsed = time.perf_counter() - t0 + sim
             out.append(GenerationResult(
                 text=text,
                 n_prompt_tokens=n + o.length_delta,
-                n_output_tokens=len(self.ctx.tokenizer.encode(text)) if self.ctx.tokenizer is not None else None,
+                n_output_tokens=n_out,
                 latency_s=elapsed,
                 ttft_s=elapsed * 0.9 if elapsed else None,
                 batch_size=len(batch),
-                finish_reason="stop",
+                finish_reason=finish,
                 n_cached_prompt_tokens=0,  # no KV cache: every prompt is a cold prefill
             ))
         self._n_batches += 1
         return out
+
+    def _within_budget(self, text: str, max_new_tokens: int | None) -> tuple[str, int | None, str]:
+        """(text, output tokens, finish reason) of ``text`` cut to ``max_new_tokens`` (None: whole) as a model's
+        output is (``length``)."""
+        tok = self.ctx.tokenizer
+        if tok is None:
+            return text, None, "stop"
+        ids = tok.encode(text)
+        if max_new_tokens is None or len(ids) <= max_new_tokens:
+            return text, len(ids), "stop"
+        return tok.decode(ids[:max_new_tokens]), max_new_tokens, "length"
 
     def _record(self, batch: Sequence[GenerationRequest]) -> None:
         if not self.options.record_dir:

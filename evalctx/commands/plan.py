@@ -18,8 +18,8 @@ from evalctx.argtypes import fraction, non_negative_float, positive_float, posit
 from evalctx.dtypes import canonical_dtype
 from evalctx.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError
-from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, Plan,
-                          RankMemory, load_shape, plan)
+from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, ModelShape,
+                          Plan, RankMemory, load_shape, plan)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -149,13 +149,25 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def position_warning(p: Plan) -> str | None:
-    """A warning when the planned context is longer than the positions the model's config states."""
-    limit = p.shape.max_position_embeddings
-    if limit is None or p.context <= limit:
+def position_warning(context: int, shape: ModelShape) -> str | None:
+    """A warning when the planned context is longer than the positions (or the sliding window in every layer)
+    the model's config states; a Hugging Face config is read as the hf backend's preflight reads it."""
+    from evalctx.preflight import limits_from_hf_config
+
+    try:
+        data = json.loads(Path(shape.source).read_text())
+    except (OSError, ValueError):
+        data = None
+    window = limits_from_hf_config(data).attention_window if isinstance(data, dict) else None
+    if window is not None and context > window:
+        return (f"evalctx plan: warning: context {context:,} tokens exceeds the sliding window of {window:,} tokens "
+                f"in every layer of the model ({shape.source}): a needle further back is out of sight, so evalctx "
+                "run marks longer prompts unsupported")
+    limit = shape.max_position_embeddings
+    if limit is None or context <= limit:
         return None
-    return (f"evalctx plan: warning: context {p.context:,} tokens exceeds the model's max_position_embeddings "
-            f"{limit:,} ({p.shape.source}): positions beyond it were never trained, and models with absolute "
+    return (f"evalctx plan: warning: context {context:,} tokens exceeds the model's max_position_embeddings "
+            f"{limit:,} ({shape.source}): positions beyond it were never trained, and models with absolute "
             "position embeddings cannot run there at all")
 
 
@@ -198,6 +210,9 @@ def _hf(args: argparse.Namespace) -> str:
                          "drop --kv-dtype")
     if not args.context:
         raise UsageError("evalctx plan: pass --context TOKENS (prompt plus generated)")
+    warning = position_warning(args.context, shape)
+    if warning:
+        print(warning, file=sys.stderr)
     chunk = HFBackend.Options().chunk_size if args.chunk_size is None else args.chunk_size
     tp = args.tp or 1
     if shape.num_attention_heads % tp or shape.num_kv_heads % tp:
@@ -248,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
         print(_hf(args))
         return 0
     p = _resolve(args)
-    warning = position_warning(p)
+    warning = position_warning(p.context, p.shape)
     if warning:
         print(warning, file=sys.stderr)
     print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))

@@ -41,11 +41,28 @@ def format_summary(df: pd.DataFrame) -> str:
             lat_s = "" if lat != lat else f"{lat:7.3f}"  # one format for every row: seconds, ms resolution
             lines.append(f"{length:>7} | {accs} | {_pct(row['accuracy'])}  {ci:<11} {int(row['n']):>4} "
                          f"{int(row['n_error']):>4} {int(row['n_unsupported']):>3} {lat_s}")
+        lines += _flag_lines(g)
         lines.append("")
     if df["task"].nunique() > 1:
         lines += _average_lines(df)
     lines.append(textwrap.fill(LEGEND, width=100))
     return "\n".join(lines).rstrip()
+
+
+def _flag_lines(rows: pd.DataFrame) -> list[str]:
+    """One line per row flag among the scored rows of one task: how many, at which lengths, what it means (a 0%
+    under ``short_budget`` is the budget's, a score under ``beyond_trained_window`` is extrapolation)."""
+    from evalctx.records import FLAGS
+
+    if "flags" not in rows.columns:
+        return []
+    found: dict[str, list[int]] = {}
+    for flags, length, status in zip(rows["flags"], rows["context_length"], rows["status"]):
+        for flag in (flags if flags is not None and status == "ok" else []):
+            found.setdefault(str(flag), []).append(int(length))
+    return [textwrap.fill(f"flagged {flag}: {len(lengths)} scored samples at length "
+                          f"{', '.join(map(str, sorted(set(lengths))))}: {FLAGS.get(flag, '')}", width=100)
+            for flag, lengths in sorted(found.items())]
 
 
 def _average_lines(df: pd.DataFrame) -> list[str]:

@@ -14,8 +14,9 @@ counted in context (one tokenization of a batch of them); the object is filled w
 pair is left, then filler pairs are swapped for fresh ones with more tokens (uuids tokenize to different counts)
 until the count is exact (right above the minimum, an asked pair that alone does not fit is redrawn). Where that
 cannot close the gap -- every pair the same count (a byte tokenizer), or less than one pair above the minimum --
-JSON whitespace before the closing brace fills the last tokens (``meta["pad_spaces"]``). The final text is
-tokenized once and its length asserted, never truncated. Depth is the asked pair's place among the pairs: index
+JSON whitespace before the closing brace fills the last tokens (spaces, else newlines or tabs where space runs
+merge; ``meta["pad_spaces"]`` counts its characters). The final text is tokenized once and its length asserted,
+never truncated. Depth is the asked pair's place among the pairs: index
 ``round(depth * (n_pairs - 1))``.
 """
 
@@ -38,6 +39,8 @@ QUESTION = '\n\n\nKey: "{key}"'  # create_prompt's "\n\n" + input's leading "\n"
 ANSWER_PREFIX = "\nThe value associated with the specified key is: "
 SEP = ", "
 _REF = '"00000000-0000-4000-8000-000000000000": "00000000-0000-4000-8000-000000000000"'  # context when counting
+PAD_UNITS = (" ", "\n ", "\n", "\t")
+"""JSON whitespace repeated before the closing brace to fill the last tokens, tried in this order."""
 _SWAP_ROUNDS = 16  # batches of fresh pairs tried when closing the last gap by swaps
 _SWAP_BATCH = 32
 _MAX_VERIFY = 4
@@ -71,7 +74,7 @@ class KvRetrievalTask(HaystackTask):
         if not 0.0 <= depth <= 1.0:
             raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
         depth = float(depth)
-        mnt = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
         # Right above the minimum, an asked pair that tokenizes too long, or that leaves a gap no JSON whitespace
         # can fill (a SentencePiece space costs 2 tokens, so a 1-token gap has no padding), is redrawn.
@@ -103,15 +106,21 @@ class KvRetrievalTask(HaystackTask):
                       target=[b.value], needle_token_index=t_asked, max_new_tokens=mnt,
                       add_special_tokens=b.frame.add_special_tokens, prompt_mode=self.prompt_mode,
                       depth_actual=depth_actual, scorer=self.scorer,
-                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": pad}, messages=messages)
+                      meta={"key": b.key, "n_pairs": len(pairs), "pad_spaces": len(pad),
+                            "answer_tokens": self._value_tokens(b.value)}, messages=messages,
+                      special_spans=b.spans(text))
 
     def answer_tokens(self) -> int:
         """The longest answer (a uuid value after the answer prefix) of the probed draws, in tokens."""
         key = ("answer", self.tokenizer.fingerprint(), self.prompt_mode)
         if key not in _MIN_CACHE:
             values = (_Builder(self, self._rng(0, 0.5, seed)).value for seed in range(MIN_PROBES))
-            _MIN_CACHE[key] = max(len(self.tokenizer.encode(" " + v)) for v in values)
+            _MIN_CACHE[key] = max(self._value_tokens(v) for v in values)
         return _MIN_CACHE[key]
+
+    def _value_tokens(self, value: str) -> int:
+        """Tokens of one answer (a space and the uuid value): ``meta["answer_tokens"]`` of its sample."""
+        return len(self.tokenizer.encode(" " + value))
 
     def min_length(self) -> int:
         """The longest minimum of :data:`~evalctx.tasks.haystack_task.MIN_PROBES` seeded draws of the asked pair
@@ -144,11 +153,20 @@ class _Builder:
     def count(self, text: str) -> int:
         return len(self.tok.encode(text, add_special_tokens=False))
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The chat template's spans in ``text`` (``frame.pre + body + frame.post``): only there are special-token
+        strings special (``Sample.special_spans``); empty in raw mode."""
+        shift = len(text) - len(self.frame.post)
+        return self.frame.spans("pre") + [(shift + a, shift + b) for a, b in self.frame.spans("post")]
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and offsets of a whole prompt, as :class:`~evalctx.records.Sample` states them."""
+        return self.tok.encode_with_offsets(text, self.frame.add_special_tokens, self.spans(text))
+
     def minimum(self) -> int:
         """Tokens of the prompt whose object holds the asked pair alone."""
         if self._minimum is None:
-            self._minimum = len(self.tok.encode(self.frame.pre + self.asked + self.frame.post,
-                                                self.frame.add_special_tokens))
+            self._minimum = len(self.encode(self.frame.pre + self.asked + self.frame.post)[0])
         return self._minimum
 
     def pair_counts(self, pairs: list[str]) -> list[int]:
@@ -211,22 +229,27 @@ class _Builder:
                     break
         return gap
 
-    def pad_for(self, gap: int) -> int | None:
-        """Spaces before the closing brace that add exactly ``gap`` tokens (measured locally), or None."""
+    def pad_for(self, gap: int) -> str | None:
+        """JSON whitespace before the closing brace that adds exactly ``gap`` tokens (measured locally), or None.
+
+        Spaces first; where runs of spaces merge into few tokens (SmolLM2/StarCoder vocabularies hold whitespace
+        runs: 2 tokens for any run of 2-21 spaces, so lengths from the minimum up to one pair more had no
+        padding at all), the other units of :data:`PAD_UNITS`."""
         if gap == 0:
-            return 0
+            return ""
         right = self.frame.post[:16]
         base = self.count(_REF + right)
-        for p in range(1, 8 * gap + 64):
-            got = self.count(_REF + " " * p + right) - base
-            if got == gap:
-                return p
-            if got > gap + 8:
-                break
+        for unit in PAD_UNITS:
+            for p in range(1, 8 * gap + 64):
+                got = self.count(_REF + unit * p + right) - base
+                if got == gap:
+                    return unit * p
+                if got > gap + 8:
+                    break
         return None
 
-    def build(self, length: int, depth: float) -> tuple[str, list[int], list[tuple[int, int]], list[str], int, int]:
-        """(text, ids, offsets, pairs, asked index, pad spaces) of a prompt of exactly ``length`` tokens."""
+    def build(self, length: int, depth: float) -> tuple[str, list[int], list[tuple[int, int]], list[str], int, str]:
+        """(text, ids, offsets, pairs, asked index, padding) of a prompt of exactly ``length`` tokens."""
         t1 = self.minimum()
         where = f"kv_retrieval at {length} tokens with tokenizer {self.tok.name}"
         if length < t1:
@@ -247,8 +270,8 @@ class _Builder:
                 break
             j = round(depth * len(pairs))  # of len(pairs) + 1 pairs in all
             pairs = pairs[:j] + [self.asked] + pairs[j:]
-            text = self.frame.pre + SEP.join(pairs) + " " * pad + self.frame.post
-            ids, offsets = self.tok.encode_with_offsets(text, add_special_tokens=self.frame.add_special_tokens)
+            text = self.frame.pre + SEP.join(pairs) + pad + self.frame.post
+            ids, offsets = self.encode(text)
             if len(ids) == length:
                 return text, ids, offsets, pairs, j, pad
             need -= len(ids) - length  # a seam the local counts missed: aim that much off

@@ -19,10 +19,12 @@ _check_arguments), llm_args.py (TorchLlmArgs, KvCacheConfig), executor/result.py
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
@@ -31,7 +33,7 @@ from evalctx.backends.trtllm.executor import WINDOW_ADVICE
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
-from evalctx.preflight import EngineLimits, SampleLike, check, preflight
+from evalctx.preflight import EngineLimits, SampleLike, check, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult
 
 log = logging.getLogger("evalctx.backends.trtllm")
@@ -93,6 +95,9 @@ class TRTLLMAPIBackend(Backend):
         if not self.model_dir:
             raise UsageError("backend trtllm-llm needs a checkpoint: --model HF_DIR or --backend-opt model_dir=DIR")
         self.tokenizer = ctx.tokenizer
+        self.checkpoint_config = _hf_config(self.model_dir)
+        self.model_limits = limits_from_hf_config(self.checkpoint_config or {})
+        self._check_tokenizer(ctx.model)
         self.end_ids = list(options.end_ids or default_end_ids(self.tokenizer, self.model_dir))
         if not self.end_ids:
             raise UsageError("no end-of-answer token is known: pass --backend-opt end_ids=ID[,ID]")
@@ -108,6 +113,17 @@ class TRTLLMAPIBackend(Backend):
         # What the LLM settled on (it may derive max_seq_len from the checkpoint when none was given).
         self.max_seq_len = getattr(args, "max_seq_len", None) or self.llm_args.get("max_seq_len")
         self.max_num_tokens = getattr(args, "max_num_tokens", None) or options.max_num_tokens
+
+    def _check_tokenizer(self, spec: str | None) -> None:
+        """Before the LLM loads: the tokenizer must be the checkpoint's (evalctx.tokenizer_check), as for hf."""
+        from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
+
+        if self.tokenizer is None or self.checkpoint_config is None:
+            return
+        rows = self.checkpoint_config.get("vocab_size")
+        own = own_tokenizer(Path(self.model_dir), None, self.tokenizer)
+        check_tokenizer(self.tokenizer, str(self.model_dir), rows if isinstance(rows, int) else None, own,
+                        own_spec=spec or str(self.model_dir))
 
     def _load(self, max_seq_len: int | None) -> None:
         require_extra("tensorrt_llm", "trtllm")
@@ -173,10 +189,16 @@ class TRTLLMAPIBackend(Backend):
         o = self.options
         seq = self.max_seq_len
         window = min(o.max_attention_window_size or seq, seq) if seq else o.max_attention_window_size
+        # What the checkpoint's config.json states as well: a sliding window in every layer, learned absolute
+        # positions (unsupported beyond), a RoPE model's stated window (rows beyond it flagged).
+        m = self.model_limits
+        if m.attention_window:
+            window = min(window, m.attention_window) if window else m.attention_window
         return EngineLimits(max_seq_len=seq, max_num_tokens=self.max_num_tokens, paged_context_fmha=True,
                             chunked_context=o.enable_chunked_prefill, kv_cache_tokens=o.max_tokens_in_paged_kv_cache,
                             tokens_per_block=o.tokens_per_block, attention_window=window,
-                            sink_tokens=o.sink_token_length or 0)
+                            sink_tokens=o.sink_token_length or 0, max_positions=m.max_positions,
+                            trained_positions=m.trained_positions)
 
     def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
         return preflight(samples, self.limits())
@@ -298,3 +320,14 @@ class TRTLLMAPIBackend(Backend):
             _ABANDONED.append(llm)  # never shut down nor destroyed: the error ends the run instead of a hang
         elif llm is not None:
             llm.shutdown()
+
+
+def _hf_config(model_dir: str) -> dict[str, Any] | None:
+    """The Hugging Face config.json of a checkpoint directory, or None (a hub name, an engine dir, no file)."""
+    try:
+        data = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    from evalctx.engine_config import is_engine_config
+
+    return data if isinstance(data, dict) and not is_engine_config(data) else None
