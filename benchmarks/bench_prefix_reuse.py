@@ -1,6 +1,6 @@
 """Depth-sweep prefix reuse of the hf backend: an N-depth linear passkey sweep at one length, run in the order the
 runner gives it (evalctx.prefix_order), once cold and once with ``prefix_reuse``: prompt tokens computed, prefill
-time (the sum of TTFT), generation wall time, and whether the answers are the same.
+time (the sum of TTFT), generation wall time, and whether the answers are the same token ids.
 
     # CPU: the embedded tiny model
     python benchmarks/bench_prefix_reuse.py --model tiny --lengths 4096 --chunk 256
@@ -48,12 +48,27 @@ def sweep(model: str, length: int, depths: int, mode: str) -> list[Any]:
     return [s for w in samples for s in w]
 
 
+class IdsTokenizer:
+    """The model's tokenizer, except that ``decode`` spells out the ids: answers are compared token by token.
+    A random-weight model's answers are mostly ids that decode to nothing (special or out-of-range ids), so
+    comparing their text would find "same answers" where the tokens differ."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def decode(self, ids: Any) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
 def backend_for(model: str, reuse: bool, chunk: int, extra: dict[str, Any]) -> Any:
     from evalctx.backends.base import BackendContext, parse_options
     from evalctx.backends.hf import HFBackend
 
     opts = parse_options(HFBackend, {"chunk_size": chunk, "prefix_reuse": reuse, **extra})
-    return HFBackend(opts, BackendContext(model=model, tokenizer=load_tokenizer(model)))
+    return HFBackend(opts, BackendContext(model=model, tokenizer=IdsTokenizer(load_tokenizer(model))))
 
 
 def run(backend: Any, samples: list[Any]) -> tuple[list[dict[str, Any]], float, float]:
@@ -73,7 +88,7 @@ def run(backend: Any, samples: list[Any]) -> tuple[list[dict[str, Any]], float, 
             raise SystemExit(f"{s.id}: {r.error}")
         rows.append({"prefix_reuse": backend.options.prefix_reuse, "length": s.context_length, "depth": s.depth,
                      "n_cached_prompt_tokens": r.n_cached_prompt_tokens, "ttft_s": r.ttft_s,
-                     "latency_s": r.latency_s, "cpu_s": time.process_time() - c, "completion": r.text,
+                     "latency_s": r.latency_s, "cpu_s": time.process_time() - c, "output_ids": r.text,
                      "target": s.target[0]})
     return rows, time.perf_counter() - t0, time.process_time() - c0
 
@@ -93,7 +108,7 @@ def measure(model: str, samples: list[Any], chunk: int, extra: dict[str, Any], r
     for reuse, got in passes.items():
         rows = [dict(r) for r in got[0][0]]
         for i, row in enumerate(rows):
-            assert len({p[0][i]["completion"] for p in got}) == 1, "an answer changed between passes"
+            assert len({p[0][i]["output_ids"] for p in got}) == 1, "an answer changed between passes"
             for key in ("ttft_s", "latency_s", "cpu_s"):
                 row[key] = min(p[0][i][key] for p in got)
         out[reuse] = (rows, min(p[1] for p in got), min(p[2] for p in got))
@@ -108,13 +123,16 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--mode", default="raw", choices=["raw", "chat"])
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ignore-eos", action="store_true", help="decode the whole budget (more answer ids compared)")
     ap.add_argument("--repeats", type=int, default=1, help="passes per configuration; the fastest counts")
     ap.add_argument("--out", default="bench_prefix_reuse_out")
     args = ap.parse_args()
     import pandas as pd
     import torch
 
-    extra = {"threads": args.threads} if args.threads else {}
+    extra: dict[str, Any] = {"threads": args.threads} if args.threads else {}
+    if args.ignore_eos:
+        extra["ignore_eos"] = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -127,13 +145,13 @@ def main() -> None:
         naive = sum(s.context_length for s in samples)
         computed = sum(length - r["n_cached_prompt_tokens"] for r in warm)
         ideal = computed_tokens([s.prompt_ids for s in samples])
-        same = sum(a["completion"] == b["completion"] for a, b in zip(cold, warm))
+        same = sum(a["output_ids"] == b["output_ids"] for a, b in zip(cold, warm))
         pre_c, pre_w = sum(r["ttft_s"] for r in cold), sum(r["ttft_s"] for r in warm)
         lines.append(f"{length:>8} | {len(samples)} depths | tokens computed {computed:,} of {naive:,} = "
                      f"{computed / naive:.3f}x (ideal {ideal / naive:.3f}x) | prefill (sum of TTFT) {pre_w:.3f} s of "
                      f"{pre_c:.3f} s = {pre_w / pre_c:.3f}x | sweep wall {wall_w:.3f} s of {wall_c:.3f} s = "
                      f"{wall_w / wall_c:.3f}x | sweep CPU {cpu_w:.2f} s of {cpu_c:.2f} s = {cpu_w / cpu_c:.3f}x | "
-                     f"same answers {same}/{len(samples)}")
+                     f"same answer ids {same}/{len(samples)}")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HAVE_HF, HF_KINDS, TOKENIZE
 from evalctx.errors import LengthError, UsageError
 from evalctx.tasks.haystack import NOISE_SENTENCE, Haystack, essay_haystack, noise_haystack
 from evalctx.tasks.placement import SENTINEL, Needle, assemble, minimum_length, render_frame
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.tokenizer import ByteTokenizer, load_tokenizer
 
 HAYSTACKS = {"noise": lambda: noise_haystack("\n"), "noise_inline": lambda: noise_haystack(" "),
              "essay": lambda: essay_haystack()}
@@ -39,28 +39,36 @@ def check(tok, frame, hay, needles, depths, length, asm) -> None:
     # the context is one contiguous slice of the filler text with the needles spliced in at their positions
     stream = hay.stream(tok, 0)
     s, e = asm.window
-    parts, cur = [], s
-    for i, (n, p) in enumerate(zip(needles, asm.positions)):
-        last = i == len(needles) - 1 and p == e  # only the needle that ends the haystack drops its separator
-        parts += [stream.text[cur:p], n.text if last else n.text + n.sep]
-        cur = p
-    parts.append(stream.text[cur:e])
-    assert asm.text[len(frame.pre):len(asm.text) - len(frame.post)] == "".join(parts)
+    def context(glue: int) -> str:
+        parts, cur = [], s
+        for i, (n, p) in enumerate(zip(needles, asm.positions)):
+            last = i == len(needles) - 1 and p == e  # only the needle that ends the haystack drops its separator
+            # the first needle after a cut last sentence (line) is set apart by the haystack's joiner; a count
+            # that needs it may put it after a whole one too (glue 1) or leave it out (glue 2)
+            first = p == e and p > s and (i == 0 or asm.positions[i - 1] != p)
+            wanted = glue == 1 or (glue == 0 and not hay.is_boundary(p))
+            joiner = hay.joiner if first and wanted and not n.text[:1].isspace() else ""
+            parts += [stream.text[cur:p], joiner + (n.text if last else n.text + n.sep)]
+            cur = p
+        parts.append(stream.text[cur:e])
+        return "".join(parts)
+
+    assert asm.text[len(frame.pre):len(asm.text) - len(frame.post)] in {context(g) for g in (0, 1, 2)}
     # each needle text occurs exactly once
     for n in needles:
         assert asm.text.count(n.text.strip()) == 1
     # needles sit on boundaries, in order
     assert list(asm.positions) == sorted(asm.positions)
     inner = hay.boundary_at_or_after(s) <= e
-    for p in asm.positions:
-        assert hay.is_boundary(p) or not inner
+    for p, d in zip(asm.positions, depths):
+        assert p == e if d >= 1.0 else hay.is_boundary(p) or not inner  # depth 1: the very end, before ``post``
+    # the window starts where the filler starts (a later start only as the last fallback), so the prompts of a
+    # depth sweep share their prefix up to the earlier needle
+    assert stream.token_at(s) < 4
     # the first needle is on a boundary nearest its depth: no other boundary between it and the depth point
     a = stream.token_at(s)
     if depths[0] >= 1.0:
-        # at the very end; or, the last resort when no window start reaches the count, with less than one unit
-        # (sentence or line) of haystack between it and ``post``
-        p = asm.positions[0]
-        assert hay.is_boundary(p) and (p == e or hay.boundary_at_or_after(p + 1) >= e)
+        pass
     elif inner:
         x = stream.starts[a + round(depths[0] * (stream.token_at(e) - a))]
         lo, hi = sorted((x, asm.positions[0]))
@@ -142,11 +150,10 @@ def test_every_length_in_a_range_builds(name):
 
 @pytest.mark.parametrize("mode", ["raw", "chat"])
 def test_depth_one_reaches_every_length_when_the_start_seam_jumps(mode):
-    """GPT-2's pre-tokenizer splits the template's closing "\\n\\n" before ``.``/``The`` but not before `` word``.
+    """GPT-2's pre-tokenizer splits the template's closing "\n\n" before ``.``/``The`` but not before `` word``.
 
-    With the needle pinned to the end only the window start moves, and on the periodic noise one count per line was
-    skipped whichever token the window started on: the start cut and the few-tokens-after-the-needle fallbacks reach
-    it. The needle stays at the end whenever some window start reaches the count.
+    The needle at depth 1 sits at the very end of a window that starts with the filler, every length of a range
+    builds, and the window leaves the filler's start only for the counts no end reaches.
     """
     if not HAVE_HF:
         pytest.skip("needs tokenizers and transformers")
@@ -155,12 +162,34 @@ def test_depth_one_reaches_every_length_when_the_start_seam_jumps(mode):
     assert frame.pre.endswith("\n\n")
     needles = [Needle("The pass key is 40213. Remember it. 40213 is the pass key.\n")]  # passkey's: no separator
     lo = minimum_length(tok, frame, hay, needles, [1.0])
-    at_end = 0
+    at_start = 0
     for length in range(lo + 600, lo + 660):
         asm = assemble(tok, frame, hay, needles, [1.0], length)
         check(tok, frame, hay, needles, [1.0], length, asm)
-        at_end += asm.positions[0] == asm.window[1]
-    assert at_end >= 50  # the needle leaves the very end only for the counts no window start reaches
+        assert asm.positions[0] == asm.window[1]
+        at_start += asm.window[0] == 0
+    assert at_start >= 50
+
+
+@pytest.mark.parametrize("name,hay_name,length", [
+    ("tiny", "noise", 3000), ("tiny", "noise", 131072),  # at 131072 a line end + "The" + joiner jumps one count
+    ("bpe_llama3", "essay", 3000), ("sp_llama2", "noise", 3000), ("bpe_gpt2", "essay", 3000)])
+def test_a_depth_sweep_shares_the_prefix_up_to_the_earlier_needle(name, hay_name, length):
+    """Depth 1 included: each prompt of a sweep equals the depth-1 one up to its own needle (the prefix reuse of
+    evalctx/prefix_order.py depends on it), and the depth-1 needle follows the haystack's joiner after a cut unit."""
+    if name != "tiny" and not HAVE_HF:
+        pytest.skip("needs tokenizers and transformers")
+    tok = load_tokenizer("tiny") if name == "tiny" else get_tokenizer(name)
+    hay = HAYSTACKS[hay_name]()
+    frame = render_frame(tok, "raw", USER, PREFIX)
+    needles = needles_for(hay, 1)
+    builds = {d: assemble(tok, frame, hay, needles, [d], length) for d in (0.0, 0.3, 0.5, 0.9, 1.0)}
+    top = builds[1.0]
+    assert top.depth_actual == 1.0 and top.window[0] == 0
+    for d, asm in builds.items():
+        cut = asm.needle_token_indices[0]
+        assert asm.ids[:cut - 1] == top.ids[:cut - 1], d
+        assert cut > 0.9 * d * asm.haystack_tokens
 
 
 @pytest.mark.parametrize("name", TOKENIZER_NAMES)

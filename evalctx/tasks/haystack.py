@@ -75,6 +75,11 @@ class Haystack:
     def __repr__(self) -> str:
         return f"Haystack({self.name!r}, {len(self.text)} chars/period, unit={self.unit})"
 
+    @property
+    def joiner(self) -> str:
+        """What separates two units: a newline between lines, a space between sentences."""
+        return "\n" if self.unit == "line" else " "
+
     def contains(self, s: str) -> bool:
         """Whether ``s`` occurs anywhere in the cycled text (including across the wrap-around of the period)."""
         return s in self.text + self.text[: max(len(s) - 1, 0)]

@@ -138,6 +138,7 @@ class _Layout:
     s: int  # first haystack char (stream): starts[a], or inside token a - 1 when the window starts mid-token
     e: int  # haystack end char, exclusive (stream)
     positions: tuple[int, ...]  # insertion char (stream) per needle, non-decreasing
+    glue: int = 0  # before a needle at the end: the joiner after a cut sentence (0), always (1), never (2)
 
 
 def special_token_count(tokenizer: Tokenizer) -> int:
@@ -154,7 +155,7 @@ class _Builder:
                  depths: Sequence[float]) -> None:
         self.tok, self.frame, self.hay = tokenizer, frame, haystack
         self.needles, self.depths = list(needles), list(depths)
-        self.end_anchored = max(depths) >= 1.0
+        self.at_end = max(depths) >= 1.0  # a needle touches ``post``: a different end seam
         self.n_special = special_token_count(tokenizer) if frame.add_special_tokens else 0
         self.st: TokenStream = haystack.stream(tokenizer, _SLACK)
         self._est: dict[_Layout, int] = {}
@@ -171,58 +172,40 @@ class _Builder:
             self.st = self.hay.stream(self.tok, h + _SLACK)
 
     # -- layouts ------------------------------------------------------------------------------------------------------
-    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0, back: int = 0) -> _Layout:
+    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0, glue: int = 0) -> _Layout:
         """The haystack window of ``h`` tokens and its needle positions; the other arguments are fallbacks.
 
-        Normally the window starts at stream token 0 and ends at token ``h`` (possibly mid-sentence). A needle at
-        depth 1 sits at the very end on a sentence boundary, so then the window *ends* at a boundary and starts
-        ``h`` tokens earlier instead (the window is end-anchored).
+        The window starts at stream token 0 and ends at token ``h`` (possibly mid-sentence), whatever the depths,
+        so prompts that differ only in their needles' depths share everything before the earlier needle (the
+        prefix a depth sweep reuses, evalctx/prefix_order.py). Needles at depth < 1 go at the sentence (or line)
+        boundary nearest their depth; needles at depth 1 go at the window's end, right before ``post``, after a
+        possibly cut last sentence -- as gkamradt's needle test (trim the context, append the needle at depth 100)
+        and RULER (needle after the last, possibly partial, sentence) do. :meth:`needle_insert` puts the
+        haystack's joiner between a cut sentence and the needle.
 
         The fallbacks decouple the two ends of the window when a seam makes the count jump over the target (the
-        count moves by 2 when ``h`` moves by 1): ``alt`` takes the other nearest boundary for the first needle (or,
-        end-anchored, the next sentence end); ``cut`` makes the window's *free* end -- the end, or the start when the
-        window is end-anchored -- fall ``cut`` characters inside a token; ``shift`` starts a free-start window
-        ``shift`` tokens later. An end-anchored window has only its start free, and some tokenizers cannot reach
-        every count through the start alone: a GPT-2-style pre-tokenizer splits the template's closing ``"\n\n"``
-        in two before a haystack that starts with ``.`` or ``The`` but not before one that starts with `` word``,
-        and on a periodic haystack (the noise lines) every start phase repeats with the same offsets while every
-        boundary looks alike, so one count per period is unreachable with the needles touching ``post``. ``back``
-        is the last resort there: ``back`` haystack tokens (less than one sentence or line) follow the depth-1
-        needles, which changes the end seam; their depth stays within one unit of 1.
+        count moves by 2 when ``h`` moves by 1): ``alt`` takes the other nearest boundary for the first needle;
+        ``cut`` makes the window's end fall ``cut`` characters inside a token; ``glue`` puts the joiner before a
+        needle at the end also after a whole sentence (1: a blank line) or leaves it out (2) -- a line end, then
+        ``The`` and a joiner, add two tokens where one was wanted; ``shift`` starts the window ``shift`` tokens later (a different start seam; the one fallback that costs a
+        depth sweep its sharing, so the last).
         """
         self.ensure(h + shift)
         st = self.st
-        if self.end_anchored:
-            e = self.hay.boundary_at_or_after(st.starts[h])
-            for _ in range(alt):
-                e = self.hay.boundary_at_or_after(e + 1)
-            while e >= len(st.text) - 1:  # a very long last sentence: grow the stream past it
-                st = self.st = self.hay.stream(self.tok, 2 * len(st))
-            b_e = st.token_at(e)
-            a = min(max(b_e - h, 0), b_e)
-            s = st.starts[a]
-            if cut and a < b_e and st.starts[a + 1] - s > cut:  # start inside token a: its tail begins the haystack
-                s += cut
-                a += 1
-        else:
-            a = shift
-            e = st.starts[a + h]
-            if cut and st.starts[a + h + 1] - e > cut:  # cut inside a token (a partial token ends the haystack)
-                e += cut
-            s = st.starts[a]
-        end = e  # where depth-1 needles go
-        if back and self.end_anchored:  # ``back`` haystack tokens (less than one unit) follow the needles
-            b_e = st.token_at(e)
-            e = min(st.starts[b_e + back], self.hay.boundary_at_or_after(e + 1))
+        a = shift
+        e = st.starts[a + h]
+        if cut and st.starts[a + h + 1] - e > cut:  # cut inside a token (a partial token ends the haystack)
+            e += cut
+        s = st.starts[a]
         h_eff = st.token_at(e) - a
         positions: list[int] = []
         for i, d in enumerate(self.depths):
             if d >= 1.0:
-                p = end
+                p = e
             else:
                 p = self._nearest_boundary(a + round(d * h_eff), s, e, flip=(alt > 0 and i == 0))
             positions.append(max(p, positions[-1]) if positions else p)
-        return _Layout(a, s, e, tuple(positions))
+        return _Layout(a, s, e, tuple(positions), glue if e in positions else 0)
 
     def _nearest_boundary(self, x_tok: int, s: int, e: int, flip: bool) -> int:
         """The sentence boundary in [s, e] nearest (in tokens) to token ``x_tok``; ``flip`` takes the other one."""
@@ -238,9 +221,19 @@ class _Builder:
 
     # -- text and estimate -------------------------------------------------------------------------------------------
     def needle_insert(self, i: int, lay: _Layout) -> str:
-        """Needle ``i`` with its separator, except for the last one when it ends the haystack (``post`` follows)."""
+        """Needle ``i`` with its separator, except for the last one when it ends the haystack (``post`` follows).
+
+        The first needle at the window's end, when the window ends inside a sentence (or line), is preceded by the
+        haystack's joiner, so the needle starts a sentence (line) of its own -- unless it starts with whitespace.
+        """
         n = self.needles[i]
-        return n.text if i == len(self.needles) - 1 and lay.positions[i] == lay.e else n.text + n.sep
+        p = lay.positions[i]
+        text = n.text if i == len(self.needles) - 1 and p == lay.e else n.text + n.sep
+        first_at_end = p == lay.e and (i == 0 or lay.positions[i - 1] != p)
+        wanted = lay.glue == 1 or (lay.glue == 0 and not self.hay.is_boundary(p))
+        if first_at_end and wanted and p > lay.s and not n.text[:1].isspace():
+            text = self.hay.joiner + text
+        return text
 
     def _inserts(self, lay: _Layout) -> list[tuple[int, str, list[tuple[int, int]]]]:
         """(stream position, text, template spans relative to the text) of every insertion, in order."""
@@ -300,7 +293,8 @@ class _Builder:
     def text(self, lay: _Layout) -> tuple[str, list[int], list[tuple[int, int]]]:
         """The prompt text, the character offset of each needle's first non-blank character, the template spans."""
         text, where, spans = self._splice(lay.s, lay.e, self._inserts(lay))
-        lead = [len(n.text) - len(n.text.lstrip()) for n in self.needles]
+        inserts = [self.needle_insert(i, lay) for i in range(len(self.needles))]
+        lead = [len(t) - len(t.lstrip()) for t in inserts]
         return text, [w + k for w, k in zip(where[1:-1], lead)], spans
 
     # -- search ------------------------------------------------------------------------------------------------------
@@ -324,19 +318,19 @@ class _Builder:
             h = nh
         # The seams jump over the target (e.g. a token at the cut merges with ``post``, or the first haystack token
         # splits the template's last one): move the cut a little, pick the other nearest boundary for the needle,
-        # cut inside the token at the window's free end, start a free-start window later, and only then (an
-        # end-anchored window, whose start moves with ``h`` already) let a few haystack tokens follow the depth-1
-        # needles. Each knob moves a different seam, so together they reach counts that ``h`` alone jumps over.
-        knobs = [(0, b) for b in range(4)] if self.end_anchored else [(sh, 0) for sh in range(4)]
-        for shift, back in knobs:
-            for alt in (0, 1):
-                for cut in (0, 1, 2):
-                    for dh in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
-                        if h + dh < 0:
-                            continue
-                        lay = self.layout(h + dh, alt, cut, shift, back)
-                        if lay not in exclude and self.estimate(lay) == target:
-                            return lay, target
+        # cut inside the token at the window's end, glue a needle at the end differently, and only then
+        # start the window later. Each knob moves a different seam, so together they reach counts that ``h`` alone
+        # jumps over.
+        for shift in range(4):
+            for glue in (0, 1, 2) if self.at_end else (0,):
+                for alt in (0, 1):
+                    for cut in (0, 1, 2):
+                        for dh in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
+                            if h + dh < 0:
+                                continue
+                            lay = self.layout(h + dh, alt, cut, shift, glue)
+                            if lay not in exclude and self.estimate(lay) == target:
+                                return lay, target
         return None
 
 
@@ -352,9 +346,9 @@ def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Se
     """Build ``frame.pre + haystack (with needles at depths) + frame.post`` at exactly ``length`` tokens.
 
     Every length from the minimum (:func:`minimum_length`) up builds, except possibly one or two right above it: a
-    haystack of one or two tokens cannot always be made, since a needle brings its separator along. Depth-1 needles
-    touch ``post`` unless no window start reaches ``length`` that way; then a few haystack tokens (less than one
-    sentence or line) follow them (see :meth:`_Builder.layout`). Raises LengthError when ``length`` is below the
+    haystack of one or two tokens cannot always be made, since a needle brings its separator along. The haystack
+    window starts where the filler text starts and depth-1 needles touch ``post`` (see :meth:`_Builder.layout`).
+    Raises LengthError when ``length`` is below the
     minimum, or when no layout tokenizes to exactly ``length`` (never truncates).
     """
     if len(needles) != len(depths) or not needles:
@@ -368,7 +362,7 @@ def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Se
         if length < actual:
             raise LengthError(f"{where}: too short; the template and needle alone need {actual} tokens")
     # Keyed without the frame text: niah questions name a fresh key per sample, the seams stay alike.
-    key = (tokenizer.fingerprint(), frame.mode, haystack.fingerprint, len(needles), b.end_anchored)
+    key = (tokenizer.fingerprint(), frame.mode, haystack.fingerprint, len(needles), b.at_end)
     if key not in _RESIDUAL:
         _RESIDUAL[key] = _calibrate(b)
     residual = _RESIDUAL[key]
