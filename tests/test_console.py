@@ -41,6 +41,32 @@ def test_final_progress_line_prints_once_when_close_draws_it() -> None:
     assert "0/3 samples" in lines[0] and "3/3 samples, 3 errors" in lines[1]
 
 
+def test_a_run_stopped_before_its_first_sample_prints_its_progress_line_once() -> None:
+    out = io.StringIO()  # e.g. the http backend's first prompt-length check stops the run
+    p = Progress(20, 15_400, stream=out, interval_s=10.0)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "0/20 samples" in lines[0], lines
+
+
+def test_a_terminal_without_a_size_gets_progress_lines_not_an_empty_bar() -> None:
+    import os
+    import pty
+
+    master, slave = pty.openpty()  # a pty opened without a size: 0 columns, as under `script` with no terminal
+    try:
+        assert os.get_terminal_size(slave).columns == 0
+        with os.fdopen(slave, "w", closefd=False) as stream:
+            p = Progress(2, 200, stream=stream, interval_s=3600.0)
+            p.update(2, 200)
+            p.close()
+        text = os.read(master, 65536).decode()
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert "2/2 samples" in text and "200/200 tokens" in text, repr(text)
+
+
 def test_disabled_progress_draws_nothing() -> None:
     out = io.StringIO()
     for p in (Progress(3, 300, stream=out, enabled=False), Progress(0, 0, stream=out)):
