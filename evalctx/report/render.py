@@ -25,6 +25,7 @@ from evalctx.compare import CompareResult, compare, display_table, tokenizer_mis
 from evalctx.errors import UsageError
 from evalctx.report import metadata, samples
 from evalctx.report.document import Document
+from evalctx.report.figures import seconds_text
 
 # The plot kinds this module writes into plots/ (a stale file of one of these kinds is removed).
 PLOT_KINDS = ("heatmap", "difference", "accuracy", "latency", "trend")
@@ -100,9 +101,10 @@ def _summary_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     out["errors"] = s["n_error"]
     out["unsupported"] = s["n_unsupported"]
     out["empty"] = s["n_empty"]
-    out["latency p50 (s)"] = s["latency_s_p50"]
-    out["latency p95 (s)"] = s["latency_s_p95"]
-    out["TTFT p50 (s)"] = s["ttft_s_p50"]
+    # One format down a column, the unit in each cell ("108 µs", "281 ms", "1.44 s"): 4 significant digits put
+    # "2.17e-05" under "0.0001203".
+    for col, key in (("latency p50", "latency_s_p50"), ("latency p95", "latency_s_p95"), ("TTFT p50", "ttft_s_p50")):
+        out[col] = ["" if pd.isna(x) else seconds_text(float(x), significant=3) for x in s[key]]
     out["prefill tok/s p50"] = ["" if pd.isna(x) else f"{x:,.0f}" for x in s["prefill_tokens_per_s_p50"]]
     if s["n_warm"].any():  # timings above are of cold rows only (results.summary)
         out["warm (not timed)"] = s["n_warm"]
