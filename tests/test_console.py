@@ -118,6 +118,21 @@ def test_generate_says_its_size_up_front_and_shows_progress(tmp_path: Path,
     assert err[-1] == f"evalctx: wrote 18 samples ({out.stat().st_size / 1e3:.1f} kB) to {out}"
 
 
+def test_generate_estimates_each_entry_by_its_own_bytes_per_token(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Noise and essay haystacks differ in bytes per token: the ruler suite's estimate, scaled from its first
+    entry's (noise) sample alone, said 6.2 MB for 4.8 MB written."""
+    import re
+
+    out = tmp_path / "r.jsonl"
+    assert main(["generate", "--suite", "ruler", "--tokenizer", "tiny", "--lengths", "4096", "--samples", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    m = re.search(r"about ([\d.]+) (kB|MB)", capsys.readouterr().err)
+    assert m
+    said = float(m.group(1)) * (1e3 if m.group(2) == "kB" else 1e6)
+    assert said == pytest.approx(out.stat().st_size, rel=0.05)
+
+
 def test_the_table_says_which_scores_carry_a_flag() -> None:
     """A 0% row under short_budget, or a score beyond a RoPE model's stated window, must not print bare: the table
     names the flag, how many scored samples and at which lengths (error rows' flags are not counted)."""
