@@ -160,6 +160,14 @@ def test_latency_columns_share_one_format_with_the_unit_in_each_cell(tmp_path) -
     assert {v.split()[1] for v in values} >= {"µs", "s"}  # both ends of the range, each in its own unit
 
 
+def test_a_run_without_scored_samples_does_not_claim_every_answer_right(tmp_path) -> None:
+    run = write_run(tmp_path, "down", label="down", tasks=("passkey",), lengths=(4096,), depths=(0.5,), samples=4,
+                    error_from=4096)
+    _, md_path = write_report([run], tmp_path / "out")
+    wrong = md_path.read_text().split("## Wrong answers", 1)[1].split("\n## ", 1)[0]
+    assert "answered right" not in wrong and "No sample was scored" in wrong
+
+
 def test_plot_files_are_named_by_task_and_label(report) -> None:
     _, _, root = report
     label = "int8kv-script-alert-1-script"  # "int8kv <script>alert(1)</script>", sanitised

@@ -336,12 +336,13 @@ def _wrong_answers_section(doc: Document, df: pd.DataFrame, dirs: list[Path], ru
     doc.section("Wrong answers")
     table, n_failing = samples.wrong_answers(df)
     if table.empty:
-        doc.para("Every scored sample was answered right.")
+        doc.para("Every scored sample was answered right." if (df["status"] == "ok").any() else
+                 "No sample was scored, so none can be wrong: see Errors and unsupported samples.")
         return
     n_cells = table[["label", "task", "length", "depth"]].drop_duplicates().shape[0]
     more = f" ({n_failing - n_cells} more failing cells are not listed)" if n_failing > n_cells else ""
     doc.para(f"Up to {samples.WRONG_PER_CELL} wrong answers in each of {n_cells} failing cells, the worst of "
-             f"each task first{more}; the completion is quoted as the model wrote it, cut at "
+             f"each task chosen first{more}; the completion is quoted as the model wrote it, cut at "
              f"{samples.MAX_ANSWER_CHARS} characters. The command \"evalctx show RUN_DIR SAMPLE_ID\" prints a "
              "sample with its prompt; run dirs: "
              + ", ".join(f"{label_of[r]}: {d}" for r, d in zip(run_ids, dirs)) + ".")
