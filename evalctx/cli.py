@@ -211,19 +211,26 @@ def _write_samples(args: argparse.Namespace, builder: SampleBuilder, out: TextIO
     def record(spec: SampleSpec) -> dict:
         return builder.build(spec).to_json(with_ids=args.with_ids)
 
-    # Said before the work: a 1M-token suite takes minutes and hundreds of MB. From the shortest sample that
-    # builds: its prompt (and ids) bytes per token, scaled to every length, plus its other fields once per line.
-    for shortest in sorted(specs, key=lambda s: s.context_length)[:8]:
-        try:
-            rec = record(shortest)
-        except LengthError:
-            continue  # a sample right above its minimum that cannot be built; the loop below reports it
-        per_len = len(json.dumps(rec["prompt"])) + len(json.dumps(rec.get("prompt_ids", "")))
-        fixed = len(json.dumps(rec)) + 1 - per_len
-        est = fixed * len(specs) + per_len / shortest.context_length * n_tokens
+    # Said before the work: a 1M-token suite takes minutes and hundreds of MB. Per suite entry (noise and essay
+    # haystacks differ in bytes per token), from its shortest sample that builds: its prompt (and ids) bytes per
+    # token, scaled to the entry's lengths, plus its other fields once per line.
+    est, estimated = 0.0, 0
+    for index in sorted({s.task_index for s in specs}):
+        entry = [s for s in specs if s.task_index == index]
+        for shortest in sorted(entry, key=lambda s: s.context_length)[:8]:
+            try:
+                rec = record(shortest)
+            except LengthError:
+                continue  # a sample right above its minimum that cannot be built; the loop below reports it
+            per_len = len(json.dumps(rec["prompt"])) + len(json.dumps(rec.get("prompt_ids", "")))
+            fixed = len(json.dumps(rec)) + 1 - per_len
+            est += fixed * len(entry) + per_len / shortest.context_length * sum(s.context_length for s in entry)
+            estimated += len(entry)
+            break
+    if estimated:
+        est *= len(specs) / estimated  # an entry none of whose shortest samples builds: as the others
         print(f"evalctx: generating {len(specs)} samples, {n_tokens:,} prompt tokens, about {_size(est)} -> "
               f"{args.out}", file=sys.stderr, flush=True)
-        break
     progress = Progress(len(specs), n_tokens, enabled=not args.no_progress)
     written = skipped = 0
     try:

@@ -8,6 +8,7 @@ at most every ``interval_s``, and the final state is printed exactly once.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
@@ -18,15 +19,26 @@ class _Lines:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.written = 0
+        self.last = ""
 
     def write(self, s: str) -> None:
         line = s.replace("\r", "").rstrip()
         if line:
             self.stream.write(line + "\n")
             self.written += 1
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width; 0 for a terminal that states none (a pty opened without a size, as by ``script`` or
+    some container runtimes), where tqdm's in-place bar would draw an empty line: lines are used there instead."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class Progress:
@@ -47,7 +59,7 @@ class Progress:
         from tqdm import tqdm  # imported here: `import evalctx` stays light
 
         stream = stream or sys.stderr
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.tty = bool(getattr(stream, "isatty", lambda: False)()) and _columns(stream) > 0
         self._lines = None if self.tty else _Lines(stream)
         self._final_drawn = False
         self._bar = tqdm(
@@ -77,7 +89,9 @@ class Progress:
     def close(self) -> None:
         if self._bar is None:
             return
-        if self._lines is not None and not self._final_drawn:
-            self._lines.write(str(self._bar))  # the final state, once, unless the last update drew it already
+        if self._lines is not None and not self._final_drawn and str(self._bar).rstrip() != self._lines.last:
+            # The final state, once: unless the last update drew it already, or nothing changed since the last
+            # line (a run stopped before its first sample would print the start line twice).
+            self._lines.write(str(self._bar))
         self._bar.close()
         self._bar = None

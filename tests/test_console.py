@@ -41,6 +41,32 @@ def test_final_progress_line_prints_once_when_close_draws_it() -> None:
     assert "0/3 samples" in lines[0] and "3/3 samples, 3 errors" in lines[1]
 
 
+def test_a_run_stopped_before_its_first_sample_prints_its_progress_line_once() -> None:
+    out = io.StringIO()  # e.g. the http backend's first prompt-length check stops the run
+    p = Progress(20, 15_400, stream=out, interval_s=10.0)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "0/20 samples" in lines[0], lines
+
+
+def test_a_terminal_without_a_size_gets_progress_lines_not_an_empty_bar() -> None:
+    import os
+    import pty
+
+    master, slave = pty.openpty()  # a pty opened without a size: 0 columns, as under `script` with no terminal
+    try:
+        assert os.get_terminal_size(slave).columns == 0
+        with os.fdopen(slave, "w", closefd=False) as stream:
+            p = Progress(2, 200, stream=stream, interval_s=3600.0)
+            p.update(2, 200)
+            p.close()
+        text = os.read(master, 65536).decode()
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert "2/2 samples" in text and "200/200 tokens" in text, repr(text)
+
+
 def test_disabled_progress_draws_nothing() -> None:
     out = io.StringIO()
     for p in (Progress(3, 300, stream=out, enabled=False), Progress(0, 0, stream=out)):
@@ -90,6 +116,21 @@ def test_generate_says_its_size_up_front_and_shows_progress(tmp_path: Path,
     assert float(m.group(2)) == pytest.approx(out.stat().st_size / 1e3, rel=0.05)
     assert sum("18/18 samples" in x for x in err) == 1
     assert err[-1] == f"evalctx: wrote 18 samples ({out.stat().st_size / 1e3:.1f} kB) to {out}"
+
+
+def test_generate_estimates_each_entry_by_its_own_bytes_per_token(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Noise and essay haystacks differ in bytes per token: the ruler suite's estimate, scaled from its first
+    entry's (noise) sample alone, said 6.2 MB for 4.8 MB written."""
+    import re
+
+    out = tmp_path / "r.jsonl"
+    assert main(["generate", "--suite", "ruler", "--tokenizer", "tiny", "--lengths", "4096", "--samples", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    m = re.search(r"about ([\d.]+) (kB|MB)", capsys.readouterr().err)
+    assert m
+    said = float(m.group(1)) * (1e3 if m.group(2) == "kB" else 1e6)
+    assert said == pytest.approx(out.stat().st_size, rel=0.05)
 
 
 def test_the_table_says_which_scores_carry_a_flag() -> None:

@@ -192,6 +192,19 @@ def test_readme_parses_into_commands() -> None:
             check_options(c)
 
 
+def test_readme_byte_tokenizer_minimum_is_the_one_run_refuses_with(tmp_path: Path, capsys) -> None:
+    """The README's number for `--tokenizer byte` is the minimum `evalctx run` states when it refuses the default
+    suite (issue 16's first example: exit 2, one line); it went stale once (352 written, 367 refused)."""
+    from evalctx.cli import main
+
+    said = re.search(r"`--tokenizer byte` needs lengths of at least (\d+) for (\w+)", README.read_text())
+    assert said, "README: the sentence on --tokenizer byte's minimum length is gone"
+    assert main(["run", "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"task {said.group(2)}:" in err and f"use lengths >= {said.group(1)}" in err, err
+
+
 def test_readme_commands_fast(tmp_path: Path) -> None:
     repo = fresh_copy(tmp_path / "repo")
     bin_dir = Path(sys.executable).parent

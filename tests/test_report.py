@@ -142,6 +142,32 @@ def test_markdown_has_no_html_entities_nor_needless_escapes(report) -> None:
     assert ">=" not in md and "\\>" not in md  # "≥16K", not "\>=16K"
 
 
+def test_latency_columns_share_one_format_with_the_unit_in_each_cell(tmp_path) -> None:
+    """4 significant digits put "2.17e-05" under "0.0001203" in one column (a fast server next to a slow one);
+    every latency cell is now a short number and its unit."""
+    fast = write_run(tmp_path, "fast", label="fast", latency_scale=1e-3, **OPTS)
+    slow = write_run(tmp_path, "slow", label="slow", latency_scale=50.0, **OPTS)
+    _, md_path = write_report([fast, slow], tmp_path / "out")
+    md = md_path.read_text()
+    header = next(ln for ln in md.splitlines() if ln.startswith("| task | length | label | n |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    timed = [cols.index(c) for c in ("latency p50", "latency p95", "TTFT p50")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines()
+             if ln.startswith("| passkey | ") and ln.count("|") == len(cols) + 1]
+    assert cells
+    values = [row[i] for row in cells for i in timed]
+    assert all(re.fullmatch(r"[\d,]+(\.\d+)? (µs|ms|s)", v) for v in values), values
+    assert {v.split()[1] for v in values} >= {"µs", "s"}  # both ends of the range, each in its own unit
+
+
+def test_a_run_without_scored_samples_does_not_claim_every_answer_right(tmp_path) -> None:
+    run = write_run(tmp_path, "down", label="down", tasks=("passkey",), lengths=(4096,), depths=(0.5,), samples=4,
+                    error_from=4096)
+    _, md_path = write_report([run], tmp_path / "out")
+    wrong = md_path.read_text().split("## Wrong answers", 1)[1].split("\n## ", 1)[0]
+    assert "answered right" not in wrong and "No sample was scored" in wrong
+
+
 def test_plot_files_are_named_by_task_and_label(report) -> None:
     _, _, root = report
     label = "int8kv-script-alert-1-script"  # "int8kv <script>alert(1)</script>", sanitised

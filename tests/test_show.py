@@ -25,9 +25,9 @@ samples = 1
 """
 
 
-def run(tmp_path: Path, run_id: str, *extra: str, suite: str = SUITE) -> pd.DataFrame:
+def run(tmp_path: Path, run_id: str, *extra: str, suite: str = SUITE, code: int = 0) -> pd.DataFrame:
     assert main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
-                 "--run-id", run_id, "--no-progress", *extra]) == 0
+                 "--run-id", run_id, "--no-progress", *extra]) == code
     return pd.read_parquet(tmp_path / run_id / "results.parquet")
 
 
@@ -160,3 +160,33 @@ def test_a_malformed_prompt_log_line_is_rebuilt_not_a_traceback(tmp_path: Path, 
     assert sid not in read_prompts(tmp_path / "m") and len(read_prompts(tmp_path / "m")) == len(rows) - 1
     out = show(capsys, str(tmp_path / "m"), sid)
     assert "SHA-1 verified" in out and ("The pass key is" in out or "special magic" in out)
+
+
+def test_show_prints_counts_as_integers_when_an_error_row_leaves_them_empty(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An error row has no n_output_tokens, so pandas reads the column as float: an ok row showed "7.0".
+    df = run(tmp_path, "e", "--backend-opt", "fail_every=3", code=3)
+    assert df["n_output_tokens"].isna().any()
+    row = df[df["status"] == "ok"].iloc[0]
+    out = show(capsys, str(tmp_path / "e"), row["sample_id"])
+    assert f"n_output_tokens {int(row['n_output_tokens'])}\n" in out
+    assert f"needle at token {int(row['needle_token_index'])}," in out
+
+
+def test_show_an_unsupported_sample_that_has_no_prompt_is_not_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sample no prompt of its exact length fits is an unsupported row; show used to end on that LengthError
+    (exit 2) after printing the row."""
+    from evalctx.tasks import get_task
+    from evalctx.tokenizer import ByteTokenizer
+
+    lo = get_task("niah_single")(ByteTokenizer(), {}).min_length()
+    suite = tmp_path / "unb.toml"
+    suite.write_text(f'name = "unb"\n[[tasks]]\ntask = "niah_single"\nlengths = [{lo}, {lo + 1}, {lo + 2}]\n'
+                     "depths = { linear = 3 }\nsamples = 40\n")
+    df = run(tmp_path, "unb", suite=str(suite))
+    bad = df[df["status"] == "unsupported"]
+    assert len(bad)
+    out = show(capsys, str(tmp_path / "unb"), bad["sample_id"].iloc[0])
+    assert "status unsupported" in out and "needle at token None" in out
+    assert "\nprompt: none: the run built none either" in out and "--log-samples" not in out

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from evalctx.errors import UsageError
+from evalctx.errors import LengthError, UsageError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,6 +72,9 @@ def _selection(args: argparse.Namespace) -> str:
     return ", ".join(p for p in parts if p) or "(no selection)"
 
 
+_UNBUILDABLE = "the run built none either: no prompt of this exact length fits this sample"
+
+
 def _rebuild(manifest: dict[str, Any], row: Any, full: bool) -> dict[str, Any] | str:
     """The sample's prompt record built again from the manifest, or why it cannot be."""
     from evalctx.config import Suite, TaskSpec
@@ -95,17 +98,29 @@ def _rebuild(manifest: dict[str, Any], row: Any, full: bool) -> dict[str, Any] |
     spec = next((s for s in builder.specs() if s.id == row["sample_id"]), None)
     if spec is None:
         return "the suite in the manifest does not yield this sample id (another evalctx version?)"
-    sample = builder.build(spec)
+    try:
+        sample = builder.build(spec)
+    except LengthError as exc:  # an unsupported row the run could not build either: it has no prompt
+        return f"{_UNBUILDABLE} ({exc})"
     if hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest() != row.get("prompt_sha1"):
         return "the prompt built again differs from the run's (SHA-1 mismatch: another evalctx version?)"
     return prompt_record(sample, "full" if full else "excerpt", tok)
+
+
+# Integer columns that pandas reads as float when some row has none (an error row's n_output_tokens).
+_COUNTS = ("n_output_tokens", "n_prompt_tokens", "needle_token_index", "seed")
 
 
 def _value(row: Any, key: str) -> Any:
     v = row.get(key)
     if hasattr(v, "tolist") and getattr(v, "ndim", 0):  # a list column (target) arrives as a numpy array
         return [str(x) for x in v.tolist()]
-    return None if v is None or (isinstance(v, float) and v != v) else v
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if key in _COUNTS:
+        # 7, not 7.0; a negative needle index is the "no needle placed" of a row whose prompt was never built
+        return None if key == "needle_token_index" and v < 0 else int(v)
+    return v
 
 
 def main(args: argparse.Namespace) -> int:
@@ -132,7 +147,9 @@ def main(args: argparse.Namespace) -> int:
     if record is None:
         got = _rebuild(load_manifest(run_dir), row, args.full)
         if isinstance(got, str):
-            print(f"\nprompt: not logged (run with --log-samples to keep it) and not rebuilt: {got}")
+            lead = "none" if got.startswith(_UNBUILDABLE) else "not logged (run with --log-samples to keep it) " \
+                "and not rebuilt"
+            print(f"\nprompt: {lead}: {got}")
             return 0
         record, source = got, "built again from the manifest's suite and tokenizer, SHA-1 verified"
     needles = ", ".join(f"{c:,}" for c in record["needle_chars"]) or "not found"

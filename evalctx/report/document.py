@@ -38,7 +38,8 @@ pre { background: #f6f6f6; padding: .6em; overflow-x: auto; white-space: pre-wra
 nav a { margin-right: 1em; }
 """
 
-_NUMERIC = re.compile(r"^[<≥]?-?[\d.,]+(e[-+]?\d+)?[KM]?%?$")  # "0.85", "1e-05", "128K", "≥128K", "50%"
+# "0.85", "1e-05", "128K", "≥128K", "50%", "108 µs": right-aligned
+_NUMERIC = re.compile(r"^[<≥]?-?[\d.,]+(e[-+]?\d+)?[KM]?%?( (s|ms|µs))?$")
 
 
 def fmt(value: Any) -> str:

@@ -102,13 +102,15 @@ def log2_length_axis(ax: Any, lengths: list[int]) -> None:
     ax.set_xlabel("context length (tokens)")
 
 
-def seconds_text(v: float) -> str:
-    """A duration in the unit that keeps it short: 2e-05 -> "20 µs", 0.05 -> "50 ms", 2.0 -> "2 s"."""
-    if v >= 1.0:
-        return f"{v:g} s"
-    if v >= 1e-3:
-        return f"{v * 1e3:g} ms"
-    return f"{v * 1e6:g} µs"
+def seconds_text(v: float, significant: int | None = None) -> str:
+    """A duration in the unit that keeps it short: 2e-05 -> "20 µs", 0.05 -> "50 ms", 2.0 -> "2 s".
+
+    ``significant``: round to that many significant digits (a measured value in a table: 0.00010804 -> "108 µs",
+    271.13 -> "271 s"); None keeps every digit (a tick value, already round)."""
+    x, unit = (v, "s") if v >= 1.0 else (v * 1e3, "ms") if v >= 1e-3 else (v * 1e6, "µs")
+    if significant is None:
+        return f"{x:g} {unit}"
+    return f"{x:,.0f} {unit}" if x >= 10 ** (significant - 1) else f"{x:.{significant}g} {unit}"
 
 
 def count_text(v: float) -> str:

@@ -25,6 +25,7 @@ from evalctx.compare import CompareResult, compare, display_table, tokenizer_mis
 from evalctx.errors import UsageError
 from evalctx.report import metadata, samples
 from evalctx.report.document import Document
+from evalctx.report.figures import seconds_text
 
 # The plot kinds this module writes into plots/ (a stale file of one of these kinds is removed).
 PLOT_KINDS = ("heatmap", "difference", "accuracy", "latency", "trend")
@@ -100,9 +101,10 @@ def _summary_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     out["errors"] = s["n_error"]
     out["unsupported"] = s["n_unsupported"]
     out["empty"] = s["n_empty"]
-    out["latency p50 (s)"] = s["latency_s_p50"]
-    out["latency p95 (s)"] = s["latency_s_p95"]
-    out["TTFT p50 (s)"] = s["ttft_s_p50"]
+    # One format down a column, the unit in each cell ("108 µs", "281 ms", "1.44 s"): 4 significant digits put
+    # "2.17e-05" under "0.0001203".
+    for col, key in (("latency p50", "latency_s_p50"), ("latency p95", "latency_s_p95"), ("TTFT p50", "ttft_s_p50")):
+        out[col] = ["" if pd.isna(x) else seconds_text(float(x), significant=3) for x in s[key]]
     out["prefill tok/s p50"] = ["" if pd.isna(x) else f"{x:,.0f}" for x in s["prefill_tokens_per_s_p50"]]
     if s["n_warm"].any():  # timings above are of cold rows only (results.summary)
         out["warm (not timed)"] = s["n_warm"]
@@ -334,12 +336,13 @@ def _wrong_answers_section(doc: Document, df: pd.DataFrame, dirs: list[Path], ru
     doc.section("Wrong answers")
     table, n_failing = samples.wrong_answers(df)
     if table.empty:
-        doc.para("Every scored sample was answered right.")
+        doc.para("Every scored sample was answered right." if (df["status"] == "ok").any() else
+                 "No sample was scored, so none can be wrong: see Errors and unsupported samples.")
         return
     n_cells = table[["label", "task", "length", "depth"]].drop_duplicates().shape[0]
     more = f" ({n_failing - n_cells} more failing cells are not listed)" if n_failing > n_cells else ""
     doc.para(f"Up to {samples.WRONG_PER_CELL} wrong answers in each of {n_cells} failing cells, the worst of "
-             f"each task first{more}; the completion is quoted as the model wrote it, cut at "
+             f"each task chosen first{more}; the completion is quoted as the model wrote it, cut at "
              f"{samples.MAX_ANSWER_CHARS} characters. The command \"evalctx show RUN_DIR SAMPLE_ID\" prints a "
              "sample with its prompt; run dirs: "
              + ", ".join(f"{label_of[r]}: {d}" for r, d in zip(run_ids, dirs)) + ".")
