@@ -170,6 +170,8 @@ class SampleRecord:
     latency_s: float | None
     ttft_s: float | None
     prefill_tokens_per_s: float | None
+    """Prompt tokens computed / ttft_s: ``context_length - n_cached_prompt_tokens`` (a warm row's TTFT timed only
+    the suffix after its cached prefix)."""
     decode_tokens_per_s: float | None
     """Decode steps / (latency_s - ttft_s): every generated token after the first, the stopping EOS included."""
     batch_size: int | None

@@ -142,7 +142,10 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
         flags += ["short_budget"] if short_budget(sample, res) else []
         flags += window_flags(sample.context_length, sample.max_new_tokens, limits)
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
-    prefill_tps = sample.context_length / res.ttft_s if res.ttft_s else None
+    # Tokens the prefill computed: a warm row's TTFT timed only the suffix after its cached prefix, so the whole
+    # prompt over that time would read as a prefill several times faster than the model's.
+    computed = sample.context_length - (res.n_cached_prompt_tokens or 0)
+    prefill_tps = computed / res.ttft_s if res.ttft_s else None
     decode_tps = None
     # Decode steps: every generated token after the first, prefill's; an answer that stopped on EOS took one more
     # step for that EOS, which n_output_tokens does not count.

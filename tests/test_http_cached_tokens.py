@@ -70,3 +70,19 @@ def test_impossible_counts_are_error_rows() -> None:
     bad = _one(Reply(body=_answer(timings={"cache_n": "12"})), stream="false")
     assert bad.text is None and "timings.cache_n is '12', not a token count" in bad.error
 
+
+
+def test_a_server_that_never_reports_its_cache_is_named_at_close(capsys: Any) -> None:
+    """vLLM and SGLang cache prefixes by default but say so only behind a flag: rows sent in prefix order may be
+    warm while their n_cached_prompt_tokens is unknown, and timed as cold. The run says it once, at the end."""
+    for details, warned in ((None, True), ({"cached_tokens": 0}, False)):
+        body = _answer(details=details) if details else _answer()
+        stub = StubServer([Reply(body=body), Reply(body=body)])
+        with stub.run() as url:
+            b = backend(url, stream="false")
+            assert [r.error for r in b.generate([request(), request()])] == [None, None]
+            capsys.readouterr()
+            b.close()
+        err = capsys.readouterr().err
+        assert ("reported no cached prompt tokens in any of 2 answers" in err) is warned, err
+        assert not warned or "--enable-prompt-tokens-details" in err

@@ -61,3 +61,16 @@ def test_latency_plot_says_which_rows_it_pools() -> None:
     assert texts and all(t.startswith("no cold row: 2 rows had") for t in texts)
     fig = latency_vs_length(_rows([0, 0], [1.0, 1.2]))
     assert [ax.get_title() for ax in fig.axes][0] == "TTFT vs length"
+
+
+@pytest.mark.parametrize("cached, rate", [(0, 4096 / 0.5), (3072, 1024 / 0.5), (None, 4096 / 0.5)])
+def test_a_warm_rows_prefill_rate_counts_the_tokens_it_computed(cached: int | None, rate: float) -> None:
+    """A warm row's TTFT timed its 1024-token suffix: 4096 tokens over it would read as a 4x faster prefill."""
+    from evalctx.records import GenerationResult, Sample
+    from evalctx.runner import make_record
+
+    sample = Sample(id="s", task="passkey", context_length=4096, depth=0.75, seed=0, prompt="p",
+                    prompt_ids=[1] * 4096, target=["7"], needle_token_index=3072, max_new_tokens=4)
+    res = GenerationResult(text=" 7.", n_prompt_tokens=4096, n_output_tokens=2, latency_s=0.75, ttft_s=0.5,
+                           finish_reason="stop", n_cached_prompt_tokens=cached)
+    assert make_record("r", sample, res, 0, {})["prefill_tokens_per_s"] == pytest.approx(rate)

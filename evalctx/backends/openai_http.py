@@ -145,6 +145,8 @@ class HTTPBackend(Backend):
         self._models_answer: Any = None
         self._version_probed = False
         self._warned_unverified = False
+        self._answers = self._answers_with_cache_count = 0
+        """ok answers, and those that said how many prompt tokens came from the server's prefix cache."""
         if o.server == "auto" or not (o.model or ctx.model):
             self._models_answer = _served_models(self.client)
         self.model_name = o.model or ctx.model or _only_model(self._models_answer)
@@ -359,7 +361,19 @@ class HTTPBackend(Backend):
             res.batch_size = workers  # requests in flight together, the client-side "batch"
         for req, res in zip(batch, results):
             self._check_length(req, res)
+        ok = [r for r in results if r.error is None]
+        self._answers += len(ok)
+        self._answers_with_cache_count += sum(r.n_cached_prompt_tokens is not None for r in ok)
         return results
+
+    def close(self) -> None:
+        # The runner sends each length's prompts in token-id order so that prefix caches hit; a server that never
+        # says so leaves every row's n_cached_prompt_tokens unknown, and latency tables time unknown rows as cold.
+        if self._answers > 1 and not self._answers_with_cache_count:
+            self._warn(f"{self.base_url} reported no cached prompt tokens in any of {self._answers} answers: if it "
+                       "caches prefixes (vLLM and SGLang do by default), prompts sent in prefix order reused them and "
+                       "their TTFT and latency count as cold; serve vLLM with --enable-prompt-tokens-details, SGLang "
+                       "with --enable-cache-report, or turn the prefix cache off for timing (docs/http.md)")
 
     def _check_length(self, req: GenerationRequest, res: GenerationResult) -> None:
         """Stop the run at a prompt the server counted differently, saying why from what was actually sent."""
