@@ -122,7 +122,8 @@ def test_readme_quotes_the_prefix_reuse_csv(chunk: int) -> None:
 
     root = Path(__file__).resolve().parents[1]
     text = " ".join((root / "README.md").read_text().split())
-    rows = list(csv.DictReader((root / f"benchmarks/results/prefix_reuse_H200_l3-4_chunk{chunk}_2026-11-30.csv").open()))
+    csv_path = root / f"benchmarks/results/prefix_reuse_H200_l3-4_chunk{chunk}_2026-11-30.csv"
+    rows = list(csv.DictReader(csv_path.open()))
     for length, name in ((32768, "32K"), (131072, "128K")):
         cold = [r for r in rows if int(r["length"]) == length and r["prefix_reuse"] == "False"]
         warm = [r for r in rows if int(r["length"]) == length and r["prefix_reuse"] == "True"]

@@ -187,8 +187,8 @@ class _Builder:
         count moves by 2 when ``h`` moves by 1): ``alt`` takes the other nearest boundary for the first needle;
         ``cut`` makes the window's end fall ``cut`` characters inside a token; ``glue`` puts the joiner before a
         needle at the end also after a whole sentence (1: a blank line) or leaves it out (2) -- a line end, then
-        ``The`` and a joiner, add two tokens where one was wanted; ``shift`` starts the window ``shift`` tokens later (a different start seam; the one fallback that costs a
-        depth sweep its sharing, so the last).
+        ``The`` and a joiner, add two tokens where one was wanted; ``shift`` starts the window ``shift`` tokens
+        later (a different start seam; the one fallback that costs a depth sweep its sharing, so the last).
         """
         self.ensure(h + shift)
         st = self.st
