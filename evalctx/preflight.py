@@ -61,7 +61,8 @@ class EngineLimits:
     max_positions: int | None = None
     """Positions of learned absolute position embeddings (GPT-2 ``n_positions``); the model cannot run beyond."""
     trained_positions: int | None = None
-    """The window a rotary model's config states (``max_position_embeddings``): beyond it rows are flagged."""
+    """The window a rotary model's config states (``max_position_embeddings``, times the RoPE scaling factor where
+    serving engines scale it: :func:`stated_window`): beyond it rows are flagged."""
 
 
 def limits_from_engine(engine: EngineConfig, *, max_input_len: int | None, chunked_context: bool,
@@ -191,8 +192,36 @@ def limits_from_hf_config(config: Mapping[str, Any]) -> EngineLimits:
     return EngineLimits(
         attention_window=int(window) if sliding else None,
         max_positions=positions if absolute else None,
-        trained_positions=positions if not absolute and model_type not in ALIBI_MODELS else None,
+        trained_positions=stated_window(c, positions) if not absolute and model_type not in ALIBI_MODELS else None,
     )
+
+
+# RoPE types whose max_position_embeddings already is the extended window (vLLM leaves them unscaled).
+_WINDOW_AS_STATED = frozenset({"su", "longrope", "llama3", "default"})
+
+
+def stated_window(c: Mapping[str, Any], positions: int | None) -> int | None:
+    """The window a rotary model's config states, derived as vLLM derives its default ``max_model_len``
+    (``_get_and_verify_max_len``): ``max_position_embeddings``, times the RoPE scaling ``factor`` for the types
+    that extend it (linear, dynamic NTK); YaRN's ``original_max_position_embeddings`` times its factor (factor 4
+    over 32768 states 131072); LongRoPE, llama3 and unscaled RoPE as stated; Gemma 3 as stated (its
+    max_position_embeddings is already scaled). ``c``: the (text) config as a dict; rope parameters from
+    transformers 5's ``rope_parameters`` (one set, or one per layer type) or 4.x's ``rope_scaling``."""
+    params = c.get("rope_parameters") or c.get("rope_scaling")
+    if positions is None or not isinstance(params, Mapping) or "gemma3" in str(c.get("model_type") or ""):
+        return positions
+    sets = list(params.values()) if params and all(isinstance(v, Mapping) for v in params.values()) else [params]
+    window, factor = float(positions), 1.0
+    for rp in sets:
+        kind = str(rp.get("rope_type") or rp.get("type") or "default")
+        if kind in _WINDOW_AS_STATED:
+            continue
+        value = rp.get("factor")
+        factor = float(value) if isinstance(value, (int, float)) and value > 0 else factor
+        original = rp.get("original_max_position_embeddings") or c.get("original_max_position_embeddings")
+        if kind == "yarn" and isinstance(original, (int, float)) and original > 0:
+            window = float(original)
+    return int(window * factor)
 
 
 def preflight(samples: Iterable[SampleLike], limits: EngineLimits) -> dict[str, str]:

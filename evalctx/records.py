@@ -17,7 +17,8 @@ FLAGS: dict[str, str] = {
     "short_budget": "max_new_tokens is below the answer's length in tokens (meta_answer_tokens) and the output ran "
                     "to it: a whole answer could not fit, so a wrong score may be the budget's, not the model's",
     "beyond_trained_window": "prompt plus max_new_tokens exceeds the positions a rotary model's config states "
-                             "(max_position_embeddings): the score measures extrapolation beyond the stated window",
+                             "(max_position_embeddings, RoPE-scaled as vLLM scales it): the score measures "
+                             "extrapolation beyond the stated window",
     "unverified": "the server sent no token counts and verification was turned off (http verify_prompt=false): "
                   "the prompt length and the answer's completeness are unchecked",
     "host_timing": "latency_s/ttft_s were timed on the host (Python and transfer overhead included), not by the "
@@ -130,6 +131,9 @@ class GenerationResult:
     """Prompt tokens served from a KV cache instead of computed (0 for a cold prefill; None where unknown)."""
     flags: list[str] = field(default_factory=list)
     """Names from :data:`FLAGS`: why an ``ok`` answer may not be what it looks like (kept, counted, reported)."""
+    output_ids: list[int] | None = None
+    """The generated token ids that make up ``text`` (the stopping end token left out), where the backend has
+    them (hf); not stored in the results, used to compare answers token by token."""
 
 
 @dataclass

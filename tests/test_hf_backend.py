@@ -245,11 +245,11 @@ def test_weights_that_cannot_fit_stop_before_loading(tiny_llama: Path) -> None:
     from evalctx.plan import ModelShape
 
     backend = make_backend(tiny_llama, memory_gb=10)
-    backend.shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, head_dim=128,
-                               intermediate_size=14336, vocab_size=128256)
-    backend.short_dtype = "bf16"
+    backend.memcheck.shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
+                                        head_dim=128, intermediate_size=14336, vocab_size=128256)
+    backend.memcheck.dtype = "bf16"
     with pytest.raises(UsageError, match=r"at tp=1 before any context, .*: raise tp \(tp=4 fits\)$"):
-        backend._check_weights_fit()
+        backend.memcheck.check_weights_fit()
 
 
 def test_batches_split_to_fit_memory(tiny_llama: Path) -> None:

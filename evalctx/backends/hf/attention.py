@@ -40,6 +40,10 @@ def lower_right_sdpa(module: Any, query: Any, key: Any, value: Any, attention_ma
     import torch
     from torch.nn.attention.bias import causal_lower_right
 
+    unsupported = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:  # a model outside _PLAIN_CAUSAL asked for it by name: never compute something else silently
+        raise ValueError(f"attn_implementation={LOWER_RIGHT_SDPA} computes plain causal attention, but this model "
+                         f"passes {', '.join(unsupported)}: use attn_implementation=auto")
     if query.is_cuda and cuda_path_ok(query, key):
         return split_attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -184,10 +188,32 @@ def plain_causal(cfg: Any) -> bool:
     return getattr(cfg, "model_type", None) in _PLAIN_CAUSAL and not sliding and all(t == "full_attention" for t in layer_types)
 
 
+def model_class(cfg: Any) -> Any:
+    """The transformers causal-LM class of a config (``cfg.model_type``), or None when transformers has none."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(getattr(cfg, "model_type", "")))
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return getattr(transformers, name, None) if isinstance(name, str) else None
+
+
+def default_attention(cfg: Any) -> str:
+    """The attention transformers itself gives this model when none is asked for: "sdpa" where the model class
+    supports it, else "eager" (Gemma 2's soft-capping, gpt-oss's sinks). Soft-capping in a config whose class
+    otherwise takes sdpa (Gemma 3) is "eager" too: sdpa refuses it at the first forward."""
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "eager"
+    cls = model_class(cfg) if cfg is not None else None
+    return "eager" if cls is not None and not getattr(cls, "_supports_sdpa", True) else "sdpa"
+
+
 def auto_attention(cfg: Any, on_cuda: bool) -> str:
-    """The lower-right SDPA on CUDA for plain causal models; stock sdpa elsewhere (on CPU its gain is nil: the
-    default CPU run took 140 s with it and 126 s without). ``cfg`` is the model's transformers config, or None
-    when it could not be read (the model load reports the real problem)."""
+    """The lower-right SDPA on CUDA for plain causal models; elsewhere what transformers picks for the model
+    (:func:`default_attention`; on CPU the lower-right SDPA gains nothing: the default CPU run took 140 s with it
+    and 126 s without). ``cfg`` is the model's transformers config, or None when it could not be read (the model
+    load reports the real problem)."""
     if on_cuda and cfg is not None and plain_causal(cfg):
         return LOWER_RIGHT_SDPA
-    return "sdpa"
+    return default_attention(cfg)

@@ -29,6 +29,10 @@ from typing import Any, ClassVar, Sequence
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels,
                                            register_lower_right_sdpa)
+from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, describe, end_ids
+from evalctx.backends.hf.memory_check import MemoryCheck
+from evalctx.backends.hf.rope import PromptRope
+from evalctx.backends.hf.support import check_engine_matches_forward, check_supported
 from evalctx.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
 from evalctx.model_facts import SHAPE_FIELDS, rope_facts
@@ -71,6 +75,11 @@ class HFBackend(Backend):
         next prompt (token ids compared, rounded down to whole chunks so the logits equal a cold prefill's). Off by
         default: a warm row's TTFT is not a cold prefill (its n_cached_prompt_tokens says how much was reused, and
         latency tables leave such rows out). Needs chunk_size > 0."""
+        generation_config: str = "model"
+        """How the model's generation_config.json shapes greedy decoding: "model" applies what
+        ``generate(do_sample=False)`` applies (repetition_penalty) and refuses, naming it, a field evalctx cannot
+        apply (beam search, n-gram bans, forced tokens); "none" decodes by plain argmax. Either way an answer ends
+        on the generation config's and the tokenizer's end ids."""
 
     @classmethod
     def ranks_per_replica(cls, options: Any, model: str | None) -> int:
@@ -123,30 +132,36 @@ class HFBackend(Backend):
             self.attn_implementation = auto_attention(self.config, self.device.type == "cuda")
         if self.attn_implementation == LOWER_RIGHT_SDPA:
             register_lower_right_sdpa()
-        self._init_memory_model()
-        self._check_weights_fit()
+        self.memcheck = MemoryCheck(self.config, str(self.model_path), device=self.device,
+                                    memory_gb=options.memory_gb, chunk_size=options.chunk_size, tp=self.tp,
+                                    dtype=self.short_dtype, attention=self.attn_implementation,
+                                    announce=ctx.world_rank == 0)
+        self.memcheck.check_weights_fit()
         if self.tp > 1:
             from evalctx.backends.hf.parallel import check_divides, init_replica_group
 
             if self.config is not None:
                 check_divides(self.config, self.tp)
             init_replica_group(ctx.replica_comm, ctx.rank_in_replica, self.tp, self.device)
+        if self.config is not None:
+            check_supported(self.config, self.model_name)
         self.model = self._load_model(resolved)
         # transformers renamed past_key_values to cache (5.2x); pass whichever this version's forward takes.
         import inspect
 
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = getattr(ctx.tokenizer, "eos_token_id", None)
-        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_positions: int | None = int(limit) if limit else None
+        self.rope = PromptRope(self.model)
+        gen_config = getattr(self.model, "generation_config", None)
+        self.eos_ids: set[int] = end_ids(gen_config, ctx.tokenizer)
+        self.greedy = GreedyRules.from_model(gen_config, self.model_name, options.generation_config)
+        limits = self.limits()
+        self.max_positions: int | None = limits.max_positions or limits.trained_positions
         self._cache: Any = None
         self._cached_prompts: list[list[int]] | None = None
         """With prefix_reuse: the prompts whose keys and values fill the cache's first positions, one per row."""
         self.check_tokenizer(resolved)
+        self.forward_check = check_engine_matches_forward(self)
 
     @staticmethod
     def _pick_device(spec: str, ctx: BackendContext) -> Any:
@@ -196,62 +211,6 @@ class HFBackend(Backend):
             raise UsageError(f"backend hf: cannot load a model from {resolved.path}: {exc}".split("\n")[0]) from exc
         return (model if self.tp > 1 else model.to(self.device)).eval()
 
-    # --- memory ------------------------------------------------------------------------------------------------
-    def _init_memory_model(self) -> None:
-        """The shape and per-device capacity the memory preflight uses; ``memory_note`` says why it is off."""
-        from evalctx.plan import GB, shape_from_hf
-
-        self.shape = None
-        self.memory_capacity: float | None = None
-        self.memory_note = ""
-        if self.options.memory_gb:
-            self.memory_capacity = self.options.memory_gb * GB
-        elif self.device.type == "cuda":
-            self.memory_capacity = float(self.torch.cuda.get_device_properties(self.device).total_memory)
-        else:
-            self.memory_note = "off on CPU (set memory_gb to plan for a memory size)"
-            return
-        if self.config is None:
-            self.memory_note = "off: the model config could not be read"
-            return
-        try:
-            self.shape = shape_from_hf(self.config.to_dict(), str(self.model_path))
-        except UsageError as exc:
-            self.memory_note = f"off: {exc}"
-        if self.memory_note and self.ctx.world_rank == 0:
-            print(f"evalctx: hf memory preflight {self.memory_note}", file=sys.stderr)
-
-    def _memory(self, tokens: int, batch: int = 1, tp: int | None = None) -> Any:
-        from evalctx.memory import hf_rank_memory
-
-        return hf_rank_memory(self.shape, tokens, chunk=self.options.chunk_size, batch=batch, tp=tp or self.tp,
-                              dtype=self.short_dtype, attention=self.attn_implementation)
-
-    def _capacity_text(self) -> str:
-        from evalctx.plan import GB
-
-        where = f"{self.options.memory_gb:g} GB (memory_gb)" if self.options.memory_gb else \
-            f"{self.memory_capacity / GB:.1f} GB on {self.torch.cuda.get_device_name(self.device)}"
-        return where
-
-    def _check_weights_fit(self) -> None:
-        """Refuse before loading when even a one-token sample cannot fit: more tp is the only way out."""
-        if self.shape is None or self.memory_capacity is None:
-            return
-        mem = self._memory(1)
-        if not mem.fits(self.memory_capacity):
-            bigger = self._fitting_tp(1)
-            fix = f"raise tp (tp={bigger} fits)" if bigger else \
-                "no tp up to 16 fits it: " + ("raise memory_gb" if self.options.memory_gb else "use larger GPUs")
-            raise UsageError(f"backend hf: the model needs {mem.breakdown()} at tp={self.tp} before any context, "
-                             f"more than the {self._capacity_text()}: {fix}")
-
-    def _fitting_tp(self, tokens: int) -> int | None:
-        """The smallest tp above this one (dividing the heads) at which ``tokens`` positions fit, if any."""
-        heads, kv = self.shape.num_attention_heads, self.shape.num_kv_heads
-        return next((t for t in (2, 4, 8, 16) if t > self.tp and heads % t == 0 and kv % t == 0
-                     and self._memory(tokens, tp=t).fits(self.memory_capacity)), None)
-
     def check_tokenizer(self, resolved: Any) -> None:
         """The tokenizer that builds the prompts must be this model's (evalctx.tokenizer_check): UsageError."""
         own = own_tokenizer(resolved.path, resolved.gguf_file, self.ctx.tokenizer)
@@ -265,10 +224,9 @@ class HFBackend(Backend):
 
     def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
         """Samples the model cannot see whole (:meth:`limits`), then samples whose weights + KV cache (prompt +
-        budget) + activations do not fit one GPU of the replica, with the numbers and what would fit; decided
-        from the configuration and arithmetic alone, so every rank decides the same."""
+        budget) + activations do not fit one GPU of the replica (:class:`.memory_check.MemoryCheck`)."""
         out = preflight(samples, self.limits())
-        if self.shape is None or self.memory_capacity is None:
+        if not self.memcheck.on:
             return out
         reasons: dict[tuple[int, int], str | None] = {}
         for s in samples:
@@ -276,33 +234,10 @@ class HFBackend(Backend):
                 continue
             key = (s.context_length, s.max_new_tokens)
             if key not in reasons:
-                reasons[key] = self._memory_reason(*key)
+                reasons[key] = self.memcheck.reason(*key)
             if reasons[key] is not None:
                 out[s.id] = reasons[key]
         return out
-
-    def _memory_reason(self, prompt: int, budget: int) -> str | None:
-        from evalctx.memory import longest_fitting
-
-        mem = self._memory(prompt + budget)
-        if mem.fits(self.memory_capacity):
-            return None
-        bigger = self._fitting_tp(prompt + budget)
-        longest = longest_fitting(self.shape, self.memory_capacity, chunk=self.options.chunk_size, tp=self.tp,
-                                  dtype=self.short_dtype, attention=self.attn_implementation)
-        fixes = [f"tp={bigger} fits it"] if bigger else []
-        fixes.append(f"lengths <= {max(0, longest - budget)} fit at tp={self.tp}")
-        return (f"prompt {prompt} + max_new_tokens {budget} needs {mem.breakdown()} at tp={self.tp}, more than the "
-                f"{self._capacity_text()}: {'; '.join(fixes)}")
-
-    def _max_batch(self, tokens: int, wanted: int) -> int:
-        """The largest batch of ``tokens``-position sequences (at most ``wanted``) that fits one GPU."""
-        if self.shape is None or self.memory_capacity is None:
-            return wanted
-        b = wanted
-        while b > 1 and not self._memory(tokens, batch=b).fits(self.memory_capacity):
-            b -= 1
-        return b
 
     # --- generation --------------------------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -315,7 +250,7 @@ class HFBackend(Backend):
         groups = [list(batch)] if len(lengths) == 1 and len(budgets) == 1 else [[r] for r in batch]
         out: list[GenerationResult] = []
         for group in groups:
-            size = self._max_batch(len(group[0].prompt_ids) + group[0].max_new_tokens, len(group))
+            size = self.memcheck.max_batch(len(group[0].prompt_ids) + group[0].max_new_tokens, len(group))
             for i in range(0, len(group), size):
                 out.extend(self._generate_group(group[i:i + size]))
         return out
@@ -362,7 +297,29 @@ class HFBackend(Backend):
             return 0
         shared = min(min(common_prefix(a, b) for a, b in zip(cached, prompts)), len(prompts[0]) - 1)
         chunk = self.options.chunk_size
-        return shared // chunk * chunk
+        keep = shared // chunk * chunk
+        # RoPE whose frequencies follow the prompt's length (dynamic NTK, LongRoPE) rotated the cached keys for
+        # the cached prompt's length: reusable only where this prompt's length rotates them alike.
+        return keep if self.rope.same_rotation(len(cached[0]), len(prompts[0]), keep) else 0
+
+    def prefill(self, ids: Any, cache: Any, start: int = 0, chunk: int | None = None) -> Any:
+        """Prefill prompt positions ``start..`` of ``ids`` (batch, n) into ``cache`` (which holds the first
+        ``start``), ``chunk`` tokens at a time (default: the chunk_size option; 0 = all at once), every chunk
+        rotated as in one forward over the whole prompt (:mod:`.rope`); returns the logits of the last position,
+        (batch, vocab)."""
+        n = ids.shape[1]
+        chunk = (self.options.chunk_size if chunk is None else chunk) or n
+        logits = None
+        self.rope.start_prompt(n)
+        try:
+            for pos in range(start, n, chunk):
+                outp = self.model(input_ids=ids[:, pos:pos + chunk], use_cache=True, logits_to_keep=1,
+                                  **{self._cache_kw: cache})
+                logits = outp.logits
+        finally:
+            self.rope.end_prompt()
+        assert logits is not None
+        return logits[:, -1, :]
 
     def _run(self, group: list[GenerationRequest]) -> list[GenerationResult]:
         torch = self.torch
@@ -370,7 +327,6 @@ class HFBackend(Backend):
         bsz = len(group)
         max_new = group[0].max_new_tokens
         ids = torch.tensor([r.prompt_ids for r in group], dtype=torch.long, device=self.device)
-        chunk = self.options.chunk_size or n
         prompts = [r.prompt_ids for r in group]
         cache, reused = self._cache_for(prompts, n + max_new)
         self._cached_prompts = None  # the cache holds these prompts only once their prefill has finished
@@ -379,16 +335,11 @@ class HFBackend(Backend):
         self._sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = None
-            for start in range(reused, n, chunk):
-                outp = self.model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
-                                  **{self._cache_kw: cache})
-                logits = outp.logits
-            assert logits is not None
-            next_tok = logits[:, -1, :].argmax(dim=-1)
+            stepper = GreedyStepper(self.greedy, ids)
+            next_tok = stepper.next_tokens(self.prefill(ids, cache, reused))
             self._sync()
             ttft = time.perf_counter() - t0
-            generated = self._decode(cache, next_tok, max_new)
+            generated = self._decode(cache, stepper, next_tok, max_new)
             self._sync()
             latency = time.perf_counter() - t0
         if self.options.prefix_reuse:
@@ -401,14 +352,14 @@ class HFBackend(Backend):
             kept = row if cut is None else row[:cut]
             results.append(GenerationResult(
                 # n_output_tokens leaves out the EOS that stopped the answer, as every backend does (records.py).
-                text=self.ctx.tokenizer.decode(kept), n_prompt_tokens=n, n_output_tokens=len(kept),
+                text=self.ctx.tokenizer.decode(kept), output_ids=kept, n_prompt_tokens=n, n_output_tokens=len(kept),
                 latency_s=latency, ttft_s=ttft, batch_size=bsz,
                 finish_reason="stop" if cut is not None else "length", peak_memory_bytes=peak,
                 n_cached_prompt_tokens=reused,
             ))
         return results
 
-    def _decode(self, cache: Any, next_tok: Any, max_new: int) -> list[Any]:
+    def _decode(self, cache: Any, stepper: GreedyStepper, next_tok: Any, max_new: int) -> list[Any]:
         """Greedy decode until every sequence has ended or ``max_new`` tokens exist (the first included).
 
         On CUDA the end check reads the flag of the token before the newest one, which is ready without waiting
@@ -432,7 +383,7 @@ class HFBackend(Backend):
                     break
             outp = self.model(input_ids=next_tok[:, None], use_cache=True, logits_to_keep=1,
                               **{self._cache_kw: cache})
-            next_tok = outp.logits[:, -1, :].argmax(dim=-1)
+            next_tok = stepper.next_tokens(outp.logits[:, -1, :])
             generated.append(next_tok)
         return generated
 
@@ -455,8 +406,6 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        from evalctx.plan import GB
-
         cfg = self.model.config
         d = super().info()
         d.update({
@@ -468,10 +417,12 @@ class HFBackend(Backend):
             "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
             "tp": self.tp,
             "prefix_reuse": self.options.prefix_reuse,
+            "decoding": describe(self.greedy, self.eos_ids),
+            "forward_check": self.forward_check,
             # The rope facts from to_dict(): under transformers 5 they sit in rope_parameters.
             "model_config": {**{k: getattr(cfg, k, None) for k in SHAPE_FIELDS}, **rope_facts(cfg.to_dict())},
             "n_parameters": sum(p.numel() for p in self.model.parameters()),
-            "memory_preflight": self.memory_note or f"on: {self.memory_capacity / GB:.1f} GB per device",
+            "memory_preflight": self.memcheck.describe(),
             "torch": self.torch.__version__,
             "gpu": self.torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
         })
