@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     ("nightly-gate", "evalctx.commands.nightly"),
     ("serve", "evalctx.commands.serve"),
     ("show", "evalctx.commands.show"),
+    ("conformance", "evalctx.commands.conformance"),
 ]
 
 DEFAULT_SUITE = "default"

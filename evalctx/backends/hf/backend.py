@@ -158,6 +158,8 @@ class HFBackend(Backend):
         limits = self.limits()
         self.max_positions: int | None = limits.max_positions or limits.trained_positions
         self._cache: Any = None
+        self.last_prefill_logits: Any = None
+        """The last batch's first-token logits (batch, vocab), for conformance checks."""
         self._cached_prompts: list[list[int]] | None = None
         """With prefix_reuse: the prompts whose keys and values fill the cache's first positions, one per row."""
         self.check_tokenizer(resolved)
@@ -336,7 +338,8 @@ class HFBackend(Backend):
         t0 = time.perf_counter()
         with torch.inference_mode():
             stepper = GreedyStepper(self.greedy, ids)
-            next_tok = stepper.next_tokens(self.prefill(ids, cache, reused))
+            self.last_prefill_logits = self.prefill(ids, cache, reused)
+            next_tok = stepper.next_tokens(self.last_prefill_logits)
             self._sync()
             ttft = time.perf_counter() - t0
             generated = self._decode(cache, stepper, next_tok, max_new)

@@ -104,7 +104,8 @@ def _probe(module: Any, n: int, upto: int) -> list[Any]:
     positions = torch.tensor([[1, upto - 1, n - 1]], device=x.device)
     types = getattr(module, "rope_type", None)
     calls = [(t,) for t in types] if isinstance(types, dict) else [()]
-    out = [_drop_last_position(module.forward(x, positions, *t), 2) for t in calls]
+    with torch.inference_mode():
+        out = [_drop_last_position(module.forward(x, positions, *t), 2) for t in calls]
     _restore(module, getattr(module, _INITIAL))
     return out
 
@@ -142,6 +143,13 @@ def _snapshot(module: Any) -> dict[str, Any]:
 
 
 def _restore(module: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    with torch.inference_mode():  # buffers an update replaced during a prefill are inference tensors
+        _restore_state(module, state)
+
+
+def _restore_state(module: Any, state: dict[str, Any]) -> None:
     import torch
 
     for key, value in state.items():
