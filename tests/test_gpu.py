@@ -91,3 +91,14 @@ def test_prefix_reuse_on_cuda_answers_like_cold(tmp_path: Path) -> None:
     # the depth-0.5 pair follows the depth-0 pair, with which it shares the instruction only).
     long = warm[warm["context_length"] == 16384]
     assert sorted(long["n_cached_prompt_tokens"]) == [0, 0, 0, 0, 8000, 16000]
+
+
+def test_every_family_in_bf16_on_cuda_answers_as_its_own_generate(tmp_path: Path) -> None:
+    """The conformance matrix on CUDA in bf16: evalctx's own attention path (lower-right SDPA on cuDNN/flash) where
+    the family is plain causal, transformers' otherwise; the reference is generate in bf16 on the same GPU. Answers
+    may leave the reference only at a bf16 near-tie (evalctx.backends.hf.conformance)."""
+    out = tmp_path / "matrix.md"
+    assert main(["conformance", "--family", "all", "--backend-opt", "dtype=bfloat16", "--markdown", str(out)]) == 0
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()[2:]]
+    assert len(rows) == 16 * 20 and all(r[-1] == "ok" for r in rows)
+

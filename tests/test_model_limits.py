@@ -98,3 +98,54 @@ def test_an_engines_position_embedding_type_decides_refuse_or_flag(tmp_path, kin
     lim = limits_from_engine(engine, max_input_len=None, chunked_context=True, kv_cache_tokens=None)
     assert (lim.max_positions, lim.trained_positions) == (absolute, trained)
     assert (check(2000, 6, lim) is not None) == (absolute is not None)
+
+
+@pytest.mark.parametrize("config, stated", [
+    # YaRN: the original window times the factor (Qwen2.5: 4 x 32768), whatever max_position_embeddings says
+    ({"model_type": "qwen2", "max_position_embeddings": 32768,
+      "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, 131072),
+    ({"model_type": "deepseek_v3", "max_position_embeddings": 163840,
+      "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}}, 163840),
+    # the issue's example: factor 4 over 1024 states 4096
+    ({"model_type": "llama", "max_position_embeddings": 1024,
+      "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}}, 4096),
+    # linear and dynamic NTK scale max_position_embeddings (vLLM)
+    ({"model_type": "llama", "max_position_embeddings": 1024,
+      "rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, 4096),
+    ({"model_type": "llama", "max_position_embeddings": 2048, "rope_scaling": {"type": "linear", "factor": 2}},
+     4096),
+    # LongRoPE and llama3 state the extended window already; Gemma 3's is already scaled
+    ({"model_type": "phi3", "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+      "rope_parameters": {"rope_type": "longrope", "short_factor": [1], "long_factor": [2]}}, 131072),
+    ({"model_type": "llama", "max_position_embeddings": 131072,
+      "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}}, 131072),
+    ({"model_type": "gemma3_text", "max_position_embeddings": 131072,
+      "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0},
+                          "sliding_attention": {"rope_type": "default"}}}, 131072),
+    # one set per layer type (transformers 5): the scaled set decides
+    ({"model_type": "olmo3", "max_position_embeddings": 8192,
+      "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 8.0,
+                                             "original_max_position_embeddings": 8192},
+                          "sliding_attention": {"rope_type": "default"}}}, 65536),
+    ({"model_type": "llama", "max_position_embeddings": 8192}, 8192),
+])
+def test_the_stated_window_is_derived_as_vllm_derives_it(config, stated):
+    assert limits_from_hf_config(config).trained_positions == stated
+
+
+def test_plan_warns_past_the_scaled_window_not_past_max_position_embeddings(tmp_path, capsys):
+    import json
+
+    from evalctx.cli import main
+
+    cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 1024,
+           "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 2048,
+           "vocab_size": 1000, "max_position_embeddings": 32768,
+           "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    base = ["plan", "--backend", "hf", "--config", str(tmp_path / "config.json"), "--gpu-memory", "80"]
+    assert main(base + ["--context", "65536"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(base + ["--context", "200000"]) == 0
+    assert "exceeds the model's stated window (max_position_embeddings 32,768, RoPE-scaled) 131,072" in \
+        capsys.readouterr().err

@@ -151,23 +151,29 @@ def render(p: Plan) -> str:
 
 def position_warning(context: int, shape: ModelShape) -> str | None:
     """A warning when the planned context is longer than the positions (or the sliding window in every layer)
-    the model's config states; a Hugging Face config is read as the hf backend's preflight reads it."""
+    the model's config states; a Hugging Face config is read as the hf backend's preflight reads it (a rotary
+    model's window RoPE-scaled as vLLM scales it: YaRN factor 4 over 32K states 128K)."""
     from evalctx.preflight import limits_from_hf_config
 
     try:
         data = json.loads(Path(shape.source).read_text())
     except (OSError, ValueError):
         data = None
-    window = limits_from_hf_config(data).attention_window if isinstance(data, dict) else None
+    limits = limits_from_hf_config(data) if isinstance(data, dict) else None
+    window = limits.attention_window if limits else None
     if window is not None and context > window:
         return (f"evalctx plan: warning: context {context:,} tokens exceeds the sliding window of {window:,} tokens "
                 f"in every layer of the model ({shape.source}): a needle further back is out of sight, so evalctx "
                 "run marks longer prompts unsupported")
     limit = shape.max_position_embeddings
+    stated = (limits.max_positions or limits.trained_positions) if limits else None
+    what = "max_position_embeddings"
+    if stated is not None and stated != limit:
+        limit, what = stated, f"stated window (max_position_embeddings {limit:,}, RoPE-scaled)"
     if limit is None or context <= limit:
         return None
-    return (f"evalctx plan: warning: context {context:,} tokens exceeds the model's max_position_embeddings "
-            f"{limit:,} ({shape.source}): positions beyond it were never trained, and models with absolute "
+    return (f"evalctx plan: warning: context {context:,} tokens exceeds the model's {what} {limit:,} "
+            f"({shape.source}): positions beyond it were never trained, and models with absolute "
             "position embeddings cannot run there at all")
 
 

@@ -185,7 +185,8 @@ def plain_causal(cfg: Any) -> bool:
     """Whether a transformers config describes plain full causal attention (no sliding window, no other kinds)."""
     sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
     layer_types = getattr(cfg, "layer_types", None) or []
-    return getattr(cfg, "model_type", None) in _PLAIN_CAUSAL and not sliding and all(t == "full_attention" for t in layer_types)
+    return (getattr(cfg, "model_type", None) in _PLAIN_CAUSAL and not sliding
+            and all(t == "full_attention" for t in layer_types))
 
 
 def model_class(cfg: Any) -> Any:

@@ -65,21 +65,27 @@ def check_engine_matches_forward(backend: Any) -> str:
 
     ids = _probe_ids(backend)
     model = backend.model
+    limit = tolerance(backend.dtype)
     with torch.inference_mode():
         backend.rope.reset()
         ref = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
         cache = PreallocatedCache(model.config.num_hidden_layers, ids.shape[1], 1)
-        got = backend.prefill(ids, cache, chunk=PROBE_CHUNK).float()
+        try:
+            got = backend.prefill(ids, cache, chunk=PROBE_CHUNK).float()
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise UsageError(_refusal(backend, ids.shape[1], f"the chunked prefill failed: "
+                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")) from exc
     err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-    limit = tolerance(backend.dtype)
     if not err <= limit:
-        raise UsageError(
-            f"backend hf: evalctx's engine does not reproduce {backend.model_name}'s own forward (relative logit "
-            f"error {err:.2g} > {limit:g} on a {ids.shape[1]}-token probe in chunks of {PROBE_CHUNK}, attention "
-            f"{backend.attn_implementation}): its numbers would not be the model's; try attn_implementation=eager, "
-            f"or evaluate it through --backend http")
+        raise UsageError(_refusal(backend, ids.shape[1], f"relative logit error {err:.2g} > {limit:g}"))
     return (f"chunked prefill matches the model's forward: relative logit error {err:.1g} <= {limit:g} "
             f"({ids.shape[1]} tokens, chunks of {PROBE_CHUNK})")
+
+
+def _refusal(backend: Any, n: int, why: str) -> str:
+    return (f"backend hf: evalctx's engine does not reproduce {backend.model_name}'s own forward ({why}, on a "
+            f"{n}-token probe in chunks of {PROBE_CHUNK}, attention {backend.attn_implementation}): its numbers "
+            f"would not be the model's; try attn_implementation=eager, or evaluate it through --backend http")
 
 
 def _probe_ids(backend: Any) -> Any:
