@@ -39,21 +39,28 @@ def check(tok, frame, hay, needles, depths, length, asm) -> None:
     # the context is one contiguous slice of the filler text with the needles spliced in at their positions
     stream = hay.stream(tok, 0)
     s, e = asm.window
-    def context(glue: int) -> str:
+    other = " " if hay.joiner == "\n" else "\n"
+
+    def context(glue: int, pad: str) -> str:
         parts, cur = [], s
         for i, (n, p) in enumerate(zip(needles, asm.positions)):
             last = i == len(needles) - 1 and p == e  # only the needle that ends the haystack drops its separator
             # the first needle after a cut last sentence (line) is set apart by the haystack's joiner; a count
-            # that needs it may put it after a whole one too (glue 1) or leave it out (glue 2)
+            # that needs it may put it after a whole one too (glue 1), leave it out (glue 2), or put the joiner
+            # twice, the other unit's joiner, or both (3-5: windows whose end moves by several tokens at a time)
             first = p == e and p > s and (i == 0 or asm.positions[i - 1] != p)
             wanted = glue == 1 or (glue == 0 and not hay.is_boundary(p))
-            joiner = hay.joiner if first and wanted and not n.text[:1].isspace() else ""
+            joiner = {1: hay.joiner, 3: hay.joiner * 2, 4: other, 5: hay.joiner + other}.get(glue, "")
+            joiner = hay.joiner if glue == 0 and wanted else joiner
+            joiner = joiner if first and not n.text[:1].isspace() else ""
             parts += [stream.text[cur:p], joiner + (n.text if last else n.text + n.sep)]
             cur = p
         parts.append(stream.text[cur:e])
-        return "".join(parts)
+        return "".join(parts) + pad  # whitespace the window's end may carry before post
 
-    assert asm.text[len(frame.pre):len(asm.text) - len(frame.post)] in {context(g) for g in (0, 1, 2)}
+    pads = ("", hay.joiner, hay.joiner * 2, other, other * 2, hay.joiner + other, hay.joiner * 2 + other)
+    assert asm.text[len(frame.pre):len(asm.text) - len(frame.post)] in {context(g, pad) for g in range(6)
+                                                                         for pad in pads}
     # each needle text occurs exactly once
     for n in needles:
         assert asm.text.count(n.text.strip()) == 1

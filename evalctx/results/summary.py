@@ -18,7 +18,7 @@ DEFAULT_BY: tuple[str, ...] = ("task", "context_length", "depth")
 SUMMARY_COLUMNS = [
     "n", "n_error", "n_unsupported", "accuracy", "ci_low", "ci_high",
     "latency_s_p50", "latency_s_p95", "ttft_s_p50", "prefill_tokens_per_s_p50", "n_empty",
-    "n_flagged", "n_warm",
+    "n_flagged", "n_warm", "depth_actual_mean",
 ]
 
 
@@ -74,5 +74,7 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = DEFAULT_BY) -> pd.DataFrame:
             "n_empty": int((comp.str.strip() == "").sum()),
             "n_flagged": _n_flagged(ok),
             "n_warm": int(warm.sum()),
+            # Where the first needles actually went (a needle sits at the sentence boundary nearest its depth).
+            "depth_actual_mean": float(ok["depth_actual"].mean()) if "depth_actual" in ok and n else float("nan"),
         })
     return pd.DataFrame(rows, columns=[*by, *SUMMARY_COLUMNS])

@@ -42,6 +42,7 @@ def format_summary(df: pd.DataFrame) -> str:
             lines.append(f"{length:>7} | {accs} | {_pct(row['accuracy'])}  {ci:<11} {int(row['n']):>4} "
                          f"{int(row['n_error']):>4} {int(row['n_unsupported']):>3} {lat_s}")
         lines += _flag_lines(g)
+        lines += depth_lines(g)
         lines.append("")
     if df["task"].nunique() > 1:
         lines += _average_lines(df)
@@ -63,6 +64,31 @@ def _flag_lines(rows: pd.DataFrame) -> list[str]:
     return [textwrap.fill(f"flagged {flag}: {len(lengths)} scored samples at length "
                           f"{', '.join(map(str, sorted(set(lengths))))}: {FLAGS.get(flag, '')}", width=100)
             for flag, lengths in sorted(found.items())]
+
+
+DEPTH_NOTE = 0.05
+"""A cell whose needles sit on average further than this fraction of the haystack from the column's depth is named
+under the table (beyond :data:`evalctx.tasks.haystack_task.DEPTH_TOLERANCE` a sample is refused instead)."""
+
+
+def depth_lines(rows: pd.DataFrame) -> list[str]:
+    """One line naming the cells of one task whose needles were built away from the asked depth (the nearest
+    sentence boundary can be far in a haystack of long sentences at a short length), with where they went."""
+    if "depth_actual" not in rows.columns:
+        return []
+    ok = rows[(rows["status"] == "ok") & rows["depth_actual"].notna() & (rows["depth"] < 1.0)]
+    if ok.empty:
+        return []
+    cells = ok.groupby(["context_length", "depth"])["depth_actual"].agg(["min", "max", "mean"]).reset_index()
+    off = cells[(cells["mean"] - cells["depth"]).abs() > DEPTH_NOTE]
+    if off.empty:
+        return []
+    parts = [f"{int(r.context_length)} @ {100 * r.depth:.0f}%: {100 * r['min']:.0f}-{100 * r['max']:.0f}%"
+             for _, r in off.iterrows()]
+    return [textwrap.fill(f"depth as built differs from the column by more than {100 * DEPTH_NOTE:g}% of the "
+                          f"haystack (length @ depth: where the needles went) in {len(parts)} cells: "
+                          f"{'; '.join(parts[:8])}{' ...' if len(parts) > 8 else ''} (depth_actual in "
+                          "results.parquet)", width=100)]
 
 
 def _average_lines(df: pd.DataFrame) -> list[str]:

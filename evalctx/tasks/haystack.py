@@ -24,9 +24,18 @@ NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here w
 
 DEFAULT_ESSAY_DIR = Path(__file__).resolve().parent.parent / "data" / "essays"
 """Original essays shipped with evalctx (see its README.md)."""
+CHINESE_ESSAY_DIR = Path(__file__).resolve().parent.parent / "data" / "essays_zh"
+"""Original Chinese essays shipped with evalctx: the ``essay_zh`` haystack."""
+SHIPPED_ESSAYS = {DEFAULT_ESSAY_DIR: "essay", CHINESE_ESSAY_DIR: "essay_zh"}
 
-# A sentence ends at . ? ! (optionally closed by quotes/brackets) followed by whitespace; a line break ends one too.
-_SENTENCE_END = re.compile(r"[.?!][\"')\]]*\s+|\n")
+# What may close a sentence after its terminator: quotes and brackets of Latin, CJK and other scripts.
+_CLOSERS = "".join(re.escape(c) for c in "\"')]»”’」』）】》〉〕〗〙〛＂＇")
+# Terminators that end a sentence by themselves: CJK full stops and marks (Chinese and Japanese put no space after
+# them), the Devanagari danda, Arabic and Urdu marks, Armenian, Ethiopic, Myanmar and Khmer full stops.
+_OWN_TERMINATORS = "".join(re.escape(c) for c in "。！？｡．।॥؟۔։።။។")
+# A sentence ends at . ? ! followed by whitespace (a Latin full stop without it is 3.14 or e.g.), at one of the
+# terminators above with or without whitespace, each optionally closed by quotes/brackets; a line break ends one too.
+_SENTENCE_END = re.compile(rf"[.?!][{_CLOSERS}]*\s+|[{_OWN_TERMINATORS}]+[{_CLOSERS}]*\s*|\n")
 _LINE_END = re.compile(r"\n")
 
 _MIN_STREAM_CHARS = 4096
@@ -143,8 +152,17 @@ def noise_haystack(joiner: str = "\n") -> Haystack:
     return _CACHE[key]
 
 
+def normalise_whitespace(raw: str) -> str:
+    """Runs of spaces and tabs become one space and each line is stripped (RULER normalises essay whitespace so);
+    line breaks stay where the text has them, one per run of blank lines: in scripts that put no space between
+    sentences, and in verse or lists, a line end is the only sentence boundary there is."""
+    lines = (re.sub(r"[^\S\n]+", " ", line).strip() for line in raw.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
 def essay_haystack(haystack_dir: str | Path | None = None) -> Haystack:
-    """``*.txt`` files of ``haystack_dir`` (default: the shipped essays) in name order, whitespace normalised."""
+    """``*.txt`` files of ``haystack_dir`` (default: the shipped essays) in name order, whitespace normalised
+    (:func:`normalise_whitespace`) and joined by spaces."""
     folder = Path(haystack_dir).expanduser() if haystack_dir else DEFAULT_ESSAY_DIR
     if not folder.is_dir():
         raise UsageError(f"haystack_dir not found: {folder} (give a folder of .txt files)")
@@ -160,23 +178,24 @@ def essay_haystack(haystack_dir: str | Path | None = None) -> Haystack:
                 raw = f.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:
                 raise UsageError(f"haystack file {f} is not UTF-8 text: {exc}") from exc
-            # RULER normalises essay whitespace the same way (re.sub(r"\s+", " ", essay)).
-            norm = re.sub(r"\s+", " ", raw).strip()
+            norm = normalise_whitespace(raw)
             if norm:
                 texts.append(norm)
         if not texts:
             raise UsageError(f"haystack_dir {folder} holds only empty .txt files")
-        name = "essay" if folder == DEFAULT_ESSAY_DIR else f"essay:{folder.name}"
+        name = SHIPPED_ESSAYS.get(folder.resolve(), f"essay:{folder.name}")
         _CACHE[key] = Haystack(name, " ".join(texts) + " ", unit="sentence")
     return _CACHE[key]
 
 
 def get_haystack(kind: str, haystack_dir: str | Path | None = None, joiner: str = "\n") -> Haystack:
-    """``noise`` or ``essay``; ``haystack_dir`` only makes sense with ``essay``."""
+    """``noise``, ``essay`` or ``essay_zh`` (the shipped Chinese essays); ``haystack_dir`` only with ``essay``."""
+    if kind in ("noise", "essay_zh") and haystack_dir:
+        raise UsageError('option haystack_dir needs haystack = "essay"')
     if kind == "noise":
-        if haystack_dir:
-            raise UsageError('option haystack_dir needs haystack = "essay"')
         return noise_haystack(joiner)
     if kind == "essay":
         return essay_haystack(haystack_dir)
-    raise UsageError(f"unknown haystack {kind!r}: choose noise or essay")
+    if kind == "essay_zh":
+        return essay_haystack(CHINESE_ESSAY_DIR)
+    raise UsageError(f"unknown haystack {kind!r}: choose noise, essay or essay_zh")

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from evalctx.errors import UsageError
+from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
 from evalctx.tasks.base import Task
 from evalctx.tasks.haystack import Haystack
@@ -38,6 +38,20 @@ class Draw:
     secrets: list[str]
     """Strings that must come from the needles only (keys and values): redrawn if the haystack holds one."""
     meta: dict[str, Any]
+
+
+DEPTH_TOLERANCE = 0.10
+"""A needle may sit this fraction of the haystack away from its asked depth (it goes at the nearest sentence
+boundary) ..."""
+DEPTH_TOLERANCE_TOKENS = 64
+"""... or this many tokens, whichever is more (at short lengths one sentence is more than 10%); beyond, the sample
+is refused. Within it, a cell whose needles sit more than :data:`evalctx.results.table.DEPTH_NOTE` away is noted
+under the run's table."""
+
+
+def depth_tolerance(haystack_tokens: int) -> float:
+    """Tokens a needle may sit away from its asked depth in a haystack of ``haystack_tokens`` tokens."""
+    return max(DEPTH_TOLERANCE * haystack_tokens, DEPTH_TOLERANCE_TOKENS)
 
 
 def sample_id(task: str, version: int, options: Mapping[str, Any], length: int, depth: float, seed: int,
@@ -122,6 +136,7 @@ class HaystackTask(Task):
                 break
         else:
             raise UsageError(f"task {self.name}: could not draw a key that the haystack does not already contain")
+        self._check_depth(asm, draw.depths[0], context_length)
         sid = self.sample_id(context_length, depth, seed, mnt)
         meta = {"haystack": self.haystack.name, **draw.meta, "answer_tokens": self._answer_tokens(frame, draw)}
         if len(asm.needle_token_indices) > 1:
@@ -139,6 +154,22 @@ class HaystackTask(Task):
                       add_special_tokens=frame.add_special_tokens, prompt_mode=self.prompt_mode,
                       depth_actual=asm.depth_actual, scorer=self.scorer, meta=meta,
                       special_spans=list(asm.special_spans or []), messages=messages)
+
+    def _check_depth(self, asm: Any, depth: float, context_length: int) -> None:
+        """LengthError (the sample becomes an unsupported row, with this reason) when the first needle sits further
+        from its asked depth than :func:`depth_tolerance` allows: a haystack whose sentence boundaries are far apart
+        (a script whose sentence ends evalctx does not know, a text without line breaks) would otherwise put every
+        needle at one place and report it under the asked depth's column."""
+        if asm.depth_actual is None or depth >= 1.0:
+            return
+        off = abs(asm.depth_actual - depth) * asm.haystack_tokens
+        allowed = depth_tolerance(asm.haystack_tokens)
+        if off > allowed:
+            raise LengthError(
+                f"{self.name} at {context_length} tokens: the needle for depth {depth:g} could only go at depth "
+                f"{asm.depth_actual:.2f} ({off:.0f} tokens away, more than the {allowed:.0f} allowed): haystack "
+                f"{self.haystack.name} has no sentence boundary nearer; use a haystack whose sentences end in "
+                f"punctuation evalctx knows (. ? ! 。！？ । ؟ ...) or line breaks")
 
     def _answer_tokens(self, frame: Frame, draw: Draw) -> int:
         """Tokens of the right answer as the model writes it after the prompt: a space, then the targets joined by

@@ -30,7 +30,7 @@ ANSWER_PREFIX = " The special magic {type_v} for {query} mentioned in the provid
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
 
 VALUE_TYPES = KEY_TYPES = KINDS
-HAYSTACKS = ("noise", "essay", "needle")
+HAYSTACKS = ("noise", "essay", "essay_zh", "needle")
 
 
 class NiahTask(HaystackTask):

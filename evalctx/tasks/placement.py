@@ -30,6 +30,7 @@ _MAX_VERIFY = 12
 ``add_prefix_space`` tokenizer the seam estimate is off by one either way from layout to layout, and 5 left about
 1 in 70 samples unbuildable at lengths far above the minimum (unsupported rows nothing found up front); a
 sample that needed 8 is in test_placement."""
+_TAILS = 7  # whitespace pads _Builder._pad_text knows
 _SEARCH = 8  # how far (in tokens) the cut may move when no budget gives the exact count
 _RESIDUAL: dict[tuple, int] = {}  # seam calibration: verified - estimated, per (tokenizer, frame, haystack)
 _SPECIAL: dict[str, int] = {}
@@ -138,7 +139,8 @@ class _Layout:
     s: int  # first haystack char (stream): starts[a], or inside token a - 1 when the window starts mid-token
     e: int  # haystack end char, exclusive (stream)
     positions: tuple[int, ...]  # insertion char (stream) per needle, non-decreasing
-    glue: int = 0  # before a needle at the end: the joiner after a cut sentence (0), always (1), never (2)
+    glue: int = 0  # before a needle at the end: see _Builder._glue_text
+    tail: int = 0  # whitespace between the haystack's end and ``post``: see _Builder._pad_text
 
 
 def special_token_count(tokenizer: Tokenizer) -> int:
@@ -172,7 +174,7 @@ class _Builder:
             self.st = self.hay.stream(self.tok, h + _SLACK)
 
     # -- layouts ------------------------------------------------------------------------------------------------------
-    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0, glue: int = 0) -> _Layout:
+    def layout(self, h: int, alt: int = 0, cut: int = 0, shift: int = 0, glue: int = 0, tail: int = 0) -> _Layout:
         """The haystack window of ``h`` tokens and its needle positions; the other arguments are fallbacks.
 
         The window starts at stream token 0 and ends at token ``h`` (possibly mid-sentence), whatever the depths,
@@ -205,7 +207,7 @@ class _Builder:
             else:
                 p = self._nearest_boundary(a + round(d * h_eff), s, e, flip=(alt > 0 and i == 0))
             positions.append(max(p, positions[-1]) if positions else p)
-        return _Layout(a, s, e, tuple(positions), glue if e in positions else 0)
+        return _Layout(a, s, e, tuple(positions), glue if e in positions else 0, tail)
 
     def _nearest_boundary(self, x_tok: int, s: int, e: int, flip: bool) -> int:
         """The sentence boundary in [s, e] nearest (in tokens) to token ``x_tok``; ``flip`` takes the other one."""
@@ -230,17 +232,34 @@ class _Builder:
         p = lay.positions[i]
         text = n.text if i == len(self.needles) - 1 and p == lay.e else n.text + n.sep
         first_at_end = p == lay.e and (i == 0 or lay.positions[i - 1] != p)
-        wanted = lay.glue == 1 or (lay.glue == 0 and not self.hay.is_boundary(p))
-        if first_at_end and wanted and p > lay.s and not n.text[:1].isspace():
-            text = self.hay.joiner + text
+        glue = self._glue_text(lay.glue, p)
+        if first_at_end and glue and p > lay.s and not n.text[:1].isspace():
+            text = glue + text
         return text
+
+    def _pad_text(self, tail: int) -> str:
+        """Whitespace the window's end may carry before ``post`` (the last knob, for windows whose end moves by
+        several tokens at a time): none (0), then one or two of the unit's joiner and of the other unit's."""
+        joiner = self.hay.joiner
+        other = " " if joiner == "\n" else "\n"
+        return ("", joiner, joiner * 2, other, other * 2, joiner + other, joiner * 2 + other)[tail]
+
+    def _glue_text(self, glue: int, p: int) -> str:
+        """What goes between the haystack's end and a needle at the end: the joiner after a cut sentence (0),
+        always (1), never (2); then, for windows whose end moves by several tokens at a time (a CJK character is
+        three byte-level tokens), the joiner twice (3), the other unit's joiner (4), both (5)."""
+        joiner = self.hay.joiner
+        other = " " if joiner == "\n" else "\n"
+        return {0: "" if self.hay.is_boundary(p) else joiner, 1: joiner, 2: "", 3: joiner * 2, 4: other,
+                5: joiner + other}[glue]
 
     def _inserts(self, lay: _Layout) -> list[tuple[int, str, list[tuple[int, int]]]]:
         """(stream position, text, template spans relative to the text) of every insertion, in order."""
         f = self.frame
         ins = [(lay.s, f.pre, f.spans("pre"))]
         ins += [(p, self.needle_insert(i, lay), []) for i, p in enumerate(lay.positions)]
-        ins.append((lay.e, f.post, f.spans("post")))
+        pad = self._pad_text(lay.tail)
+        ins.append((lay.e, pad + f.post, [(a + len(pad), b + len(pad)) for a, b in f.spans("post")]))
         return ins
 
     def _splice(self, u: int, v: int, ins: list[tuple[int, str, list[tuple[int, int]]]]
@@ -303,7 +322,8 @@ class _Builder:
         return (self.n_special + self.count(f.pre, f.spans("pre")) + self.count(f.post, f.spans("post"))
                 + sum(self.count(n.text + n.sep) for n in self.needles))
 
-    def solve(self, target: int, h0: int, exclude: set[_Layout]) -> tuple[_Layout, int] | None:
+    def solve(self, target: int, h0: int, exclude: set[_Layout], extended: bool = False
+              ) -> tuple[_Layout, int] | None:
         """A layout whose estimate is ``target``: Newton steps on the budget, then a small neighbourhood search."""
         h, seen = max(h0, 0), set()
         for _ in range(12):
@@ -331,6 +351,23 @@ class _Builder:
                             lay = self.layout(h + dh, alt, cut, shift, glue)
                             if lay not in exclude and self.estimate(lay) == target:
                                 return lay, target
+        if not extended:
+            return None
+        # Windows whose end moves by several tokens at a time (a CJK character is three byte-level tokens, and no
+        # cut splits a character) reach one length in three with the knobs above. Whitespace at the window's end
+        # (and more ways to glue a needle there) fills the gaps. Only once every layout without them failed
+        # (``extended``, see :func:`assemble`), so that prompts built before these knobs existed build as they did.
+        for tail in range(_TAILS):
+            for glue in (0, 1, 2, 3, 4, 5) if self.at_end else (0,):
+                if tail == 0 and glue < 3:
+                    continue  # tried above
+                for alt in (0, 1):
+                    for dh in sorted(range(-_SEARCH, _SEARCH + 1), key=abs):
+                        if h + dh < 0:
+                            continue
+                        lay = self.layout(h + dh, alt, 0, 0, glue, tail)
+                        if lay not in exclude and self.estimate(lay) == target:
+                            return lay, target
         return None
 
 
@@ -365,13 +402,27 @@ def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Se
     key = (tokenizer.fingerprint(), frame.mode, haystack.fingerprint, len(needles), b.at_end)
     if key not in _RESIDUAL:
         _RESIDUAL[key] = _calibrate(b)
+    exclude: set[_Layout] = set()
+    for extended in (False, True):
+        asm = _search(b, tokenizer, frame, length, key, exclude, extended)
+        if asm is not None:
+            return asm
+    minimum = _verified_minimum(b)
+    hint = f"the minimum is {minimum}; " if length < minimum + 8 else ""
+    raise LengthError(f"{where}: no haystack cut tokenizes to exactly {length} tokens "
+                      f"(tried {len(exclude)} layouts); {hint}try a length a few tokens away")
+
+
+def _search(b: _Builder, tokenizer: Tokenizer, frame: Frame, length: int, key: tuple, exclude: set[_Layout],
+            extended: bool) -> Assembly | None:
+    """Up to :data:`_MAX_VERIFY` layouts whose estimate is ``length``, each verified by a full tokenization; the
+    first exact one as an :class:`Assembly`, or None."""
     residual = _RESIDUAL[key]
     h0 = length - b.fixed_tokens()
-    exclude: set[_Layout] = set()
     for attempt in range(1, _MAX_VERIFY + 1):
-        got = b.solve(length - residual, h0, exclude)
+        got = b.solve(length - residual, h0, exclude, extended)
         if got is None and residual:
-            got = b.solve(length, h0, exclude)
+            got = b.solve(length, h0, exclude, extended)
         if got is None:
             break
         lay, est = got
@@ -385,10 +436,7 @@ def assemble(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Se
             return asm
         residual = len(ids) - est
         h0 = b.st.token_at(lay.e) - lay.a
-    minimum = _verified_minimum(b)
-    hint = f"the minimum is {minimum}; " if length < minimum + 8 else ""
-    raise LengthError(f"{where}: no haystack cut tokenizes to exactly {length} tokens "
-                      f"(tried {len(exclude)} layouts); {hint}try a length a few tokens away")
+    return None
 
 
 def minimum_length(tokenizer: Tokenizer, frame: Frame, haystack: Haystack, needles: Sequence[Needle],
