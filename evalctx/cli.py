@@ -75,6 +75,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "to 8000 characters whole and a longer one as head, needle region and tail; 'full' keeps "
                         "every prompt whole. `evalctx show RUN SAMPLE_ID` prints one")
     p.add_argument("--no-retry-errors", action="store_true", help="on resume, keep earlier error rows")
+    p.add_argument("--chat-date", default=None, metavar="YYYY-MM-DD",
+                   help="the day chat templates that write the date (Llama 3.x) see as today (default: the day the "
+                        "run was created, kept on every resume)")
     p.add_argument("--max-error-rate", type=float, default=0.0, metavar="RATE",
                    help="share of error rows (0..1) a complete run may have and still exit 0 (default 0: any error "
                         "row makes the run complete_with_errors, exit 3)")
@@ -92,6 +95,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None)
     p.add_argument("--tasks", nargs="+", metavar="NAME", default=None, help="only these tasks of the suite")
     p.add_argument("--with-ids", action="store_true", help="include prompt_ids")
+    p.add_argument("--chat-date", default="today", metavar="YYYY-MM-DD",
+                   help="the day chat templates that write the date (Llama 3.x) see as today (default: today)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -118,6 +123,7 @@ def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_run(args: argparse.Namespace) -> int:
     from evalctx.backends.base import parse_kv_flags
     from evalctx.config import load_suite
+    from evalctx.chat_identity import parse_date
     from evalctx.runner import RunConfig, Runner
 
     if not 0.0 <= args.max_error_rate <= 1.0:
@@ -134,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, retry_errors=not args.no_retry_errors, progress=not args.no_progress,
         command=shlex.join(["evalctx", *getattr(args, "argv", sys.argv[1:])]),  # the runner masks secrets
         max_error_rate=args.max_error_rate, log_samples=args.log_samples,
+        chat_date=parse_date(args.chat_date) if args.chat_date else None,
     )
     runner = Runner(cfg)
     outcome = runner.run()
@@ -189,8 +196,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
+    from evalctx.chat_identity import parse_date, uses_date
+
     suite = _overrides(load_suite(args.suite), args)
-    builder = SampleBuilder(suite, load_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer.chat_date = parse_date(args.chat_date)
+    if any(t.prompt_mode == "chat" for t in suite.tasks) and uses_date(tokenizer):
+        print(f"evalctx: the chat template writes the date: prompts are rendered for "
+              f"{tokenizer.chat_date.isoformat()} (--chat-date; the day is part of each sample id)", file=sys.stderr)
+    builder = SampleBuilder(suite, tokenizer)
     builder.check_min_lengths()
     # Written under a temporary name and renamed at the end: a full disk or a Ctrl-C leaves no partial file that
     # looks like a whole suite. A bad --out (a missing folder) is one line before any work.

@@ -184,6 +184,9 @@ class CompareResult:
     correction: str
     params: dict[str, Any] = field(default_factory=dict)
     pooled: bool = False
+    differences: list[Any] = field(default_factory=list)
+    """:class:`evalctx.comparability.Difference` of the two runs besides their cells (settings compared across
+    with ``--allow-different``, and the system under test), set by the caller that read the manifests."""
     errors: dict[str, Any] = field(default_factory=dict)
     """Run-level error rates over the cells both runs have: ``base_rate``, ``cand_rate``, ``base_errors``,
     ``cand_errors``, ``base_attempted``, ``cand_attempted``, ``rose`` (the gate failed on it)."""
@@ -214,7 +217,11 @@ class CompareResult:
     def to_markdown(self, only_notable: bool = False) -> str:
         """The headline, the test settings and a Markdown table (all cells, or only those not ``ok``)."""
         t = self.table if not only_notable else self.table[self.table["verdict"] != "ok"]
+        from evalctx.comparability import lines as difference_lines
+
         lines = [f"**{self.headline()}**", "", self.settings(), ""]
+        if self.differences:
+            lines += ["Differences between the runs (baseline / candidate):", *difference_lines(self.differences), ""]
         if t.empty:
             return "\n".join(lines + ["Every cell is ok." if only_notable else "(no cells)"]) + "\n"
         shown = display_table(t)
@@ -230,7 +237,14 @@ class CompareResult:
             "alpha": self.alpha, "min_samples": self.min_samples, "latency_tolerance": self.latency_tolerance,
             "allow_missing": self.allow_missing, "correction": self.correction, "pooled": self.pooled,
             "errors": self.errors, "cells": json.loads(self.table.to_json(orient="records")),
+            "differences": _as_dicts(self.differences),
         }, indent=2)
+
+
+def _as_dicts(diffs: list[Any]) -> list[dict[str, Any]]:
+    from evalctx.comparability import as_dicts
+
+    return as_dicts(diffs)
 
 
 def _fmt(x: Any, spec: str) -> str:

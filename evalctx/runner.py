@@ -8,6 +8,7 @@ rerun with any rank count finishes the same run with nothing lost or doubled.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import getpass
 import hashlib
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from evalctx import redact
+from evalctx import chat_identity, redact
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
@@ -40,6 +41,10 @@ from evalctx.tokenizer import Tokenizer, load_tokenizer
 
 
 S = TypeVar("S", SampleSpec, Sample)
+
+
+class IdentityChanged(UsageError):
+    """A resume found the engine or server answering as another model than the run was started with."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class RunConfig:
     ``complete_with_errors`` (exit 3)."""
     log_samples: str | None = None
     """``excerpt`` or ``full``: also keep each prompt in prompts/ (see results.prompts); None: only its hash."""
+    chat_date: _dt.date | None = None
+    """The day chat templates see as today (--chat-date); None: the day the run was created (kept on resume)."""
 
 
 @dataclass
@@ -195,12 +202,6 @@ class Runner:
             raise UsageError(f"backend {cfg.backend} needs --tokenizer (or --model with tokenizer files)")
         self.tokenizer: Tokenizer = load_tokenizer(tok_spec)
         check_suite(cfg.suite)
-        self.builder = SampleBuilder(cfg.suite, self.tokenizer)
-        self.builder.check_min_lengths()
-        self.specs = self.builder.specs()
-        if self.world.is_root:
-            for warning in self.builder.budget_warnings():
-                print(f"evalctx: warning: {warning}", file=sys.stderr)
         self.label = cfg.label or self.cls.default_label(self.options, cfg.model) \
             or (Path(cfg.model).name if cfg.model else cfg.backend)
         # What the model directory holds, not only its name: a config.json edited in place is another run.
@@ -214,17 +215,61 @@ class Runner:
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
             "model_fingerprint": self.model_fingerprint["digest"] if self.model_fingerprint else None,
         }
+        if cfg.chat_date is not None:  # a date given is a setting; the default (the creation day) is not
+            self.config["chat_date"] = cfg.chat_date.isoformat()
         self.config_hash = config_hash(self.config)
         # Run ids are names: the run dir is always directly under --out.
         self.run_id = rundir.check_name(cfg.run_id, "--run-id") if cfg.run_id is not None else \
             f"{rundir.check_name(cfg.suite.name, 'suite name')}-{rundir.safe_name_part(Path(self.label).name)}-" \
             f"{self.config_hash}"
         self.run_dir = Path(cfg.out_dir) / self.run_id
+        # Chat templates that write the date see the day the run was created, on every resume (decided by rank 0:
+        # ranks started around midnight must not build different prompts).
+        day = chat_identity.pinned_date(self._read_old_manifest(), cfg.chat_date) if self.world.is_root else None
+        self.tokenizer.chat_date = self.world.bcast_world(day)
+        self.chat_template = chat_identity.describe(self.tokenizer) if self._uses_chat() else None
+        self.builder = SampleBuilder(cfg.suite, self.tokenizer)
+        self.builder.check_min_lengths()
+        self.specs = self.builder.specs()
+        if self.world.is_root:
+            for warning in self.builder.budget_warnings():
+                print(f"evalctx: warning: {warning}", file=sys.stderr)
         self.attempt_id = ""
         """This command's hold on the run dir (see results.lock); written into the manifest."""
         self._backend_info: dict[str, Any] = {"backend": cfg.backend}
+        self._old_manifest: dict[str, Any] | None = None
+        self.identity: dict[str, Any] | None = None
+        """What the backend says it runs (:meth:`Backend.identity`), once known."""
         self._noted: set[str] = set()
         self.batch_size = cfg.batch_size or cfg.suite.batch_size
+
+    def _check_identity(self, backend: Backend) -> None:
+        """World rank 0, before any generation: refuse a resume whose engine or server now states another identity
+        than the run was started with (a checkpoint swapped behind the same URL and model name), naming what
+        changed, and put the run's manifest back as it was; record the identity otherwise."""
+        self.identity = backend.identity()
+        before = (self._old_manifest or {}).get("identity")
+        if not isinstance(before, dict):
+            return
+        changed = {k: (before[k], self.identity.get(k)) for k in before if before[k] != self.identity.get(k)}
+        if not changed:
+            return
+        rundir.write_manifest(self.run_dir, self._old_manifest)  # type: ignore[arg-type]
+        what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise IdentityChanged(f"run dir {self.run_dir} was started against another {self.cfg.backend} model or "
+                              f"server than the one answering now ({what}): its numbers would mix the two; pass "
+                              f"--run-id NEW for a run of this one")
+
+    def _uses_chat(self) -> bool:
+        return any(t.prompt_mode == "chat" for t in self.cfg.suite.tasks)
+
+    def _read_old_manifest(self) -> dict[str, Any] | None:
+        """The run dir's manifest before this command touches it, or None (no run yet, or unreadable: the checks
+        in :meth:`_open_run_dir` report that)."""
+        try:
+            return rundir.read_manifest(self.run_dir)
+        except (UsageError, OSError):
+            return None
 
     # ------------------------------------------------------------------------------------------------------
     def _journal_rows(self) -> dict[str, dict[str, Any]]:
@@ -260,6 +305,8 @@ class Runner:
             "backend": self._backend_info,
             "model": self.cfg.model,
             "tokenizer": {"name": self.tokenizer.name, "fingerprint": self.tokenizer.fingerprint()},
+            "chat_template": self.chat_template,
+            "identity": self.identity,
             "model_fingerprint": self.model_fingerprint,
             "versions": _versions(),
             "git_sha": _git_sha(),
@@ -285,6 +332,7 @@ class Runner:
                                  f"configuration ({which}; this one is {self.config_hash}): pass --run-id NEW or "
                                  "move the journal folder away")
             return None
+        self._old_manifest = old
         if old.get("config_hash") != self.config_hash:
             old_files = (old.get("model_fingerprint") or {}).get("files")
             new_files = (self.model_fingerprint or {}).get("files")
@@ -371,6 +419,8 @@ class Runner:
             if w.is_leader:
                 writers = lock.join_writers(self.run_dir, self.attempt_id)
             return self._run(created_at, set(pending_ids))
+        except IdentityChanged:
+            raise  # the run dir was left as it was: nothing of this command ran
         except BaseException as exc:
             marked = self._record_stop(exc, created_at)
             if isinstance(exc, rundir.StorageError):
@@ -397,6 +447,8 @@ class Runner:
         )
         backend = self.cls(self.options, ctx)
         try:
+            if w.is_root:
+                self._check_identity(backend)
             extra.update(backend.row_columns())
             unsupported = {**self.builder.unbuildable(pending), **(backend.preflight(pending) if pending else {})}
             if w.is_root:

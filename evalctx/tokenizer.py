@@ -17,6 +17,7 @@ Two rules keep prompts what the model expects, whatever the tokenizer's files sa
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -33,6 +34,8 @@ Spans = Sequence[tuple[int, int]]
 class Tokenizer(Protocol):
     name: str
     eos_token_id: int | None
+    chat_date: _dt.date | None
+    """The day the chat template sees as today (None: the real day); see HFTokenizer.apply_chat_template."""
 
     def encode(self, text: str, add_special_tokens: bool = False, special_spans: Spans | None = None) -> list[int]:
         """Ids of ``text``; ``add_special_tokens`` adds the leading specials only (see the module docstring)."""
@@ -70,6 +73,7 @@ class ByteTokenizer:
         self.chat = chat
         self.name = "byte-chat" if chat else "byte"
         self.eos_token_id = self.EOS
+        self.chat_date: _dt.date | None = None  # its template writes no date
 
     def encode(self, text: str, add_special_tokens: bool = False, special_spans: Spans | None = None) -> list[int]:
         ids = [b + self.OFFSET for b in text.encode("utf-8")]  # no special token has a text form here
@@ -145,6 +149,8 @@ class HFTokenizer:
         self._rust.no_padding()
         self.name = str(self.path)
         self.eos_token_id = self.hf.eos_token_id
+        self.chat_date: _dt.date | None = None
+        """The day chat templates see as today (None: the real one); pinned by the run that builds prompts."""
         self._gguf_file = gguf_file
         self._special_ids = {i for i, t in self.hf.added_tokens_decoder.items() if t.special}
         self.leading_special_ids = self._leading_specials()
@@ -268,9 +274,33 @@ class HFTokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """The template over ``messages`` with the generation prompt. With :attr:`chat_date` set, templates that
+        write today's date (Llama 3.x's ``strftime_now``) write that date instead, so a prompt does not change with
+        the day it is built on (:mod:`evalctx.chat_identity`)."""
         if not self.has_chat_template():
             raise UsageError(f"tokenizer {self.path} has no chat template: use prompt_mode = \"raw\"")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = self._pin_date()
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+
+    def _pin_date(self) -> dict[str, Any]:
+        """Make the template's ``strftime_now`` answer for :attr:`chat_date` (or the real clock when None).
+
+        transformers turns callables passed to ``apply_chat_template`` into strings, so the function is set on the
+        compiled template itself (transformers caches one per template text; set before every rendering). Where
+        that is not reachable, ``date_string`` (the variable Llama 3.x templates read first) is passed instead."""
+        day = self.chat_date
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.hf.get_chat_template())
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return {} if day is None else {"date_string": day.strftime("%d %b %Y")}
+        if day is None:
+            compiled.globals.pop("strftime_now", None)  # back to the environment's own (the real clock)
+        else:
+            pinned = _dt.datetime.combine(day, _dt.time(12, 0))
+            compiled.globals["strftime_now"] = lambda fmt: pinned.strftime(fmt)
+        return {}
 
 
 def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:

@@ -187,6 +187,10 @@ class LlamaCppStub:
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
         self.token_s = token_s
+        self.card: dict[str, Any] = {}
+        """More fields of the /v1/models entry (vLLM's ``root``: the checkpoint path); may change while serving."""
+        self.props: dict[str, Any] | None = None
+        """The answer of ``/props`` (llama.cpp's C++ server has one; llama-cpp-python's has none: 404)."""
         self.answer = answer or oracle_answer
         self.bodies: list[dict[str, Any]] = []
         self.n_cut = 0
@@ -199,7 +203,9 @@ class LlamaCppStub:
             def do_GET(self) -> None:  # noqa: N802
                 if self.path == "/v1/models":
                     send_json(self, 200, {"object": "list", "data": [
-                        {"id": "tiny.gguf", "object": "model", "owned_by": "me", "permissions": []}]})
+                        {"id": "tiny.gguf", "object": "model", "owned_by": "me", "permissions": [], **stub.card}]})
+                elif self.path == "/props" and stub.props is not None:
+                    send_json(self, 200, stub.props)
                 elif self.path == "/openapi.json":
                     send_json(self, 200, {"openapi": "3.1.0",
                                           "info": {"title": "🦙 llama.cpp Python API", "version": "0.3.36"}})

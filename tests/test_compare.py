@@ -252,7 +252,8 @@ def test_pooled_rows_only_over_depths_both_runs_have(tmp_path) -> None:
     assert cmp.compare(base, cand).regressed  # the lost depth is still lost coverage
 
 
-def test_compare_warns_when_the_runs_used_different_tokenizers(tmp_path, capsys) -> None:
+def test_compare_lists_different_tokenizers_with_the_verdict(tmp_path, capsys) -> None:
+    """Another tokenizer is part of the system under test (another model): listed with the verdict, not refused."""
     from pathlib import Path
 
     suite = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
@@ -261,11 +262,10 @@ def test_compare_warns_when_the_runs_used_different_tokenizers(tmp_path, capsys)
                          "--run-id", run_id, "--no-progress", "--label", "same"]) == 0
     capsys.readouterr()
     assert cli_main(["compare", str(tmp_path / "byte"), str(tmp_path / "tiny")]) == 0  # the oracle: no regression
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("evalctx: warning: the two runs were built with different tokenizers")
-    assert "byte" in err[0] and "models/tiny" in err[0] and "different text" in err[0]
+    out = capsys.readouterr().out
+    assert "- the system under test differs: tokenizer: fingerprint byte / fingerprint " in out
     assert cli_main(["compare", str(tmp_path / "byte"), str(tmp_path / "byte2")]) == 0
-    assert capsys.readouterr().err == ""
+    assert "Differences between the runs" not in capsys.readouterr().out
 
 
 def _named_entry_suite(tmp_path, file: str, task: str, options: str) -> str:
@@ -275,7 +275,7 @@ def _named_entry_suite(tmp_path, file: str, task: str, options: str) -> str:
     return str(path)
 
 
-def test_compare_warns_when_an_entry_name_is_another_task_in_each_run(tmp_path, capsys) -> None:
+def test_compare_refuses_an_entry_name_that_is_another_task_in_each_run(tmp_path, capsys) -> None:
     """The gate keys on the entry name: niah_single_1 as a noise niah_single in the baseline and as a niah_multikey
     (or an essay niah_single) in the candidate used to PASS silently, comparing two different tasks."""
     suites = {"base": ("niah_single", 'haystack = "noise"'), "same": ("niah_single", 'haystack = "noise"'),
@@ -288,14 +288,16 @@ def test_compare_warns_when_an_entry_name_is_another_task_in_each_run(tmp_path, 
     runs = tmp_path / "runs"
     assert cli_main(["compare", str(runs / "base"), str(runs / "same")]) == 0
     assert capsys.readouterr().err == ""
-    assert cli_main(["compare", str(runs / "base"), str(runs / "multikey")]) == 0
+    assert cli_main(["compare", str(runs / "base"), str(runs / "multikey")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["evalctx: warning: entry 'niah_single_1' is not the same task in the two runs (task niah_single "
-                   "in the baseline, niah_multikey in the candidate): its cells compare different tasks; give one "
-                   "of them another name (name = \"...\") or rerun the baseline"]
-    assert cli_main(["compare", str(runs / "base"), str(runs / "essay")]) == 0
+    assert len(err) == 1 and "task of niah_single_1: niah_single / niah_multikey" in err[0]
+    assert "--allow-different task" in err[0]
+    assert cli_main(["compare", str(runs / "base"), str(runs / "essay")]) == 2
     err = capsys.readouterr().err
-    assert "options haystack = 'noise' / 'essay' (baseline / candidate)" in err
+    assert "task of niah_single_1: haystack='noise' / haystack='essay'" in err
+    assert cli_main(["compare", str(runs / "base"), str(runs / "essay"), "--allow-different", "task"]) == 0
+    assert "- compared across a different task of niah_single_1: haystack='noise' / haystack='essay'" in \
+        capsys.readouterr().out
     # an option the baseline does not record (added since, default = the old behaviour) is not a difference
     base, cand = load_run(runs / "base"), load_run(runs / "same")
     base["task_options"] = base["task_options"].str.replace('"key_type": "words", ', "")

@@ -78,6 +78,12 @@ class Backend:
         """Backend, model and engine facts for the manifest."""
         return {"backend": self.name, "options": dataclasses.asdict(self.options)}
 
+    def identity(self) -> dict[str, Any]:
+        """What the engine or server says it runs, beyond what the run's configuration and the model files'
+        fingerprint fix (a server's checkpoint behind an unchanged URL and model name, its version): flat
+        ``{field: value}``. A resume refuses when a field the run started with has another value now."""
+        return {}
+
     def row_columns(self) -> dict[str, Any]:
         """Constant columns added to every row (engine configuration, model name)."""
         return {"backend": self.name}

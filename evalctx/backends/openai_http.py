@@ -65,6 +65,36 @@ def _served_models(client: Client) -> Any:
                          "is the server up at base_url?") from None
 
 
+def _prefill_insert(tokenizer: Any, req: GenerationRequest) -> str | None:
+    """What the tokenizer's chat template writes between the generation prompt and a continued final assistant
+    message (``continue_final_message``) that evalctx's prompt does not have, or None (no difference, or no
+    Hugging Face template to ask)."""
+    hf = getattr(tokenizer, "hf", None)
+    messages = (req.extra or {}).get("messages")
+    if hf is None or not messages:
+        return None
+    try:
+        continued = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    except Exception:  # a template that refuses to continue a message: nothing to say about it here
+        return None
+    ours = req.prompt
+    if continued == ours:
+        return None
+    start = next((i for i, (a, b) in enumerate(zip(continued, ours)) if a != b), min(len(continued), len(ours)))
+    end = 0
+    while end < min(len(continued), len(ours)) - start and continued[-1 - end] == ours[-1 - end]:
+        end += 1
+    extra = continued[start:len(continued) - end]
+    return extra if extra and len(continued) > len(ours) else None
+
+
+def _card(models: Any, name: str) -> dict[str, Any]:
+    """The /v1/models entry whose id is ``name`` (else the only one; else empty)."""
+    data = models.get("data") if isinstance(models, dict) else None
+    cards = [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+    return next((c for c in cards if c.get("id") == name), cards[0] if len(cards) == 1 else {})
+
+
 def _only_model(models: Any) -> str:
     data = models.get("data") if isinstance(models, dict) else None
     ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
@@ -392,6 +422,14 @@ class HTTPBackend(Backend):
                                   "false the server closes the answer prefix (the final assistant message) as a "
                                   "finished turn. Drop continue_final_message=false, or use endpoint=completions "
                                   "(the default): the prompt then goes as evalctx rendered it")
+            inserted = _prefill_insert(self.ctx.tokenizer, req) if prefix else None
+            if inserted:
+                raise LengthError(
+                    f"{head} rendered from the sample's chat messages: the chat template renders the answer prefix "
+                    f"continued as an assistant turn (continue_final_message) with {inserted!r} before it, text that "
+                    f"its generation prompt, which evalctx measured, does not have (an empty think block of a "
+                    f"Qwen3-style template). Use endpoint=completions (the default): the prompt then goes as evalctx "
+                    f"rendered it")
             prefill = " or ignores continue_final_message (llama.cpp does) and closes the answer prefix" \
                 if prefix else ""
             raise LengthError(f"{head} rendered from the sample's chat messages: the server's chat template differs "
@@ -464,6 +502,26 @@ class HTTPBackend(Backend):
                              "version": self.facts.version, "max_model_len": self.facts.max_model_len},
                   "sampling": sampling, "concurrency": self.concurrency})
         return d
+
+    def identity(self) -> dict[str, Any]:
+        """The served model as the server states it: its /v1/models card (``id``, vLLM's ``root`` -- the checkpoint
+        path -- and ``parent``, ``owned_by``, ``max_model_len``), llama.cpp's /props (``model_path``, ``n_ctx``),
+        and the server version where it tells one. Absent fields are left out (None)."""
+        self.info()  # fetches /v1/models and the version once
+        card = _card(self._models_answer, self.model_name)
+        out: dict[str, Any] = {f"models.{k}": card.get(k) for k in ("id", "root", "parent", "owned_by",
+                                                                   "max_model_len")}
+        out["server.version"] = self.facts.version
+        if self.preset.name == "llamacpp" or self.facts.preset is None:
+            try:
+                props = self.client.get_json("/props", timeout=5.0)
+            except (OSError, http.client.HTTPException, ValueError, Fatal):
+                props = None
+            if isinstance(props, dict):
+                settings = props.get("default_generation_settings")
+                out["props.model_path"] = props.get("model_path")
+                out["props.n_ctx"] = settings.get("n_ctx") if isinstance(settings, dict) else props.get("n_ctx")
+        return {k: v for k, v in out.items() if v is not None}
 
     def row_columns(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model_name, "http_endpoint": self.options.endpoint,

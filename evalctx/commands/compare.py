@@ -25,6 +25,11 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-rate-rise", type=float, default=0.0, metavar="RATE",
                    help="rise of the run's error rate (error + unsupported rows per sample, over the cells both "
                         "runs have) that still passes (default 0: any rise fails, however few samples a cell has)")
+    p.add_argument("--allow-different", nargs="+", default=[], metavar="SETTING",
+                   help="compare although the runs differ in these settings of the measurement (task, prompt_mode, "
+                        "max_new_tokens, seed, scorer, chat_date, decoding); without it such a difference is "
+                        "refused (exit 2). Differences of the system under test (model, tokenizer, chat template, "
+                        "backend, server) are listed, never refused")
     p.add_argument("--no-pooled", dest="pooled", action="store_false",
                    help="judge cells only: no row per (task, context length) pooled over the depths both runs have "
                         "(pooled rows are on by default; they catch a drop spread thinly over all depths)")
@@ -63,17 +68,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def main(args: argparse.Namespace) -> int:
-    import sys
-
     from evalctx.analysis import load_manifest, load_run
-    from evalctx.compare import compare, tokenizer_mismatch, variant_mismatch
+    from evalctx.comparability import check, differences
+    from evalctx.compare import compare
 
     kwargs = gate_kwargs(args)
     base, cand = load_run(args.base), load_run(args.cand)
-    warning = tokenizer_mismatch(load_manifest(args.base), load_manifest(args.cand))
-    for line in ([warning] if warning else []) + variant_mismatch(base, cand):
-        print(f"evalctx: warning: {line}", file=sys.stderr)
+    diffs = differences(load_manifest(args.base), base, load_manifest(args.cand), cand)
+    check(diffs, args.allow_different)
     result = compare(base, cand, **kwargs)  # type: ignore[arg-type]
+    result.differences = diffs
     if args.json:
         print(result.to_json())
     else:

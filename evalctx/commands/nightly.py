@@ -130,7 +130,8 @@ def _summary_rows(df: Any, run_id: str, label: str, date: str, passed: bool) -> 
 
 def main(args: argparse.Namespace) -> int:
     from evalctx.analysis import load_manifest, load_run
-    from evalctx.compare import CompareResult, compare, tokenizer_mismatch, variant_mismatch
+    from evalctx.comparability import check, differences
+    from evalctx.compare import CompareResult, compare
 
     kwargs = gate_kwargs(args)
     run_dir, history = Path(args.run_dir), Path(args.history)
@@ -155,11 +156,11 @@ def main(args: argparse.Namespace) -> int:
     reasons = []
     if baseline is not None:
         base_df = load_run(baseline)
+        diffs = differences(load_manifest(baseline), base_df, manifest, df)
+        check(diffs, args.allow_different)  # before anything is recorded: not comparable is neither pass nor fail
         result = compare(base_df, df, **kwargs)  # type: ignore[arg-type]
+        result.differences = diffs
         print(f"baseline: {baseline}")
-        warning = tokenizer_mismatch(load_manifest(baseline), manifest)
-        for line in ([warning] if warning else []) + variant_mismatch(base_df, df):
-            print(f"nightly-gate: warning: {line}")
         print(result.to_markdown(only_notable=True), end="")
         if result.regressed:
             reasons.append(result.headline())

@@ -94,9 +94,16 @@ def _rebuild(manifest: dict[str, Any], row: Any, full: bool) -> dict[str, Any] |
         return f"its tokenizer cannot be loaded here ({exc})"
     if tok.fingerprint() != tok_info.get("fingerprint"):
         return f"the tokenizer at {tok_info.get('name')} is not the one the run used (fingerprint differs)"
+    from evalctx.chat_identity import pinned_date, uses_date
+
+    template = manifest.get("chat_template") or {}
+    tok.chat_date = pinned_date(manifest, None)  # the day the run's chat prompts were rendered for
     builder = SampleBuilder(suite, tok)
     spec = next((s for s in builder.specs() if s.id == row["sample_id"]), None)
     if spec is None:
+        if uses_date(tok) and not template.get("date"):
+            return ("its chat template writes the date, and this run predates evalctx pinning it: the day its "
+                    "prompts were rendered for is not recorded")
         return "the suite in the manifest does not yield this sample id (another evalctx version?)"
     try:
         sample = builder.build(spec)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from evalctx import analysis, redact
 from evalctx.analysis import length_label
-from evalctx.compare import CompareResult, compare, display_table, tokenizer_mismatch
+from evalctx.compare import CompareResult, compare, display_table
 from evalctx.errors import UsageError
 from evalctx.report import metadata, samples
 from evalctx.report.document import Document
@@ -196,11 +196,25 @@ def _pairs(df: pd.DataFrame, run_ids: list[str], manifests: Mapping[str, Mapping
     for rid in cands:
         cand = df[df["run_id"] == rid]
         result = comparisons.get(rid) or compare(base, cand)
+        if not result.differences:
+            from evalctx.comparability import differences
+
+            result.differences = differences(base_manifest, base, manifests[rid], cand)
         b, c = base, cand
         if b["label"].iloc[0] == c["label"].iloc[0]:  # the same model twice: plots name the runs apart
             b, c = (x.assign(label=x["label"] + " (" + x["run_id"] + ")") for x in (b, c))
-        pairs.append(Pair(b, c, result, tokenizer_mismatch(dict(base_manifest), dict(manifests[rid]))))
+        pairs.append(Pair(b, c, result, _differences_text(result)))
     return pairs, how
+
+
+def _differences_text(result: CompareResult) -> str | None:
+    """The runs' differences besides their cells (:mod:`evalctx.comparability`) as one sentence, or None."""
+    from evalctx.comparability import lines as difference_lines
+
+    if not result.differences:
+        return None
+    return ("differs from the reference (reference / this run): "
+            + "; ".join(x.removeprefix("- ") for x in difference_lines(result.differences)))
 
 
 def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = None,
@@ -365,6 +379,9 @@ def _comparison_section(doc: Document, df: pd.DataFrame, run_ids: list[str], lab
         doc.subsection(f"{label_of[rid]} (run {rid})")
         doc.para(result.headline(), css="fail" if result.regressed else "pass")
         doc.para(result.settings() + ".")
+        if result.differences:
+            doc.para(_differences_text(result) + ".",  # type: ignore[operator]
+                     css="warn" if any(d.measurement for d in result.differences) else None)
         notable = result.table[result.table["verdict"] != "ok"]
         if notable.empty:
             doc.para("Every cell is ok.")

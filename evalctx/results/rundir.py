@@ -70,7 +70,7 @@ _MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "attempt_id": _STR, "command": _STR, "model": _STR, "stopped_by": _STR, "git_sha": _STR,
     "n_samples": _NUM, "batch_size": _NUM, "error_rate": _NUM, "max_error_rate": _NUM, "schema_version": _NUM,
     "suite": _DICT, "backend": _DICT, "tokenizer": _DICT, "model_fingerprint": _DICT, "versions": _DICT,
-    "world": _DICT, "counts": _DICT,
+    "world": _DICT, "counts": _DICT, "chat_template": _DICT, "identity": _DICT,
 }
 
 

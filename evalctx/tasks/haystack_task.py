@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+from evalctx import chat_identity
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
 from evalctx.tasks.base import Task
@@ -55,11 +56,15 @@ def depth_tolerance(haystack_tokens: int) -> float:
 
 
 def sample_id(task: str, version: int, options: Mapping[str, Any], length: int, depth: float, seed: int,
-              tokenizer_fp: str, prompt_mode: str, max_new_tokens: int) -> str:
-    """Stable sha1 (first 16 hex digits) over everything that determines a sample."""
-    payload = json.dumps([task, version, sorted(options.items()), length, depth, seed, tokenizer_fp, prompt_mode,
-                          max_new_tokens], default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+              tokenizer_fp: str, prompt_mode: str, max_new_tokens: int, chat_date: str | None = None) -> str:
+    """Stable sha1 (first 16 hex digits) over everything that determines a sample. ``chat_date``: the day a chat
+    template that writes the date was rendered for (None for every other prompt, whose ids it leaves as they
+    were)."""
+    parts: list[Any] = [task, version, sorted(options.items()), length, depth, seed, tokenizer_fp, prompt_mode,
+                        max_new_tokens]
+    if chat_date is not None:
+        parts.append(chat_date)
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 class HaystackTask(Task):
@@ -100,8 +105,9 @@ class HaystackTask(Task):
     def sample_id(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> str:
         """The id :meth:`make_sample` gives this cell, known without building the prompt (a suite's spec id)."""
         mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
+        day = chat_identity.date_key(self.tokenizer) if self.prompt_mode == "chat" else None
         return sample_id(self.name, self.version, self.id_options(), context_length, float(depth), seed,
-                         self.tokenizer.fingerprint(), self.prompt_mode, mnt)
+                         self.tokenizer.fingerprint(), self.prompt_mode, mnt, day)
 
     def _rng(self, context_length: int, depth: float, seed: int) -> random.Random:
         # Per cell, independent of the tokenizer: the same seed hides the same key for every model compared.

@@ -420,7 +420,8 @@ class HFBackend(Backend):
             "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
             "tp": self.tp,
             "prefix_reuse": self.options.prefix_reuse,
-            "decoding": describe(self.greedy, self.eos_ids),
+            "decoding": describe(self.greedy),
+            "end_ids": sorted(self.eos_ids),
             "forward_check": self.forward_check,
             # The rope facts from to_dict(): under transformers 5 they sit in rope_parameters.
             "model_config": {**{k: getattr(cfg, k, None) for k in SHAPE_FIELDS}, **rope_facts(cfg.to_dict())},

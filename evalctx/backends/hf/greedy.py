@@ -19,7 +19,7 @@ Upstream: ``GenerationMixin._get_logits_processor`` in transformers' ``generatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from evalctx.errors import UsageError
 
@@ -132,7 +132,6 @@ class GreedyStepper:
         return torch.cat([seen, tokens[:, None]], dim=1)
 
 
-def describe(rules: GreedyRules, ends: Iterable[int]) -> str:
-    """One line for the manifest: the end ids and the processors that apply."""
-    rest = ", ".join(rules.applied) if rules.applied else "plain argmax"
-    return f"greedy ({rest}); ends on ids {sorted(ends)}"
+def describe(rules: GreedyRules) -> str:
+    """One line for the manifest: the processors that apply to greedy decoding."""
+    return f"greedy ({', '.join(rules.applied) if rules.applied else 'plain argmax'})"
