@@ -191,6 +191,11 @@ class LlamaCppStub:
         """More fields of the /v1/models entry (vLLM's ``root``: the checkpoint path); may change while serving."""
         self.props: dict[str, Any] | None = None
         """The answer of ``/props`` (llama.cpp's C++ server has one; llama-cpp-python's has none: 404)."""
+        self.context_shift = False
+        """llama.cpp's context shift (its default until mid-2025): prompt + max_tokens over ``n_ctx`` drops half of
+        the context and answers from the rest (here: a wrong answer), counting the whole prompt in usage."""
+        self.report_truncation = False
+        """With ``context_shift``: mark such an answer ``truncated: true``, as llama.cpp's own endpoints do."""
         self.answer = answer or oracle_answer
         self.bodies: list[dict[str, Any]] = []
         self.n_cut = 0
@@ -256,9 +261,12 @@ class LlamaCppStub:
         answer = self.answer(seen)
         if body.get("repeat_penalty") != 1.0:
             answer = answer[::-1]  # the default penalty changes the greedy answer
+        shifted = self.context_shift and len(ids) + max_tokens > self.n_ctx
+        if shifted:
+            answer = " 0."  # half the context, the needle with it, is gone
         _, offsets = tok.encode_with_offsets(answer)
         pieces = [answer[a:b] for a, b in offsets]
-        budget = min(max_tokens, self.n_ctx - len(ids))
+        budget = max_tokens if shifted else min(max_tokens, self.n_ctx - len(ids))
         finish = "length" if len(pieces) > budget else "stop"
         pieces = pieces[:budget]
         chat = h.path != "/v1/completions"
@@ -269,7 +277,8 @@ class LlamaCppStub:
                       **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
             send_json(h, 200, {"id": "cmpl-1", "object": "text_completion", "model": "tiny.gguf", "choices": [choice],
                                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(pieces),
-                                         "total_tokens": len(ids) + len(pieces)}})
+                                         "total_tokens": len(ids) + len(pieces)},
+                               **({"truncated": True} if shifted and self.report_truncation else {})})
             return
         start_sse(h)
 

@@ -79,7 +79,10 @@ def test_llamacpp_like_server_streams_at_batch_4_and_agrees_sample_by_sample(tmp
     assert m["backend"]["server"]["preset"] == "llamacpp" and m["backend"]["server"]["version"] == "0.3.36"
     assert m["backend"]["sampling"]["repeat_penalty"] == 1.0
     streamed = [b for b in stub.bodies if b.get("stream")]
-    assert len(streamed) == N_SAMPLES and len(stub.bodies) == 2 * N_SAMPLES  # each stream, then its replay
+    probes = [b for b in stub.bodies if b["max_tokens"] == 24 and not b.get("stream")]
+    assert len(probes) == 3  # the greedy check: one probe prompt sent three times before any sample
+    # each stream, then its replay
+    assert len(streamed) == N_SAMPLES and len(stub.bodies) == 2 * N_SAMPLES + len(probes)
 
 
 def test_streams_cut_by_concurrent_requests_never_become_ok_rows(tmp_path: Path, suite: str) -> None:
@@ -196,3 +199,52 @@ def test_max_error_rate_threshold(tmp_path: Path, suite: str, capsys: pytest.Cap
     assert "error rows" in err and "Error: " in err and "injected" in err  # still said, though within the threshold
     assert main(["run", "--suite", suite, "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
                  "--max-error-rate", "1.5"]) == 2
+
+
+# --- context limits the server states, and a context it says it shifted (issue 22) --------------------------------
+
+SHIFT_SUITE = """
+name = "shift"
+[[tasks]]
+task = "passkey"
+lengths = [500, 1020]
+depths = [0.0, 1.0]
+samples = 2
+max_new_tokens = 8
+"""
+
+
+@pytest.fixture
+def shift_suite(tmp_path: Path) -> str:
+    path = tmp_path / "shift.toml"
+    path.write_text(SHIFT_SUITE)
+    return str(path)
+
+
+def test_a_context_the_server_states_in_props_makes_longer_samples_unsupported(tmp_path: Path,
+                                                                               shift_suite: str) -> None:
+    """llama.cpp with context shift and n_ctx 1024: 1020-token prompts + 8 answer tokens used to come back ok and
+    wrong (half the context dropped). /props states n_ctx: those samples are unsupported before anything is sent."""
+    stub = LlamaCppStub(ByteTokenizer(), n_ctx=1024)
+    stub.context_shift = True
+    stub.props = {"default_generation_settings": {"n_ctx": 1024}, "model_path": "/models/tiny.gguf"}
+    with stub.run() as url:
+        assert run(tmp_path, shift_suite, url, "props") == 0
+    df = rows(tmp_path, "props").set_index("context_length")
+    assert (df.loc[500, "status"] == "ok").all() and (df.loc[500, "score"] == 1).all()
+    assert (df.loc[1020, "status"] == "unsupported").all()
+    assert df.loc[1020, "error"].iloc[0] == ("context_length + max_new_tokens = 1028 exceeds the server's n_ctx "
+                                             "(/props) 1024")
+    assert not any(len(b["prompt"]) > 1000 for b in stub.bodies)  # never sent
+    assert manifest(tmp_path, "props")["identity"]["props.n_ctx"] == 1024
+
+
+def test_an_answer_the_server_marks_truncated_is_an_error_row(tmp_path: Path, shift_suite: str) -> None:
+    stub = LlamaCppStub(ByteTokenizer(), n_ctx=1024)
+    stub.context_shift = stub.report_truncation = True
+    with stub.run() as url:
+        assert run(tmp_path, shift_suite, url, "trunc", "stream=false", "retries=0") == 3
+    df = rows(tmp_path, "trunc").set_index("context_length")
+    assert (df.loc[500, "status"] == "ok").all()
+    assert (df.loc[1020, "status"] == "error").all()
+    assert df.loc[1020, "error"].iloc[0].startswith("the server cut or shifted the context to make room")

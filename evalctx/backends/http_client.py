@@ -82,6 +82,14 @@ class Answer:
     streamed: bool
     n_events: int = 0
     """Data events in a stream: 0 is an empty stream (llama.cpp's answer to a prompt over its context)."""
+    truncated: bool = False
+    """The server says it cut or shifted the context (llama.cpp's ``truncated: true``)."""
+
+
+def _truncated(*parts: Any) -> bool:
+    """llama.cpp's server marks an answer whose context it cut or shifted with ``truncated: true`` (at the top level
+    or in the choice)."""
+    return any(isinstance(p, dict) and p.get("truncated") is True for p in parts)
 
 
 def _count(usage: dict[str, Any], key: str, where: str = "usage") -> int | None:
@@ -281,7 +289,7 @@ class Client:
         p, c, cached = _usage(d.get("usage"))
         return Answer(text=text, finish_reason=_finish(choice, "answer"), prompt_tokens=p, completion_tokens=c,
                       cached_tokens=_cached(cached, _cache_n(d), p), latency_s=latency, ttft_s=None,
-                      streamed=False)
+                      streamed=False, truncated=_truncated(d, choice))
 
     def _read_stream(self, resp: http.client.HTTPResponse, t0: float) -> Answer:
         parts: list[str] = []
@@ -291,6 +299,7 @@ class Client:
         cache_n: int | None = None
         n_events = 0
         done = False
+        truncated = False
         while True:
             line = resp.readline()
             if not line:
@@ -319,6 +328,7 @@ class Client:
                 usage = _usage(chunk["usage"])
             cache_n = _cache_n(chunk) if isinstance(chunk, dict) and "timings" in chunk else cache_n
             choice = _choice(chunk, "stream chunk")
+            truncated = truncated or _truncated(chunk, choice)
             if choice is None:
                 continue
             text = _text(choice, "stream chunk")
@@ -335,4 +345,4 @@ class Client:
         return Answer(text="".join(parts), finish_reason=finish, prompt_tokens=usage[0],
                       completion_tokens=usage[1], cached_tokens=_cached(usage[2], cache_n, usage[0]),
                       latency_s=time.perf_counter() - t0,
-                      ttft_s=ttft, streamed=True, n_events=n_events)
+                      ttft_s=ttft, streamed=True, n_events=n_events, truncated=truncated)

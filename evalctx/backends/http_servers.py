@@ -18,6 +18,13 @@ its own 1.1). Each preset sends the fields that server honours, at their neutral
   ``stream_options.include_usage``, serves one request at a time and cuts a running stream when another request
   arrives (``interrupt_requests``). Its ``/openapi.json`` title names it; ``llama-server`` says
   ``owned_by: llamacpp``.
+* transformers: ``transformers serve`` (transformers 5.25, measured): it takes only fields of OpenAI's schema
+  (``add_special_tokens``, ``repetition_penalty``, ``continue_final_message`` get HTTP 422; ``frequency_penalty: 0``
+  turns a penalty from the model's generation config off), a prompt as text only (ids: HTTP 400), adds the BOS
+  to a text prompt, counts the EOS in ``completion_tokens`` and says ``finish_reason: length`` when answer plus EOS
+  exactly fill ``max_tokens``. Its ``/openapi.json`` lists ``/load_model`` and ``/v1/systemone``, which name it.
+  With ``--continuous-batching`` it samples when the model's generation config says ``do_sample: true`` (the
+  greedy check catches that).
 * evalctx: ``evalctx serve`` (greedy only; it accepts the neutral values of the vLLM fields).
 * openai: any other server: the OpenAI API's own ``frequency_penalty`` and ``presence_penalty`` only.
 """
@@ -42,6 +49,10 @@ class ServerPreset:
     that text and the server adds the BOS itself."""
     serial: bool = False
     """Runs one request at a time and cuts a running stream when another arrives: one request in flight."""
+    counts_eos: bool = False
+    """``completion_tokens`` counts the end token that stopped the answer (evalctx's n_output_tokens does not)."""
+    continues_messages: bool = True
+    """Takes ``continue_final_message``/``add_generation_prompt`` (an answer prefix continued in chat)."""
 
 
 _VLLM_FIELDS = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
@@ -53,6 +64,9 @@ PRESETS: dict[str, ServerPreset] = {
     "llamacpp": ServerPreset("llamacpp", {"repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0},
                              takes_ids=False, honours_add_special_tokens=False, serial=True),
     "evalctx": ServerPreset("evalctx", dict(_VLLM_FIELDS)),
+    "transformers": ServerPreset("transformers", {"frequency_penalty": 0.0, "presence_penalty": 0.0},
+                                 takes_ids=False, honours_add_special_tokens=False, counts_eos=True,
+                                 continues_messages=False),
     "openai": ServerPreset("openai", {"frequency_penalty": 0.0, "presence_penalty": 0.0}),
 }
 """Presets by name; ``server=auto`` picks one with :func:`detect`."""
@@ -91,5 +105,8 @@ def detect(models: Any, openapi: Any) -> ServerFacts:
                            version if title and title != "FastAPI" else None, max_model_len)
     if "llama.cpp" in title:
         return ServerFacts("llamacpp", f"/openapi.json title {title!r}", version, max_model_len)
+    paths = openapi.get("paths") if isinstance(openapi, dict) else None
+    if isinstance(paths, dict) and {"/load_model", "/v1/systemone"} <= set(paths):
+        return ServerFacts("transformers", "/openapi.json lists /load_model and /v1/systemone", None, max_model_len)
     return ServerFacts(None, f"owned_by {owned_by!r}" + (f", /openapi.json title {title!r}" if title else ""),
                        None, max_model_len)

@@ -88,6 +88,12 @@ def _prefill_insert(tokenizer: Any, req: GenerationRequest) -> str | None:
     return extra if extra and len(continued) > len(ours) else None
 
 
+_PROBE_WORDS = ("orchard", "lantern", "quarry", "velvet", "harbor", "thistle", "compass", "meadow", "glacier",
+                "pepper", "saddle", "violin", "ember", "canyon", "ribbon", "falcon", "marble", "tundra", "walnut",
+                "beacon", "cobalt", "drizzle", "fennel", "gravel", "hollow", "juniper", "kettle", "lichen")
+"""The greedy check's probe: unrelated words, whose continuation has no one likely next token."""
+
+
 def _card(models: Any, name: str) -> dict[str, Any]:
     """The /v1/models entry whose id is ``name`` (else the only one; else empty)."""
     data = models.get("data") if isinstance(models, dict) else None
@@ -123,8 +129,8 @@ class HTTPBackend(Backend):
         model: str | None = None
         """Model name the server serves (default: --model, else the only model /v1/models lists)."""
         server: str = "auto"
-        """vllm | sglang | trtllm | llamacpp | evalctx | openai | auto (recognised from /v1/models and
-        /openapi.json): which greedy fields to send and what the server can take (see http_servers)."""
+        """vllm | sglang | trtllm | llamacpp | transformers | evalctx | openai | auto (recognised from /v1/models
+        and /openapi.json): which greedy fields to send and what the server can take (see http_servers)."""
         endpoint: str = "completions"
         """completions (token-exact: the rendered prompt goes as is) | chat (the server applies its template)."""
         send: str = "text"
@@ -152,6 +158,10 @@ class HTTPBackend(Backend):
         verify_prompt: bool = True
         """Verify every prompt length against the server's count (see the module doc). false: rows from a server
         that sends no usage are kept, flagged ``unverified``."""
+        verify_greedy: bool = True
+        """Before the first sample, send one high-entropy probe prompt three times with the run's settings and stop
+        (one line, naming the likely cause) unless the three answers are the same: a server that samples despite
+        temperature 0 would make every score a draw. false: skip the check on purpose."""
 
     def __init__(self, options: Any, ctx: BackendContext) -> None:
         super().__init__(options, ctx)
@@ -173,6 +183,8 @@ class HTTPBackend(Backend):
         self.client = Client(_normalize_url(o.base_url), o.api_key or os.environ.get("OPENAI_API_KEY") or None)
         self.base_url = self.client.base_url  # a password in the URL is masked wherever it is shown or stored
         self._models_answer: Any = None
+        self._props: Any = None
+        self._greedy_checked = False
         self._version_probed = False
         self._warned_unverified = False
         self._answers = self._answers_with_cache_count = 0
@@ -225,9 +237,10 @@ class HTTPBackend(Backend):
         facts = detect(self._models_answer, openapi)
         if facts.preset is None:
             self._warn(f"the server at {self.base_url} is not one evalctx knows ({facts.how}): evalctx sends "
-                       "temperature 0 with the OpenAI API's frequency and presence penalties at 0 only; a server "
-                       "whose defaults add a repetition penalty does not decode greedily. Pass --backend-opt "
-                       "server=vllm|sglang|trtllm|llamacpp")
+                       "temperature 0 with the OpenAI API's frequency and presence penalties at 0 only, which "
+                       "every OpenAI-compatible server takes; a server whose defaults add a repetition penalty "
+                       "does not decode greedily then (the greedy check catches a server that samples). If you "
+                       f"know the server, pass --backend-opt server=NAME ({', '.join(p for p in PRESETS if p != 'openai')})")
         return facts
 
     # ------------------------------------------------------------------------------------------------------
@@ -260,6 +273,10 @@ class HTTPBackend(Backend):
             if messages:
                 messages = list(messages)
                 if messages[-1].get("role") == "assistant" and o.continue_final_message:
+                    if not self.preset.continues_messages:
+                        raise UsageError(f"backend http: the {self.preset.name} server refuses continue_final_message "
+                                         "(HTTP 422), so the chat endpoint cannot continue the answer prefix: use "
+                                         "endpoint=completions (the default)")
                     body["continue_final_message"] = True
                     body["add_generation_prompt"] = False
             else:
@@ -299,6 +316,11 @@ class HTTPBackend(Backend):
                 ans = self._verify_by_replay(path, unstreamed, ans)
             else:
                 raise self._no_usage_error()
+        if ans.truncated:
+            raise Fatal("the server cut or shifted the context to make room (truncated: true): the model did not "
+                        "see the whole prompt; serve with a context of at least prompt + max_tokens tokens "
+                        "(llama.cpp: --ctx-size, and --no-context-shift)")
+        ans = self._count_eos(req, ans)
         n_prompt = ans.prompt_tokens
         if ans.finish_reason == "length" and ans.completion_tokens is not None \
                 and ans.completion_tokens < req.max_new_tokens:
@@ -312,6 +334,21 @@ class HTTPBackend(Backend):
             text=ans.text, n_prompt_tokens=n_prompt, n_output_tokens=ans.completion_tokens,
             latency_s=ans.latency_s, ttft_s=ans.ttft_s, finish_reason=ans.finish_reason,
             n_cached_prompt_tokens=ans.cached_tokens, flags=flags)
+
+    def _count_eos(self, req: GenerationRequest, ans: Answer) -> Answer:
+        """A server whose ``completion_tokens`` counts the end token (``counts_eos``): the count without it, and
+        ``stop`` where answer plus end token filled ``max_tokens`` exactly (it says ``length`` then), told by the
+        answer text being one token shorter than the count."""
+        c = ans.completion_tokens
+        if not self.preset.counts_eos or c is None:
+            return ans
+        if ans.finish_reason == "stop":
+            return dataclasses.replace(ans, completion_tokens=max(c - 1, 0))
+        tok = self.ctx.tokenizer
+        if ans.finish_reason == "length" and c == req.max_new_tokens and tok is not None \
+                and len(tok.encode(ans.text)) == c - 1:
+            return dataclasses.replace(ans, completion_tokens=c - 1, finish_reason="stop")
+        return ans
 
     def _no_usage_error(self) -> UsageError:
         return UsageError(f"backend http: {self.base_url} sends no usage.prompt_tokens, even without streaming, so "
@@ -470,13 +507,55 @@ class HTTPBackend(Backend):
 
     # ------------------------------------------------------------------------------------------------------
     def preflight(self, samples: Sequence[Any]) -> dict[str, str]:
-        """Samples that cannot fit the context a vLLM/SGLang/trtllm-serve server reports (max_model_len)."""
-        limit = self.facts.max_model_len
-        if limit is None or self.preset.name not in ("vllm", "sglang", "trtllm"):
-            return {}  # evalctx serve reports the trained window but runs past it on purpose, like the hf backend
+        """Samples that cannot fit the context the server states: vLLM/SGLang/trtllm-serve's ``max_model_len`` in
+        /v1/models, llama.cpp's ``n_ctx`` in /props (a llama.cpp server with context shift would otherwise drop
+        half the context and answer). Then, before any sample, the greedy check (:meth:`check_greedy`)."""
+        if samples and self.options.verify_greedy:
+            self.check_greedy()
+        limits = []
+        if self.facts.max_model_len is not None and self.preset.name in ("vllm", "sglang", "trtllm"):
+            # evalctx serve reports the trained window but runs past it on purpose, like the hf backend
+            limits.append(("max_model_len", self.facts.max_model_len))
+        n_ctx = self.identity().get("props.n_ctx")
+        if isinstance(n_ctx, int) and n_ctx > 0:
+            limits.append(("n_ctx (/props)", n_ctx))
+        if not limits:
+            return {}
+        what, limit = min(limits, key=lambda x: x[1])
         return {s.id: f"context_length + max_new_tokens = {s.context_length + s.max_new_tokens} exceeds the "
-                      f"server's max_model_len {limit}"
+                      f"server's {what} {limit}"
                 for s in samples if s.context_length + s.max_new_tokens > limit}
+
+    def check_greedy(self) -> None:
+        """Send one probe prompt (a fixed list of unrelated words: a sampled continuation of it is almost never the
+        same twice) three times with the run's settings; UsageError naming the likely cause unless all three
+        answers are the same. Once per backend."""
+        if self._greedy_checked:
+            return
+        self._greedy_checked = True
+        probe = " ".join(_PROBE_WORDS) + " "
+        ids = self.ctx.tokenizer.encode(probe, add_special_tokens=True) if self.ctx.tokenizer is not None else []
+        req = GenerationRequest(sample_id="greedy-check", prompt_ids=ids, prompt=probe, max_new_tokens=24)
+        path, body = self._body(req)
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        answers = []
+        for _ in range(3):
+            try:
+                answers.append(self._post(path, body).text)
+            except (Fatal, Retryable) as exc:
+                self._warn(f"the greedy check got no answer ({one_line(str(exc), 160)}); rows will show errors "
+                           "if the server keeps failing")
+                return
+        if len(set(answers)) > 1:
+            shown = " / ".join(one_line(repr(a), 40) for a in answers)
+            raise UsageError(
+                f"backend http: {self.base_url} does not decode greedily: one probe prompt sent 3 times with "
+                f"temperature {self.options.temperature:g} got {len(set(answers))} different answers ({shown}), so "
+                "every score would be a random draw. Likely: the served model's generation_config.json samples "
+                "(do_sample: true) and the server takes it over temperature 0 (transformers serve "
+                "--continuous-batching does), or the server ignores temperature; serve the model with greedy "
+                "defaults, or pass --backend-opt verify_greedy=false to run anyway")
 
     def info(self) -> dict[str, Any]:
         d = super().info()
@@ -513,11 +592,13 @@ class HTTPBackend(Backend):
                                                                    "max_model_len")}
         out["server.version"] = self.facts.version
         if self.preset.name == "llamacpp" or self.facts.preset is None:
-            try:
-                props = self.client.get_json("/props", timeout=5.0)
-            except (OSError, http.client.HTTPException, ValueError, Fatal):
-                props = None
-            if isinstance(props, dict):
+            if self._props is None:
+                try:
+                    self._props = self.client.get_json("/props", timeout=5.0)
+                except (OSError, http.client.HTTPException, ValueError, Fatal):
+                    self._props = {}
+            props = self._props
+            if isinstance(props, dict) and props:
                 settings = props.get("default_generation_settings")
                 out["props.model_path"] = props.get("model_path")
                 out["props.n_ctx"] = settings.get("n_ctx") if isinstance(settings, dict) else props.get("n_ctx")
