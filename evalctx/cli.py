@@ -198,6 +198,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from evalctx.chat_identity import parse_date, uses_date
 
+    if args.out != "-":
+        out = Path(args.out)
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a directory: give a file name, e.g. {out / 'samples.jsonl'}")
+        if not out.parent.is_dir():
+            raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+        from evalctx.results.rundir import remove_dead_temporaries
+
+        for p in remove_dead_temporaries(out):
+            print(f"evalctx: removed {p}, left by a killed generate", file=sys.stderr)
     suite = _overrides(load_suite(args.suite), args)
     tokenizer = load_tokenizer(args.tokenizer)
     tokenizer.chat_date = parse_date(args.chat_date)
@@ -322,7 +332,9 @@ def _error(message: object) -> None:
     rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK")
     if _is_root_rank() or "mpi4py.MPI" in sys.modules:
         where = f" (rank {rank})" if rank and rank != "0" else ""
-        print(f"evalctx: error{where}: {message}", file=sys.stderr)
+        from evalctx.redact import mask_text
+
+        print(f"evalctx: error{where}: {mask_text(str(message))}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -170,6 +170,29 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+FINISHED = ("complete", "complete_with_errors")
+
+
+def check_runs(base_dir: Any, cand_dir: Any, cand_manifest: Mapping[str, Any],
+               base_manifest: Mapping[str, Any]) -> list[str]:
+    """UsageError for a run a live command still holds (its numbers are still coming in); the reasons, for the
+    verdict, why an unfinished run (killed, interrupted, failed) cannot pass."""
+    from pathlib import Path
+
+    from evalctx.results import lock
+
+    for what, d in (("baseline", base_dir), ("candidate", cand_dir)):
+        if lock.is_held(Path(d)):
+            raise UsageError(f"the {what} {d} is still running (its run dir is locked): compare it once it has "
+                             "finished; a verdict now would judge part of it")
+    out = []
+    for what, m in (("baseline", base_manifest), ("candidate", cand_manifest)):
+        status = m.get("status")
+        if status is not None and status not in FINISHED:
+            out.append(f"the {what} run is {status!r}, not finished: not every sample ran")
+    return out
+
+
 def check(diffs: Iterable[Difference], allowed: Iterable[str]) -> list[Difference]:
     """The measurement differences ``allowed`` covers (to report); UsageError, one line naming every other one and
     the flag that accepts it, when any is left."""

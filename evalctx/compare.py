@@ -184,6 +184,8 @@ class CompareResult:
     correction: str
     params: dict[str, Any] = field(default_factory=dict)
     pooled: bool = False
+    problems: list[str] = field(default_factory=list)
+    """Why the gate cannot pass whatever the cells say (nothing compared, a run that did not finish); each fails it."""
     differences: list[Any] = field(default_factory=list)
     """:class:`evalctx.comparability.Difference` of the two runs besides their cells (settings compared across
     with ``--allow-different``, and the system under test), set by the caller that read the manifests."""
@@ -201,9 +203,15 @@ class CompareResult:
         e = self.errors
         rose = (f"; error rate rose {e['base_rate']:.1%} -> {e['cand_rate']:.1%} ({e['base_errors']} -> "
                 f"{e['cand_errors']} error/unsupported rows)") if e.get("rose") else ""
+        why = "".join(f"; {p}" for p in self.problems)
         if not n_pooled:
-            return f"{word}: {len(self.table)} cells ({counts}){rose}"
-        return f"{word}: {len(self.table) - n_pooled} cells + {n_pooled} pooled lengths ({counts}){rose}"
+            return f"{word}: {len(self.table)} cells ({counts}){rose}{why}"
+        return f"{word}: {len(self.table) - n_pooled} cells + {n_pooled} pooled lengths ({counts}){rose}{why}"
+
+    def add_problem(self, problem: str) -> None:
+        """A reason the gate fails that no cell shows (the run's status)."""
+        self.problems.append(problem)
+        self.regressed = True
 
     def settings(self) -> str:
         delta_ms = 1000 * float(self.params.get("latency_min_delta_s", 0.0))
@@ -236,7 +244,8 @@ class CompareResult:
             "regressed": self.regressed, "headline": self.headline(), "counts": self.counts(),
             "alpha": self.alpha, "min_samples": self.min_samples, "latency_tolerance": self.latency_tolerance,
             "allow_missing": self.allow_missing, "correction": self.correction, "pooled": self.pooled,
-            "errors": self.errors, "cells": json.loads(self.table.to_json(orient="records")),
+            "errors": self.errors, "problems": self.problems,
+            "cells": json.loads(self.table.to_json(orient="records")),
             "differences": _as_dicts(self.differences),
         }, indent=2)
 
@@ -318,14 +327,16 @@ def compare(base_df: pd.DataFrame, cand_df: pd.DataFrame, alpha: float = 0.05, m
     table["verdict"] = [v for v, _ in verdicts]
     table["note"] = [n for _, n in verdicts]
     errors = _error_rates(base, cand, max_error_rate_rise)
-    regressed = bool(table["verdict"].isin(FAILING).any() or errors["rose"]
+    problems = [] if not table["verdict"].isin(("only_in_base", "only_in_candidate")).all() else \
+        ["no cell in common: nothing was compared"]
+    regressed = bool(table["verdict"].isin(FAILING).any() or errors["rose"] or problems
                      or (not allow_missing and (table["verdict"] == "only_in_base").any()))
     return CompareResult(table=table, regressed=regressed, alpha=alpha, min_samples=min_samples,
                          latency_tolerance=latency_tolerance, allow_missing=allow_missing, correction=correction,
                          params={"min_latency_samples": min_latency_samples,
                                  "latency_min_delta_s": latency_min_delta_s,
                                  "max_error_rate_rise": max_error_rate_rise},
-                         pooled=pooled, errors=errors)
+                         pooled=pooled, errors=errors, problems=problems)
 
 
 def _error_rates(base: pd.DataFrame, cand: pd.DataFrame, max_rise: float) -> dict[str, Any]:

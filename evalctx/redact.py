@@ -28,9 +28,25 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(k)) and not _NOT_SECRET.search(k)
 
 
+_KNOWN: set[str] = set()
+"""Secret values this process was given (an API key from an option or the environment): masked wherever they
+appear, a server's error message that quotes the key included."""
+
+
+def remember(value: Any) -> None:
+    """Mask ``value`` in every text from now on (values under 6 characters are too likely to be ordinary words)."""
+    if isinstance(value, str) and len(value.strip()) >= 6:
+        _KNOWN.add(value.strip())
+
+
 def mask_text(text: str) -> str:
-    """A password in a URL (``https://user:PASS@host``) and a bearer token in a header line."""
-    return _BEARER.sub(r"\1" + MASK, _URL_PASSWORD.sub(r"\1" + MASK + "@", text))
+    """A password in a URL (``https://user:PASS@host``), a bearer token in a header line, and every secret value
+    :func:`remember`-ed."""
+    out = _BEARER.sub(r"\1" + MASK, _URL_PASSWORD.sub(r"\1" + MASK + "@", text))
+    for secret in _KNOWN:
+        if secret in out:
+            out = out.replace(secret, MASK)
+    return out
 
 
 def mask(obj: Any) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import builtins
+import os
+from pathlib import Path
 import json
 import math
 
@@ -303,3 +305,37 @@ def test_compare_refuses_an_entry_name_that_is_another_task_in_each_run(tmp_path
     base["task_options"] = base["task_options"].str.replace('"key_type": "words", ', "")
     assert cmp.variant_mismatch(base, cand) == []
     assert cmp.variant_mismatch(base.drop(columns=["task_type", "task_options"]), load_run(runs / "essay")) == []
+
+
+def test_the_gate_never_passes_a_run_still_running_unfinished_or_nothing_compared(tmp_path, capsys) -> None:
+    """Issue 23, kind 5: `compare BASE LIVE --allow-missing` said PASS for a candidate still running or killed, and
+    two runs with no cell in common passed with nothing compared."""
+    import fcntl
+    import json as _json
+
+    def run(run_id: str, lengths: str) -> Path:
+        assert cli_main(["run", "--backend", "fake", "--tasks", "passkey", "--samples", "2", "--lengths", lengths,
+                         "--out", str(tmp_path), "--run-id", run_id, "--no-progress"]) == 0
+        return tmp_path / run_id
+
+    base, cand, other = run("base", "512"), run("cand", "512"), run("other", "1024")
+    capsys.readouterr()
+    assert cli_main(["compare", str(base), str(cand)]) == 0
+    # no cell in common: never a pass, whatever --allow-missing says
+    assert cli_main(["compare", str(base), str(other), "--allow-missing"]) == 1
+    assert "no cell in common: nothing was compared" in capsys.readouterr().out
+    # a candidate killed mid-run (status left running, no lock): its verdict fails
+    manifest = _json.loads((cand / "manifest.json").read_text())
+    (cand / "manifest.json").write_text(_json.dumps({**manifest, "status": "running"}))
+    assert cli_main(["compare", str(base), str(cand), "--allow-missing"]) == 1
+    assert "the candidate run is 'running', not finished" in capsys.readouterr().out
+    # a candidate a live command holds: refused before any verdict, and the gate records nothing
+    fd = os.open(cand / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert cli_main(["compare", str(base), str(cand)]) == 2
+        assert "is still running" in capsys.readouterr().err
+        assert cli_main(["nightly-gate", str(cand), "--history", str(tmp_path / "h"), "--no-report"]) == 2
+        assert not (tmp_path / "h" / "summary.csv").exists()
+    finally:
+        os.close(fd)

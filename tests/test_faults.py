@@ -264,3 +264,24 @@ def test_outputs_follow_the_umask(suite: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0
     for name in ("manifest.json", "summary.csv", "results.parquet", "journal/replica-0.jsonl"):
         assert oct((tmp_path / "r" / name).stat().st_mode & 0o777) == oct(0o664), name
+
+
+def test_generate_refuses_a_directory_up_front_and_cleans_what_a_killed_one_left(tmp_path, capsys) -> None:
+    """Issue 23, kind 3: `generate --out /tmp` built everything, then failed; a killed generate left its temporary
+    file for good."""
+    import subprocess
+    import sys
+
+    from evalctx.cli import main
+
+    assert main(["generate", "--suite", "passkey", "--lengths", "4096", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    out = tmp_path / "s.jsonl"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".s.jsonl.{dead.pid}-abcd1234.tmp"
+    stale.write_text("partial")
+    assert main(["generate", "--suite", "passkey", "--lengths", "4096", "--tasks", "passkey", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert not stale.exists() and out.stat().st_size > 0
+    assert "left by a killed generate" in capsys.readouterr().err

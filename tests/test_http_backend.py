@@ -535,3 +535,35 @@ def test_credentials_in_base_url_go_as_basic_auth() -> None:
     assert res[0].error is None, res[0].error
     assert stub.headers[-1]["Authorization"] == "Basic " + base64.b64encode(b"alice:s:cret").decode()
     assert "s%3Acret" not in b.base_url and "s%3Acret" not in json.dumps(b.info())
+
+
+def test_answers_bounded_counts_checked_sse_read_as_specified_redirects_named() -> None:
+    """Issue 23, kind 8: an endless answer grew to gigabytes; a completion count of 10^9 for a 6-token budget was
+    stored; an event whose data spans two ``data:`` lines became an error row; a redirect said "non-JSON: "."""
+    from evalctx.backends import http_client
+
+    n = len(TOK.encode(PASSKEY, add_special_tokens=True))
+    split = [(0.0, '{"choices": [{"text": " 12", "index": 0,\ndata: "finish_reason": null}]}'),
+             (0.0, '{"choices": [{"text": "345.", "index": 0, "finish_reason": "stop"}], '
+                   f'"usage": {{"prompt_tokens": {n}, "completion_tokens": 2}}}}'), (0.0, "[DONE]")]
+    cases = [
+        (Reply(sse=split), "true", None, " 12345."),
+        (counted(completion_tokens=10 ** 9), "false", "reports 1000000000 completion tokens for max_tokens 6", None),
+        (Reply(status=302, body={}, headers={"Location": "https://elsewhere/v1/completions"}), "false",
+         "redirects to https://elsewhere/v1/completions; pass that URL as base_url", None),
+        (Reply(raw=b""), "false", "non-JSON: (an empty body)", None),
+    ]
+    for reply, stream, error, text in cases:
+        with StubServer([reply]).run() as url:
+            res = backend(url, stream=stream, retries="0").generate([request()])[0]
+        assert (res.error is None) if error is None else (error in (res.error or "")), (res.error, error)
+        if text is not None:
+            assert res.text == text
+    old = http_client.MAX_ANSWER_BYTES
+    http_client.MAX_ANSWER_BYTES = 1000
+    try:
+        with StubServer([Reply(raw=b"x" * 5000)]).run() as url:
+            res = backend(url, stream="false", retries="0").generate([request()])[0]
+        assert "grew past" in res.error
+    finally:
+        http_client.MAX_ANSWER_BYTES = old

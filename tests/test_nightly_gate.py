@@ -111,3 +111,34 @@ def test_a_drop_spread_over_the_depths_fails_through_the_pooled_level(tmp_path, 
     assert "FAIL" in out and "| all |" in out and "pooled over 5 depths" in out
     assert _gate(night, history, "--baseline", str(ref), "--no-pooled") == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_a_torn_history_line_is_repaired_before_the_next_append(tmp_path, capsys) -> None:
+    """Issue 23, kind 2: a kill or a full disk during the append leaves a torn last line in history/summary.csv
+    (every later gate died on it) or runs.jsonl (the next night's line was swallowed)."""
+    import json as _json
+
+    from evalctx.cli import main
+
+    runs = []
+    for i in range(3):
+        assert main(["run", "--backend", "fake", "--tasks", "passkey", "--samples", "2", "--lengths", "512",
+                     "--out", str(tmp_path), "--run-id", f"n{i}", "--no-progress"]) == 0
+        runs.append(tmp_path / f"n{i}")
+    history = tmp_path / "history"
+    gate = ["--history", str(history), "--latency-tolerance", "1000"]
+    assert main(["nightly-gate", str(runs[0]), *gate]) == 0
+    with (history / "summary.csv").open("a") as fh:
+        fh.write('n9,model,"2026-12-0')  # torn mid-field, inside a quote
+    with (history / "runs.jsonl").open("a") as fh:
+        fh.write('{"run_id": "n9", "pass')
+    capsys.readouterr()
+    assert main(["nightly-gate", str(runs[1]), *gate]) == 0
+    out = capsys.readouterr().out
+    assert "summary.csv: dropped a torn last line" in out
+    assert main(["nightly-gate", str(runs[2]), *gate]) == 0
+    entries = [_json.loads(line) for line in (history / "runs.jsonl").read_text().splitlines()]
+    assert [e["run_id"] for e in entries] == ["n0", "n1", "n2"]
+    import pandas as pd
+
+    assert sorted(pd.read_csv(history / "summary.csv")["run_id"].unique()) == ["n0", "n1", "n2"]

@@ -257,3 +257,15 @@ def test_live_journal_writer_of_an_earlier_command_blocks_a_new_one(tmp_path: Pa
         lock.join_writers(tmp_path, old.attempt_id)
     os.close(lock.join_writers(tmp_path, new.attempt_id))
     new.release()
+
+
+def test_a_command_line_longer_than_a_page_does_not_look_like_a_taken_lock(tmp_path) -> None:
+    """The lock file holds the whole command line; a read of 4096 bytes cut it and a run with a long label refused
+    to start, "taken by another process" (issue 23, kind 7)."""
+    from evalctx.cli import main
+
+    label = "x" * 6000
+    assert main(["run", "--backend", "fake", "--samples", "1", "--lengths", "512", "--tasks", "passkey", "--out",
+                 str(tmp_path), "--run-id", "long", "--label", label, "--no-progress"]) == 0
+    assert main(["run", "--backend", "fake", "--samples", "1", "--lengths", "512", "--tasks", "passkey", "--out",
+                 str(tmp_path), "--run-id", "long", "--label", label, "--no-progress"]) == 0

@@ -162,6 +162,11 @@ def parse_options(cls: type[Backend], raw: Mapping[str, Any]) -> Any:
             known = ", ".join(sorted(fields)) or "(none)"
             raise UsageError(f"backend {cls.name}: unknown option {key!r}; known options: {known}")
         values[k] = _coerce(value, hints[k], k, cls.name)
+    from evalctx import redact
+
+    for key, value in values.items():
+        if redact.is_secret_key(key):
+            redact.remember(value)  # a server that quotes it back in an error must not get it stored
     return cls.Options(**values)
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from evalctx.redact import mask_text
 
@@ -84,6 +84,19 @@ class Answer:
     """Data events in a stream: 0 is an empty stream (llama.cpp's answer to a prompt over its context)."""
     truncated: bool = False
     """The server says it cut or shifted the context (llama.cpp's ``truncated: true``)."""
+
+
+MAX_ANSWER_BYTES = 64 << 20
+"""An answer larger than this is not one to a request of a few thousand tokens: an endless body is cut here (it
+grew to 4.8 GB in 8 s before the cap)."""
+MAX_LINE_BYTES = 16 << 20
+
+
+def _read_capped(resp: http.client.HTTPResponse) -> bytes:
+    data = resp.read(MAX_ANSWER_BYTES + 1)
+    if len(data) > MAX_ANSWER_BYTES:
+        raise Retryable(f"the answer grew past {MAX_ANSWER_BYTES >> 20} MiB: not an answer to a bounded request")
+    return data
 
 
 def _truncated(*parts: Any) -> bool:
@@ -239,13 +252,17 @@ class Client:
                 raise socket.timeout()
             conn.request("POST", path, body=payload, headers=self._headers(True))
             resp = conn.getresponse()
+            if 300 <= resp.status < 400:
+                where = resp.getheader("Location") or "(no Location header)"
+                raise Fatal(f"HTTP {resp.status} from {self.base_url}{path[len(self.prefix):]}: the server redirects "
+                            f"to {where}; pass that URL as base_url")
             if resp.status >= 400:
                 self._raise_status(resp, path)
             ctype = (resp.getheader("Content-Type") or "").lower()
             if "text/event-stream" in ctype:
                 answer = self._read_stream(resp, t0)
             else:
-                answer = self._read_json(resp.read(), t0)
+                answer = self._read_json(_read_capped(resp), t0)
             if expired.is_set():
                 raise socket.timeout()
             return answer
@@ -277,7 +294,8 @@ class Client:
         try:
             d = json.loads(data)
         except ValueError:
-            raise Fatal(f"server answered non-JSON: {one_line(data.decode('utf-8', 'replace'), 200)}") from None
+            shown = one_line(data.decode("utf-8", "replace"), 200) or "(an empty body)"
+            raise Fatal(f"server answered non-JSON: {shown}") from None
         if isinstance(d, dict) and d.get("error"):
             raise Fatal(f"server error: {server_message(json.dumps(d).encode())}")
         choice = _choice(d, "answer")
@@ -291,6 +309,38 @@ class Client:
                       cached_tokens=_cached(cached, _cache_n(d), p), latency_s=latency, ttft_s=None,
                       streamed=False, truncated=_truncated(d, choice))
 
+    def _sse_events(self, resp: http.client.HTTPResponse) -> Iterator[bytes]:
+        """The data of each server-sent event, as the SSE spec reads them: ``data:`` lines (one leading space
+        stripped) joined with newlines until a blank line; comments and other fields skipped. A stream over
+        :data:`MAX_ANSWER_BYTES` or cut in the middle of a line is a broken answer (Retryable)."""
+        data: list[bytes] = []
+        total = events = 0
+        while True:
+            line = resp.readline(MAX_LINE_BYTES + 1)
+            total += len(line)
+            if total > MAX_ANSWER_BYTES or len(line) > MAX_LINE_BYTES:
+                raise Retryable(f"the stream from {self.base_url} grew past {MAX_ANSWER_BYTES >> 20} MiB (or a line "
+                                f"past {MAX_LINE_BYTES >> 20} MiB): not an answer to a bounded request")
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                return
+            if not line.endswith(b"\n"):
+                # The connection closed in the middle of an event (a close-delimited stream cut by a crash or a
+                # proxy): the answer broke off, the server did not send a malformed chunk.
+                raise Retryable(f"the stream from {self.base_url} broke off in the middle of an event after "
+                                f"{events} events")
+            line = line.rstrip(b"\r\n")
+            if not line:
+                if data:
+                    events += 1
+                    yield b"\n".join(data)
+                    data = []
+                continue
+            if line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+
     def _read_stream(self, resp: http.client.HTTPResponse, t0: float) -> Answer:
         parts: list[str] = []
         ttft: float | None = None
@@ -300,20 +350,9 @@ class Client:
         n_events = 0
         done = False
         truncated = False
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            if not line.endswith(b"\n"):
-                # The connection closed in the middle of an event (a close-delimited stream cut by a crash or a
-                # proxy): the answer broke off, the server did not send a malformed chunk.
-                raise Retryable(f"the stream from {self.base_url} broke off in the middle of an event after "
-                                f"{n_events} events")
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, ": keep-alive" comments, "event:" lines
-            data = line[5:].strip()
+        for data in self._sse_events(resp):
             n_events += 1
+            data = data.strip()
             if data == b"[DONE]":
                 done = True
                 break

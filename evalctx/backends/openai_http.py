@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from evalctx import redact
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.http_client import Answer, Client, Fatal, Retryable, one_line
 from evalctx.backends.http_servers import PRESETS, ServerFacts, ServerPreset, detect
@@ -180,7 +181,9 @@ class HTTPBackend(Backend):
         if o.retries < 0 or o.timeout_s <= 0 or o.backoff_s < 0:
             raise UsageError("backend http: retries and backoff_s must be >= 0 and timeout_s > 0")
         self.extra_body = self._parse_extra_body(o.extra_body)
-        self.client = Client(_normalize_url(o.base_url), o.api_key or os.environ.get("OPENAI_API_KEY") or None)
+        key = o.api_key or os.environ.get("OPENAI_API_KEY") or None
+        redact.remember(key)  # a server's 401 may quote it: masked wherever text is written
+        self.client = Client(_normalize_url(o.base_url), key)
         self.base_url = self.client.base_url  # a password in the URL is masked wherever it is shown or stored
         self._models_answer: Any = None
         self._props: Any = None
@@ -321,6 +324,10 @@ class HTTPBackend(Backend):
                         "see the whole prompt; serve with a context of at least prompt + max_tokens tokens "
                         "(llama.cpp: --ctx-size, and --no-context-shift)")
         ans = self._count_eos(req, ans)
+        if ans.completion_tokens is not None and ans.completion_tokens > req.max_new_tokens + 1:
+            # one more than asked is a server that counts its stopping EOS; more is a count of something else
+            raise Fatal(f"the server reports {ans.completion_tokens} completion tokens for max_tokens "
+                        f"{req.max_new_tokens}: its usage cannot be trusted")
         n_prompt = ans.prompt_tokens
         if ans.finish_reason == "length" and ans.completion_tokens is not None \
                 and ans.completion_tokens < req.max_new_tokens:

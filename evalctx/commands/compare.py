@@ -69,15 +69,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def main(args: argparse.Namespace) -> int:
     from evalctx.analysis import load_manifest, load_run
-    from evalctx.comparability import check, differences
+    from evalctx.comparability import check, check_runs, differences
     from evalctx.compare import compare
 
     kwargs = gate_kwargs(args)
+    base_manifest, cand_manifest = load_manifest(args.base), load_manifest(args.cand)
+    unfinished = check_runs(args.base, args.cand, cand_manifest, base_manifest)
     base, cand = load_run(args.base), load_run(args.cand)
-    diffs = differences(load_manifest(args.base), base, load_manifest(args.cand), cand)
+    diffs = differences(base_manifest, base, cand_manifest, cand)
     check(diffs, args.allow_different)
     result = compare(base, cand, **kwargs)  # type: ignore[arg-type]
     result.differences = diffs
+    for problem in unfinished:
+        result.add_problem(problem)
     if args.json:
         print(result.to_json())
     else:

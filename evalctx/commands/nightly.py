@@ -62,6 +62,33 @@ def _locked(history: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def repair_history(history: Path) -> list[str]:
+    """Before appending (with the history lock held): cut a torn last line off summary.csv and runs.jsonl (a kill
+    or a full disk mid-append), so that the next night's line is not glued onto it; one note per repair."""
+    from evalctx.results.rundir import repair_tail
+
+    def whole_csv_row(path: Path) -> Any:
+        with path.open(newline="", encoding="utf-8") as fh:
+            width = len(next(csv.reader(fh), []))
+        return lambda data: len(next(csv.reader([data.decode("utf-8", "replace")]), [])) == width > 0
+
+    def whole_json_row(data: bytes) -> bool:
+        try:
+            return isinstance(json.loads(data), dict)
+        except ValueError:
+            return False
+
+    notes = []
+    for name in ("summary.csv", "runs.jsonl"):
+        path = history / name
+        if not path.is_file():
+            continue
+        dropped = repair_tail(path, whole_csv_row(path) if name.endswith(".csv") else whole_json_row)
+        if dropped:
+            notes.append(f"{path}: dropped a torn last line ({dropped} bytes, left by a kill or a full disk)")
+    return notes
+
+
 def read_runs(history: Path) -> list[dict[str, Any]]:
     path = history / "runs.jsonl"
     if not path.is_file():
@@ -137,6 +164,11 @@ def main(args: argparse.Namespace) -> int:
     run_dir, history = Path(args.run_dir), Path(args.history)
     if history.exists() and not history.is_dir():
         raise UsageError(f"--history {history}: not a directory")
+    from evalctx.results import lock
+
+    if lock.is_held(run_dir):
+        raise UsageError(f"{run_dir} is still running (its run dir is locked): gate it once it has finished; "
+                         "nothing was recorded")
     df = load_run(run_dir)
     manifest = load_manifest(run_dir)
     run_id, label = str(df["run_id"].iloc[0]), str(df["label"].iloc[0])
@@ -175,6 +207,8 @@ def main(args: argparse.Namespace) -> int:
     passed = not reasons
 
     with _locked(history):
+        for note in repair_history(history):
+            print(f"nightly-gate: {note}")
         if not append_summary(history, _summary_rows(df, run_id, label, date, passed)):
             print(f"nightly-gate: {run_id} is already in {history / 'summary.csv'}; not appended again")
     if not args.no_report:
@@ -190,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
         entry = {"run_id": run_id, "label": label, "suite": suite, "run_dir": str(run_dir.resolve()),
                  "date": date, "gated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "baseline_run_id": None if result is None else _baseline_id(baseline), "passed": True}
+        with _locked(history):
+            repair_history(history)
         with _locked(history), (history / "runs.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
             fh.flush()

@@ -69,9 +69,14 @@ def title_text(text: str, width_in: float) -> str:
 
 
 def save(fig: "Figure", path: str | Path | None) -> None:
+    """Write ``fig`` as a PNG under a temporary name and rename it: a kill mid-plot leaves the old picture (or
+    none), never an unreadable one."""
     if path is not None:
+        from evalctx.results.rundir import atomic_file
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=110)
+        with atomic_file(Path(path), binary=True) as fh:
+            fig.savefig(fh, format="png", dpi=110)
 
 
 def select_task(df: pd.DataFrame, task: str | None) -> pd.DataFrame:

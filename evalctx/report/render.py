@@ -59,8 +59,9 @@ class PlotFiles:
         return self.folder / f"{name}.png"
 
     def save(self, fig: Any, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=110)
+        from evalctx.report.figures import save
+
+        save(fig, path)
         self.written.append(path)
         return path
 
@@ -307,8 +308,13 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
     doc.image(png, "TTFT, latency and prefill throughput vs context length", out)
     hist_csv = Path(history) / "summary.csv" if history is not None else None
     if hist_csv is not None and hist_csv.is_file():
-        hist = pd.read_csv(hist_csv)
-        if hist["run_id"].nunique() >= 2:
+        try:
+            hist = pd.read_csv(hist_csv, on_bad_lines="skip")  # a torn line of a killed append is left out
+        except (pd.errors.ParserError, ValueError) as exc:
+            doc.para(f"Nightly trend not drawn: {hist_csv} cannot be read ({str(exc).splitlines()[0]}).",
+                     css="warn")
+            hist = pd.DataFrame({"run_id": []})
+        if "run_id" in hist and hist["run_id"].nunique() >= 2:
             doc.subsection("Nightly trend")
             png = files.save(plots.trend(hist), files.path("trend"))
             doc.image(png, "accuracy and latency over nightly runs", out)
@@ -340,8 +346,15 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path | None = No
 
     files.remove_stale()
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(doc.render_html(), encoding="utf-8")
-    md_path.write_text(doc.render_md(), encoding="utf-8")
+    # Temporary name and rename: a kill or a full disk never leaves a cut report where a whole one was.
+    from evalctx.results.rundir import StorageError, atomic_file
+
+    try:
+        for path, text in ((html_path, doc.render_html()), (md_path, doc.render_md())):
+            with atomic_file(path) as fh:
+                fh.write(text)
+    except StorageError as exc:
+        raise UsageError(f"cannot write the report: {exc}") from None
     return html_path, md_path
 
 

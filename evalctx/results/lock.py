@@ -43,8 +43,11 @@ def _open(path: Path) -> int:
 
 
 def _read(fd: int) -> dict[str, Any]:
+    """The holder record, whole: it holds the command line, which a long label, option or path makes any length
+    (a fixed-size read cut it and read as "no holder yet", a false "taken by another process")."""
     try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        size = os.fstat(fd).st_size
+        data = json.loads(os.pread(fd, max(size, 1), 0) or b"{}")
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -168,6 +168,27 @@ def atomic_write_parquet(df: Any, path: Path) -> None:
         raise
 
 
+def remove_dead_temporaries(path: Path) -> list[Path]:
+    """Temporary files :func:`atomic_file` left for ``path`` when its writer was killed (the pid in the name no
+    longer runs); removed, and returned. Safe while another live writer works on the same path."""
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
+        pid = p.name[len(path.name) + 2:].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
 def remove_stale_temporaries(run_dir: Path) -> None:
     """Temporary files of a killed writer (call with the run-dir lock held, when no one else writes)."""
     for p in run_dir.glob(f".*{_TMP_SUFFIX}"):
@@ -286,8 +307,9 @@ def _complete_row(data: bytes) -> bool:
     return isinstance(row, dict) and "sample_id" in row
 
 
-def repair_tail(path: Path) -> int:
-    """Make ``path`` end at a line boundary before anyone appends to it; returns the bytes dropped.
+def repair_tail(path: Path, complete: Callable[[bytes], bool] = _complete_row) -> int:
+    """Make ``path`` end at a line boundary before anyone appends to it; returns the bytes dropped. ``complete``
+    tells a whole row that lacks only its newline (default: a journal row).
 
     A kill -9 or a full disk mid-write leaves a last line without its newline: appending after it would glue the
     next row onto it and lose both. A tail that is a whole row missing only its newline gets the newline; anything
@@ -309,7 +331,7 @@ def repair_tail(path: Path) -> int:
                 start = pos + i + 1
                 break
         f.seek(start)
-        if _complete_row(f.read()):
+        if complete(f.read()):
             f.write(b"\n")
             dropped = 0
         else:
