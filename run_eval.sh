@@ -84,7 +84,8 @@ run_id=""
 if [ "$nightly" = 1 ]; then
   [ "$have_suite" = 1 ] || args+=(--suite "$here/tasks/nightly.toml")
   if [ "$have_run_id" = 0 ]; then
-    run_id="nightly-$(date -u +%Y%m%dT%H%M%SZ)"
+    # One id per night (UTC day): the same command run again that night, after a stop, resumes the same run.
+    run_id="nightly-$(date -u +%Y%m%d)"
     args+=(--run-id "$run_id")
   fi
 fi
@@ -124,20 +125,28 @@ mask_secrets() {
 echo "+ $(printf '%s ' "${cmd[@]}" | mask_secrets)" >&2
 # In the background so that a SIGTERM (a scheduler, a timeout) or Ctrl-C reaching only this script is passed on:
 # evalctx then records status interrupted, and the run resumes with the same command. A background job ignores
-# SIGINT, so both go on as SIGTERM, which evalctx handles like Ctrl-C.
+# SIGINT, so both go on as SIGTERM, which evalctx handles like Ctrl-C. The gate runs the same way: a stop never
+# leaves it running on its own (it would record a verdict later).
 stopped=""
-"${cmd[@]}" &
-child=$!
-trap 'stopped=SIGTERM; kill -TERM "$child" 2>/dev/null' TERM
-trap 'stopped=SIGINT; kill -TERM "$child" 2>/dev/null' INT
-while :; do
-  wait "$child"; rc=$?
-  kill -0 "$child" 2>/dev/null || break  # wait returns early when a trapped signal arrives
-done
-trap - TERM INT
+run_child() {  # run "$@", passing SIGTERM/SIGINT on; sets rc and, when signalled, stopped
+  "$@" &
+  child=$!
+  trap 'stopped=SIGTERM; kill -TERM "$child" 2>/dev/null' TERM
+  trap 'stopped=SIGINT; kill -TERM "$child" 2>/dev/null' INT
+  while :; do
+    wait "$child"; rc=$?
+    kill -0 "$child" 2>/dev/null || break  # wait returns early when a trapped signal arrives
+  done
+  trap - TERM INT
+}
+run_child "${cmd[@]}"
 if [ -n "$stopped" ]; then
   # mpirun does not pass on what its ranks print once it is told to stop, so the line comes from here.
-  [ "$ranks" -gt 1 ] && echo "run_eval.sh: interrupted ($stopped); finished samples are in the journal, rerun the same command to resume" >&2
+  resume="rerun the same command to resume"
+  [ "$nightly" = 1 ] && [ -n "$run_id" ] && resume="rerun with --run-id $run_id to resume (the same command does so until midnight UTC)"
+  if [ "$ranks" -gt 1 ] || [ "$nightly" = 1 ]; then  # one rank prints its own line, naming no run id
+    echo "run_eval.sh: interrupted ($stopped); finished samples are in the journal; $resume" >&2
+  fi
   exit 130
 fi
 if [ "$nightly" = 0 ]; then exit "$rc"; fi
@@ -152,5 +161,9 @@ gate=("$evalctx_bin" nightly-gate "$out/$run_id" --history "${history:-$out/hist
 [ -n "$baseline" ] && gate+=(--baseline "$baseline")
 gate+=(${gate_opts[@]+"${gate_opts[@]}"})  # the +-form: empty arrays under set -u on old bash
 echo "+ $(printf '%s ' "${gate[@]}" | mask_secrets)" >&2
-"${gate[@]}"
-exit $?
+run_child "${gate[@]}"
+if [ -n "$stopped" ]; then
+  echo "run_eval.sh: interrupted ($stopped) during the gate; nothing more is recorded; rerun to gate again" >&2
+  exit 130
+fi
+exit "$rc"

@@ -223,6 +223,9 @@ def load_suite(spec: str) -> Suite:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to be a suite (arrays or tables within each other "
+                         "hundreds of levels down)") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}): save the suite as UTF-8") from None
     except OSError as exc:

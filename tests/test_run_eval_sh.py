@@ -92,3 +92,20 @@ def test_llmapi_launch_runs_evalctx_once_under_mpirun(tmp_path: Path) -> None:
     assert "trtllm-llmapi-launch" in proc.stderr.splitlines()[0]
     df = pd.read_parquet(tmp_path / "once" / "results.parquet")
     assert df["replica"].unique().tolist() == [0] and len(df) == 24  # one evalctx process did the whole run
+
+
+def test_the_nightly_run_id_is_the_day_so_the_same_command_resumes(tmp_path: Path) -> None:
+    """Issue 23, kind 6: after a stop, 'rerun the same command to resume' made a new run id to the second and
+    started over."""
+    import datetime as dt
+
+    base = ["--nightly", "--out", str(tmp_path), "--suite", SUITE, "--backend", "fake", "--tokenizer", "byte",
+            "--no-progress"]
+    first = sh(*base)
+    assert first.returncode == 0, first.stderr + first.stdout
+    day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    runs = [p.name for p in tmp_path.iterdir() if p.name.startswith("nightly-")]
+    assert runs == [f"nightly-{day}"] or len(runs) == 1  # a run across midnight UTC gets the next day's id
+    again = sh(*base)
+    assert again.returncode == 0
+    assert "0 new of" in again.stdout and len([p for p in tmp_path.iterdir() if p.name.startswith("nightly-")]) <= 2

@@ -269,3 +269,32 @@ def test_a_command_line_longer_than_a_page_does_not_look_like_a_taken_lock(tmp_p
                  str(tmp_path), "--run-id", "long", "--label", label, "--no-progress"]) == 0
     assert main(["run", "--backend", "fake", "--samples", "1", "--lengths", "512", "--tasks", "passkey", "--out",
                  str(tmp_path), "--run-id", "long", "--label", label, "--no-progress"]) == 0
+
+
+def test_journal_rows_that_cannot_be_right_are_not_taken(tmp_path) -> None:
+    """Issue 23, kind 10: a duplicated id with a different ok answer silently replaced the first; an ok row without
+    a completion was accepted; a deeply nested suite gave a RecursionError traceback."""
+    import json as _json
+
+    import pytest as _pytest
+
+    from evalctx.config import load_suite
+    from evalctx.errors import UsageError
+    from evalctx.results import rundir
+
+    j = tmp_path / "journal"
+    j.mkdir()
+    base = {"sample_id": "a", "task": "passkey", "context_length": 512, "depth": 0.5, "status": "ok",
+            "score": 1.0, "completion": " 12345.", "finished_at": 1.0}
+    rows = [base, {**base, "completion": " 99999.", "score": 0.0, "finished_at": 2.0}]
+    (j / "replica-0.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    problems: list[str] = []
+    got = rundir.read_journals(tmp_path, problems=problems)
+    assert got["a"]["completion"] == " 12345." and "answered twice with different answers" in problems[0]
+    (j / "replica-1.jsonl").write_text(_json.dumps({**base, "sample_id": "b", "completion": None}) + "\n")
+    with _pytest.raises(UsageError, match="ok without a completion"):
+        rundir.read_journals(tmp_path)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with _pytest.raises(UsageError, match="nested too deeply"):
+        load_suite(str(deep))

@@ -423,6 +423,9 @@ def _check_row(row: dict[str, Any], where: str) -> None:
         if not isinstance(v, accepted) or (isinstance(v, bool) and bool not in accepted) or wrong_item:
             want = " or ".join(dict.fromkeys(_type_name(t, item) for t in accepted))
             raise UsageError(f"{where}: journal row has {key}={v!r:.60}, not {want}: {fix}")
+    if row.get("status") == "ok" and (not isinstance(row.get("completion"), str)
+                                      or not isinstance(row.get("score"), (int, float))):
+        raise UsageError(f"{where}: journal row is ok without a completion and a score: {fix}")
 
 
 def iter_journal_rows(run_dir: Path, problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -485,9 +488,16 @@ def read_journals(run_dir: Path, config_hash: str | None = None,
     # Across journals (a rerun with another rank count writes other replica files) order by finish time.
     entries.sort(key=lambda r: r.get("finished_at") or 0.0)
     rows: dict[str, dict[str, Any]] = {}
+    conflicts = 0
     for r in entries:
         prev = rows.get(r["sample_id"])
-        if prev is not None and prev.get("status") == "ok" and r.get("status") != "ok":
-            continue  # never replace a finished answer with a later failure
+        if prev is not None and prev.get("status") == "ok":
+            # Never replace a finished answer: not with a later failure, and not with another answer (two
+            # commands ran one sample: the first one kept, the disagreement said).
+            conflicts += r.get("status") == "ok" and r.get("completion") != prev.get("completion")
+            continue
         rows[r["sample_id"]] = r
+    if conflicts and problems is not None:
+        problems.append(f"{run_dir}: {conflicts} sample(s) were answered twice with different answers (two commands "
+                        "ran them); the first answer of each is kept")
     return rows
