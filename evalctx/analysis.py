@@ -61,9 +61,20 @@ def run_label(manifest: Mapping[str, Any], fallback: str) -> str:
     return str(manifest.get("label") or backend.get("model") or manifest.get("run_id") or fallback)
 
 
-def _read_journal(run_dir: Path) -> pd.DataFrame:
-    """Journal rows, one per sample id, with the runner's own resume rules (one reader for both)."""
-    return pd.DataFrame(list(read_journals(run_dir).values()))
+def _read_journal(run_dir: Path, config_hash: str | None = None) -> pd.DataFrame:
+    """Journal rows, one per sample id, with the runner's own resume rules (one reader for both): rows of another
+    configuration than the manifest's are left out, as the runner leaves them out."""
+    return pd.DataFrame(list(read_journals(run_dir, config_hash).values()))
+
+
+def _journal_is_newer(run_dir: Path, parquet: Path) -> bool:
+    """Whether a journal was written after results.parquet: a later command appended rows (and was killed before
+    it rewrote results.parquet), so the journal holds what a resume would see."""
+    folder = run_dir / "journal"
+    if not folder.is_dir():
+        return False
+    times = [f.stat().st_mtime_ns for f in folder.glob("*.jsonl") if f.stat().st_size]
+    return bool(times) and (not parquet.is_file() or max(times) > parquet.stat().st_mtime_ns)
 
 
 def _constant_columns(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,8 +89,10 @@ def _constant_columns(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def load_run(run_dir: str | Path) -> pd.DataFrame:
     """One row per sample of one run, with ``label``, ``run_id``, ``created_at`` and ``run_status`` columns.
 
-    Reads results.parquet, or the journal of a run that never got to write it (deduplicated by sample id, the last
-    attempt wins). Raises UsageError when ``run_dir`` is not a run directory."""
+    Reads results.parquet, unless a journal is newer (a later command appended rows and was killed before it
+    rewrote results.parquet) or there is none: then the journal as the runner reads it (its rows of the manifest's
+    configuration, one per sample id, a retried error replaced by its answer), so that a report, compare, show and
+    the gate see what a resume would see. Raises UsageError when ``run_dir`` is not a run directory."""
     p = Path(run_dir)
     if not p.exists():
         raise UsageError(f"{p}: no such directory")
@@ -87,14 +100,15 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
         raise UsageError(f"{p}: not a run directory (no manifest.json, results.parquet or journal/*.jsonl)")
     manifest = load_manifest(p)
     parquet = p / "results.parquet"
-    if parquet.is_file():
+    if parquet.is_file() and not _journal_is_newer(p, parquet):
         try:
             df = pd.read_parquet(parquet)
         except Exception as exc:  # pyarrow raises several types for a truncated file
             raise UsageError(f"{parquet}: unreadable ({type(exc).__name__}: {exc})") from None
         from_journal = False
     else:
-        df = _read_journal(p)
+        hash_ = manifest.get("config_hash")
+        df = _read_journal(p, hash_ if isinstance(hash_, str) else None)
         from_journal = True
     if df.empty:
         raise UsageError(f"{p}: the run has no results yet")
@@ -111,7 +125,8 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
         df["label"] = run_label(manifest, p.name)  # one per run, as the run id (a resume may have renamed it)
     df["created_at"] = manifest.get("created_at")
     # A partial run must never read as a finished one: the status travels with every row.
-    df["run_status"] = manifest.get("status") or ("interrupted" if from_journal else "complete")
+    df["run_status"] = manifest.get("status") or ("interrupted" if from_journal and not parquet.is_file()
+                                                  else "complete")
     return _tidy(df)
 
 

@@ -185,3 +185,31 @@ def test_relative_effective_length_of_a_model_failing_at_the_shortest_length_is_
     df = pd.DataFrame(rows)
     assert effective_length(df, relative=0.85) == {("m", "passkey"): None}
     assert effective_length(df) == {("m", "passkey"): None}
+
+
+def test_readers_see_what_a_resume_would_see_after_a_killed_rerun(tmp_path) -> None:
+    """Issue 23, kind 4: after a retrying rerun was killed, report, compare, show and the gate read the older
+    results.parquet while the journal held newer rows, and loaded journal rows the runner refuses."""
+    import time
+
+    from evalctx.cli import main
+
+    args = ["run", "--backend", "fake", "--tasks", "passkey", "--samples", "2", "--lengths", "512", "--out",
+            str(tmp_path), "--run-id", "r", "--no-progress", "--backend-opt", "fail_every=2"]
+    assert main(args) == 3
+    before = analysis.load_run(tmp_path / "r")
+    n_err = int((before["status"] == "error").sum())
+    assert n_err > 0
+    # A rerun that answered one error row and was killed before it rewrote results.parquet:
+    time.sleep(0.01)
+    journal = tmp_path / "r" / "journal"
+    err_row = next(json.loads(line) for f in sorted(journal.glob("*.jsonl"))
+                   for line in f.read_text().splitlines() if json.loads(line)["status"] == "error")
+    fixed = dict(err_row, status="ok", score=1.0, completion=" 1.", error=None, finished_at=time.time() + 1)
+    foreign = dict(err_row, sample_id="not-of-this-run", status="ok", score=1.0, completion=" 1.",
+                   config_hash="another", finished_at=time.time() + 2)
+    with (journal / "replica-9.jsonl").open("w") as fh:
+        fh.write(json.dumps(fixed) + "\n" + json.dumps(foreign) + "\n")
+    after = analysis.load_run(tmp_path / "r")
+    assert int((after["status"] == "error").sum()) == n_err - 1
+    assert "not-of-this-run" not in set(after["sample_id"]) and len(after) == len(before)

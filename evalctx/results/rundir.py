@@ -423,9 +423,6 @@ def _check_row(row: dict[str, Any], where: str) -> None:
         if not isinstance(v, accepted) or (isinstance(v, bool) and bool not in accepted) or wrong_item:
             want = " or ".join(dict.fromkeys(_type_name(t, item) for t in accepted))
             raise UsageError(f"{where}: journal row has {key}={v!r:.60}, not {want}: {fix}")
-    if row.get("status") == "ok" and (not isinstance(row.get("completion"), str)
-                                      or not isinstance(row.get("score"), (int, float))):
-        raise UsageError(f"{where}: journal row is ok without a completion and a score: {fix}")
 
 
 def iter_journal_rows(run_dir: Path, problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -478,11 +475,19 @@ def read_journals(run_dir: Path, config_hash: str | None = None,
     hash predate it and are kept (the caller has checked the manifest)."""
     entries = []
     foreign = 0
+    unscored = 0
     for row in iter_journal_rows(run_dir, problems):
         if config_hash is not None and row.get("config_hash", config_hash) != config_hash:
             foreign += 1
             continue
+        if row.get("status") == "ok" and (not isinstance(row.get("completion"), str)
+                                          or not isinstance(row.get("score"), (int, float))):
+            unscored += 1  # not an answer: its sample runs again
+            continue
         entries.append(row)
+    if unscored and problems is not None:
+        problems.append(f"{run_dir}: {unscored} journal row(s) marked ok without a completion and a score (edited "
+                        "or written by another program) left out; their samples run again")
     if foreign and problems is not None:
         problems.append(f"{run_dir}: {foreign} journal row(s) of another configuration left out")
     # Across journals (a rerun with another rank count writes other replica files) order by finish time.
@@ -492,12 +497,12 @@ def read_journals(run_dir: Path, config_hash: str | None = None,
     for r in entries:
         prev = rows.get(r["sample_id"])
         if prev is not None and prev.get("status") == "ok":
-            # Never replace a finished answer: not with a later failure, and not with another answer (two
-            # commands ran one sample: the first one kept, the disagreement said).
-            conflicts += r.get("status") == "ok" and r.get("completion") != prev.get("completion")
-            continue
+            if r.get("status") != "ok":
+                continue  # never replace a finished answer with a later failure
+            # Two ok answers for one sample: two commands ran it. The later one stands, and not silently.
+            conflicts += r.get("completion") != prev.get("completion")
         rows[r["sample_id"]] = r
     if conflicts and problems is not None:
         problems.append(f"{run_dir}: {conflicts} sample(s) were answered twice with different answers (two commands "
-                        "ran them); the first answer of each is kept")
+                        "ran them); the later answer of each is kept")
     return rows
