@@ -46,6 +46,10 @@ class ServeLimits:
     """Per request (413 above): a 1M-token prompt is ~8 MB of JSON as token ids, ~4-5 MB as text."""
     max_buffered_bytes: int = 256 * MIB
     """Request bodies held at once; a request that would pass it waits up to ``read_timeout_s``, then gets 503."""
+    max_prompt_tokens: int = 1_100_000
+    """Longest prompt taken (400 above): one larger prompt would hold the model for many minutes."""
+    max_new_tokens: int = 1 << 16
+    """Largest ``max_tokens`` taken (400 above)."""
 
 
 class _ByteBudget:
@@ -129,6 +133,9 @@ class ModelServer:
             max_tokens = _DEFAULT_MAX_TOKENS
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, not {max_tokens!r}", param="max_tokens")
+        if max_tokens > self.limits.max_new_tokens:
+            raise RequestError(f"max_tokens {max_tokens} is over this server's {self.limits.max_new_tokens} "
+                               "(evalctx serve --max-new-tokens-cap)", param="max_tokens")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("stream must be true or false", param="stream")
@@ -149,16 +156,38 @@ class ModelServer:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty", param="prompt")
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special), prompt
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("prompt is not valid Unicode text (a lone surrogate)", param="prompt") from None
+            return self._capped(self.tokenizer.encode(prompt, add_special_tokens=add_special)), prompt
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                        for t in prompt):
-            vocab = getattr(self.tokenizer, "vocab_size", None)
+            vocab = self._vocab_size()
             if any(t < 0 or (vocab is not None and t >= vocab) for t in prompt):
-                raise RequestError("prompt has token ids outside the vocabulary", param="prompt")
-            return list(prompt), self.tokenizer.decode(prompt)
+                raise RequestError(f"prompt has token ids outside the vocabulary (0..{vocab})", param="prompt")
+            return self._capped(list(prompt)), self.tokenizer.decode(prompt)
         if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
             raise RequestError("one prompt per request, please (send several requests)", param="prompt")
         raise RequestError("prompt must be a string or a non-empty list of token ids", param="prompt")
+
+    def _capped(self, ids: list[int]) -> list[int]:
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise RequestError(f"prompt of {len(ids)} tokens is over this server's {self.limits.max_prompt_tokens} "
+                               "(evalctx serve --max-prompt-tokens)", param="prompt")
+        return ids
+
+    def _vocab_size(self) -> int | None:
+        """Ids the model has rows for (an id beyond can break a CUDA device for every later request): the
+        backend model's embedding table, else the tokenizer's whole vocabulary."""
+        model = getattr(self.backend, "model", None)
+        if model is not None and hasattr(model, "get_input_embeddings"):
+            return int(model.get_input_embeddings().num_embeddings)
+        hf = getattr(self.tokenizer, "hf", None)
+        if hf is not None:
+            return len(hf)
+        size = getattr(self.tokenizer, "vocab_size", None)
+        return int(size) if isinstance(size, int) else None
 
     def _render_chat(self, body: dict[str, Any]) -> str:
         messages = body.get("messages")
@@ -285,6 +314,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _path(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/")
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own errors (a malformed request line, oversized headers, an unsupported method) as
+        OpenAI-style JSON, like every other answer, instead of an HTML page."""
+        self.close_connection = True
+        try:
+            self._send_json(code, {"error": {"message": message or explain or f"HTTP {code}",
+                                             "type": "invalid_request_error", "param": None, "code": code}})
+        except OSError:
+            pass
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._send_error(RequestError(f"method {self.command} is not allowed: GET /v1/models, POST "
+                                      "/v1/completions or /v1/chat/completions", status=405))
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
+
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
         path = self._path()
         if path in ("/health", "/v1/health"):
@@ -315,6 +361,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self.model_server.body_budget.release(n)
             raise RequestError(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            self.model_server.body_budget.release(n)
+            raise RequestError("the body is nested too deeply to be a request") from None
         except BaseException:
             self.model_server.body_budget.release(n)
             raise

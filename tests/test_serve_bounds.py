@@ -139,3 +139,27 @@ def test_bodies_held_at_once_are_capped() -> None:
             slow.close()
         time.sleep(1.5)  # the trickling client is gone and its share freed
         assert post_json(addr, padded)[0] == 200
+
+
+def test_every_bad_request_is_a_4xx_with_an_openai_error() -> None:
+    """Issue 23, kind 9: out-of-vocabulary ids, max_tokens of 1e9, a lone surrogate, a 100,000-deep body, a prompt
+    over the cap, PUT and oversized headers got 500s, HTML pages or no answer."""
+    srv = server(max_prompt_tokens=500)
+    with serving(srv):
+        addr = srv.server_address[:2]
+        cases = {
+            "ids": json.dumps({"prompt": [5, 6, 100000], "max_tokens": 4}).encode(),
+            "max_tokens": json.dumps({"prompt": "hi there", "max_tokens": 10 ** 9}).encode(),
+            "surrogate": b'{"prompt": "a\\ud800b", "max_tokens": 4}',
+            "deep": b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+            "long": json.dumps({"prompt": "x" * 2000, "max_tokens": 4}).encode(),
+        }
+        for name, body in cases.items():
+            status, data = post_json(addr, body)
+            assert 400 <= status < 500, (name, status, data)
+            assert isinstance(data["error"]["message"], str) and data["error"]["message"], name
+        put = exchange(addr, b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert put.startswith(b"HTTP/1.1 405") and b'"error"' in put
+        big = exchange(addr, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+        assert big.split(b" ")[1].startswith(b"4") and b'"error"' in big and b"<html" not in big.lower()
+        assert post_json(addr, BODY)[0] == 200  # the server still answers

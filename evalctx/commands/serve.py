@@ -47,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-buffered-mb", type=positive_float, default=d.max_buffered_bytes / MIB, metavar="MIB",
                    help=f"request bodies held at once; a request waits for room up to --read-timeout, then "
                         f"gets 503 (default {d.max_buffered_bytes // MIB})")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=d.max_prompt_tokens,
+                   help=f"longest prompt taken, 400 above (default {d.max_prompt_tokens:,})")
+    p.add_argument("--max-new-tokens-cap", type=positive_int, default=d.max_new_tokens,
+                   help=f"largest max_tokens taken, 400 above (default {d.max_new_tokens:,})")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
 
 
@@ -61,7 +65,8 @@ def build_server(args: argparse.Namespace) -> Any:
                          "one largest request must fit")
     limits = ServeLimits(backlog=args.backlog, max_connections=args.max_connections,
                          read_timeout_s=args.read_timeout, max_body_bytes=int(args.max_body_mb * MIB),
-                         max_buffered_bytes=int(args.max_buffered_mb * MIB))
+                         max_buffered_bytes=int(args.max_buffered_mb * MIB),
+                         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens_cap)
 
     if args.backend == "http":
         raise UsageError("evalctx serve cannot serve the http backend (it would call itself)")
