@@ -125,6 +125,7 @@ class StubServer:
                     stub._n += 1
                     stub.in_flight += 1
                     stub.peak_in_flight = max(stub.peak_in_flight, stub.in_flight)
+                counted = True
                 try:
                     time.sleep(reply.delay_s)
                     if reply.sse is not None:
@@ -138,6 +139,11 @@ class StubServer:
                         return
                     answer = reply.body(body) if callable(reply.body) else reply.body  # may echo the request
                     data = reply.raw if reply.raw is not None else json.dumps(answer).encode()
+                    # No longer in flight once the answer goes out: the client may send its next request as soon
+                    # as it has read this one, before this thread would get to a later decrement.
+                    with stub._lock:
+                        stub.in_flight -= 1
+                        counted = False
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -153,8 +159,9 @@ class StubServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up first (timeout tests)
                 finally:
-                    with stub._lock:
-                        stub.in_flight -= 1
+                    if counted:
+                        with stub._lock:
+                            stub.in_flight -= 1
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
