@@ -270,3 +270,51 @@ def test_a_wrong_engine_is_refused_at_load(monkeypatch: pytest.MonkeyPatch, tmp_
     with pytest.raises(UsageError, match=r"does not reproduce .* own forward \(relative logit error"):
         HFBackend(parse_options(HFBackend, {"device": "cpu"}),
                   BackendContext(model=str(path), tokenizer=load_tokenizer(path)))
+
+
+@pytest.mark.parametrize("family", ["llama4", "mistral", "gemma2"])
+def test_evalctx_sdpa_asked_for_by_name_on_a_model_it_cannot_compute_is_one_line(family: str, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """It builds no mask: Llama 4's chunked attention was computed as plain causal and answered wrongly (exit 0);
+    sliding windows gave a traceback."""
+    model = families.build(families.by_name(family), tmp_path / family)
+    capsys.readouterr()
+    assert main(["run", "--backend", "hf", "--model", str(model), "--out", str(tmp_path), "--no-progress",
+                 "--tasks", "passkey", "--lengths", "300", "--samples", "1",
+                 "--backend-opt", "attn_implementation=evalctx_sdpa"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a plain causal model" in err[0] and "attn_implementation=auto" in err[0]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("watermarking_config", {"greenlist_ratio": 0.25, "bias": 50.0, "hashing_key": 15485863,
+                             "seeding_scheme": "lefthash", "context_width": 1}),
+    ("stop_strings", ["7"]),
+])
+def test_generation_config_fields_that_change_greedy_output_are_refused(field: str, value: object, tmp_path: Path,
+                                                                        capsys) -> None:
+    model = _tiny_copy(tmp_path / "m")
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, field: value}))
+    assert main(["run", "--backend", "hf", "--model", str(model), "--out", str(tmp_path), "--no-progress",
+                 "--tasks", "passkey", "--lengths", "300", "--samples", "1"]) == 2
+    assert f"sets {field}=" in capsys.readouterr().err
+
+
+def test_min_length_applies_only_where_it_could_change_an_answer(tmp_path: Path, capsys) -> None:
+    model = _tiny_copy(tmp_path / "m")
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "min_length": 400}))
+    args = ["run", "--backend", "hf", "--model", str(model), "--out", str(tmp_path), "--no-progress", "--tasks",
+            "passkey", "--samples", "1"]
+    assert main(args + ["--lengths", "512", "--run-id", "long"]) == 0  # a 512-token prompt: min_length moot
+    assert main(args + ["--lengths", "300", "--run-id", "short"]) == 2
+    assert "min_length=400, over this 300-token prompt" in capsys.readouterr().err
+
+
+def test_default_lengths_cross_the_largest_threshold() -> None:
+    from evalctx.commands.conformance import default_lengths
+
+    assert default_lengths([16384]) == [12288, 20480]
+    low, high = default_lengths([4096, 32768])
+    assert low < 4096 and high > 32768

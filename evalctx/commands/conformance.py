@@ -53,6 +53,8 @@ def main(args: argparse.Namespace) -> int:
     from evalctx.backends.hf import HFBackend
     from evalctx.dist import init_world
 
+    if args.markdown and not Path(args.markdown).parent.is_dir():
+        raise UsageError(f"--markdown {args.markdown}: the folder {Path(args.markdown).parent} does not exist")
     raw = parse_kv_flags(args.backend_opt)
     for key in ("chunk_size", "prefix_reuse"):
         if key in raw:
@@ -158,11 +160,11 @@ def model_thresholds(config: Any) -> list[int]:
 
 
 def default_lengths(thresholds: list[int]) -> list[int]:
-    """A length below the smallest threshold and one past the largest (at most 8192: the reference runs whole
-    prompts), or 256 and 1024 for a model without thresholds."""
+    """A length below the smallest threshold and one past the largest (the reference runs whole prompts: give
+    --lengths to stay shorter), or 256 and 1024 for a model without thresholds."""
     if not thresholds:
         return [256, 1024]
-    low, high = thresholds[0], min(thresholds[-1], 8192)
+    low, high = thresholds[0], thresholds[-1]
     return sorted({max(96, low * 3 // 4), high + max(64, high // 4)})
 
 

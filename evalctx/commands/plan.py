@@ -159,7 +159,7 @@ def position_warning(context: int, shape: ModelShape) -> str | None:
         data = json.loads(Path(shape.source).read_text())
     except (OSError, ValueError):
         data = None
-    limits = limits_from_hf_config(data) if isinstance(data, dict) else None
+    limits = limits_from_hf_config(_as_loaded(data)) if isinstance(data, dict) else None
     window = limits.attention_window if limits else None
     if window is not None and context > window:
         return (f"evalctx plan: warning: context {context:,} tokens exceeds the sliding window of {window:,} tokens "
@@ -175,6 +175,20 @@ def position_warning(context: int, shape: ModelShape) -> str | None:
     return (f"evalctx plan: warning: context {context:,} tokens exceeds the model's {what} {limit:,} "
             f"({shape.source}): positions beyond it were never trained, and models with absolute "
             "position embeddings cannot run there at all")
+
+
+def _as_loaded(data: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face config.json as transformers loads it (``layer_types`` derived from Gemma 2's alternation or
+    Qwen2's ``max_window_layers``), which is what the hf backend's preflight reads; as written where transformers
+    is missing or does not know the model type."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return data
+    try:
+        return AutoConfig.for_model(**data).to_dict()
+    except Exception:  # an unknown model type or a config transformers refuses: read it as written
+        return data
 
 
 _TRTLLM_ONLY = ("--pp", "--beams", "--max-num-tokens", "--tokens-per-block", "--kv-fraction", "--kv-headroom")

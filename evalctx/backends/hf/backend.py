@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
-from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels,
+from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels, plain_causal,
                                            register_lower_right_sdpa)
 from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, describe, end_ids
 from evalctx.backends.hf.memory_check import MemoryCheck
@@ -57,8 +57,9 @@ class HFBackend(Backend):
         """Prefill chunk in tokens; 0 = the whole prompt at once."""
         attn_implementation: str = "auto"
         """Any transformers attention, or "evalctx_sdpa" (lower-right causal SDPA without a mask tensor: less
-        memory and faster kernels for chunked prefill at long context). "auto": evalctx_sdpa on CUDA for plain
-        causal architectures without sliding windows, else "sdpa"."""
+        memory and faster kernels for chunked prefill at long context; plain causal models only). "auto":
+        evalctx_sdpa on CUDA for plain causal architectures without sliding windows, else what transformers picks
+        for the model (sdpa, or eager for soft-capping and sinks)."""
         threads: int = 0
         """torch CPU threads (0 = torch's default)."""
         tp: int = 1
@@ -131,6 +132,12 @@ class HFBackend(Backend):
         if self.attn_implementation == "auto":
             self.attn_implementation = auto_attention(self.config, self.device.type == "cuda")
         if self.attn_implementation == LOWER_RIGHT_SDPA:
+            if self.config is not None and not plain_causal(self.config):
+                # It builds no mask: sliding, chunked or soft-capped attention would be computed as plain causal.
+                raise UsageError(f"backend hf: attn_implementation={LOWER_RIGHT_SDPA} computes plain causal "
+                                 f"attention, and {self.model_name} ({getattr(self.config, 'model_type', '?')}) is "
+                                 "not a plain causal model (sliding or chunked layers, soft-capping, sinks, or a "
+                                 "family evalctx has not verified it on): use attn_implementation=auto")
             register_lower_right_sdpa()
         self.memcheck = MemoryCheck(self.config, str(self.model_path), device=self.device,
                                     memory_gb=options.memory_gb, chunk_size=options.chunk_size, tp=self.tp,
@@ -209,7 +216,7 @@ class HFBackend(Backend):
             kwargs["device_map"] = str(self.device)  # straight to the GPU, not through host memory
         try:
             model = AutoModelForCausalLM.from_pretrained(str(resolved.path), **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ImportError) as exc:  # ImportError: an attention whose package is missing
             raise UsageError(f"backend hf: cannot load a model from {resolved.path}: {exc}".split("\n")[0]) from exc
         return (model if self.tp > 1 else model.to(self.device)).eval()
 

@@ -114,6 +114,7 @@ def build(family: Family, dest: Path, seed: int = 0) -> Path:
 
     from evalctx.models import resolve_model
 
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars: noise in a matrix's output
     torch.manual_seed(seed)
     config = getattr(transformers, family.config_class)(**{**_BASE, **family.config})
     model = getattr(transformers, family.model_class)(config).to(torch.float32)

@@ -32,7 +32,6 @@ _REFUSED: dict[str, Any] = {
     "encoder_no_repeat_ngram_size": 0,
     "encoder_repetition_penalty": 1.0,
     "bad_words_ids": None,
-    "min_length": 0,
     "min_new_tokens": None,
     "forced_bos_token_id": None,
     "forced_eos_token_id": None,
@@ -42,6 +41,8 @@ _REFUSED: dict[str, Any] = {
     "exponential_decay_length_penalty": None,
     "guidance_scale": None,
     "dola_layers": None,
+    "watermarking_config": None,
+    "stop_strings": None,
 }
 
 
@@ -64,6 +65,9 @@ class GreedyRules:
     """The greedy-relevant settings of a model's generation config, as ``generate(do_sample=False)`` applies them."""
 
     repetition_penalty: float = 1.0
+    min_length: int = 0
+    """``generate`` suppresses the end tokens until prompt + answer reach this many tokens: no effect on a prompt
+    at least that long, which :meth:`GreedyStepper` checks per batch."""
     source: str = "generation_config.json"
     applied: list[str] = field(default_factory=list)
     """What applies, for the manifest (``["repetition_penalty 1.05"]``); empty for plain argmax."""
@@ -88,7 +92,9 @@ class GreedyRules:
         if penalty <= 0:
             raise UsageError(f"backend hf: {model_name}'s generation_config.json sets repetition_penalty={penalty}; "
                              f"it must be > 0")
-        return cls(repetition_penalty=penalty, applied=[f"repetition_penalty {penalty:g}"] if penalty != 1 else [])
+        min_length = getattr(generation_config, "min_length", 0) or 0
+        return cls(repetition_penalty=penalty, min_length=int(min_length),
+                   applied=[f"repetition_penalty {penalty:g}"] if penalty != 1 else [])
 
     @property
     def active(self) -> bool:
@@ -104,6 +110,10 @@ class GreedyStepper:
     """
 
     def __init__(self, rules: GreedyRules, prompts: Any) -> None:
+        if rules.min_length > prompts.shape[1]:
+            raise UsageError(f"backend hf: generation_config.json sets min_length={rules.min_length}, over this "
+                             f"{prompts.shape[1]}-token prompt: generate would hold back the end token, which evalctx "
+                             "does not do; pass --backend-opt generation_config=none or drop shorter lengths")
         self.rules = rules
         self.seen: Any = None
         self.processor: Any = None

@@ -66,13 +66,19 @@ def check_engine_matches_forward(backend: Any) -> str:
     ids = _probe_ids(backend)
     model = backend.model
     limit = tolerance(backend.dtype)
+    failures = (RuntimeError, ValueError, TypeError, IndexError, AttributeError, NotImplementedError, KeyError)
     with torch.inference_mode():
         backend.rope.reset()
-        ref = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
+        try:
+            ref = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
+        except failures as exc:
+            raise UsageError(f"backend hf: {backend.model_name} fails its own forward pass (attention "
+                             f"{backend.attn_implementation}): {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200]}") from exc
         cache = PreallocatedCache(model.config.num_hidden_layers, ids.shape[1], 1)
         try:
             got = backend.prefill(ids, cache, chunk=PROBE_CHUNK).float()
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        except failures as exc:
             raise UsageError(_refusal(backend, ids.shape[1], f"the chunked prefill failed: "
                                       f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")) from exc
     err = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
