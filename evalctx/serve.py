@@ -73,6 +73,10 @@ class _ByteBudget:
             self._cond.notify_all()
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its request reached the model."""
+
+
 class RequestError(Exception):
     """A request the server refuses: becomes an OpenAI-style JSON error with ``status``."""
 
@@ -224,8 +228,10 @@ class ModelServer:
         return tok.apply_chat_template(clean)
 
     # ------------------------------------------------------------------------------------------------------
-    def complete(self, body: dict[str, Any], chat: bool) -> tuple[dict[str, Any], bool, bool]:
-        """Run one request; returns (the answer fields, stream, include_usage)."""
+    def complete(self, body: dict[str, Any], chat: bool,
+                 client_gone: Any = None) -> tuple[dict[str, Any], bool, bool]:
+        """Run one request; returns (the answer fields, stream, include_usage). ``client_gone()`` is asked once the
+        model is free: a request whose client hung up while it waited is dropped, not computed for no one."""
         max_tokens, stream = self._check_common(body)
         if chat:
             text = self._render_chat(body)
@@ -242,6 +248,8 @@ class ModelServer:
                                 prompt_mode="chat" if chat else "raw")
         t_queue = time.perf_counter()
         with self.lock:
+            if client_gone is not None and client_gone():
+                raise ClientGone()
             t0 = time.perf_counter()
             res = self.backend.generate([req])[0]
             t1 = time.perf_counter()
@@ -324,6 +332,17 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _client_gone(self) -> bool:
+        """Whether the peer has closed the connection (readable with nothing to read)."""
+        import select
+        import socket
+
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _not_allowed(self) -> None:
         self.close_connection = True
         self._send_error(RequestError(f"method {self.command} is not allowed: GET /v1/models, POST "
@@ -390,7 +409,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            result, stream, include_usage = ms.complete(body, chat)
+            result, stream, include_usage = ms.complete(body, chat, self._client_gone)
+        except ClientGone:
+            self.close_connection = True
+            return
         except RequestError as err:
             self._send_error(err)
             return

@@ -1,4 +1,6 @@
-"""Fault campaign for the run directory: real processes killed, signalled, starved of disk and raced, counted.
+"""Fault campaign for the run directory and what surrounds it: real processes killed, signalled, starved of disk and
+raced, counted. Round 2 (issue 23) adds the nightly history, readers after a killed rerun, the gate on unfinished
+runs, secrets a server quotes, answers a server never ends, and evalctx serve's bad requests.
 
     python scripts/fault_campaign.py [--seed 0] [--only KIND ...]
 
@@ -303,6 +305,65 @@ def serve_case(kind: str) -> Case:
     return case
 
 
+# --- round 2 (issue 23) -----------------------------------------------------------------------------------------
+def history_torn(c: Campaign, which: str, cut: int) -> Case:
+    """A nightly history whose last line a kill or a full disk cut: the next gate repairs it, passes, and every
+    night is in the history once."""
+    def case(w: Path) -> str | None:
+        hist = w / "history"
+        for night in ("n1", "n2"):
+            proc = subprocess.run([PY, "-m", "evalctx.cli", *c.argv(w, run_id=night)], capture_output=True,
+                                  text=True, env=ENV, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+        gate = [PY, "-m", "evalctx.cli", "nightly-gate", "--history", str(hist), "--no-report",
+                "--latency-tolerance", "1000"]
+        assert subprocess.run(gate + [str(w / "n1")], capture_output=True, env=ENV).returncode == 0
+        path = hist / which
+        data = path.read_bytes()
+        path.write_bytes(data[:max(1, len(data) - cut)])
+        proc = subprocess.run(gate + [str(w / "n2")], capture_output=True, text=True, env=ENV)
+        assert proc.returncode == 0, proc.stdout[-300:] + proc.stderr[-300:]
+        runs = [json.loads(line) for line in (hist / "runs.jsonl").read_text().splitlines()]
+        assert [r["run_id"] for r in runs][-1] == "n2" and len({r["run_id"] for r in runs}) == len(runs)
+        summary = pd.read_csv(hist / "summary.csv")
+        assert "n2" in set(summary["run_id"])
+        return "repaired" if "dropped a torn last line" in proc.stdout else "nothing to repair"
+    return case
+
+
+def readers_after_kill(c: Campaign, rows: int) -> Case:
+    """A retrying rerun killed after some rows: report, compare and the gate read what a resume would see."""
+    def case(w: Path) -> str | None:
+        sys.path.insert(0, str(REPO))
+        from evalctx import analysis
+        from evalctx.results.rundir import read_journals
+
+        opts = ("--backend-opt", "fail_every=3", "--backend-opt", "delay_s=0.02")
+        assert c.run(w, *opts).returncode == 3
+        p = c.start(w, *opts)
+        try:
+            wait_for_rows(w / "r", N + rows, p, timeout=60)
+        finally:
+            p.kill()
+            p.wait()
+        seen = analysis.load_run(w / "r").set_index("sample_id")["status"].sort_index()
+        truth = pd.Series({k: v["status"] for k, v in read_journals(w / "r").items()}).sort_index()
+        assert seen.to_dict() == truth.to_dict()
+    return case
+
+
+def test_function(module: str, name: str) -> Case:
+    """One CI test of a round-2 kind, run as a campaign case (its own loopback servers and temporary folders)."""
+    def case(w: Path) -> str | None:
+        import importlib
+        import inspect
+
+        fn = getattr(importlib.import_module(module), name)
+        kwargs = {"tmp_path": w} if "tmp_path" in inspect.signature(fn).parameters else {}
+        fn(**kwargs)
+    return case
+
+
 # ---------------------------------------------------------------------------------------------------------------
 def plan(c: Campaign, can_mount: bool, has_mpi: bool) -> list[tuple[str, str, Case]]:
     r = c.rng
@@ -362,6 +423,18 @@ def plan(c: Campaign, can_mount: bool, has_mpi: bool) -> list[tuple[str, str, Ca
         cases.append(("bad-input", " ".join(argv[:1] + argv[-2:]), bad_input(c, argv, needle)))
     for kind in ("burst", "half-sent-300", "body-413", "body-budget"):
         cases.append(("serve", kind, serve_case(kind)))
+    for which in ("summary.csv", "runs.jsonl"):
+        for cut in sorted(r.sample(range(1, 400), 4)):
+            cases.append(("history-torn", f"{which}: last {cut} bytes cut", history_torn(c, which, cut)))
+    for rows in sorted(r.sample(range(1, 20), 3)):
+        cases.append(("readers", f"retrying rerun killed after {rows} rows", readers_after_kill(c, rows)))
+    for module, name in (("test_serve_bounds", "test_every_bad_request_is_a_4xx_with_an_openai_error"),
+                         ("test_serve_bounds", "test_a_request_whose_client_hung_up_while_waiting_is_not_computed"),
+                         ("test_http_backend", "test_answers_bounded_counts_checked_sse_read_as_specified_redirects_named"),
+                         ("test_rundir", "test_a_command_line_longer_than_a_page_does_not_look_like_a_taken_lock"),
+                         ("test_rundir", "test_journal_rows_that_cannot_be_right_are_not_taken"),
+                         ("test_analysis", "test_readers_see_what_a_resume_would_see_after_a_killed_rerun")):
+        cases.append(("round2-ci", name.removeprefix("test_"), test_function(module, name)))
     if can_mount:
         for size in ("90k", "100k", "110k", "120k", "140k", "160k"):  # all too small for the whole run
             cases.append(("full-disk", f"tmpfs {size}", full_disk(c, size)))

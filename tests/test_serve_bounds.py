@@ -163,3 +163,32 @@ def test_every_bad_request_is_a_4xx_with_an_openai_error() -> None:
         big = exchange(addr, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
         assert big.split(b" ")[1].startswith(b"4") and b'"error"' in big and b"<html" not in big.lower()
         assert post_json(addr, BODY)[0] == 200  # the server still answers
+
+
+def test_a_request_whose_client_hung_up_while_waiting_is_not_computed() -> None:
+    """Issue 23, kind 9: work for a client that left held the model, and the next client timed out."""
+    tok = ByteTokenizer()
+    fake = FakeBackend(parse_options(FakeBackend, {}), BackendContext(tokenizer=tok))
+    calls = []
+    real = fake.generate
+
+    def counting(batch):  # type: ignore[no-untyped-def]
+        calls.append(batch[0].prompt)
+        time.sleep(0.5)
+        return real(batch)
+
+    fake.generate = counting  # type: ignore[method-assign]
+    srv = make_server(fake, tok, "fake", port=0, quiet=True)
+    with serving(srv):
+        addr = srv.server_address[:2]
+        first = threading.Thread(target=post_json, args=(addr, BODY))
+        first.start()
+        time.sleep(0.1)
+        body = json.dumps({"prompt": "GONE " * 10, "max_tokens": 4}).encode()
+        s = socket.create_connection(addr)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.1)
+        s.close()  # gives up while the first request holds the model
+        first.join()
+        assert post_json(addr, BODY)[0] == 200
+    assert not any("GONE" in p for p in calls) and len(calls) == 2
