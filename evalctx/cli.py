@@ -203,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if out.is_dir():
             raise UsageError(f"--out {out} is a directory: give a file name, e.g. {out / 'samples.jsonl'}")
         if not out.parent.is_dir():
-            raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+            raise UsageError(f"--out {out}: No such file or directory (the folder {out.parent} does not exist)")
         from evalctx.results.rundir import remove_dead_temporaries
 
         for p in remove_dead_temporaries(out):
