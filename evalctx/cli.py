@@ -66,6 +66,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=None, help="name of this model/engine variant in reports")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--lengths", type=positive_int, nargs="+", default=None, help="override every task's lengths")
+    p.add_argument("--depths", type=float, nargs="+", default=None, metavar="FRACTION",
+                   help="override every task's needle depths, fractions 0..1 (0: the needle first, as "
+                        "eval_long_context.py's passkey puts it)")
+    p.add_argument("--min-accuracy", type=float, default=None, metavar="PERCENT",
+                   help="exit 4 when the run's accuracy over its scored samples is below this many percent (as "
+                        "TensorRT-LLM's eval_long_context.py asserts >= 99)")
     p.add_argument("--samples", type=positive_int, default=None, help="override samples per cell")
     p.add_argument("--prompt-mode", choices=("raw", "chat"), default=None, help="override every task's mode")
     p.add_argument("--tasks", nargs="+", metavar="NAME", default=None,
@@ -112,6 +118,11 @@ def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     for t in suite.tasks:
         if args.lengths is not None:
             t.lengths = list(args.lengths)
+        if getattr(args, "depths", None) is not None:
+            bad = [d for d in args.depths if not 0.0 <= d <= 1.0]
+            if bad:
+                raise UsageError(f"--depths {bad[0]:g}: depths are fractions 0..1, not percent")
+            t.depths = sorted({float(d) for d in args.depths})
         if args.samples is not None:
             t.samples = args.samples
         if args.prompt_mode:
@@ -128,6 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.max_error_rate <= 1.0:
         raise UsageError(f"--max-error-rate must be a share between 0 and 1, not {args.max_error_rate}")
+    if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 100.0:
+        raise UsageError(f"--min-accuracy is a percentage 0..100, not {args.min_accuracy:g}")
     suite = _overrides(load_suite(args.suite or DEFAULT_SUITE), args)
     backend = args.backend or suite.backend or "hf"
     model = args.model or suite.model or (DEFAULT_MODEL if backend == "hf" else None)
@@ -160,9 +173,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     errors = df.loc[df["status"] == "error", "error"]
     if len(errors):
         print(_error_note(errors, outcome.n_total, args.max_error_rate, outcome.status), file=sys.stderr)
-    from evalctx.status import exit_code
+    from evalctx.status import EXIT_BELOW_MIN_ACCURACY, exit_code
 
-    return exit_code(outcome.status)
+    code = exit_code(outcome.status)
+    if args.min_accuracy is not None and code == 0:
+        scored = df[df["status"] == "ok"]
+        accuracy = 100 * float(scored["score"].mean()) if len(scored) else float("nan")
+        if not accuracy >= args.min_accuracy:
+            print(f"evalctx: accuracy {accuracy:.2f}% over {len(scored)} scored samples is below --min-accuracy "
+                  f"{args.min_accuracy:g}% (exit {EXIT_BELOW_MIN_ACCURACY})", file=sys.stderr)
+            return EXIT_BELOW_MIN_ACCURACY
+    return code
 
 
 def _error_note(errors: pd.Series, n_total: int, max_rate: float, status: str) -> str:

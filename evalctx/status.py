@@ -28,6 +28,9 @@ EXIT_USAGE = 2
 """Bad input or bad state, found before work or at the point it was met; one line on stderr."""
 EXIT_ERRORS = 3
 """The run completed with error rows above ``--max-error-rate`` (status ``complete_with_errors``)."""
+EXIT_BELOW_MIN_ACCURACY = 4
+"""The run completed, but its accuracy over the scored samples is below ``--min-accuracy`` (TensorRT-LLM's
+eval_long_context.py asserts accuracy >= 99 and fails)."""
 EXIT_INTERRUPTED = 130
 """SIGINT or SIGTERM: finished samples are kept; the same command resumes."""
 

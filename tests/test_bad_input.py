@@ -146,3 +146,21 @@ def test_read_only_file_system(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "Read-only file system" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_depths_override_and_min_accuracy(tmp_path, capsys) -> None:
+    """Issue 26, kinds 5 and 7: a needle-first sample on the command line, and eval_long_context.py's accuracy
+    assert as an exit code."""
+    import pandas as pd
+
+    from evalctx.cli import main
+
+    base = ["run", "--backend", "fake", "--tasks", "passkey", "--lengths", "1200", "--samples", "2", "--out",
+            str(tmp_path), "--no-progress", "--depths", "0"]
+    assert main(base + ["--run-id", "a", "--min-accuracy", "99"]) == 0
+    df = pd.read_parquet(tmp_path / "a" / "results.parquet")
+    assert set(df["depth"]) == {0.0} and len(df) == 2
+    assert main(base + ["--run-id", "b", "--min-accuracy", "99", "--backend-opt", "miss_beyond=500"]) == 4
+    assert "below --min-accuracy 99%" in capsys.readouterr().err
+    assert main(base + ["--run-id", "c", "--depths", "50"]) == 2
+    assert main(base + ["--run-id", "d", "--min-accuracy", "120"]) == 2
