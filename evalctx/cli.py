@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from evalctx.argtypes import positive_int, run_name
 from evalctx.errors import LengthError, RunFailed, UsageError
@@ -139,8 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.max_error_rate <= 1.0:
         raise UsageError(f"--max-error-rate must be a share between 0 and 1, not {args.max_error_rate}")
-    if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 100.0:
-        raise UsageError(f"--min-accuracy is a percentage 0..100, not {args.min_accuracy:g}")
+    if args.min_accuracy is not None and not 1.0 < args.min_accuracy <= 100.0:
+        raise UsageError(f"--min-accuracy is a percentage above 1 and at most 100 (99, not 0.99), not "
+                         f"{args.min_accuracy:g}")
     suite = _overrides(load_suite(args.suite or DEFAULT_SUITE), args)
     backend = args.backend or suite.backend or "hf"
     model = args.model or suite.model or (DEFAULT_MODEL if backend == "hf" else None)
@@ -180,8 +181,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         scored = df[df["status"] == "ok"]
         accuracy = 100 * float(scored["score"].mean()) if len(scored) else float("nan")
         if not accuracy >= args.min_accuracy:
-            print(f"evalctx: accuracy {accuracy:.2f}% over {len(scored)} scored samples is below --min-accuracy "
-                  f"{args.min_accuracy:g}% (exit {EXIT_BELOW_MIN_ACCURACY})", file=sys.stderr)
+            got = f"accuracy {accuracy:.2f}% over {len(scored)} scored samples is" if len(scored) else \
+                "no sample was scored, so the accuracy cannot be"
+            print(f"evalctx: {got} below --min-accuracy {args.min_accuracy:g}% (exit {EXIT_BELOW_MIN_ACCURACY})",
+                  file=sys.stderr)
             return EXIT_BELOW_MIN_ACCURACY
     return code
 
@@ -213,7 +216,7 @@ def _size(n_bytes: float) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
-    from evalctx.results.rundir import StorageError, atomic_file
+    from evalctx.results.rundir import StorageError
     from evalctx.sampling import SampleBuilder
     from evalctx.tokenizer import load_tokenizer
 
@@ -239,13 +242,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     builder.check_min_lengths()
     # Written under a temporary name and renamed at the end: a full disk or a Ctrl-C leaves no partial file that
     # looks like a whole suite. A bad --out (a missing folder) is one line before any work.
-    output = contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_file(Path(args.out))
+    output = contextlib.nullcontext(sys.stdout) if args.out == "-" else _output(Path(args.out))
     try:
         with output as out:
             _write_samples(args, builder, out)
     except StorageError as exc:
         raise UsageError(f"--out {args.out}: {exc.strerror}") from None
     return 0
+
+
+def _output(path: Path) -> Any:
+    """Where generate writes: a regular file (new or replaced) under a temporary name and renamed, through a
+    symlink to its target; a device or a FIFO (/dev/null, /dev/stdout, a pipe) written to directly, since a rename
+    would replace it with a file."""
+    import stat
+
+    from evalctx.results.rundir import atomic_file
+
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not stat.S_ISREG(target.stat().st_mode):
+        return open(target, "w", encoding="utf-8")
+    return atomic_file(target)
 
 
 def _write_samples(args: argparse.Namespace, builder: SampleBuilder, out: TextIO) -> None:

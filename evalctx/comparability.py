@@ -4,9 +4,8 @@ A regression or a pass is a statement about the system under test only when the 
 kinds of difference:
 
 * **settings of the measurement** (:data:`SETTINGS`): a suite entry that is another task or has other options
-  (haystack, template, key kinds), ``prompt_mode``, ``max_new_tokens``, the seeds, the scorer, the day a
-  date-writing chat template was rendered for, the decoding settings (sampling fields sent to a server, the hf
-  backend's greedy rules). A difference makes the comparison meaningless -- a budget of 3 tokens against 8 is a
+  (haystack content, template, key kinds), ``prompt_mode``, ``max_new_tokens``, the seeds, the scorer. A
+  difference makes the comparison meaningless -- a budget of 3 tokens against 8 is a
   "regression" of the budget, not of the model -- so it is refused unless ``--allow-different NAME`` says it is
   meant;
 * **the system under test** (:data:`SYSTEM`): model files, tokenizer, chat template (its frame and default system
@@ -25,10 +24,12 @@ import pandas as pd
 
 from evalctx.errors import UsageError
 
-SETTINGS = ("task", "prompt_mode", "max_new_tokens", "seed", "scorer", "chat_date", "decoding")
+SETTINGS = ("task", "prompt_mode", "max_new_tokens", "seed", "scorer")
 """Settings of the measurement: a difference is refused unless allowed (``--allow-different``)."""
-SYSTEM = ("model", "tokenizer", "chat_template", "backend", "server")
-"""The system under test: differences are listed, never refused."""
+SYSTEM = ("model", "tokenizer", "chat_template", "chat_date", "decoding", "backend", "server")
+"""Listed, never refused: the system under test, and what comes with it -- its greedy rules (a generation config's
+repetition penalty, a server preset's field names) and the day a date-writing chat template saw (runs of different
+nights differ in it by design; pin it with --chat-date to compare identical prompts)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ def _options_diff(a: str, b: str) -> tuple[str, str]:
         oa, ob = json.loads(ja), json.loads(jb)
     except ValueError:
         return a, b
+    if "haystack_sha" in oa and "haystack_sha" in ob:  # the content decides, not the folder it was read from
+        oa.pop("haystack_dir", None)
+        ob.pop("haystack_dir", None)
     keys = sorted(k for k in set(oa) & set(ob) if oa[k] != ob[k])
     return (", ".join(f"{k}={oa[k]!r}" for k in keys), ", ".join(f"{k}={ob[k]!r}" for k in keys)) if keys else ("", "")
 
@@ -164,7 +168,7 @@ def _manifest_differences(base: Mapping[str, Any], cand: Mapping[str, Any]) -> l
     return out
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def _short(value: Any, limit: int = 160) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -218,6 +222,6 @@ def as_dicts(diffs: Iterable[Difference]) -> list[dict[str, Any]]:
 def lines(diffs: Iterable[Difference]) -> list[str]:
     """Markdown bullet lines: the settings compared across anyway, then the system under test."""
     diffs = list(diffs)
-    out = [f"- compared across a different {d.text()} (--allow-different)" for d in diffs if d.measurement]
+    out = [f"- compared across a different {d.text()}" for d in diffs if d.measurement]
     out += [f"- the system under test differs: {d.text()}" for d in diffs if not d.measurement]
     return out

@@ -15,6 +15,11 @@ class RunFailed(Exception):
     failed, finished samples are kept, and the CLI prints the message on one line and exits 1."""
 
 
+class RefusedBeforeWork(UsageError):
+    """Found once the backend is up, before any sample ran (a server that samples, another server behind the URL):
+    the run dir is put back as it was, not marked failed."""
+
+
 class LengthError(UsageError):
     """A prompt cannot be built, or was seen, at the exact requested token length."""
 

@@ -25,7 +25,7 @@ from evalctx import chat_identity, redact
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
 from evalctx.config import Suite, config_hash
 from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
-from evalctx.errors import LengthError, RunFailed, UsageError
+from evalctx.errors import LengthError, RefusedBeforeWork, RunFailed, UsageError
 from evalctx.fingerprint import changed_files, model_fingerprint
 from evalctx.interrupts import signal_name
 from evalctx.limits import check_suite
@@ -43,7 +43,7 @@ from evalctx.tokenizer import Tokenizer, load_tokenizer
 S = TypeVar("S", SampleSpec, Sample)
 
 
-class IdentityChanged(UsageError):
+class IdentityChanged(RefusedBeforeWork):
     """A resume found the engine or server answering as another model than the run was started with."""
 
 
@@ -212,13 +212,13 @@ class Runner:
             "suite": {k2: v for k2, v in cfg.suite.to_json().items() if k2 not in ("path", "model", "backend",
                                                                                    "batch_size")},
             "backend": cfg.backend,
-            "backend_options": redact.mask(dataclasses.asdict(self.options)),  # a rotated API key is the same run
+            # A rotated API key is the same run; checks that change no number (verify_greedy) may change on resume.
+            "backend_options": {k: v for k, v in redact.mask(dataclasses.asdict(self.options)).items()
+                                if k not in self.cls.resume_free},
             "model": cfg.model,
             "tokenizer_fingerprint": self.tokenizer.fingerprint(),
             "model_fingerprint": self.model_fingerprint["digest"] if self.model_fingerprint else None,
         }
-        if cfg.chat_date is not None:  # a date given is a setting; the default (the creation day) is not
-            self.config["chat_date"] = cfg.chat_date.isoformat()
         self.config_hash = config_hash(self.config)
         # Run ids are names: the run dir is always directly under --out.
         self.run_id = rundir.check_name(cfg.run_id, "--run-id") if cfg.run_id is not None else \
@@ -227,7 +227,7 @@ class Runner:
         self.run_dir = Path(cfg.out_dir) / self.run_id
         # Chat templates that write the date see the day the run was created, on every resume (decided by rank 0:
         # ranks started around midnight must not build different prompts).
-        day = chat_identity.pinned_date(self._read_old_manifest(), cfg.chat_date) if self.world.is_root else None
+        day = self._chat_day() if self.world.is_root else None
         self.tokenizer.chat_date = self.world.bcast_world(day)
         self.chat_template = chat_identity.describe(self.tokenizer) if self._uses_chat() else None
         self.builder = SampleBuilder(cfg.suite, self.tokenizer)
@@ -253,14 +253,27 @@ class Runner:
         before = (self._old_manifest or {}).get("identity")
         if not isinstance(before, dict):
             return
-        changed = {k: (before[k], self.identity.get(k)) for k in before if before[k] != self.identity.get(k)}
+        # Fields read on both sides only: a /version that did not answer this time is no other server.
+        changed = {k: (before[k], self.identity[k]) for k in before
+                   if k in self.identity and before[k] != self.identity[k]}
         if not changed:
             return
-        rundir.write_manifest(self.run_dir, self._old_manifest)  # type: ignore[arg-type]
         what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise IdentityChanged(f"run dir {self.run_dir} was started against another {self.cfg.backend} model or "
                               f"server than the one answering now ({what}): its numbers would mix the two; pass "
                               f"--run-id NEW for a run of this one")
+
+    def _chat_day(self) -> Any:
+        """The day this run's chat templates see: the one its manifest pinned, else --chat-date, else today. A
+        --chat-date other than the pinned day is refused: the run would hold prompts of two days."""
+        old = self._read_old_manifest()
+        pinned = ((old or {}).get("chat_template") or {}).get("date")
+        given = self.cfg.chat_date
+        if pinned and given is not None and given.isoformat() != pinned:
+            raise UsageError(f"run dir {self.run_dir} holds chat prompts rendered for {pinned}: --chat-date "
+                             f"{given.isoformat()} would mix two days' prompts; drop --chat-date to resume, or pass "
+                             "--run-id NEW")
+        return chat_identity.pinned_date(old, given)
 
     def _uses_chat(self) -> bool:
         return any(t.prompt_mode == "chat" for t in self.cfg.suite.tasks)
@@ -281,7 +294,7 @@ class Runner:
         for p in problems:
             if p not in self._noted:
                 self._noted.add(p)
-                print(f"evalctx: warning: {p}", file=sys.stderr)
+                print(f"evalctx: warning: {redact.mask_text(p)}", file=sys.stderr)
         return rows
 
     def _pending_ids(self) -> list[str]:
@@ -421,8 +434,12 @@ class Runner:
             if w.is_leader:
                 writers = lock.join_writers(self.run_dir, self.attempt_id)
             return self._run(created_at, set(pending_ids))
-        except IdentityChanged:
-            raise  # the run dir was left as it was: nothing of this command ran
+        except RefusedBeforeWork as exc:
+            if self._old_manifest is None:  # a new run: its manifest says why it never started
+                self._record_stop(exc, created_at)
+            elif w.is_root:  # nothing of this command ran: the earlier run is left as it was
+                rundir.write_manifest(self.run_dir, self._old_manifest)
+            raise
         except BaseException as exc:
             marked = self._record_stop(exc, created_at)
             if isinstance(exc, rundir.StorageError):

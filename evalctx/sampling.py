@@ -79,7 +79,10 @@ class SampleBuilder:
         for ti, ts in enumerate(self.suite.tasks):
             task = self.task(ti)
             mnt = ts.max_new_tokens or task.default_budget()
-            options = json.dumps(task.options, sort_keys=True, default=str)
+            recorded = dict(task.options)
+            if getattr(task, "haystack", None) is not None:  # the filler's content, whatever folder it came from
+                recorded["haystack_sha"] = task.haystack.fingerprint
+            options = json.dumps(recorded, sort_keys=True, default=str)
             for length in ts.lengths:
                 for depth in map(float, ts.depths):  # 1 and 1.0 are the same cell (same seed, same id)
                     for k in range(ts.samples):

@@ -285,3 +285,27 @@ def test_generate_refuses_a_directory_up_front_and_cleans_what_a_killed_one_left
                  "--no-progress"]) == 0
     assert not stale.exists() and out.stat().st_size > 0
     assert "left by a killed generate" in capsys.readouterr().err
+
+
+def test_generate_writes_through_a_symlink_and_into_a_fifo(tmp_path) -> None:
+    """A rename onto --out replaced /dev/null, a symlink and a FIFO with a regular file (review of issue 23)."""
+    import os
+    import stat
+    import threading
+
+    from evalctx.cli import main
+
+    args = ["generate", "--suite", "passkey", "--lengths", "4096", "--tasks", "passkey", "--no-progress", "--out"]
+    target = tmp_path / "target.jsonl"
+    target.write_text("old")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    assert main(args + [str(tmp_path / "link.jsonl")]) == 0
+    assert (tmp_path / "link.jsonl").is_symlink() and target.read_text().startswith('{"id"')
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert main(args + [str(fifo)]) == 0
+    reader.join(30)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and got and got[0].startswith(b'{"id"')

@@ -550,7 +550,7 @@ def test_answers_bounded_counts_checked_sse_read_as_specified_redirects_named() 
         (Reply(sse=split), "true", None, " 12345."),
         (counted(completion_tokens=10 ** 9), "false", "reports 1000000000 completion tokens for max_tokens 6", None),
         (Reply(status=302, body={}, headers={"Location": "https://elsewhere/v1/completions"}), "false",
-         "redirects to https://elsewhere/v1/completions; pass that URL as base_url", None),
+         "redirects to https://elsewhere/v1/completions; pass base_url=https://elsewhere/v1", None),
         (Reply(raw=b""), "false", "non-JSON: (an empty body)", None),
     ]
     for reply, stream, error, text in cases:

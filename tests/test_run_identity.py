@@ -260,3 +260,35 @@ def test_a_continued_answer_prefix_with_an_empty_think_block_is_named(tmp_path: 
     msg = str(info.value)
     assert "continue_final_message" in msg and "'<think>\\n\\n</think>\\n\\n'" in msg
     assert "endpoint=completions" in msg and "differs from --tokenizer's" not in msg
+
+
+def test_a_haystack_folder_is_compared_by_its_content(tmp_path: Path, capsys) -> None:
+    """The same text in another folder is the same task; other text in the same folder is not (review)."""
+    for name, text in (("a", "The river runs. The hill stands. "), ("b", "The river runs. The hill stands. "),
+                       ("c", "A cat sleeps. A dog barks. ")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.txt").write_text(text * 200)
+    runs = {}
+    for name in ("a", "b", "c"):
+        suite = tmp_path / f"{name}.toml"
+        suite.write_text(f'name = "h"\n[[tasks]]\ntask = "niah_single"\nlengths = [600]\ndepths = [0.5]\n'
+                         f'samples = 1\n[tasks.options]\nhaystack = "essay"\nhaystack_dir = "{tmp_path / name}"\n')
+        assert main(["run", "--suite", str(suite), "--backend", "fake", "--tokenizer", "byte", "--out",
+                     str(tmp_path / "runs"), "--run-id", name, "--no-progress"]) == 0
+        runs[name] = tmp_path / "runs" / name
+    capsys.readouterr()
+    assert main(["compare", str(runs["a"]), str(runs["b"])]) == 0
+    assert main(["compare", str(runs["a"]), str(runs["c"])]) == 2
+    assert "haystack_sha=" in capsys.readouterr().err
+
+
+def test_the_chat_date_is_the_runs_own_on_resume(tmp_path: Path, capsys) -> None:
+    """--chat-date is no part of the run id: the same command with or without it resumes; another day is refused
+    by name (review)."""
+    model = _model_with_template(tmp_path / "m", DATED)
+    assert _run(tmp_path, model, "--chat-date", "2026-12-01") == 0
+    assert _run(tmp_path, model) == 0  # resumes, keeping 2026-12-01
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["chat_template"]["date"] == "2026-12-01"
+    capsys.readouterr()
+    assert _run(tmp_path, model, "--chat-date", "2026-12-02") == 2
+    assert "holds chat prompts rendered for 2026-12-01" in capsys.readouterr().err

@@ -43,6 +43,8 @@ class Backend:
     """Base class; subclasses set ``name`` and ``Options`` and implement ``generate``."""
 
     name: ClassVar[str] = "base"
+    resume_free: ClassVar[tuple[str, ...]] = ()
+    """Options that change no number (checks): left out of the run's identity, so a resume may change them."""
 
     @dataclass
     class Options:

@@ -254,8 +254,10 @@ class Client:
             resp = conn.getresponse()
             if 300 <= resp.status < 400:
                 where = resp.getheader("Location") or "(no Location header)"
-                raise Fatal(f"HTTP {resp.status} from {self.base_url}{path[len(self.prefix):]}: the server redirects "
-                            f"to {where}; pass that URL as base_url")
+                tail = path[len(self.prefix):]
+                base = where[:-len(tail)] if tail and where.endswith(tail) else where
+                raise Fatal(f"HTTP {resp.status} from {self.base_url}{tail}: the server redirects to {where}; "
+                            f"pass base_url={base}")
             if resp.status >= 400:
                 self._raise_status(resp, path)
             ctype = (resp.getheader("Content-Type") or "").lower()

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from evalctx import redact
+from evalctx import chat_identity, redact
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.http_client import Answer, Client, Fatal, Retryable, one_line
 from evalctx.backends.http_servers import PRESETS, ServerFacts, ServerPreset, detect
-from evalctx.errors import LengthError, UsageError
+from evalctx.errors import LengthError, RefusedBeforeWork, UsageError
 from evalctx.records import GenerationRequest, GenerationResult
 
 _MAX_RETRY_AFTER_S = 60.0
@@ -122,6 +122,7 @@ def _bos_text(tokenizer: Any, ids: Sequence[int], prompt: str) -> str | None:
 
 class HTTPBackend(Backend):
     name: ClassVar[str] = "http"
+    resume_free: ClassVar[tuple[str, ...]] = ("verify_greedy",)
 
     @dataclass
     class Options:
@@ -230,7 +231,7 @@ class HTTPBackend(Backend):
         return d
 
     def _warn(self, message: str) -> None:
-        print(f"evalctx: warning: backend http: {message}", file=sys.stderr)
+        print(f"evalctx: warning: backend http: {redact.mask_text(message)}", file=sys.stderr)
 
     def _recognise(self) -> ServerFacts:
         try:
@@ -273,6 +274,10 @@ class HTTPBackend(Backend):
         else:
             path = "/chat/completions"
             messages = req.extra.get("messages") if req.extra else None
+            if messages and self.ctx.tokenizer is not None and chat_identity.uses_date(self.ctx.tokenizer):
+                raise UsageError("backend http: the chat template writes the date, and endpoint=chat lets the server "
+                                 "render it with its own today, not the run's pinned day (the prompts evalctx "
+                                 "built and identified): use endpoint=completions (the default)")
             if messages:
                 messages = list(messages)
                 if messages[-1].get("role") == "assistant" and o.continue_final_message:
@@ -556,7 +561,7 @@ class HTTPBackend(Backend):
                 return
         if len(set(answers)) > 1:
             shown = " / ".join(one_line(repr(a), 40) for a in answers)
-            raise UsageError(
+            raise RefusedBeforeWork(
                 f"backend http: {self.base_url} does not decode greedily: one probe prompt sent 3 times with "
                 f"temperature {self.options.temperature:g} got {len(set(answers))} different answers ({shown}), so "
                 "every score would be a random draw. Likely: the served model's generation_config.json samples "

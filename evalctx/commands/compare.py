@@ -25,14 +25,19 @@ def add_gate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-rate-rise", type=float, default=0.0, metavar="RATE",
                    help="rise of the run's error rate (error + unsupported rows per sample, over the cells both "
                         "runs have) that still passes (default 0: any rise fails, however few samples a cell has)")
-    p.add_argument("--allow-different", nargs="+", default=[], metavar="SETTING",
-                   help="compare although the runs differ in these settings of the measurement (task, prompt_mode, "
-                        "max_new_tokens, seed, scorer, chat_date, decoding); without it such a difference is "
-                        "refused (exit 2). Differences of the system under test (model, tokenizer, chat template, "
-                        "backend, server) are listed, never refused")
+    p.add_argument("--allow-different", action="append", default=[], metavar="SETTING[,SETTING]",
+                   help="compare although the runs differ in this setting of the measurement (task, prompt_mode, "
+                        "max_new_tokens, seed, scorer; repeat the flag or separate with commas); without it such "
+                        "a difference is refused (exit 2). Differences of the system under test (model, tokenizer, "
+                        "chat template and date, decoding, backend, server) are listed, never refused")
     p.add_argument("--no-pooled", dest="pooled", action="store_false",
                    help="judge cells only: no row per (task, context length) pooled over the depths both runs have "
                         "(pooled rows are on by default; they catch a drop spread thinly over all depths)")
+
+
+def allowed(args: argparse.Namespace) -> list[str]:
+    """The --allow-different settings, repeated flags and comma lists alike."""
+    return [x.strip() for v in args.allow_different for x in v.split(",") if x.strip()]
 
 
 def gate_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -77,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     unfinished = check_runs(args.base, args.cand, cand_manifest, base_manifest)
     base, cand = load_run(args.base), load_run(args.cand)
     diffs = differences(base_manifest, base, cand_manifest, cand)
-    check(diffs, args.allow_different)
+    check(diffs, allowed(args))
     result = compare(base, cand, **kwargs)  # type: ignore[arg-type]
     result.differences = diffs
     for problem in unfinished:

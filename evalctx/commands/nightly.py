@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from evalctx.commands.compare import add_gate_options, gate_kwargs
+from evalctx.commands.compare import add_gate_options, allowed, gate_kwargs
 from evalctx.errors import UsageError
 
 HISTORY_COLUMNS = ["run_id", "label", "date", "passed"]
@@ -189,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
     if baseline is not None:
         base_df = load_run(baseline)
         diffs = differences(load_manifest(baseline), base_df, manifest, df)
-        check(diffs, args.allow_different)  # before anything is recorded: not comparable is neither pass nor fail
+        check(diffs, allowed(args))  # before anything is recorded: not comparable is neither pass nor fail
         result = compare(base_df, df, **kwargs)  # type: ignore[arg-type]
         result.differences = diffs
         print(f"baseline: {baseline}")
