@@ -92,7 +92,8 @@ def test_samples_carry_entry_name_type_and_options() -> None:
     sample = builder.build(spec)
     assert (spec.task, spec.task_type) == (sample.task, sample.task_type) == ("niah_single_2", "niah_single")
     assert json.loads(sample.task_options) == {"haystack": "essay", "haystack_dir": None, "key_type": "words",
-                                               "value_type": "numbers"}
+                                               "value_type": "numbers",
+                                               "haystack_sha": "75487e1a14e3a598"}  # the shipped essays' content
     assert sample.id == spec.id
 
 
