@@ -91,59 +91,6 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
-def tokenizer_mismatch(base_manifest: dict[str, Any], cand_manifest: dict[str, Any]) -> str | None:
-    """A one-line warning when two runs' prompts were built with different tokenizers, else None.
-
-    Context lengths count tokens of the tokenizer that built the prompts: 4096 tokens of one tokenizer is other
-    text, of another length in characters, than 4096 of another, so a cell-by-cell comparison then also compares
-    the tokenizers. Runs without tokenizer facts in their manifests (hand-made folders) are not judged."""
-    base, cand = base_manifest.get("tokenizer") or {}, cand_manifest.get("tokenizer") or {}
-    fb, fc = base.get("fingerprint"), cand.get("fingerprint")
-    if not fb or not fc or fb == fc:
-        return None
-    return (f"the two runs were built with different tokenizers ({base.get('name')} [{fb}] vs {cand.get('name')} "
-            f"[{fc}]): the same context length is different text in each, so differences mix the models with the "
-            "tokenizers")
-
-
-def variant_mismatch(base_df: pd.DataFrame, cand_df: pd.DataFrame) -> list[str]:
-    """One warning line per suite entry name (the ``task`` column the gate keys on) that names another task or other
-    options in the two runs, else [].
-
-    Cells are matched by entry name, so ``niah_single_1`` as a noise niah_single in the baseline and as an essay
-    (or a niah_multikey) in the candidate would be compared as if they were one task. Options are compared on the
-    keys both runs record (an option added since the baseline keeps the old behaviour by default); runs made before
-    the ``task_type``/``task_options`` columns existed are not judged."""
-    cols = ["task", "task_type", "task_options"]
-    if any(c not in df.columns for df in (base_df, cand_df) for c in cols):
-        return []
-
-    def variants(df: pd.DataFrame) -> dict[str, tuple[str, dict[str, Any]]]:
-        first = df[cols].dropna().drop_duplicates("task")
-        return {str(r.task): (str(r.task_type), _options(r.task_options)) for r in first.itertuples(index=False)}
-
-    base, cand = variants(base_df), variants(cand_df)
-    lines = []
-    for name in sorted(set(base) & set(cand)):
-        (bt, bo), (ct, co) = base[name], cand[name]
-        differ = sorted(k for k in set(bo) & set(co) if bo[k] != co[k])
-        if bt == ct and not differ:
-            continue
-        what = (f"task {bt} in the baseline, {ct} in the candidate" if bt != ct else
-                "options " + ", ".join(f"{k} = {bo[k]!r} / {co[k]!r}" for k in differ) + " (baseline / candidate)")
-        lines.append(f"entry {name!r} is not the same task in the two runs ({what}): its cells compare different "
-                     "tasks; give one of them another name (name = \"...\") or rerun the baseline")
-    return lines
-
-
-def _options(text: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(str(text))
-    except ValueError:
-        return {"(unparsed)": str(text)}
-    return value if isinstance(value, dict) else {"(unparsed)": value}
-
-
 def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     """One run's samples with the rounded depth and the per-sample columns the counts are made of."""
     df = df.assign(depth=df["depth"].astype(float).round(6))

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import pandas as pd
 import pytest
+from http_helpers import free_port
 
 from evalctx.cli import main
 from evalctx.models import resolve_model
@@ -47,18 +48,10 @@ max_new_tokens = 12
 COLUMNS = ["completion", "n_prompt_tokens", "n_output_tokens", "finish_reason", "score", "status"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def transformers_serve(model: Path, log: Path, *flags: str) -> Iterator[str]:
     """``transformers serve MODEL`` on a free loopback port (CPU, offline); yields the /v1 base URL."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).parent / "transformers"
     cmd = [str(exe) if exe.exists() else "transformers", "serve", str(model), "--host", "127.0.0.1", "--port",
            str(port), "--device", "cpu", *flags]

@@ -55,17 +55,13 @@ class PromptRope:
             n = self._prompt_len
             if n is None or position_ids.dim() != 2:
                 return forward(x, position_ids, *args, **kwargs)
+            import torch
+
             last = position_ids.new_full((position_ids.shape[0], 1), n - 1)
-            out = forward(x, self._cat(position_ids, last), *args, **kwargs)
+            out = forward(x, torch.cat([position_ids, last], dim=-1), *args, **kwargs)
             return _drop_last_position(out, position_ids.shape[-1])
 
         return rope_forward
-
-    @staticmethod
-    def _cat(position_ids: Any, last: Any) -> Any:
-        import torch
-
-        return torch.cat([position_ids, last], dim=-1)
 
     def reset(self) -> None:
         """Return every rotary module to its state at load time."""
