@@ -70,8 +70,26 @@ def import_bindings() -> Any:
     return trt
 
 
+def has_field(obj: Any, name: str) -> bool:
+    """Whether ``obj``'s class binds ``name`` as a settable property (a data descriptor on the type).
+
+    ``hasattr`` on an instance cannot tell: ``ExecutorConfig`` is bound with ``nb::dynamic_attr()``
+    (cpp/tensorrt_llm/nanobind/executor/executorConfig.cpp), so setting a field a release lacks succeeds, lands in
+    the instance ``__dict__`` and is ignored by the C++ side. The fields it does have are ``def_prop_rw`` properties
+    of the class (pybind11's ``def_property``/``def_readwrite`` in older releases), which is what is looked up here.
+    """
+    import inspect
+
+    descriptor = inspect.getattr_static(type(obj), name, None)
+    return descriptor is not None and hasattr(descriptor, "__set__")
+
+
 def set_optional(obj: Any, name: str, value: Any, dropped: list[str], where: str) -> bool:
-    """Set ``obj.name``; a release without that attribute gets it listed in ``dropped`` instead."""
+    """Set the bound field ``obj.name``; a release whose class lacks it gets it listed in ``dropped`` instead (never
+    set as a dynamic attribute, which the runtime would ignore). Returns whether it was set."""
+    if not has_field(obj, name):
+        dropped.append(f"{where}.{name}")
+        return False
     try:
         setattr(obj, name, value)
     except (AttributeError, TypeError):

@@ -38,32 +38,68 @@ class FinishReason(Enum):
     CANCELLED = 5
 
 
+class _Field:
+    """A bound field (nanobind ``def_prop_rw``): a data descriptor on the class, which is how evalctx tells a field a
+    release has from one it lacks."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else obj._values[self.name]
+
+    def __set__(self, obj, value):
+        obj._values[self.name] = value
+
+
 class _Bound:
-    """A bound C++ class: keywords and attributes are a fixed set (nanobind raises on anything else)."""
+    """A bound C++ class: its keywords and properties are a fixed set (nanobind raises on an unknown keyword). A
+    class bound with ``nb::dynamic_attr()`` (``DYNAMIC_ATTR``: ExecutorConfig in executorConfig.cpp) also takes any
+    other attribute, into the instance ``__dict__``, where the C++ side never sees it; the others raise."""
 
     FIELDS: dict = {}
+    DYNAMIC_ATTR = False
+
+    @classmethod
+    def _sync(cls) -> None:
+        """The class's properties are its FIELDS minus those DROPPED (an older release binds fewer)."""
+        for name in cls.FIELDS:
+            dropped = f"{cls.__name__}.{name}" in S.DROPPED
+            present = isinstance(cls.__dict__.get(name), _Field)
+            if dropped and present:
+                delattr(cls, name)
+            elif not dropped and not present:
+                setattr(cls, name, _Field(name))
 
     def __init__(self, **kwargs):
+        type(self)._sync()
+        object.__setattr__(self, "_values", {})
         fields = self._fields()
         for name, default in fields.items():
-            object.__setattr__(self, name, default() if callable(default) else default)
+            self._values[name] = default() if callable(default) else default
         for name, value in kwargs.items():
             if name not in fields:
                 raise TypeError(f"{type(self).__name__}.__init__(): incompatible function arguments ({name}=...)")
-            object.__setattr__(self, name, value)
+            self._values[name] = value
 
     @classmethod
     def _fields(cls) -> dict:
         return {k: v for k, v in cls.FIELDS.items() if f"{cls.__name__}.{k}" not in S.DROPPED}
 
+    def field(self, name, default=None):
+        """What the C++ side sees: the bound field's value; a dynamic attribute of the same name is not it."""
+        return self._values.get(name, default) if name in self._fields() else default
+
     def __setattr__(self, name, value):
-        if name not in self._fields():
+        if name not in self._fields() and not self.DYNAMIC_ATTR:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         object.__setattr__(self, name, value)
 
 
 class KvCacheConfig(_Bound):
-    FIELDS = dict(enable_block_reuse=False, max_tokens=None, max_attention_window=None, sink_token_length=None,
+    # enable_block_reuse defaults to true in the bindings (executorConfig.cpp), unlike ModelRunnerCpp.from_dir's
+    # kv_cache_enable_block_reuse=False: a caller that leaves it out gets reuse.
+    FIELDS = dict(enable_block_reuse=True, max_tokens=None, max_attention_window=None, sink_token_length=None,
                   free_gpu_memory_fraction=None, host_cache_size=None, onboard_blocks=True,
                   cross_kv_cache_fraction=None, runtime_defaults=None)
 
@@ -96,6 +132,7 @@ class ParallelConfig(_Bound):
 
 
 class ExecutorConfig(_Bound):
+    DYNAMIC_ATTR = True  # nb::class_<tle::ExecutorConfig>(m, "ExecutorConfig", nb::dynamic_attr())
     FIELDS = dict(max_beam_width=1, max_batch_size=None, max_num_tokens=None, kv_cache_config=KvCacheConfig,
                   enable_chunked_context=False, parallel_config=None, peft_cache_config=None,
                   extended_runtime_perf_knob_config=None, gather_generation_logits=False,
@@ -200,7 +237,7 @@ class Executor:
         self.config, self.engine = executor_config, e
         n = e["tp"] * e["pp"] * e["cp"]
         rank, size, comm = S.mpi_world()
-        parallel = executor_config.parallel_config or ParallelConfig()
+        parallel = executor_config.field("parallel_config") or ParallelConfig()
         ids = parallel.participant_ids
         if ids is None:
             if size != n:
@@ -230,7 +267,7 @@ class Executor:
                 S.fail(f"engine file {engine_file} not found")
         self.device = None if session_rank is None else (
             devices[session_rank % len(devices)] if devices else session_rank % e["gpus_per_node"])
-        self.chunked = executor_config.enable_chunked_context
+        self.chunked = executor_config.field("enable_chunked_context", False)
         if self.chunked and not e["paged_context_fmha"]:
             S.warn("Chunked context is not supported for this configuration and will be disabled.")
             self.chunked = False
@@ -245,7 +282,7 @@ class Executor:
         windows = kv.max_attention_window or [seq]
         self.attention_window = max(min(w, seq) for w in windows)
         if kv.max_tokens is not None and kv.max_tokens < self.attention_window:
-            if getattr(executor_config, "fail_fast_on_attention_window_too_large", False):
+            if executor_config.field("fail_fast_on_attention_window_too_large", False):
                 S.fail("Attention window too large to fit even a single sequence in the KV cache")
             self.attention_window = kv.max_tokens  # shrunk silently, as the runtime does without fail-fast
         self._ids = itertools.count(1)
@@ -296,7 +333,7 @@ class Executor:
     def _respond(self, rid, req, tokens, reason):
         oc = req.output_config
         perf = None
-        if getattr(oc, "return_perf_metrics", False):
+        if oc.field("return_perf_metrics", False):
             perf = RequestPerfMetrics(timing_metrics=TimingMetrics(**S.perf_times(rid, len(req.input_token_ids),
                                                                                   len(tokens))),
                                       kv_cache_metrics=KvCacheMetrics(num_reused_blocks=S.BEHAVIOUR["reused_blocks"]))
@@ -309,7 +346,7 @@ class Executor:
                 ids = [[tok]] if tok is not None else [[]]
                 self._queue.append(Response(rid, Result(output_token_ids=ids, **(final if last else {}))))
         else:
-            out = tokens if getattr(oc, "exclude_input_from_output", False) else [*req.input_token_ids, *tokens]
+            out = tokens if oc.field("exclude_input_from_output", False) else [*req.input_token_ids, *tokens]
             self._queue.append(Response(rid, Result(output_token_ids=[out], **final)))
         self._done.add(rid)
 
