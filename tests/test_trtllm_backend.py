@@ -282,7 +282,7 @@ def test_the_engines_own_sliding_window_reaches_preflight(standin, tmp_path):
 
 
 @pytest.mark.parametrize("option, value, want", [
-    ("request_timeout_s", "0", "> 0 seconds"),  # else every request is cancelled at once: an all-error run
+    ("request_timeout_s", "0", "> 0 seconds, or unset to scale with the prompt"),  # else every request is cancelled at once: an all-error run
     ("max_batch_size", "0", ">= 1"), ("kv_cache_free_gpu_memory_fraction", "1.5", "in (0, 1]"),
     ("max_tokens_in_paged_kv_cache", "0", ">= 1 tokens"), ("max_attention_window_size", "0", ">= 1 tokens"),
     ("sink_token_length", "-1", ">= 0 tokens"),
@@ -385,3 +385,103 @@ def test_an_executor_that_never_ends_cancelled_requests_fails_the_run_instead_of
         b.generate([request("stuck", "where?")])
     b.close()
     assert executor._wedged and not executor._shutdown and b._executor is None
+
+
+def test_the_standin_binds_as_loosely_as_the_real_bindings(standin):
+    """ExecutorConfig is bound with nb::dynamic_attr(): an attribute a release lacks is set and ignored. The other
+    classes raise; KvCacheConfig.enable_block_reuse defaults to True; fields are class properties."""
+    from tensorrt_llm.bindings import executor as trt
+
+    from evalctx.backends.trtllm.executor import has_field
+
+    config = trt.ExecutorConfig()
+    config.not_a_field = 1  # no error, as with the real binding
+    assert not has_field(config, "not_a_field") and has_field(config, "fail_fast_on_attention_window_too_large")
+    with pytest.raises(AttributeError):
+        trt.OutputConfig().not_a_field = 1
+    with pytest.raises(TypeError):
+        trt.ExecutorConfig(not_a_field=1)  # the constructor rejects unknown keywords
+    assert trt.KvCacheConfig().enable_block_reuse is True
+    standin.DROPPED.add("ExecutorConfig.fail_fast_on_attention_window_too_large")
+    older = trt.ExecutorConfig()
+    older.fail_fast_on_attention_window_too_large = True  # accepted into __dict__ ...
+    assert not has_field(older, "fail_fast_on_attention_window_too_large")
+    assert older.field("fail_fast_on_attention_window_too_large", False) is False  # ... and never seen by C++
+
+
+def test_a_field_an_older_executor_config_lacks_is_dropped_not_recorded_as_on(standin, tmp_path, caplog):
+    """Setting it succeeds (dynamic attr), so only the class's properties tell; the window then shrinks silently,
+    and the run says fail-fast was not applied."""
+    standin.DROPPED.add("ExecutorConfig.fail_fast_on_attention_window_too_large")
+    with caplog.at_level(logging.WARNING, "evalctx.backends.trtllm"):
+        b = backend(make_engine(tmp_path, max_seq_len=4096), max_tokens_in_paged_kv_cache="1000")
+    assert b.dropped == ["ExecutorConfig.fail_fast_on_attention_window_too_large"]
+    assert b.row_columns()["runtime_fail_fast_on_attention_window"] is None
+    assert "cannot fail fast" in caplog.text and "shrinks it silently" in caplog.text
+    assert b._executor.attention_window == 1000  # loaded, window shrunk: what preflight must now refuse
+    assert list(b.preflight([SimpleNamespace(id="long", context_length=1000, max_new_tokens=8)])) == ["long"]
+
+
+def test_engine_stored_lora_adapters_use_the_engines_checkpoint_format(standin, tmp_path):
+    """ModelRunnerCpp.from_dir: adapters stored in the engine are loaded with build_config.lora_config's
+    lora_ckpt_source, not the caller's default "hf"."""
+    from tensorrt_llm.runtime import generation
+
+    engine = make_engine(tmp_path, lora_plugin="float16", lora_config={
+        "lora_dir": ["lora/0"], "lora_ckpt_source": "nemo", "max_lora_rank": 64, "lora_target_modules": []})
+    (engine / "lora" / "0").mkdir(parents=True)
+    b = backend(engine)
+    assert generation.LOADED == [([str(engine / "lora" / "0")], "nemo")]
+    assert b.applied["lora_dir"] == str(engine / "lora" / "0")
+    with pytest.raises(UsageError, match="lora_ckpt_source=hf but the adapters stored in engine .* are nemo") as err:
+        backend(engine, lora_ckpt_source="hf")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="lora_ckpt_source='safetensors' is not a LoRA checkpoint format"):
+        backend(engine, lora_ckpt_source="safetensors")
+    adapter = tmp_path / "given"
+    adapter.mkdir()
+    backend(engine, lora_dir=str(adapter))
+    assert generation.LOADED[-1] == ([str(adapter)], "hf")  # given folders: from_dir's default format
+
+
+@pytest.mark.parametrize("visible, ok", [(None, True), ("0,1,2,3", True), ("3", False), ("", False),
+                                         ("0,1,-1,3", False)])
+def test_a_per_rank_cuda_visible_devices_that_hides_the_ranks_gpu_is_one_line(standin, tmp_path, monkeypatch,
+                                                                                visible, ok):
+    """Rank 2 of a TP4 engine selects GPU 2 (session rank % gpus_per_node); a launcher that sets
+    CUDA_VISIBLE_DEVICES to the rank's own GPU leaves it index 0 only, and cudaSetDevice(2) would fail in the load."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setitem(standin.WORLD, "rank", 2)
+    monkeypatch.setitem(standin.WORLD, "size", 4)
+    ctx = dict(world_size=4, world_rank=2, rank_in_replica=2, replica_comm=FakeComm(4))
+    if ok:
+        b = backend(make_engine(tmp_path, tp=4), ctx)
+        assert b._executor.device == 2
+        return
+    with pytest.raises(UsageError) as err:
+        backend(make_engine(tmp_path, tp=4), ctx)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("rank 2: TensorRT-LLM will select GPU 2 but CUDA_VISIBLE_DEVICES=")
+    assert "unset CUDA_VISIBLE_DEVICES in the per-rank launcher" in msg
+
+
+def test_visible_gpu_counting_follows_cuda():
+    from evalctx.backends.trtllm.launch import visible_gpus
+
+    assert [visible_gpus(v) for v in ("0", "0,1", "", "-1", "0,-1,2", "GPU-1a2b,GPU-3c4d", " 0 , 1 ")] == [
+        1, 2, 0, 0, 1, 2, 2]
+
+
+def test_the_engine_backends_deadline_scales_with_the_batchs_prompt_tokens(standin, tmp_path, monkeypatch):
+    from evalctx.backends.trtllm import executor as ex
+
+    seen = []
+    collect = ex.collect
+    monkeypatch.setattr(ex, "collect", lambda *a, **k: seen.append(k["timeout_s"]) or collect(*a, **k))
+    b = backend(make_engine(tmp_path, max_batch_size=2), max_batch_size="2")
+    reqs = [request("a"), request("b", "x" * 99)]
+    b.generate(reqs)
+    assert seen == [pytest.approx(b.options.timeout_s(sum(len(r.prompt_ids) for r in reqs)))]
+    assert seen[0] == pytest.approx(600 + 0.004 * 115) and b.row_columns()["runtime_request_timeout_s"] is None

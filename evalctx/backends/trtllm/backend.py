@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.trtllm import executor as ex
 from evalctx.backends.trtllm import lora
-from evalctx.backends.trtllm.launch import Placement, place
+from evalctx.backends.trtllm.launch import Placement, check_visible, executor_device, place
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.engine_config import EngineConfig, load_engine_config
@@ -56,13 +56,16 @@ class SharedOptions:
     top_k: int = 1
     """1 = greedy."""
     top_p: float = 0.0
-    request_timeout_s: float = 3600.0
-    """A batch's requests without a final response this long after enqueue are cancelled and become error rows."""
+    request_timeout_s: float | None = None
+    """Seconds after enqueue at which a batch's requests without a final response are cancelled and become error
+    rows. None: scaled with the batch's prompt tokens, :data:`TIMEOUT_BASE_S` + :data:`TIMEOUT_PER_TOKEN_S` per
+    token (a 70B 1M-token prefill on 8 GPUs takes minutes; the deadline is for stuck requests, not slow ones)."""
 
     def __post_init__(self) -> None:
         """Values TensorRT-LLM would refuse deep inside (or, for the timeout, turn into all-error runs)."""
         bad = [f"{name}={getattr(self, name)!r} (want {want})" for name, ok, want in (
-            ("request_timeout_s", self.request_timeout_s > 0, "> 0 seconds"),
+            ("request_timeout_s", self.request_timeout_s is None or self.request_timeout_s > 0,
+             "> 0 seconds, or unset to scale with the prompt"),
             ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
             ("kv_cache_free_gpu_memory_fraction", 0 < self.kv_cache_free_gpu_memory_fraction <= 1, "in (0, 1]"),
             ("max_tokens_in_paged_kv_cache", _at_least(self.max_tokens_in_paged_kv_cache, 1), ">= 1 tokens"),
@@ -72,6 +75,22 @@ class SharedOptions:
         ) if not ok]
         if bad:
             raise UsageError(f"backend option {bad[0]}")
+
+
+    def timeout_s(self, prompt_tokens: int) -> float:
+        """The deadline in seconds for a batch of ``prompt_tokens`` prompt tokens in all: ``request_timeout_s`` when
+        set, else :data:`TIMEOUT_BASE_S` + :data:`TIMEOUT_PER_TOKEN_S` x ``prompt_tokens``."""
+        if self.request_timeout_s is not None:
+            return float(self.request_timeout_s)
+        return TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S * max(0, prompt_tokens)
+
+
+TIMEOUT_BASE_S = 600.0
+"""The default deadline's fixed part: engine warm-up, queueing, and the answer's decode steps."""
+TIMEOUT_PER_TOKEN_S = 0.004
+"""The default deadline's part per prompt token: 4 ms, so 1,048,576 tokens get 600 + 4194 s. A 70B model's 1M
+prefill is about 1.5e18 FLOPs (the quadratic attention most of it): some 8 minutes on 8 H100s at 40% of peak; the
+margin covers slower GPUs, pipeline parallelism and a loaded node."""
 
 
 def _at_least(value: int | None, low: int) -> bool:
@@ -105,7 +124,9 @@ class TRTLLMBackend(Backend):
         enable_context_fmha_fp32_acc: bool | None = None
         lora_dir: list[str] | None = None
         """LoRA adapters; uids are "0", "1", ... in this order (the engine needs lora_plugin)."""
-        lora_ckpt_source: str = "hf"
+        lora_ckpt_source: str | None = None
+        """hf or nemo; default: hf for lora_dir, the engine's build_config.lora_config.lora_ckpt_source for the
+        adapters stored in the engine (as ModelRunnerCpp.from_dir)."""
         lora_task_uid: str | None = None
         """Uid for requests whose ``extra`` carries no ``lora_task_uid``; "-1" = no adapter."""
         streaming_ttft: bool = False
@@ -194,6 +215,8 @@ class TRTLLMBackend(Backend):
         ctx, e, o = self.ctx, self.engine, self.options
         self.placement = place(world_rank=ctx.world_rank, world_size=ctx.world_size, ranks_per_replica=e.world_size,
                                replica_comm=ctx.replica_comm, tp=e.tp, pp=e.pp, gpus_per_node=e.gpus_per_node or 8)
+        check_visible(executor_device(self.placement, world_rank=ctx.world_rank, tp=e.tp, pp=e.pp,
+                                      gpus_per_node=e.gpus_per_node or 8), ctx.world_rank)
         kv = self._kv_cache_config(trt)
         self._window_in_effect(kv)
         config = trt.ExecutorConfig(max_beam_width=1, max_batch_size=o.max_batch_size, kv_cache_config=kv)
@@ -206,6 +229,12 @@ class TRTLLMBackend(Backend):
         if ex.set_optional(config, "fail_fast_on_attention_window_too_large", fail_fast, self.dropped,
                            "ExecutorConfig"):
             self.applied["fail_fast_on_attention_window_too_large"] = fail_fast
+        elif fail_fast and self.is_leader:
+            # Recorded as not applied (runtime_fail_fast_on_attention_window is None), never as on.
+            log.warning("tensorrt_llm %s cannot fail fast: a KV cache smaller than the attention window (%s tokens) "
+                        "shrinks it silently; preflight refuses only what max_tokens_in_paged_kv_cache (%s) cannot "
+                        "hold: set it to the 'max tokens' the engine logs at load", self.version,
+                        self.attention_window, o.max_tokens_in_paged_kv_cache)
         self._perf_knobs(trt, config)
         self._load_lora(trt, config)
         self._executor = ex.build_executor(trt, e, config)
@@ -336,7 +365,8 @@ class TRTLLMBackend(Backend):
             if is_fatal(exc):
                 raise
             return [r or error_result(req, one_line(exc), n) for r, req in zip(results, reqs)]
-        outcomes = ex.collect(self._executor, ids, t0=t0, timeout_s=self.options.request_timeout_s,
+        timeout = self.options.timeout_s(sum(len(r.prompt_ids) for r in reqs))
+        outcomes = ex.collect(self._executor, ids, t0=t0, timeout_s=timeout,
                               streaming=self._streaming)
         for (i, _), rid in zip(built, ids):
             results[i] = self._result(reqs[i], outcomes[rid], n)
@@ -379,6 +409,7 @@ class TRTLLMBackend(Backend):
             "runtime_enable_context_fmha_fp32_acc": self.applied.get("enable_context_fmha_fp32_acc"),
             "runtime_fail_fast_on_attention_window": self.applied.get("fail_fast_on_attention_window_too_large"),
             "runtime_lora_dir": self.applied.get("lora_dir"),
+            "runtime_request_timeout_s": o.request_timeout_s,
             "runtime_world_size": self.engine.world_size,
             "runtime_replicas": self.replicas,
             "runtime_timing": "executor" if self._perf else "host",

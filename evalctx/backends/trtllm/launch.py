@@ -95,3 +95,43 @@ def place(*, world_rank: int, world_size: int, ranks_per_replica: int, replica_c
                         participants, devices)
         return Placement(participant_ids=participants, device_ids=None, device=None)
     return Placement(participant_ids=participants, device_ids=devices, device=gpu_of[world_rank])
+
+
+def visible_gpus(value: str) -> int:
+    """GPUs a ``CUDA_VISIBLE_DEVICES`` value makes visible: its entries up to the first empty or negative one (CUDA
+    ignores an invalid entry and every entry after it; ``""`` and ``-1`` hide every GPU)."""
+    count = 0
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        count += 1
+    return count
+
+
+def executor_device(placement: Placement, *, world_rank: int, tp: int, pp: int, gpus_per_node: int) -> int:
+    """The CUDA device index this rank's executor selects: the placement's device id, else TensorRT-LLM's default
+    ``session rank % gpus_per_node`` (session rank = world rank without participant ids, else the rank's place in
+    the executor's session order)."""
+    if placement.device is not None:
+        return placement.device
+    if placement.participant_ids is None:
+        return world_rank % max(1, gpus_per_node)
+    return session_order(placement.participant_ids, tp, pp).index(world_rank) % max(1, gpus_per_node)
+
+
+def check_visible(device: int, world_rank: int, env: Any = None) -> None:
+    """UsageError when this rank's ``CUDA_VISIBLE_DEVICES`` hides the device index its executor will select.
+
+    A launcher that gives each rank its own GPU (``CUDA_VISIBLE_DEVICES=$LOCAL_RANK``) leaves one visible device,
+    index 0, while the executor selects ``device`` (its local GPU number): ``cudaSetDevice`` would fail deep inside
+    the engine load with "invalid device ordinal". Unset means every GPU is visible.
+    """
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return
+    visible = visible_gpus(value)
+    if device >= visible:
+        raise UsageError(f"rank {world_rank}: TensorRT-LLM will select GPU {device} but CUDA_VISIBLE_DEVICES="
+                         f"{value!r} leaves this rank {visible} visible: unset CUDA_VISIBLE_DEVICES in the per-rank "
+                         "launcher (the executor picks each rank's GPU itself) or give every rank the same full list")

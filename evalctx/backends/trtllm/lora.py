@@ -1,7 +1,8 @@
 """LoRA adapters for the executor, loaded the way ``ModelRunnerCpp.from_dir`` loads them.
 
 Followed: ``tensorrt_llm/runtime/model_runner_cpp.py`` at commit 03832911 (``LoraManager()`` and
-``load_from_ckpt(..., runtime_mapping=None, ...)``) and the later version with
+``load_from_ckpt(..., runtime_mapping=None, ...)``; adapters stored in the engine are loaded with the engine's
+``build_config.lora_config.lora_ckpt_source``) and the later version with
 ``fail_fast_on_attention_window_too_large`` (``LoraManager(mapping=..., model_config=...)``). Only the leader
 (which alone enqueues) loads weights; adapter uids are the strings "0", "1", ... in ``lora_dir`` order, and each
 request carries ``LoraConfig(task_id=int(uid), weights=..., config=...)``. The PEFT cache is sized as from_dir
@@ -12,6 +13,7 @@ These are internal TensorRT-LLM APIs: parameters are matched by ``inspect.signat
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,42 @@ from evalctx.engine_config import EngineConfig
 from evalctx.errors import UsageError
 
 
-def adapter_dirs(engine: EngineConfig, lora_dir: list[str] | None, ckpt_source: str) -> tuple[list[str], str]:
-    """The adapters to load: the given ones, else those stored in the engine dir (as from_dir falls back)."""
+CKPT_SOURCES = ("hf", "nemo")
+"""``LoraConfig.lora_ckpt_source`` values (tensorrt_llm/lora_manager.py: Literal['hf', 'nemo'])."""
+
+
+def stored_ckpt_source(engine: EngineConfig) -> str:
+    """``build_config.lora_config.lora_ckpt_source`` of the engine's config.json ("hf" where it is absent, the
+    builder's default): the format of the adapters trtllm-build stored in the engine dir."""
+    try:
+        data = json.loads((Path(engine.path) / "config.json").read_text())
+        source = data["build_config"]["lora_config"].get("lora_ckpt_source") or "hf"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "hf"
+    return str(source)
+
+
+def adapter_dirs(engine: EngineConfig, lora_dir: list[str] | None, ckpt_source: str | None) -> tuple[list[str], str]:
+    """(adapter folders, checkpoint format) to load, as ``ModelRunnerCpp.from_dir`` picks them.
+
+    Given ``lora_dir``: those folders, in ``ckpt_source`` (default "hf", from_dir's default). Without: the adapters
+    stored in the engine dir (``build_config.lora_config.lora_dir``) in the format the engine states
+    (``build_config.lora_config.lora_ckpt_source``), which from_dir takes over whatever its caller passed; here a
+    ``ckpt_source`` that contradicts it is refused instead of overridden silently.
+
+    Raises UsageError: no adapters at all, an unknown format, or one that contradicts the engine's.
+    """
+    if ckpt_source is not None and ckpt_source not in CKPT_SOURCES:
+        raise UsageError(f"lora_ckpt_source={ckpt_source!r} is not a LoRA checkpoint format: use hf or nemo")
     if lora_dir:
-        return list(lora_dir), ckpt_source
+        return list(lora_dir), ckpt_source or "hf"
     if engine.lora_dir:
-        return [str(Path(engine.path) / d) for d in engine.lora_dir], ckpt_source
+        stored = stored_ckpt_source(engine)
+        if ckpt_source is not None and ckpt_source != stored:
+            raise UsageError(f"lora_ckpt_source={ckpt_source} but the adapters stored in engine {engine.path} are "
+                             f"{stored} checkpoints (build_config.lora_config.lora_ckpt_source): drop "
+                             "--backend-opt lora_ckpt_source, or pass lora_dir=DIR for adapters of that format")
+        return [str(Path(engine.path) / d) for d in engine.lora_dir], stored
     raise UsageError(f"engine {engine.path} has a LoRA plugin but no adapters: pass --backend-opt lora_dir=DIR[,DIR]")
 
 
