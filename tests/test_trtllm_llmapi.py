@@ -41,11 +41,15 @@ def test_registered_and_the_llm_gets_the_long_context_settings(standin, tmp_path
     kv = call.pop("kv_cache_config")
     assert (kv.max_tokens, kv.enable_block_reuse, kv.free_gpu_memory_fraction, kv.tokens_per_block) == (
         1_100_000, False, 0.9, 32)
+    # the newest TorchLlmArgs has no fail-fast (a TrtLlmArgs field): dropped, quietly, as the cache is guarded anyway
     assert call == dict(model=str(tmp_path / "hf"), tokenizer=None, tensor_parallel_size=2, pipeline_parallel_size=1,
                         enable_chunked_prefill=True, max_seq_len=1008, max_num_tokens=8192, max_batch_size=1,
-                        return_perf_metrics=True, fail_fast_on_attention_window_too_large=True)
+                        return_perf_metrics=True, enable_iter_perf_stats=True)
+    assert b.dropped == ["LLM.fail_fast_on_attention_window_too_large"]
     cols = b.row_columns()
     assert cols["runtime_max_seq_len"] == 1008 and cols["tensorrt_llm_version"] == "1.2.0"
+    assert cols["runtime_fail_fast_on_attention_window"] is None  # never recorded as on where it was not passed
+    assert (cols["runtime_kv_cache_tokens"], cols["runtime_kv_cache_capacity_source"]) == (1_100_000, "allocated")
     assert cols["runtime_timing"] == "executor" and cols["runtime_tokens_per_block"] == 32
     json.dumps(b.info())
 
@@ -112,11 +116,12 @@ def test_several_ranks_are_refused(standin, tmp_path):
 def test_an_older_llm_drops_unknown_arguments_with_a_warning(standin, tmp_path, caplog):
     from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
 
-    del TorchLlmArgs.model_fields["fail_fast_on_attention_window_too_large"]
+    del TorchLlmArgs.model_fields["max_batch_size"]
     with caplog.at_level(logging.WARNING, "evalctx.backends.trtllm"):
         b = backend(hf_dir(tmp_path))
-    assert "fail_fast_on_attention_window_too_large" in caplog.text and b.dropped == [
-        "LLM.fail_fast_on_attention_window_too_large"]
+    assert "LLM has no max_batch_size; dropped" in caplog.text and b.dropped == [
+        "LLM.max_batch_size", "LLM.fail_fast_on_attention_window_too_large"]
+    assert "fail_fast" not in caplog.text  # guarded by the KV capacity instead: no warning on every run
     assert b.row_columns()["runtime_fail_fast_on_attention_window"] is None
     del TorchLlmArgs.model_fields["enable_chunked_prefill"]
     with pytest.raises(UsageError, match="enable_chunked_prefill"):
@@ -195,3 +200,54 @@ def test_the_checkpoints_own_limits_and_tokenizer_are_checked(standin, tmp_path)
     shutil.copytree(resolve_model("tiny").path, tiny)
     with pytest.raises(UsageError, match="does not tokenize like the one .* ships.*pass --tokenizer"):
         backend(tiny, {"tokenizer": ByteTokenizer()})
+
+
+def test_a_kv_cache_smaller_than_a_sample_makes_it_unsupported_with_the_numbers(standin, tmp_path):
+    """The PyTorch backend has no fail-fast: a pool smaller than the sequence shrinks the attention window and the
+    needle is lost silently (the stand-in then answers " 0"). The capacity allocated at load is read back from the
+    iteration stats, and longer samples never reach the LLM."""
+    standin.BEHAVIOUR["kv_pool_tokens"] = 1000  # what the memory fraction gives: 31 blocks of 32 = 992 tokens
+    b = backend(hf_dir(tmp_path), max_seq_len="4096")
+    assert (b.kv_capacity, b.kv_blocks, b.kv_capacity_source) == (992, (31, 32), "allocated")
+    specs = [SimpleNamespace(id="fits", context_length=984, max_new_tokens=8),
+             SimpleNamespace(id="long", context_length=985, max_new_tokens=8)]
+    reasons = b.preflight(specs)
+    assert list(reasons) == ["long"] and "\n" not in reasons["long"]
+    assert ("needs 1024 KV-cache tokens but the KV cache tensorrt_llm allocated holds 992 tokens (31 blocks of 32)"
+            in reasons["long"] and "drop lengths > 984" in reasons["long"])
+    out = b.generate([request("fits", "y" * 983), request("long", "y" * 984)])  # +BOS: 984 and 985 tokens
+    assert out[0].text == " 42" and "allocated holds 992" in out[1].error  # never sent, never scored as wrong
+    assert b.limits().kv_cache_tokens == 992 and b.row_columns()["runtime_kv_cache_tokens"] == 992
+
+
+def test_without_the_guard_the_standin_loses_the_needle(standin, tmp_path):
+    """The stand-in is as silent as the real backend: sent anyway, the long prompt is answered wrongly, no error."""
+    standin.BEHAVIOUR["kv_pool_tokens"] = 1000
+    b = backend(hf_dir(tmp_path), max_seq_len="4096")
+    r = b._llm.generate_async({"prompt_token_ids": [5] * 985}, sampling_params=b._sampling(request("x", new=8)))
+    assert r.result().outputs[0].token_ids[:2] == [35, 51]  # " 0": the needle's tokens were dropped
+
+
+def test_a_release_that_reports_no_kv_cache_needs_the_token_budget(standin, tmp_path, caplog):
+    standin.BEHAVIOUR["iteration_stats"] = False
+    with pytest.raises(UsageError, match=r"did not report the KV cache it allocated .* pass --backend-opt "
+                                         r"max_tokens_in_paged_kv_cache=N") as err:
+        backend(hf_dir(tmp_path))
+    assert "\n" not in str(err.value)
+    with caplog.at_level(logging.WARNING, "evalctx.backends.trtllm"):
+        b = backend(hf_dir(tmp_path), max_tokens_in_paged_kv_cache="2000", max_seq_len="4096")
+    assert (b.kv_capacity, b.kv_capacity_source) == (2000, "requested") and "may undercut" in caplog.text
+    reasons = b.preflight([SimpleNamespace(id="long", context_length=1995, max_new_tokens=8)])
+    assert "max_tokens_in_paged_kv_cache is 2000" in reasons["long"]
+
+
+def test_the_request_timeout_scales_with_the_prompt_unless_given(standin, tmp_path):
+    from evalctx.backends.trtllm.backend import TIMEOUT_BASE_S, TIMEOUT_PER_TOKEN_S
+
+    o = backend(hf_dir(tmp_path)).options
+    assert o.request_timeout_s is None
+    assert o.timeout_s(1_048_576) == pytest.approx(TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S * 1_048_576)
+    assert o.timeout_s(1_048_576) > 4000 and o.timeout_s(100) < 700  # a 1M prefill gets over an hour
+    assert backend(hf_dir(tmp_path), request_timeout_s="30").options.timeout_s(1_048_576) == 30.0
+    with pytest.raises(UsageError, match="request_timeout_s=0.0"):
+        backend(hf_dir(tmp_path), request_timeout_s="0")

@@ -41,9 +41,18 @@ log = logging.getLogger("evalctx.backends.trtllm")
 # Without these the run would be wrong rather than slower, so a release without them is refused.
 REQUIRED_ARGS = ("model", "kv_cache_config", "enable_chunked_prefill", "max_seq_len", "max_num_tokens",
                  "return_perf_metrics")
+GUARDED_ARGS = ("fail_fast_on_attention_window_too_large", "enable_iter_perf_stats")
+"""Keywords dropped without a warning where a release lacks them (still listed in ``dropped``): the newest
+TorchLlmArgs has no fail-fast (a TrtLlmArgs field), and evalctx guards the KV cache by its capacity either way
+(:meth:`TRTLLMAPIBackend._resolve_kv_capacity`, which refuses the run where it can read no capacity)."""
 _ABANDONED: list[Any] = []
 ABORT_GRACE_S = 60.0
 """After aborting, how long to wait for the aborted requests' final responses before giving up on the run."""
+PROBE_TIMEOUT_S = 600.0
+"""How long the one-token request that makes the executor report its KV cache may take (first-iteration warm-up,
+CUDA graph capture)."""
+STATS_TIMEOUT_S = 5.0
+"""How long ``llm.get_stats`` may wait for the probe's iteration stats."""
 
 
 class _Wait(threading.Thread):
@@ -113,6 +122,10 @@ class TRTLLMAPIBackend(Backend):
         # What the LLM settled on (it may derive max_seq_len from the checkpoint when none was given).
         self.max_seq_len = getattr(args, "max_seq_len", None) or self.llm_args.get("max_seq_len")
         self.max_num_tokens = getattr(args, "max_num_tokens", None) or options.max_num_tokens
+        self.kv_capacity: int | None = None
+        self.kv_capacity_source: str | None = None
+        self.kv_blocks: tuple[int, int] | None = None
+        self._resolve_kv_capacity()
 
     def _check_tokenizer(self, spec: str | None) -> None:
         """Before the LLM loads: the tokenizer must be the checkpoint's (evalctx.tokenizer_check), as for hf."""
@@ -152,7 +165,7 @@ class TRTLLMAPIBackend(Backend):
             enable_chunked_prefill=o.enable_chunked_prefill, max_seq_len=max_seq_len, max_num_tokens=o.max_num_tokens,
             max_batch_size=o.max_batch_size, return_perf_metrics=True,
             fail_fast_on_attention_window_too_large=o.fail_fast_on_attention_window_too_large,
-            **(o.extra_llm_args or {}))
+            enable_iter_perf_stats=True, **(o.extra_llm_args or {}))
         self.llm_args = self._known_args({k: v for k, v in wanted.items() if v is not None})
         try:
             self._llm = LLM(**self.llm_args)
@@ -180,9 +193,119 @@ class TRTLLMAPIBackend(Backend):
                              "correct results: install tensorrt_llm >= 1.2 (pip install 'evalctx[trtllm]')")
         if missing:
             self.dropped = [f"LLM.{k}" for k in missing]
-            log.warning("tensorrt_llm %s: LLM has no %s; dropped (library defaults apply)", self.version,
-                        ", ".join(missing))
+            loud = [k for k in missing if k not in GUARDED_ARGS]
+            if loud:
+                log.warning("tensorrt_llm %s: LLM has no %s; dropped (library defaults apply)", self.version,
+                            ", ".join(loud))
         return {k: v for k, v in wanted.items() if k in known}
+
+    # ------------------------------------------------------------------------------------ KV-cache capacity
+    def _resolve_kv_capacity(self) -> None:
+        """The KV-cache capacity preflight holds every sample to, in tokens.
+
+        The PyTorch backend has no fail-fast: the newest llm_args.py declares
+        ``fail_fast_on_attention_window_too_large`` on TrtLlmArgs only, and the KV cache manager
+        (``_torch/pyexecutor/resource_manager.py``, ``adjust_window_sizes_for_vswa``) shrinks the attention windows
+        until one sequence fits the memory it got, ignoring ``max_tokens`` for models with several windows. A
+        cache smaller than max_seq_len would then drop a sample's first tokens silently, the early needles with
+        them. So the capacity actually allocated is read back after load (:meth:`_read_kv_capacity`); a release
+        that does not report it falls back to ``max_tokens_in_paged_kv_cache`` with a warning (an upper bound the
+        memory fraction may undercut), and without that either the run is refused.
+
+        Raises UsageError: the capacity cannot be read and no max_tokens_in_paged_kv_cache is given.
+        """
+        read = self._read_kv_capacity()
+        if read is not None:
+            self.kv_blocks = read
+            self.kv_capacity, self.kv_capacity_source = read[0] * read[1], "allocated"
+            return
+        cap = self.options.max_tokens_in_paged_kv_cache
+        if cap is None:
+            raise UsageError(f"tensorrt_llm {self.version} did not report the KV cache it allocated (llm.get_stats() "
+                             "gave no kvCacheStats), and its PyTorch backend shrinks the attention window silently "
+                             "when that cache is smaller than a sample: pass --backend-opt "
+                             "max_tokens_in_paged_kv_cache=N (N <= the 'max tokens' TensorRT-LLM logs at load; see "
+                             "evalctx plan) so that longer samples are refused")
+        self.kv_capacity, self.kv_capacity_source = cap, "requested"
+        log.warning("tensorrt_llm %s did not report the KV cache it allocated: samples are held to "
+                    "max_tokens_in_paged_kv_cache=%d, which the memory fraction may undercut (check the 'max tokens' "
+                    "log line)", self.version, cap)
+
+    def _read_kv_capacity(self) -> tuple[int, int] | None:
+        """(blocks, tokens per block) of the KV cache the executor allocated, or None where it cannot tell.
+
+        Iteration stats (``LLM(enable_iter_perf_stats=True)``, ``llm.get_stats(timeout)``: one JSON object per
+        executor iteration, ``kvCacheStats.maxNumBlocks`` and ``tokensPerBlock``) exist only once an iteration ran,
+        so one request of one prompt token and one new token is run first. Raises what a fatal error (CUDA, out of
+        memory) raises; other failures only make the capacity unknown.
+        """
+        if not self.llm_args.get("enable_iter_perf_stats") or not hasattr(self._llm, "get_stats"):
+            return None
+        probe = GenerationRequest(sample_id="kv-capacity-probe", prompt_ids=[self.end_ids[0]], prompt="",
+                                  max_new_tokens=1)
+        try:
+            item = self._llm.generate_async({"prompt_token_ids": list(probe.prompt_ids)},
+                                            sampling_params=self._sampling(probe))
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            log.debug("KV-capacity probe refused: %s", one_line(exc))
+            return None
+        wait = _Wait(item)
+        wait.start()
+        wait.join(PROBE_TIMEOUT_S)
+        if wait.is_alive():
+            item.abort()
+            wait.join(ABORT_GRACE_S)
+            if wait.is_alive():
+                self._failed = True
+                raise RuntimeError(f"tensorrt_llm: a one-token request got no response within {PROBE_TIMEOUT_S:g} s "
+                                   "after load; the LLM's state is unknown")
+            return None
+        if wait.error is not None:
+            if is_fatal(wait.error):
+                raise wait.error
+            return None
+        try:
+            snapshots = self._llm.get_stats(timeout=STATS_TIMEOUT_S)
+        except Exception as exc:  # NoStatsAvailable and friends: the release cannot tell
+            log.debug("llm.get_stats failed: %s", one_line(exc))
+            return None
+        best: tuple[int, int] | None = None
+        for snap in snapshots or []:
+            if isinstance(snap, str):
+                try:
+                    snap = json.loads(snap)
+                except ValueError:
+                    continue
+            kv = snap.get("kvCacheStats") if isinstance(snap, dict) else None
+            if not isinstance(kv, dict):
+                continue
+            blocks, per_block = kv.get("maxNumBlocks"), kv.get("tokensPerBlock")
+            if isinstance(blocks, int) and isinstance(per_block, int) and blocks > 0 and per_block > 0:
+                if best is None or blocks * per_block > best[0] * best[1]:
+                    best = (blocks, per_block)
+        return best
+
+    def _kv_reason(self, prompt_tokens: int, max_new_tokens: int) -> str | None:
+        """Why a sample does not fit the KV cache, with the numbers; None when it fits (or nothing is known)."""
+        if self.kv_capacity is None:
+            return None
+        block = self.kv_blocks[1] if self.kv_blocks else max(1, self.options.tokens_per_block)
+        capacity = self.kv_capacity // block * block
+        need = prompt_tokens + max_new_tokens
+        need_kv = -(-need // block) * block
+        if need_kv <= capacity:
+            return None
+        if self.kv_capacity_source == "allocated":
+            held = f"the KV cache tensorrt_llm allocated holds {capacity} tokens ({self.kv_blocks[0]} blocks of {block})"
+            fix = ("raise kv_cache_free_gpu_memory_fraction or tensor_parallel_size, or pass kv_cache_dtype=fp8")
+        else:
+            held = f"max_tokens_in_paged_kv_cache is {self.kv_capacity}"
+            fix = "raise max_tokens_in_paged_kv_cache (see evalctx plan)"
+        return (f"prompt {prompt_tokens} + max_new_tokens {max_new_tokens} needs {need_kv} KV-cache tokens but {held}: "
+                f"the PyTorch backend would shrink the attention window and lose the prompt's first tokens; {fix}, "
+                f"or drop lengths > {max(0, capacity - max_new_tokens)}")
 
     # --------------------------------------------------------------------------------------------- preflight
     def limits(self) -> EngineLimits:
@@ -195,13 +318,17 @@ class TRTLLMAPIBackend(Backend):
         if m.attention_window:
             window = min(window, m.attention_window) if window else m.attention_window
         return EngineLimits(max_seq_len=seq, max_num_tokens=self.max_num_tokens, paged_context_fmha=True,
-                            chunked_context=o.enable_chunked_prefill, kv_cache_tokens=o.max_tokens_in_paged_kv_cache,
-                            tokens_per_block=o.tokens_per_block, attention_window=window,
+                            chunked_context=o.enable_chunked_prefill, kv_cache_tokens=self.kv_capacity,
+                            tokens_per_block=self.kv_blocks[1] if self.kv_blocks else o.tokens_per_block,
+                            attention_window=window,
                             sink_tokens=o.sink_token_length or 0, max_positions=m.max_positions,
                             trained_positions=m.trained_positions)
 
     def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
-        return preflight(samples, self.limits())
+        """The engine limits' reasons, and first of all the KV cache's (:meth:`_kv_reason`, with its numbers)."""
+        out = {s.id: r for s in samples if (r := self._kv_reason(s.context_length, s.max_new_tokens)) is not None}
+        out.update(preflight([s for s in samples if s.id not in out], self.limits()))
+        return out
 
     # -------------------------------------------------------------------------------------------- generation
     def _sampling(self, req: GenerationRequest) -> Any:
@@ -216,7 +343,8 @@ class TRTLLMAPIBackend(Backend):
     def _check_request(self, req: GenerationRequest) -> str | None:
         if not req.prompt_ids:
             return "empty prompt"
-        return check(len(req.prompt_ids), req.max_new_tokens, self.limits())
+        return self._kv_reason(len(req.prompt_ids), req.max_new_tokens) or check(len(req.prompt_ids),
+                                                                                 req.max_new_tokens, self.limits())
 
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
         try:
@@ -240,7 +368,8 @@ class TRTLLMAPIBackend(Backend):
         waits = {i: _Wait(item) for i, item in enumerate(pending) if not isinstance(item, Exception)}
         for w in waits.values():
             w.start()
-        deadline = t0 + self.options.request_timeout_s
+        timeout = self.options.timeout_s(sum(len(r.prompt_ids) for r in reqs))
+        deadline = t0 + timeout
         for w in waits.values():
             w.join(max(0.0, deadline - time.perf_counter()))
         late = {i for i, w in waits.items() if w.is_alive()}
@@ -253,17 +382,16 @@ class TRTLLMAPIBackend(Backend):
         if stuck:
             raise RuntimeError(f"tensorrt_llm: aborted requests {stuck} got no final response within "
                                f"{ABORT_GRACE_S:g} s; the LLM's state is unknown")
-        return [self._outcome(req, pending[i], waits.get(i), i in late, t0, n) for i, req in enumerate(reqs)]
+        return [self._outcome(req, pending[i], waits.get(i), i in late, t0, n, timeout) for i, req in enumerate(reqs)]
 
     def _outcome(self, req: GenerationRequest, item: Any, wait: _Wait | None, late: bool, t0: float,
-                 n: int) -> GenerationResult:
+                 n: int, timeout: float) -> GenerationResult:
         if isinstance(item, Exception):
             return error_result(req, one_line(item), n)
         assert wait is not None and wait.ended_at is not None
         latency = wait.ended_at - t0
         if late:
-            return error_result(req, f"no final response within request_timeout_s={self.options.request_timeout_s:g} s:"
-                                     " aborted", n, latency)
+            return error_result(req, f"no final response within request_timeout_s={timeout:g} s: aborted", n, latency)
         if wait.error is not None:
             if is_fatal(wait.error):
                 raise wait.error
@@ -291,9 +419,12 @@ class TRTLLMAPIBackend(Backend):
             "runtime_sink_token_length": o.sink_token_length,
             "runtime_max_batch_size": o.max_batch_size,
             "runtime_max_tokens_in_paged_kv_cache": o.max_tokens_in_paged_kv_cache,
+            "runtime_kv_cache_tokens": self.kv_capacity,
+            "runtime_kv_cache_capacity_source": self.kv_capacity_source,
             "runtime_kv_cache_free_gpu_memory_fraction": o.kv_cache_free_gpu_memory_fraction,
             "runtime_kv_cache_enable_block_reuse": o.kv_cache_enable_block_reuse,
             "runtime_kv_cache_dtype": o.kv_cache_dtype,
+            "runtime_request_timeout_s": o.request_timeout_s,
             "runtime_tokens_per_block": o.tokens_per_block,
             "runtime_fail_fast_on_attention_window": o.fail_fast_on_attention_window_too_large
             if "fail_fast_on_attention_window_too_large" in self.llm_args else None,

@@ -22,6 +22,12 @@ BEHAVIOUR: dict = {
     "result_timeout": "ignored",
     "abort_lost": False,  # LLM API: abort() never produces the final (cancelled) response
     "block_cap_s": 30.0,  # how long a blocked result() waits here before failing the test instead of hanging it
+    # LLM API: tokens of KV cache the memory fraction gives (the pool is min(this, kv_cache_config.max_tokens), in
+    # whole blocks); a sequence longer than the pool has its attention window shrunk (resource_manager.py,
+    # adjust_window_sizes_for_vswa) and loses its first tokens: the model then answers "lost_answer"
+    "kv_pool_tokens": 4_000_000,
+    "lost_answer": [35, 51],  # " 0" in evalctx's ByteTokenizer
+    "iteration_stats": True,  # LLM API: get_stats() reports kvCacheStats (False: a release that does not)
 }
 BEHAVIOUR.update(json.loads(os.environ.get("EVALCTX_STANDIN_BEHAVIOUR", "{}")))
 WORLD = {"rank": 0, "size": 1}

@@ -114,6 +114,25 @@ class LLM:
             tensor_parallel_size=kwargs.get("tensor_parallel_size", 1), backend="pytorch")
         self._ids = itertools.count(1)
         self._shutdown = False
+        kv = self.args.kv_cache_config
+        pool = min(S.BEHAVIOUR["kv_pool_tokens"], kv.max_tokens or S.BEHAVIOUR["kv_pool_tokens"])
+        self.kv_blocks = pool // kv.tokens_per_block  # whole blocks, as the KV cache manager allocates them
+        self.kv_tokens = self.kv_blocks * kv.tokens_per_block
+        self._stats: list = []  # iteration stats not yet fetched (get_stats drains them)
+        self._iter_stats = bool(kwargs.get("enable_iter_perf_stats"))
+
+    def get_stats(self, timeout=2):
+        """One dict per executor iteration since the last call (llm.py ``get_stats``); empty without
+        ``enable_iter_perf_stats`` or before any request ran."""
+        out, self._stats = self._stats, []
+        return out
+
+    def _iteration(self):
+        if self._iter_stats and S.BEHAVIOUR["iteration_stats"]:
+            kv = self.args.kv_cache_config
+            self._stats.append({"iter": len(self._stats), "kvCacheStats": {
+                "maxNumBlocks": self.kv_blocks, "freeNumBlocks": self.kv_blocks, "usedNumBlocks": 0,
+                "tokensPerBlock": kv.tokens_per_block}})
 
     def generate_async(self, inputs, sampling_params=None, streaming=False, **kwargs):
         if self._shutdown:
@@ -125,6 +144,7 @@ class LLM:
             raise ValueError(f"The sum of prompt length ({float(len(ids))}), query length (0) should not exceed "
                              f"max_num_tokens ({a.max_num_tokens})")
         rid = next(self._ids)
+        self._iteration()
         if S.BEHAVIOUR["error_token"] in ids:
             return RequestOutput(rid, ids, error=S.BEHAVIOUR["error_message"])
         if S.BEHAVIOUR["hang_token"] in ids:
@@ -133,6 +153,8 @@ class LLM:
             return RequestOutput(rid, ids, error=f"prompt + max_tokens exceeds max_seq_len ({a.max_seq_len})")
         stops = [[t] for t in sp.stop_token_ids or []]
         tokens, reason = S.generate(ids, sp.max_tokens, sp.end_id, stops)
+        if len(ids) + sp.max_tokens > self.kv_tokens:  # the window shrunk to the pool: the needle is gone, silently
+            tokens, reason = S.BEHAVIOUR["lost_answer"] + [sp.end_id], "END_ID"
         if reason == "STOP_WORDS" and not sp.include_stop_str_in_output:
             tokens = tokens[:-1]
         out = RequestOutput(rid, ids)
