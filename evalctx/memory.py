@@ -11,7 +11,10 @@ Per rank, for a batch of ``b`` sequences of ``tokens`` positions (prompt plus ge
 * **weights**: the attention and MLP matrices split over K (transformers' tp plan for Llama-style models:
   q/k/v/gate/up column-wise, o/down row-wise); the embedding table and norms replicated on every rank; lm_head
   split column-wise (its output is gathered). Same layout as :func:`evalctx.plan.rank_memory` at pp=1.
-* **KV cache**: preallocated for ``b x tokens`` positions, ``2 x layers x ceil(kv_heads/K) x head_dim`` elements each.
+* **KV cache**: preallocated for ``b x tokens`` positions, ``2 x layers x ceil(kv_heads/K) x head_dim`` elements each,
+  in full-attention layers; sliding-window and chunked layers hold their window (:mod:`evalctx.kv_layout`, which
+  also gives the bytes of fp8/int8 elements and their scales). A quantized cache is read back one layer at a time
+  in the model dtype: ``2 x b x tokens x ceil(kv_heads/K) x head_dim x a`` bytes more at the peak.
 * **activations** of one prefill chunk of ``c`` tokens (hf transformers, eager modules, bf16/fp16 ``a`` bytes):
   the largest of the MLP (``3 x c x intermediate/K`` for act(gate), up and their product, plus the residual and
   normed input ``2 x c x hidden``), attention (q, its RoPE temporaries and the output, ``6 x c x heads/K x
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
-from evalctx.plan import GB, ModelShape, rank_memory
+from evalctx.dtypes import canonical_dtype
+from evalctx.kv_layout import QUANTIZED_KV, kv_groups
+from evalctx.plan import GB, KV_DTYPES, ModelShape, rank_memory
 
 DEFAULT_RESERVE_GB = 2.0
 """CUDA context (~0.5 GB), cuBLAS and NCCL workspaces, and allocator fragmentation."""
@@ -53,6 +58,9 @@ class HFMemory:
     kv_cache: int
     activations: int
     reserve: int
+    kv_dtype: str = "bf16"
+    kv_groups: tuple = ()
+    """The KV cache by layer kind (:class:`evalctx.kv_layout.LayerGroup`), full layers first."""
 
     @property
     def total(self) -> int:
@@ -68,7 +76,14 @@ class HFMemory:
                 f"{self.reserve / GB:.1f})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total": self.total}
+        d = asdict(self)
+        d["kv_groups"] = [{**asdict(g), "kind": g.kind} for g in self.kv_groups]
+        return {**d, "total": self.total}
+
+    def layout_text(self) -> str:
+        """``"full: 4 layers x 131,072 positions; window 512: 20 layers x 4,607 positions (fp8)"``."""
+        parts = [f"{g.kind}: {g.layers} layers x {g.positions:,} positions" for g in self.kv_groups]
+        return "; ".join(parts) + f" ({self.kv_dtype})"
 
 
 def hf_activation_bytes(shape: ModelShape, chunk: int, tokens: int, *, batch: int = 1, tp: int = 1,
@@ -91,28 +106,41 @@ def hf_activation_bytes(shape: ModelShape, chunk: int, tokens: int, *, batch: in
 
 def hf_rank_memory(shape: ModelShape, tokens: int, *, chunk: int, batch: int = 1, tp: int = 1,
                    dtype: str = "bf16", attention: str = "evalctx_sdpa",
-                   reserve_gb: float = DEFAULT_RESERVE_GB) -> HFMemory:
+                   reserve_gb: float = DEFAULT_RESERVE_GB, kv_dtype: str | None = None,
+                   windows: Sequence[int | None] | None = None, reuse_every: int = 0) -> HFMemory:
     """Memory one rank of an hf replica needs for ``batch`` sequences of ``tokens`` positions.
 
     ``chunk`` 0 means the whole prompt in one step; a chunk longer than ``tokens`` is cut to it. ``dtype`` is the
-    weights' and KV cache's (fp32, fp16, bf16). Raises :class:`~evalctx.errors.UsageError` for an unknown dtype.
+    weights' (fp32, fp16, bf16); ``kv_dtype`` the KV cache's (default: ``dtype``; or fp8, int8). ``windows``: per
+    layer None or its attention window (:func:`evalctx.kv_layout.layer_windows`; default: every layer full);
+    ``reuse_every``: the prefix-reuse granularity (0 = none). Raises :class:`~evalctx.errors.UsageError` for an
+    unknown dtype.
     """
     step = min(chunk or tokens, tokens)
+    kv_dtype = canonical_dtype(kv_dtype or dtype, KV_DTYPES, "KV-cache dtype")
     base = rank_memory(shape, tp=tp, pp=1, weight_dtype=dtype, kv_dtype=dtype, kv_tokens=tokens * batch,
                        max_num_tokens=max(1, step), batch=batch)
-    act = hf_activation_bytes(shape, step, tokens, batch=batch, tp=tp,
-                              act_bytes=4.0 if dtype == "fp32" else 2.0, attention=attention)
-    return HFMemory(tp=tp, tokens=tokens, batch=batch, chunk=step, weights=base.weights, kv_cache=base.kv_cache,
-                    activations=act, reserve=int(reserve_gb * GB))
+    a = 4.0 if dtype == "fp32" else 2.0
+    heads = math.ceil(shape.num_kv_heads / tp)
+    groups = tuple(kv_groups(windows or [None] * shape.num_layers, tokens, kv_heads=heads,
+                             head_dim=shape.head_dim, kv_dtype=kv_dtype, step=chunk, reuse_every=reuse_every,
+                             batch=batch))
+    act = hf_activation_bytes(shape, step, tokens, batch=batch, tp=tp, act_bytes=a, attention=attention)
+    if kv_dtype in QUANTIZED_KV:  # one layer's keys and values read back in the model dtype
+        act += int(2 * batch * max(g.positions for g in groups) * heads * shape.head_dim * a)
+    return HFMemory(tp=tp, tokens=tokens, batch=batch, chunk=step, weights=base.weights,
+                    kv_cache=sum(g.bytes for g in groups), activations=act, reserve=int(reserve_gb * GB),
+                    kv_dtype=kv_dtype, kv_groups=groups)
 
 
 def longest_fitting(shape: ModelShape, capacity_bytes: float, *, chunk: int, batch: int = 1, tp: int = 1,
                     dtype: str = "bf16", attention: str = "evalctx_sdpa",
-                    reserve_gb: float = DEFAULT_RESERVE_GB) -> int:
-    """The most positions per sequence (prompt plus budget) that fit ``capacity_bytes``; 0 when none do."""
+                    reserve_gb: float = DEFAULT_RESERVE_GB, **kv: Any) -> int:
+    """The most positions per sequence (prompt plus budget) that fit ``capacity_bytes``; 0 when none do. ``kv``:
+    :func:`hf_rank_memory`'s kv_dtype, windows and reuse_every."""
     def fits(n: int) -> bool:
         return hf_rank_memory(shape, n, chunk=chunk, batch=batch, tp=tp, dtype=dtype, attention=attention,
-                              reserve_gb=reserve_gb).fits(capacity_bytes)
+                              reserve_gb=reserve_gb, **kv).fits(capacity_bytes)
 
     if not fits(1):
         return 0

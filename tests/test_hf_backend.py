@@ -158,7 +158,8 @@ def test_preallocated_cache_matches_dynamic_cache(tiny_llama: Path, impl: str) -
     cache = PreallocatedCache(model.config.num_hidden_layers, capacity=80, batch=2)
     ours = _chunked_logits(model, ids, cache, 16)
     assert cache.length == 70 and cache.capacity == 80
-    assert cache.layers[0].keys.shape == (2, 1, 80, 32)  # allocated once, at capacity (1 KV head of 32)
+    assert cache.layers[0].store.k.shape == (80, 2, 1, 32)  # allocated once, at capacity (1 KV head of 32)
+    assert cache.layers[0].keys.shape == (2, 1, 70, 32)  # attention sees the filled positions
     assert cache.layers[0].keys.stride() == (32, 32, 64, 1)  # position-major: strides independent of capacity
     assert torch.allclose(dynamic, ours, atol=1e-5, rtol=1e-4)
 

@@ -80,7 +80,7 @@ def llama3_dir(tmp_path):
 def test_plan_command_for_hf(llama3_dir, capsys):
     out = _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", str(ONE_M + 32),
                  "--gpu-memory", "150.75", "--chunk-size", "8192"], capsys)
-    assert "KV preallocated for 1,048,608 tokens" in out
+    assert "bf16 KV cache, preallocated for 1,048,608 tokens" in out
     assert "smallest tp that fits 150.75 GB per GPU: tp 2" in out
     line_tp1 = next(x for x in out.splitlines() if x.strip().startswith("1 "))
     assert " no " in line_tp1 and "137.44" in line_tp1
@@ -91,8 +91,8 @@ def test_plan_command_for_hf(llama3_dir, capsys):
 
 
 def test_plan_command_for_hf_refuses_what_hf_cannot_do(llama3_dir, capsys):
-    with pytest.raises(UsageError, match="KV cache in the model dtype"):
-        _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--kv-dtype", "fp8"], capsys)
+    with pytest.raises(UsageError, match=r"KV cache in the model dtype \(bf16\), fp8 or int8, not fp16"):
+        _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--kv-dtype", "fp16"], capsys)
     with pytest.raises(UsageError, match="runs fp32, fp16 or bf16"):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--weight-dtype", "int4"], capsys)
     with pytest.raises(UsageError, match="does not divide"):

@@ -18,6 +18,7 @@ from evalctx.argtypes import fraction, non_negative_float, positive_float, posit
 from evalctx.dtypes import canonical_dtype
 from evalctx.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError
+from evalctx.kv_layout import QUANTIZED_KV, bytes_per_position, layer_windows
 from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, ModelShape,
                           Plan, RankMemory, load_shape, plan)
 
@@ -60,6 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="whose memory layout to plan (default trtllm; hf: what the hf backend's preflight decides)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="hf: prefill chunk in tokens (default: the hf backend's default)")
+    p.add_argument("--prefix-reuse", action="store_true",
+                   help="hf: count the window snapshots prefix reuse keeps (the backend's prefix_reuse=true)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -225,9 +228,10 @@ def _hf(args: argparse.Namespace) -> str:
     dtype = given or "bf16"
     if dtype not in hf_dtypes:
         raise UsageError(f"evalctx plan --backend hf: the hf backend runs fp32, fp16 or bf16, not {dtype}")
-    if args.kv_dtype and canonical_dtype(args.kv_dtype, None, "--kv-dtype") != dtype:
-        raise UsageError("evalctx plan --backend hf: the hf backend keeps the KV cache in the model dtype; "
-                         "drop --kv-dtype")
+    kv_dtype = canonical_dtype(args.kv_dtype, None, "--kv-dtype") if args.kv_dtype else dtype
+    if kv_dtype not in (dtype, *QUANTIZED_KV):
+        raise UsageError(f"evalctx plan --backend hf: the hf backend keeps the KV cache in the model dtype "
+                         f"({dtype}), fp8 or int8, not {kv_dtype}")
     if not args.context:
         raise UsageError("evalctx plan: pass --context TOKENS (prompt plus generated)")
     warning = position_warning(args.context, shape)
@@ -239,13 +243,16 @@ def _hf(args: argparse.Namespace) -> str:
         raise UsageError(f"tp {tp} does not divide the {shape.num_attention_heads} attention and "
                          f"{shape.num_kv_heads} KV heads")
     attention = _hf_attention(shape.source)
-    common = dict(chunk=chunk, batch=args.batch, dtype=dtype, reserve_gb=args.reserve_gb, attention=attention)
+    windows = layer_windows(_as_loaded(json.loads(Path(shape.source).read_text())))
+    common = dict(chunk=chunk, batch=args.batch, dtype=dtype, reserve_gb=args.reserve_gb, attention=attention,
+                  kv_dtype=kv_dtype, windows=windows, reuse_every=chunk if args.prefix_reuse else 0)
     tps = [t for t in (1, 2, 4, 8, 16) if shape.num_attention_heads % t == 0 and shape.num_kv_heads % t == 0]
     rows = {t: hf_rank_memory(shape, args.context, tp=t, **common) for t in sorted({tp, *tps})}
     gpu = args.gpu_memory * GB if args.gpu_memory else None
     longest = {t: longest_fitting(shape, gpu, tp=t, **common) for t in rows} if gpu else {}
     if args.json:
         return json.dumps({"backend": "hf", "shape": shape.__dict__, "context": args.context, "dtype": dtype,
+                           "kv_dtype": kv_dtype, "prefix_reuse": args.prefix_reuse,
                            "attn_implementation": attention, "chunk_size": chunk, "gpu_memory_gb": args.gpu_memory,
                            "per_rank": rows[tp].to_dict(),
                            "by_tp": [{**m.to_dict(), "fits": m.fits(gpu) if gpu else None,
@@ -253,7 +260,8 @@ def _hf(args: argparse.Namespace) -> str:
     m = rows[tp]
     lines = [
         f"model    {shape.architecture or 'model'} from {shape.source}",
-        f"hf       {dtype} weights and KV cache{'' if given else ' (dtype=auto on CUDA)'}, KV preallocated for "
+        f"hf       {dtype} weights{'' if given else ' (dtype=auto on CUDA)'}, {kv_dtype} KV cache"
+        f"{' with a float32 scale per token and KV head' if kv_dtype in QUANTIZED_KV else ''}, preallocated for "
         f"{args.context:,} tokens x batch {args.batch}, prefill chunk {m.chunk}, "
         + ("lower-right SDPA (no mask tensor)" if attention == LOWER_RIGHT_SDPA else
            f"attention {attention} (not plain causal: a chunk x context mask per chunk)"),
@@ -261,6 +269,7 @@ def _hf(args: argparse.Namespace) -> str:
         f"per rank at tp {tp}".ljust(36) + "GB",
         f"  weights                        {_gb(m.weights):>8}",
         f"  KV cache                       {_gb(m.kv_cache):>8}",
+        *_kv_lines(m, shape, tp),
         f"  activations (chunk {m.chunk:>6})    {_gb(m.activations):>8}",
         f"  reserve                        {_gb(m.reserve):>8}",
         f"  total                          {_gb(m.total):>8}",
@@ -276,6 +285,21 @@ def _hf(args: argparse.Namespace) -> str:
         lines.append(f"smallest tp that fits {args.gpu_memory:g} GB per GPU: "
                      + (f"tp {best}" if best else "none (a shorter context, or a smaller batch)"))
     return "\n".join(lines)
+
+
+def _kv_lines(m: Any, shape: ModelShape, tp: int) -> list[str]:
+    """The KV cache per layer kind: layers, positions held, bytes per token per layer, GB; and what the window-only
+    layout saves against keeping every position in every layer."""
+    import math
+
+    per_pos = bytes_per_position(math.ceil(shape.num_kv_heads / tp), shape.head_dim, m.kv_dtype)
+    lines = [f"    {g.kind:<14} {g.layers:>3} layers x {g.positions:>11,} positions  {per_pos:>6,} B/token/layer"
+             f"  {_gb(g.bytes):>8}" for g in m.kv_groups]
+    whole = per_pos * shape.num_layers * m.tokens * m.batch
+    if len(m.kv_groups) > 1 or (m.kv_groups and m.kv_groups[0].window is not None):
+        lines.append(f"    every position in every layer would be {_gb(whole)} GB: this layout holds "
+                     f"{m.kv_cache / whole:.2f}x")
+    return lines
 
 
 def main(args: argparse.Namespace) -> int:

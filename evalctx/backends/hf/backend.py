@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
+from evalctx.backends.hf.cache import model_windows
 from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels, plain_causal,
                                            register_lower_right_sdpa)
 from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, describe, end_ids
@@ -42,6 +43,17 @@ from evalctx.records import GenerationRequest, GenerationResult, Sample
 from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
 
 _DTYPES = {"auto": None, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _kv_dtype(spec: str) -> str | None:
+    """The kv_dtype option: None for the model dtype, else "fp8" or "int8"; UsageError for anything else."""
+    key = spec.strip().lower().replace("-", "_")
+    if key in ("auto", "model", ""):
+        return None
+    named = {"fp8": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "float8_e4m3fn": "fp8", "int8": "int8"}.get(key)
+    if named is None:
+        raise UsageError(f"backend hf: kv_dtype={spec!r} is not one of auto (the model dtype), fp8 (e4m3), int8")
+    return named
 
 
 class HFBackend(Backend):
@@ -76,6 +88,13 @@ class HFBackend(Backend):
         next prompt (token ids compared, rounded down to whole chunks so the logits equal a cold prefill's). Off by
         default: a warm row's TTFT is not a cold prefill (its n_cached_prompt_tokens says how much was reused, and
         latency tables leave such rows out). Needs chunk_size > 0."""
+        kv_dtype: str = "auto"
+        """KV cache precision: auto (the model dtype), fp8 (e4m3) or int8, each with one float32 scale per token and
+        KV head (evalctx.kv_layout): to measure what a quantized KV cache costs in accuracy (compare the run with
+        one at auto)."""
+        window_kv: bool = True
+        """Sliding-window and chunked-attention layers keep only the positions their window needs (Gemma 2/3,
+        gpt-oss, Mistral, Llama 4; evalctx.kv_layout); false keeps every position in every layer."""
         generation_config: str = "model"
         """How the model's generation_config.json shapes greedy decoding: "model" applies what
         ``generate(do_sample=False)`` applies (repetition_penalty) and refuses, naming it, a field evalctx cannot
@@ -108,6 +127,7 @@ class HFBackend(Backend):
             raise UsageError("backend hf: chunk_size must be >= 0")
         if options.memory_gb < 0:
             raise UsageError("backend hf: memory_gb must be >= 0 (0 = the device's own memory)")
+        self.kv_dtype = _kv_dtype(options.kv_dtype)
         if options.prefix_reuse and options.chunk_size == 0:
             raise UsageError("backend hf: prefix_reuse reuses whole prefill chunks: set chunk_size > 0 "
                              "(e.g. chunk_size=4096)")
@@ -139,10 +159,13 @@ class HFBackend(Backend):
                                  "not a plain causal model (sliding or chunked layers, soft-capping, sinks, or a "
                                  "family evalctx has not verified it on): use attn_implementation=auto")
             register_lower_right_sdpa()
+        self.kv_windows = model_windows(self.config) if self.config is not None and options.window_kv else None
         self.memcheck = MemoryCheck(self.config, str(self.model_path), device=self.device,
                                     memory_gb=options.memory_gb, chunk_size=options.chunk_size, tp=self.tp,
                                     dtype=self.short_dtype, attention=self.attn_implementation,
-                                    announce=ctx.world_rank == 0)
+                                    announce=ctx.world_rank == 0, kv_dtype=self.kv_dtype or self.short_dtype,
+                                    windows=self.kv_windows,
+                                    reuse_every=options.chunk_size if options.prefix_reuse else 0)
         self.memcheck.check_weights_fit()
         if self.tp > 1:
             from evalctx.backends.hf.parallel import check_divides, init_replica_group
@@ -283,18 +306,31 @@ class HFBackend(Backend):
         positions it already holds (:meth:`_reusable`; 0 without prefix_reuse). The last cache is reused when it
         has the same batch and room: kept in part for a shared prefix, else emptied if it is not far larger (a
         peak-memory reading should describe this sample)."""
-        from evalctx.backends.hf.cache import PreallocatedCache
-
         old = self._cache
         if old is not None and old.batch == len(prompts) and old.capacity >= capacity:
             keep = self._reusable(prompts)
+            while keep and not old.keeps(keep):  # a window layer holds the positions before whole chunks only
+                keep -= self.options.chunk_size
             if keep or old.capacity <= capacity * 5 // 4:
                 old.crop_to(keep)
                 return old, keep
         self._cache = self._cached_prompts = None  # release the old buffers before the new ones are allocated
         del old
-        self._cache = PreallocatedCache(self.model.config.num_hidden_layers, capacity, len(prompts))
+        self._cache = self.new_cache(capacity, len(prompts))
         return self._cache, 0
+
+    def new_cache(self, capacity: int, batch: int, *, kv_dtype: str | None | bool = True,
+                  step: int | None = None) -> Any:
+        """An empty KV cache as this backend lays it out (windows, precision, reuse snapshots) for ``batch``
+        sequences of ``capacity`` positions. ``kv_dtype=None`` keeps the model dtype whatever the option says;
+        ``step``: the longest query (default: the chunk_size option)."""
+        from evalctx.backends.hf.cache import PreallocatedCache
+
+        windows = self.kv_windows or self.model.config.num_hidden_layers
+        chunk = self.options.chunk_size
+        return PreallocatedCache(windows, capacity, batch, step=chunk if step is None else step,
+                                 reuse_every=chunk if self.options.prefix_reuse else 0,
+                                 kv_dtype=self.kv_dtype if kv_dtype is True else kv_dtype or None)
 
     def _reusable(self, prompts: list[list[int]]) -> int:
         """Leading positions of ``prompts`` whose keys and values the cache holds: the shortest common prefix of
@@ -320,6 +356,7 @@ class HFBackend(Backend):
         chunk = (self.options.chunk_size if chunk is None else chunk) or n
         logits = None
         self.rope.start_prompt(n)
+        cache.recording(True)
         try:
             for pos in range(start, n, chunk):
                 outp = self.model(input_ids=ids[:, pos:pos + chunk], use_cache=True, logits_to_keep=1,
@@ -327,6 +364,7 @@ class HFBackend(Backend):
                 logits = outp.logits
         finally:
             self.rope.end_prompt()
+            cache.recording(False)
         assert logits is not None
         return logits[:, -1, :]
 
@@ -427,6 +465,8 @@ class HFBackend(Backend):
             "attention_kernels": cuda_kernels() if self.attn_implementation == LOWER_RIGHT_SDPA else None,
             "tp": self.tp,
             "prefix_reuse": self.options.prefix_reuse,
+            "kv_dtype": self.kv_dtype or self.short_dtype,
+            "kv_layout": self.memcheck.layout_text(),
             "decoding": describe(self.greedy),
             "end_ids": sorted(self.eos_ids),
             "forward_check": self.forward_check,
@@ -443,7 +483,7 @@ class HFBackend(Backend):
         return {"backend": self.name, "model": self.model_name, "hf_dtype": str(self.dtype).replace("torch.", ""),
                 "hf_device": self.device.type, "hf_chunk_size": self.options.chunk_size,
                 "hf_attn_implementation": self.attn_implementation, "hf_tp": self.tp,
-                "hf_prefix_reuse": self.options.prefix_reuse}
+                "hf_prefix_reuse": self.options.prefix_reuse, "hf_kv_dtype": self.kv_dtype or self.short_dtype}
 
     def close(self) -> None:
         self._cache = self._cached_prompts = None

@@ -15,7 +15,8 @@ class MemoryCheck:
     ``memory_gb``, an unreadable config)."""
 
     def __init__(self, config: Any, model_path: str, *, device: Any, memory_gb: float, chunk_size: int, tp: int,
-                 dtype: str, attention: str, announce: bool) -> None:
+                 dtype: str, attention: str, announce: bool, kv_dtype: str | None = None,
+                 windows: Any = None, reuse_every: int = 0) -> None:
         import torch
 
         from evalctx.plan import GB, shape_from_hf
@@ -27,9 +28,15 @@ class MemoryCheck:
         self.tp = tp
         self.dtype = dtype
         self.attention = attention
+        self.kv = {"kv_dtype": kv_dtype, "windows": windows, "reuse_every": reuse_every}
         self.shape: Any = None
         self.capacity: float | None = None
         self.note = ""
+        if config is not None:
+            try:
+                self.shape = shape_from_hf(config.to_dict(), model_path)
+            except UsageError as exc:
+                self.note = f"off: {exc}"
         if memory_gb:
             self.capacity = memory_gb * GB
         elif device.type == "cuda":
@@ -39,11 +46,6 @@ class MemoryCheck:
             return
         if config is None:
             self.note = "off: the model config could not be read"
-        else:
-            try:
-                self.shape = shape_from_hf(config.to_dict(), model_path)
-            except UsageError as exc:
-                self.note = f"off: {exc}"
         if self.note and announce:
             print(f"evalctx: hf memory preflight {self.note}", file=sys.stderr)
 
@@ -55,7 +57,14 @@ class MemoryCheck:
         from evalctx.memory import hf_rank_memory
 
         return hf_rank_memory(self.shape, tokens, chunk=self.chunk_size, batch=batch, tp=tp or self.tp,
-                              dtype=self.dtype, attention=self.attention)
+                              dtype=self.dtype, attention=self.attention, **self.kv)
+
+    def layout_text(self, tokens: int | None = None) -> str | None:
+        """The KV cache's layers by kind and its precision (for the manifest), for ``tokens`` positions (default:
+        the model's stated positions, else 131,072); None when the model's shape could not be read."""
+        if self.shape is None:
+            return None
+        return self.memory(tokens or self.shape.max_position_embeddings or 131072).layout_text()
 
     def capacity_text(self) -> str:
         from evalctx.plan import GB
@@ -90,7 +99,7 @@ class MemoryCheck:
             return None
         bigger = self.fitting_tp(prompt + budget)
         longest = longest_fitting(self.shape, self.capacity, chunk=self.chunk_size, tp=self.tp, dtype=self.dtype,
-                                  attention=self.attention)
+                                  attention=self.attention, **self.kv)
         fixes = [f"tp={bigger} fits it"] if bigger else []
         fixes.append(f"lengths <= {max(0, longest - budget)} fit at tp={self.tp}")
         return (f"prompt {prompt} + max_new_tokens {budget} needs {mem.breakdown()} at tp={self.tp}, more than the "
