@@ -51,22 +51,29 @@ max_new_tokens = {new}
 
 
 def build(dest: Path, layers: int, small: bool) -> None:
-    """A Llama config with random bf16 weights (normal, std 0.02; norms 1), written shard by shard from the GPU
-    when there is one, plus the embedded 'tiny' model's tokenizer (its ids fit any vocabulary)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from evalctx.models import resolve_model
+    """A Llama config with random bf16 weights (:func:`write_random`)."""
+    from transformers import LlamaConfig
 
     shape = SMALL if small else LLAMA3_8B
     cfg = LlamaConfig(architectures=["LlamaForCausalLM"], num_hidden_layers=layers, max_position_embeddings=1 << 21,
                       bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, dtype="bfloat16",
                       **shape)
+    write_random(dest, cfg)
+
+
+def write_random(dest: Path, cfg: "object") -> None:
+    """A model of transformers config ``cfg`` with random bf16 weights (normal, std 0.02; norms 1), written shard by
+    shard from the GPU when there is one, plus the embedded 'tiny' model's tokenizer (its ids fit any vocabulary)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from evalctx.models import resolve_model
+
     dest.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(dest)
     with torch.device("meta"):
-        names = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+        names = {k: v.shape for k, v in AutoModelForCausalLM.from_config(cfg).state_dict().items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
@@ -83,7 +90,9 @@ def build(dest: Path, layers: int, small: bool) -> None:
 
     for key, size in names.items():
         if key.endswith("norm.weight"):
-            t = torch.ones(size, dtype=torch.bfloat16)
+            # Gemma-style norms scale by (1 + weight): zeros there are the identity, as ones are for Llama's
+            one = 0.0 if getattr(cfg, "model_type", "").startswith("gemma") else 1.0
+            t = torch.full(size, one, dtype=torch.bfloat16)
         else:
             t = (torch.randn(size, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
         shard[key] = t
@@ -97,7 +106,8 @@ def build(dest: Path, layers: int, small: bool) -> None:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, dest / f.name)
     (dest / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    print(f"built {dest}: {layers} layers, {sum(s.numel() for s in names.values()) / 1e9:.3f} B parameters")
+    print(f"built {dest}: {cfg.num_hidden_layers} layers, {sum(s.numel() for s in names.values()) / 1e9:.3f} B "
+          "parameters")
 
 
 def flops(cfg: dict, n: int, tp: int) -> tuple[float, float]:

@@ -305,8 +305,8 @@ class WindowLayer(PreallocatedLayer):
 def model_windows(config: Any) -> tuple[int | None, ...] | None:
     """Per decoder layer of a transformers ``config``, its attention window (None: full), as
     :func:`evalctx.kv_layout.layer_windows` reads it, when transformers' own reading
-    (``get_layer_types_and_kwargs``, which its DynamicCache and masks follow) agrees; None otherwise (every layer
-    kept whole: never a window the model's mask does not apply)."""
+    (``get_layer_types_and_kwargs``, which its DynamicCache and masks follow, where the release has it) agrees;
+    None otherwise (every layer kept whole: never a window the model's mask does not apply)."""
     from evalctx.kv_layout import layer_windows
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -315,9 +315,11 @@ def model_windows(config: Any) -> tuple[int | None, ...] | None:
         return None
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
-
+    except ImportError:  # older releases: their masks read the same config fields as layer_windows
+        return ours
+    try:
         types, kwargs = get_layer_types_and_kwargs(text)
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         return None
     theirs = tuple(None if t == "full_attention" else kw.get("sliding_window", -1)
                    if t in ("sliding_attention", "chunked_attention") else -1 for t, kw in zip(types, kwargs))
