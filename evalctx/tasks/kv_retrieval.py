@@ -18,6 +18,14 @@ JSON whitespace before the closing brace fills the last tokens (spaces, else new
 merge; ``meta["pad_spaces"]`` counts its characters). The final text is tokenized once and its length asserted,
 never truncated. Depth is the asked pair's place among the pairs: index
 ``round(depth * (n_pairs - 1))``.
+
+``shape = "upstream"`` builds instead the prompt upstream builds, byte for byte: :func:`upstream_pairs` whole pairs
+for the asked length (2500 at 128K, TensorRT-LLM's ``nnoise``), the asked pair at index ``min(int(depth x n), n -
+1)`` (upstream's ``ans_id`` over the shuffled records), no padding; the sample's ``context_length`` is the prompt's
+own token count. Followed: NVIDIA/TensorRT-LLM ``examples/infinitebench/construct_synthetic_dataset.py``
+(``build_kv_retrieval``, commit a17b14f6) and ``eval_utils.py`` (commit f430a4b4). The uuids are evalctx's own
+seeded draws (upstream's come from lost-in-the-middle's unseeded ``uuid4``), so the text around them is upstream's,
+the uuids are not.
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from itertools import accumulate
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
 from evalctx.tasks.haystack_task import MIN_PROBES, HaystackTask
 from evalctx.tasks.keys import draw
 from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
+from evalctx.tokenizer import Tokenizer
 
 INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
 CONTEXT_OPEN = "JSON data:\n{"
@@ -48,8 +57,26 @@ _MAX_ASKED = 100
 _MIN_CACHE: dict[tuple[str, ...], int] = {}
 
 
+SHAPES = ("exact", "upstream")
+UPSTREAM_PAIRS_128K = 2500
+"""construct_synthetic_dataset.py's ``nnoise`` at its 128K level (the level it builds)."""
+
+
 def pair_text(key: str, value: str) -> str:
     return f'"{key}": "{value}"'
+
+
+def upstream_pairs(asked_length: int) -> int:
+    """Key-value pairs upstream puts in a prompt of ``asked_length`` tokens: 2500 per 131,072 tokens, rounded down,
+    at least 1 (its 128K level exactly; its older 64K level had 928, this rate gives 1250)."""
+    return max(1, asked_length * UPSTREAM_PAIRS_128K // 131072)
+
+
+def upstream_prompt(pairs: list[tuple[str, str]], asked: int) -> str:
+    """The raw prompt ``create_prompt(eg, "kv_retrieval", ...)`` renders for ``build_kv_retrieval``'s record of
+    these pairs (in this order) asking ``pairs[asked]``'s key."""
+    context = CONTEXT_OPEN + SEP.join(pair_text(k, v) for k, v in pairs) + "}"
+    return f"{INSTRUCTION}\n\n{context}{QUESTION.format(key=pairs[asked][0])}{ANSWER_PREFIX}"
 
 
 class KvRetrievalTask(HaystackTask):
@@ -61,6 +88,18 @@ class KvRetrievalTask(HaystackTask):
     default_max_new_tokens = 50  # TensorRT-LLM DATA_NAME_TO_MAX_NEW_TOKENS["kv_retrieval"]
     description = "InfiniteBench kv_retrieval (TensorRT-LLM wording): the value of one uuid key in a JSON object"
     defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
+                 prompt_mode: str = "raw") -> None:
+        # ``shape`` joins the options only where it is not the default, so exact-length runs keep their sample ids.
+        given = dict(options or {})
+        self.shape = given.pop("shape", "exact")
+        if self.shape not in SHAPES:
+            raise UsageError(f"task kv_retrieval: unknown shape {self.shape!r}: choose exact (prompts of exactly the "
+                             "asked token count) or upstream (InfiniteBench's prompts byte for byte)")
+        super().__init__(tokenizer, given, prompt_mode)
+        if self.shape == "upstream":
+            self.options["shape"] = self.explicit["shape"] = "upstream"
 
     def _haystack(self) -> None:  # type: ignore[override]  # the pairs are drawn per sample
         return None
@@ -76,6 +115,8 @@ class KvRetrievalTask(HaystackTask):
         depth = float(depth)
         mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
+        if self.shape == "upstream":
+            return self._upstream_sample(context_length, depth, seed, mnt, rng)
         # Right above the minimum, an asked pair that tokenizes too long, or that leaves a gap no JSON whitespace
         # can fill (a SentencePiece space costs 2 tokens, so a 1-token gap has no padding), is redrawn.
         error: LengthError | None = None
@@ -110,6 +151,39 @@ class KvRetrievalTask(HaystackTask):
                             "answer_tokens": self._value_tokens(b.value)}, messages=messages,
                       special_spans=b.spans(text))
 
+    def _upstream_sample(self, asked_length: int, depth: float, seed: int, mnt: int, rng: random.Random) -> Sample:
+        """:func:`upstream_pairs` whole pairs, the asked one at upstream's index, rendered as ``create_prompt`` renders
+        them (raw mode: :func:`upstream_prompt` exactly); ``context_length`` is the prompt's own token count."""
+        b = _Builder(self, rng)
+        n = upstream_pairs(asked_length)
+        j = min(int(depth * n + 1e-9), n - 1)  # upstream floors cnt * nnoise / nsample; 1e-9 undoes float error
+        fillers = [pair_text(b._uuid(), b._uuid()) for _ in range(n - 1)]
+        pairs = fillers[:j] + [b.asked] + fillers[j:]
+        text = b.frame.pre + SEP.join(pairs) + b.frame.post
+        ids, offsets = b.encode(text)
+        body_start = len(b.frame.pre)
+        asked_start = body_start + sum(len(p) + len(SEP) for p in pairs[:j])
+        t_body, t_asked = _token_containing(offsets, body_start), _token_containing(offsets, asked_start)
+        t_after = _token_containing(offsets, asked_start + len(b.asked))
+        t_end = _token_containing(offsets, len(text) - len(b.frame.post))
+        filler_tokens = (t_end - t_body) - (t_after - t_asked)
+        depth_actual = None if filler_tokens <= 0 else min(max((t_asked - t_body) / filler_tokens, 0.0), 1.0)
+        messages = None
+        if self.prompt_mode == "chat":
+            messages = [{"role": "user", "content": b.user.replace(SENTINEL, SEP.join(pairs))},
+                        {"role": "assistant", "content": ANSWER_PREFIX.lstrip()}]
+        return Sample(id=self.sample_id(asked_length, depth, seed, mnt), task=self.name, context_length=len(ids),
+                      depth=depth, seed=seed, prompt=text, prompt_ids=ids, target=[b.value],
+                      needle_token_index=t_asked, max_new_tokens=mnt, add_special_tokens=b.frame.add_special_tokens,
+                      prompt_mode=self.prompt_mode, depth_actual=depth_actual, scorer=self.scorer,
+                      meta={"key": b.key, "n_pairs": n, "asked_pair": j, "shape": "upstream",
+                            "asked_length": asked_length, "answer_tokens": self._value_tokens(b.value)},
+                      messages=messages, special_spans=b.spans(text))
+
+    def min_length(self) -> int:
+        """Upstream-shaped prompts are never cut to a length: every asked length builds (one pair at least)."""
+        return 1 if self.shape == "upstream" else self._exact_min_length()
+
     def answer_tokens(self) -> int:
         """The longest answer (a uuid value after the answer prefix) of the probed draws, in tokens."""
         key = ("answer", self.tokenizer.fingerprint(), self.prompt_mode)
@@ -122,7 +196,7 @@ class KvRetrievalTask(HaystackTask):
         """Tokens of one answer (a space and the uuid value): ``meta["answer_tokens"]`` of its sample."""
         return len(self.tokenizer.encode(" " + value))
 
-    def min_length(self) -> int:
+    def _exact_min_length(self) -> int:
         """The longest minimum of :data:`~evalctx.tasks.haystack_task.MIN_PROBES` seeded draws of the asked pair
         (uuids differ in tokens), as every task states its minimum; a sample's draw that does not fit is redrawn."""
         key = ("minimum", self.tokenizer.fingerprint(), self.prompt_mode)
