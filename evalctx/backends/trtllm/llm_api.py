@@ -6,14 +6,17 @@ workflow legacy). Same rows, preflight and timing as ``trtllm``: requests go in 
 (``SamplingParams(return_perf_metrics=True)``), each request is awaited on its own so one error or one stuck request
 ends only its own row: ``RequestOutput.result()`` runs in a helper thread, because the newest
 ``tensorrt_llm/executor/result.py`` ignores ``result(timeout)``'s timeout (``_result_step`` calls ``queue.get()``
-without it), and a request still running at the deadline is ``abort()``-ed.
+without it), and a request still running at the deadline is ``abort()``-ed. The PyTorch backend has no fail-fast
+and shrinks the attention window to the KV cache it got, so samples are held to the capacity read back after load
+(:meth:`TRTLLMAPIBackend._resolve_kv_capacity`).
 
 Launch: evalctx runs in one process. With tensor_parallel_size > 1 on one node, plain ``evalctx run`` lets the LLM
 spawn its MPI workers itself (mpi4py's MPIPoolExecutor; needs mpi4py); under mpirun or Slurm use
 ``mpirun -n TP trtllm-llmapi-launch evalctx run ...`` (``run_eval.sh --llmapi-launch``), which runs evalctx once
 on rank 0 with the MPI variables removed while the other ranks serve as workers.
 Sources: tensorrt_llm/llmapi/llm.py (commit 4c05a748 and a later indexed version: generate/generate_async,
-_check_arguments), llm_args.py (TorchLlmArgs, KvCacheConfig), executor/result.py. Never run on a real GPU here.
+_check_arguments, get_stats), llm_args.py (TorchLlmArgs, KvCacheConfig; the newest declares fail-fast on TrtLlmArgs
+only), executor/result.py, _torch/pyexecutor/resource_manager.py (adjust_window_sizes_for_vswa). Never run on a real GPU here.
 """
 
 from __future__ import annotations
