@@ -584,9 +584,10 @@ class Runner:
         if len(results) != len(reqs):
             raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(reqs)}")
         for s, r in zip(samples, results):
-            if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != s.context_length:
+            # len(prompt_ids): an upstream-shaped prompt's own count, which its context_length (the level) is not
+            if r.error is None and r.n_prompt_tokens is not None and r.n_prompt_tokens != len(s.prompt_ids):
                 raise LengthError(
-                    f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {s.context_length}"
+                    f"backend {backend.name} saw {r.n_prompt_tokens} prompt tokens for a {len(s.prompt_ids)}"
                     f"-token prompt: its tokenizer differs from '{self.tokenizer.name}'; pass the model's "
                     "own tokenizer with --tokenizer")
         limits = backend.limits()

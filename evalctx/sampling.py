@@ -149,7 +149,9 @@ class SampleBuilder:
         if sample.id != spec.id:  # the resume key: both come from the task's sample_id, so this is a bug
             raise AssertionError(f"sample {spec.id}: built with id {sample.id}")
         sample = dataclasses.replace(sample, task=spec.task, task_type=spec.task_type, task_options=spec.task_options)
-        if len(sample.prompt_ids) != spec.context_length:
+        upstream = sample.meta.get("shape") == "upstream"  # upstream-shaped: the count is recorded, not forced
+        expected = sample.meta.get("prompt_tokens") if upstream else spec.context_length
+        if len(sample.prompt_ids) != expected:
             # The generators assert this too; a violation here is a bug, never a silently shorter prompt.
-            raise AssertionError(f"sample {spec.id}: {len(sample.prompt_ids)} tokens != {spec.context_length}")
+            raise AssertionError(f"sample {spec.id}: {len(sample.prompt_ids)} tokens != {expected}")
         return sample

@@ -102,8 +102,9 @@ def test_the_task_builds_the_upstream_prompt_and_records_its_own_length(length, 
                          "again.\n" * (lines - j))
         assert s.prompt == create_prompt(eg, "passkey")
         # the count is recorded, never forced: whole lines make what they make
-        assert s.context_length == len(s.prompt_ids) == len(tok.encode(s.prompt, add_special_tokens=True))
-        assert s.context_length != length and s.meta["shape"] == "upstream"
+        assert s.meta["prompt_tokens"] == len(s.prompt_ids) == len(tok.encode(s.prompt, add_special_tokens=True))
+        assert s.meta["prompt_tokens"] != length and s.meta["shape"] == "upstream"
+        assert s.context_length == length  # the level: one table row per asked length
         assert s.prompt[s.needle_token_index - 1:].startswith("The pass key is")  # ByteTokenizer: BOS, then 1 char/token
         assert s.depth_actual == pytest.approx(depth, abs=0.01)
 
@@ -150,7 +151,7 @@ def test_the_kv_prompt_is_upstreams_for_its_pairs(cnt):
     assert len(records) == n == 312 and s.meta["n_pairs"] == n and s.meta["asked_pair"] == ans_id
     eg = build_kv_retrieval_one(records, cnt, nnoise=n)
     assert s.prompt == create_prompt(eg, "kv_retrieval") and s.target == [eg["answer"]]
-    assert s.context_length == len(s.prompt_ids) != 16384
+    assert s.meta["prompt_tokens"] == len(s.prompt_ids) != 16384 == s.context_length
 
 
 def test_upstreams_asked_indices_are_reached_from_their_depths():
@@ -173,3 +174,20 @@ def test_kv_exact_runs_keep_their_ids_and_bad_shapes_are_refused():
         tok, {"shape": "exact"}).sample_id(4096, 0.5, 1)
     with pytest.raises(UsageError, match="unknown shape 'whole'"):
         get_task("kv_retrieval")(tok, {"shape": "whole"})
+
+
+def test_an_upstream_shaped_suite_runs_with_one_row_per_level(tmp_path):
+    """Through evalctx run: the rows' context_length is the asked level, n_prompt_tokens the prompt's own count."""
+    import pandas as pd
+
+    from evalctx.cli import main
+
+    suite = tmp_path / "up.toml"
+    suite.write_text('name = "up"\n[[tasks]]\ntask = "passkey"\nlengths = [8192]\ndepths = [0.0, 0.5, 1.0]\n'
+                     'samples = 1\nmax_new_tokens = 6\n[tasks.options]\ntemplate = "trtllm"\nhaystack = "noise"\n'
+                     'shape = "upstream"\n')
+    assert main(["run", "--suite", str(suite), "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", "up", "--no-progress"]) == 0
+    df = pd.read_parquet(tmp_path / "up" / "results.parquet")
+    assert len(df) == 3 and set(df["context_length"]) == {8192} and set(df["status"]) == {"ok"}
+    assert (df["n_prompt_tokens"] != 8192).all() and df["n_prompt_tokens"].nunique() == 1  # whole lines: one count

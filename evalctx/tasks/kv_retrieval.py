@@ -172,12 +172,13 @@ class KvRetrievalTask(HaystackTask):
         if self.prompt_mode == "chat":
             messages = [{"role": "user", "content": b.user.replace(SENTINEL, SEP.join(pairs))},
                         {"role": "assistant", "content": ANSWER_PREFIX.lstrip()}]
-        return Sample(id=self.sample_id(asked_length, depth, seed, mnt), task=self.name, context_length=len(ids),
+        return Sample(id=self.sample_id(asked_length, depth, seed, mnt), task=self.name, context_length=asked_length,
                       depth=depth, seed=seed, prompt=text, prompt_ids=ids, target=[b.value],
                       needle_token_index=t_asked, max_new_tokens=mnt, add_special_tokens=b.frame.add_special_tokens,
                       prompt_mode=self.prompt_mode, depth_actual=depth_actual, scorer=self.scorer,
                       meta={"key": b.key, "n_pairs": n, "asked_pair": j, "shape": "upstream",
-                            "asked_length": asked_length, "answer_tokens": self._value_tokens(b.value)},
+                            "asked_length": asked_length, "prompt_tokens": len(ids),
+                            "answer_tokens": self._value_tokens(b.value)},
                       messages=messages, special_spans=b.spans(text))
 
     def min_length(self) -> int:

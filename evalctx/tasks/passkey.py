@@ -7,8 +7,9 @@ epfml/landmark-attention ``llama/run_test.py``. What differs is the length contr
 ``shape = "upstream"`` (template trtllm, noise haystack) builds instead the prompt InfiniteBench's
 ``construct_synthetic_dataset.build_passkey`` and TensorRT-LLM's ``eval_utils.create_prompt`` build, byte for byte:
 whole noise lines, each ending in ``\n``, as many as upstream uses for the asked length (:func:`upstream_noise_lines`),
-the needle line after ``round(depth x lines)`` of them. Its token count is whatever the tokenizer makes of it: the
-sample's ``context_length`` is that count, not the asked length (``meta["asked_length"]`` keeps the latter).
+the needle line after ``round(depth x lines)`` of them. Its token count is whatever the tokenizer makes of it,
+recorded, not forced: ``meta["prompt_tokens"]`` and each row's ``n_prompt_tokens``. The sample's ``context_length``
+stays the asked length, the level upstream reports by, so the results table has one row per level.
 Followed: NVIDIA/TensorRT-LLM ``examples/infinitebench/construct_synthetic_dataset.py`` (commit a17b14f6, levels up
 to 1M) and ``eval_utils.py`` (commit f430a4b4); OpenBMB/InfiniteBench ``data/construct_synthetic_dataset.py``
 (commits 220fd2e0 and 89b78553).
@@ -175,9 +176,9 @@ class PasskeyTask(HaystackTask):
         if self.prompt_mode == "chat":
             messages = [{"role": "user", "content": draw.user_text.replace(SENTINEL, context)},
                         {"role": "assistant", "content": draw.answer_prefix.lstrip()}]
-        meta = {"haystack": self.haystack.name, **draw.meta, "shape": "upstream", "asked_length": asked_length,
+        meta = {"haystack": self.haystack.name, **draw.meta, "shape": "upstream", "asked_length": asked_length, "prompt_tokens": len(ids),
                 "noise_lines": lines, "needle_line": needle_line, "answer_tokens": self._answer_tokens(frame, draw)}
-        return Sample(id=self.sample_id(asked_length, depth, seed, mnt), task=self.name, context_length=len(ids),
+        return Sample(id=self.sample_id(asked_length, depth, seed, mnt), task=self.name, context_length=asked_length,
                       depth=depth, seed=seed, prompt=text, prompt_ids=ids, target=draw.targets,
                       needle_token_index=t_needle, max_new_tokens=mnt, add_special_tokens=frame.add_special_tokens,
                       prompt_mode=self.prompt_mode, depth_actual=depth_actual, scorer=self.scorer, meta=meta,
