@@ -110,6 +110,8 @@ def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from evalctx.limits import check_suite
 
     if args.tasks:
+        # "--tasks a b" and "--tasks a,b" alike: the comma form is what --allow-different and --family take
+        args.tasks = [n.strip() for arg in args.tasks for n in arg.split(",") if n.strip()]
         have = list(dict.fromkeys(t.name for t in suite.tasks))
         unknown = [n for n in args.tasks if n not in have]
         if unknown:

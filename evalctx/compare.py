@@ -51,6 +51,7 @@ from typing import Any
 import pandas as pd
 
 from evalctx.results.summary import warm_rows
+from evalctx.stats import newcombe_interval
 
 CELL = ["task", "context_length", "depth"]
 LENGTH = ["task", "context_length"]
@@ -207,6 +208,13 @@ def _fmt(x: Any, spec: str) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _delta(d: Any, lo: Any, hi: Any) -> str:
+    """``-5.0 [-31, +21]``: candidate minus base accuracy in percentage points, Newcombe's 95% interval."""
+    if pd.isna(d):
+        return ""
+    return f"{d * 100:+.1f} [{lo * 100:+.0f}, {hi * 100:+.0f}]"
+
+
 def display_table(t: pd.DataFrame) -> pd.DataFrame:
     """The table as short strings for Markdown/HTML: accuracy with n, ratios as x1.23."""
     from evalctx.analysis import length_label
@@ -221,6 +229,7 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
         "depth": ["all" if pd.isna(d) else f"{d * 100:g}%" for d in t["depth"]],
         "base": [acc(a, n) for a, n in zip(t["base_accuracy"], t["base_n"])],
         "cand": [acc(a, n) for a, n in zip(t["cand_accuracy"], t["cand_n"])],
+        "Δ pp (95% CI)": [_delta(d, lo, hi) for d, lo, hi in zip(t["delta"], t["delta_low"], t["delta_high"])],
         "p": [_fmt(p, ".3g") for p in t["p_adjusted"]],  # Holm-adjusted unless correction="none"
         "err base→cand": [f"{_fmt(a, '.0%')}→{_fmt(b, '.0%')}" for a, b in
                           zip(t["base_error_rate"], t["cand_error_rate"])],
@@ -313,10 +322,14 @@ def _row(ident: dict[str, Any], b: pd.Series | None, c: pd.Series | None, min_sa
         row[f"{side}_ttft_s_p50"] = s["ttft"] if s is not None else math.nan
     row["p_value"] = row["p_improved"] = row["p_errors"] = math.nan
     row["latency_ratio"] = row["ttft_ratio"] = math.nan
+    row["delta"] = row["delta_low"] = row["delta_high"] = math.nan
     if b is not None and c is not None:
         bs, cs = int(round(b["succ"])), int(round(c["succ"]))
         bn, cn = int(b["n"]), int(c["n"])
         if bn and cn:
+            # candidate minus base accuracy, with Newcombe's 95% interval: how large a loss the data allow
+            row["delta"] = c["succ"] / cn - b["succ"] / bn
+            row["delta_low"], row["delta_high"] = newcombe_interval(b["succ"], bn, c["succ"], cn)
             row["p_value"] = fisher_greater(bs, bn - bs, cs, cn - cs)
             row["p_improved"] = fisher_greater(cs, cn - cs, bs, bn - bs)
         ba, ca = int(b["attempted"]), int(c["attempted"])

@@ -341,3 +341,26 @@ def test_the_gate_never_passes_a_run_still_running_unfinished_or_nothing_compare
         assert not (tmp_path / "h" / "summary.csv").exists()
     finally:
         os.close(fd)
+
+
+def test_newcombe_interval_known_values() -> None:
+    from evalctx.stats import newcombe_interval
+
+    # Newcombe (1998), example 1: 56/70 - 48/80, method 10
+    lo, hi = newcombe_interval(48, 80, 56, 70)
+    assert lo == pytest.approx(0.0524, abs=1e-4) and hi == pytest.approx(0.3339, abs=1e-4)
+    assert newcombe_interval(0, 0, 1, 2) == pytest.approx((math.nan, math.nan), nan_ok=True)
+    lo, hi = newcombe_interval(20, 20, 20, 20)  # no difference at the ceiling: symmetric, inside [-1, 1]
+    assert -1 < lo < 0 < hi < 1 and lo == pytest.approx(-hi)
+
+
+def test_each_row_states_the_accuracy_change_with_its_interval(tmp_path) -> None:
+    base = load_run(write_run(tmp_path, "base", **SMALL))
+    cand = load_run(write_run(tmp_path, "cand", miss_from=16384, **SMALL))
+    t = cmp.compare(base, cand).table
+    lost = t[t["context_length"] == 16384]
+    assert (lost["delta"] < 0).all() and (lost["delta_high"] < 0).all()  # a loss the interval excludes 0 from
+    kept = t[t["context_length"] < 16384]
+    assert (kept["delta"] == 0).all() and (kept["delta_low"] < 0).all() and (kept["delta_high"] > 0).all()
+    md = cmp.compare(base, cand).to_markdown()
+    assert "Δ pp (95% CI)" in md and "| -45.0 [-60, -28] |" in md

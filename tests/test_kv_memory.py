@@ -198,3 +198,14 @@ def test_the_check_fails_when_a_window_layer_misplaces_its_keys(monkeypatch: pyt
     assert main(["conformance", "--model", str(model), "--lengths", "300", "--chunk-sizes", "32",
                  "--batch-sizes", "1", "--prefix-reuse", "off", "--markdown", str(out)]) == 2
     assert "does not reproduce g3's own forward" in capsys.readouterr().err
+
+
+def test_the_report_shows_the_kv_cache_dtype_and_layout() -> None:
+    from evalctx.report.metadata import settings_table
+
+    manifest = {"backend": {"backend": "hf", "kv_dtype": "fp8",
+                            "kv_layout": "full: 1 layers x 1,056 positions; window 64: 5 layers x 319 positions (fp8)"}}
+    table = settings_table([("fp8", manifest), ("bf16", {"backend": {"backend": "hf", "kv_dtype": "bf16"}})])
+    table = table.set_index("field")
+    assert table.loc["KV cache dtype", "fp8"] == "fp8" and table.loc["KV cache dtype", "bf16"] == "bf16"
+    assert "window 64: 5 layers" in table.loc["KV cache layout", "fp8"]

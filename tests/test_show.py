@@ -34,6 +34,8 @@ def run(tmp_path: Path, run_id: str, *extra: str, suite: str = SUITE, code: int 
 def test_tasks_runs_part_of_a_suite(tmp_path: Path) -> None:
     df = run(tmp_path, "part", "--tasks", "niah_single")
     assert set(df["task"]) == {"niah_single"} and len(df) == 6
+    df = run(tmp_path, "both", "--tasks", "niah_single,passkey")  # comma-separated, as other list flags take
+    assert set(df["task"]) == {"niah_single", "passkey"}
 
 
 def test_unknown_task_is_one_line_exit_2(tmp_path: Path) -> None:
