@@ -70,6 +70,10 @@ def _variant(df: pd.DataFrame) -> dict[str, str]:
     return {str(r.task): f"{r.task_type} {r.task_options}" for r in first.itertuples(index=False)}
 
 
+_IMPLIED = {"shape": "exact"}
+"""Task options recorded only when set (so that older runs keep their ids), with the value their absence means."""
+
+
 def _options_diff(a: str, b: str) -> tuple[str, str]:
     """Two ``"task_type {json}"`` strings cut to what differs (keys both record; an option added later keeps its
     old behaviour by default)."""
@@ -81,6 +85,10 @@ def _options_diff(a: str, b: str) -> tuple[str, str]:
         oa, ob = json.loads(ja), json.loads(jb)
     except ValueError:
         return a, b
+    for key, default in _IMPLIED.items():  # recorded only when set: absent means the default
+        if key in oa or key in ob:
+            oa.setdefault(key, default)
+            ob.setdefault(key, default)
     if "haystack_sha" in oa and "haystack_sha" in ob:  # the content decides, not the folder it was read from
         oa.pop("haystack_dir", None)
         ob.pop("haystack_dir", None)

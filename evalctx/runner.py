@@ -147,11 +147,11 @@ def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int
     flags = list(res.flags)
     if status == "ok":
         flags += ["short_budget"] if short_budget(sample, res) else []
-        flags += window_flags(sample.context_length, sample.max_new_tokens, limits)
+        flags += window_flags(len(sample.prompt_ids), sample.max_new_tokens, limits)
     sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
     # Tokens the prefill computed: a warm row's TTFT timed only the suffix after its cached prefix, so the whole
     # prompt over that time would read as a prefill several times faster than the model's.
-    computed = sample.context_length - (res.n_cached_prompt_tokens or 0)
+    computed = len(sample.prompt_ids) - (res.n_cached_prompt_tokens or 0)
     prefill_tps = computed / res.ttft_s if res.ttft_s else None
     decode_tps = None
     # Decode steps: every generated token after the first, prefill's; an answer that stopped on EOS took one more
@@ -461,7 +461,7 @@ class Runner:
         ctx = BackendContext(
             model=self.cfg.model, tokenizer=self.tokenizer, world_rank=w.rank, world_size=w.size,
             replica=w.replica, rank_in_replica=w.rank_in_replica, replica_comm=w.replica_comm,
-            max_input_len=max((s.context_length for s in self.specs), default=0),
+            max_input_len=max((self.builder.prompt_tokens(s) for s in self.specs), default=0),
             max_new_tokens=max((s.max_new_tokens for s in self.specs), default=0),
         )
         backend = self.cls(self.options, ctx)
@@ -469,7 +469,9 @@ class Runner:
             if w.is_root:
                 self._check_identity(backend)
             extra.update(backend.row_columns())
-            unsupported = {**self.builder.unbuildable(pending), **(backend.preflight(pending) if pending else {})}
+            # the prompts' own counts: an upstream-shaped prompt's is not its level
+            counted = self.builder.counted(pending)
+            unsupported = {**self.builder.unbuildable(pending), **(backend.preflight(counted) if pending else {})}
             if w.is_root:
                 rundir.write_manifest(self.run_dir, self._manifest(backend, RUNNING, created_at))
                 if unsupported:

@@ -66,6 +66,7 @@ class SampleBuilder:
         self.tokenizer = tokenizer
         self._tasks: dict[int, Any] = {}
         self._built: dict[str, Sample] = {}
+        self._counts: dict[str, int] = {}  # prompt tokens of upstream-shaped specs (prompt_tokens)
 
     def task(self, index: int) -> Any:
         if index not in self._tasks:
@@ -123,6 +124,21 @@ class SampleBuilder:
                            f"short_budget: raise max_new_tokens to >= {need} or leave it unset")
         return out
 
+    def prompt_tokens(self, spec: SampleSpec) -> int:
+        """Tokens of ``spec``'s prompt: its ``context_length``, except for an upstream-shaped task (``shape =
+        "upstream"``: whole upstream lines, the count recorded, not forced), whose prompt is built once to count
+        it. What the engine limits, memory and sizing must be checked against."""
+        if getattr(self.task(spec.task_index), "shape", "exact") != "upstream":
+            return spec.context_length
+        if spec.id not in self._counts:
+            self._counts[spec.id] = len(self._make(spec).prompt_ids)
+        return self._counts[spec.id]
+
+    def counted(self, specs: list[SampleSpec]) -> list[SampleSpec]:
+        """``specs`` with each context_length replaced by :meth:`prompt_tokens` (for backend preflights)."""
+        return [s if (n := self.prompt_tokens(s)) == s.context_length else dataclasses.replace(s, context_length=n)
+                for s in specs]
+
     def unbuildable(self, specs: list[SampleSpec]) -> dict[str, str]:
         """``{spec id: reason}`` for the specs near their task's minimum length that cannot be built.
 
@@ -140,12 +156,14 @@ class SampleBuilder:
                 out[spec.id] = str(exc)
         return out
 
+    def _make(self, spec: SampleSpec) -> Sample:
+        return self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed, spec.max_new_tokens)
+
     def build(self, spec: SampleSpec) -> Sample:
         """The sample of ``spec``; raises LengthError when no prompt of exactly its length exists."""
         if spec.id in self._built:
             return self._built.pop(spec.id)
-        sample = self.task(spec.task_index).make_sample(spec.context_length, spec.depth, spec.seed,
-                                                        spec.max_new_tokens)
+        sample = self._make(spec)
         if sample.id != spec.id:  # the resume key: both come from the task's sample_id, so this is a bug
             raise AssertionError(f"sample {spec.id}: built with id {sample.id}")
         sample = dataclasses.replace(sample, task=spec.task, task_type=spec.task_type, task_options=spec.task_options)

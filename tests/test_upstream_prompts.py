@@ -191,3 +191,47 @@ def test_an_upstream_shaped_suite_runs_with_one_row_per_level(tmp_path):
     df = pd.read_parquet(tmp_path / "up" / "results.parquet")
     assert len(df) == 3 and set(df["context_length"]) == {8192} and set(df["status"]) == {"ok"}
     assert (df["n_prompt_tokens"] != 8192).all() and df["n_prompt_tokens"].nunique() == 1  # whole lines: one count
+
+
+def test_preflight_and_rows_see_the_prompts_own_count(tmp_path, monkeypatch):
+    """Engine limits, memory and throughput are a matter of the prompt's own tokens, not of its level: the backend's
+    preflight gets the counted lengths, prefill tokens/s divides the real count."""
+    import pandas as pd
+
+    from evalctx.backends.fake import FakeBackend
+    from evalctx.cli import main
+
+    seen = {}
+    real = FakeBackend.preflight
+
+    def spy(self, samples):
+        seen.update({s.id: s.context_length for s in samples})
+        return real(self, samples)
+
+    monkeypatch.setattr(FakeBackend, "preflight", spy)
+    suite = tmp_path / "up.toml"
+    suite.write_text('name = "up"\n[[tasks]]\ntask = "passkey"\nlengths = [8192]\ndepths = [0.5]\nsamples = 1\n'
+                     'max_new_tokens = 6\n[tasks.options]\ntemplate = "trtllm"\nhaystack = "noise"\nshape = "upstream"\n'
+                     '[[tasks]]\ntask = "passkey"\nname = "exact"\nlengths = [1024]\ndepths = [0.5]\nsamples = 1\n')
+    assert main(["run", "--suite", str(suite), "--backend", "fake", "--tokenizer", "byte", "--out", str(tmp_path),
+                 "--run-id", "up", "--no-progress", "--backend-opt", "seconds_per_token=0.001"]) == 0
+    df = pd.read_parquet(tmp_path / "up" / "results.parquet").set_index("task")
+    real_count = int(df.loc["passkey", "n_prompt_tokens"])
+    assert real_count != 8192 and sorted(seen.values()) == [1024, real_count]
+    row = df.loc["passkey"]
+    assert row["prefill_tokens_per_s"] == pytest.approx(real_count / row["ttft_s"])
+
+
+def test_compare_refuses_an_upstream_shaped_run_against_an_exact_one(tmp_path, capsys):
+    from evalctx.cli import main
+
+    for run_id, shape in (("exact", ""), ("up", 'shape = "upstream"\n')):
+        suite = tmp_path / f"{run_id}.toml"
+        suite.write_text('name = "s"\n[[tasks]]\ntask = "passkey"\nlengths = [8192]\ndepths = [0.5]\nsamples = 1\n'
+                         f'[tasks.options]\ntemplate = "trtllm"\nhaystack = "noise"\n{shape}')
+        assert main(["run", "--suite", str(suite), "--backend", "fake", "--tokenizer", "byte", "--out",
+                     str(tmp_path), "--run-id", run_id, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "up")]) == 2
+    assert "shape='exact'" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "up"), "--allow-different", "task"]) == 0

@@ -140,7 +140,11 @@ def main(args: argparse.Namespace) -> int:
     actual = _value(row, "depth_actual")
     more = f" (the first of {n_match} that match {_selection(args)})" if n_match > 1 else ""
     print(f"sample {row['sample_id']} of run {row['run_id']}{more}")
-    print(f"task {row['task']}, context_length {int(row['context_length']):,} tokens, depth "
+    shaped = _value(row, "meta_shape") == "upstream"
+    level = (f"level {int(row['context_length']):,} (upstream-shaped: the prompt is "
+             f"{_value(row, 'meta_prompt_tokens'):,} tokens)" if shaped else
+             f"context_length {int(row['context_length']):,} tokens")
+    print(f"task {row['task']}, {level}, depth "
           f"{'' if depth is None else f'{100 * depth:g}%'}"
           f"{'' if actual is None else f' (actual {100 * actual:.1f}%)'}, needle at token "
           f"{_value(row, 'needle_token_index')}, prompt_mode {_value(row, 'prompt_mode')}, seed {_value(row, 'seed')}")
