@@ -4,8 +4,9 @@ The upstream construction is reimplemented here from its source, read through th
 
 * NVIDIA/TensorRT-LLM ``examples/infinitebench/construct_synthetic_dataset.py`` at commit
   a17b14f6d89b5ac7d61152b17f727651a7bcc607 (``build_passkey``: ``num_noise``/``step`` per ``--test_level`` 0..7,
-  ``random.seed(args.random_seed)``, five ``random.randint(0, 9)`` digits; ``build_kv_retrieval``: ``nnoise`` 2500,
-  ``ans_id = min(int(cnt * nnoise / nsample), nnoise)``, the ``text``/``question`` strings);
+  ``random.seed(args.random_seed)``, five ``random.randint(0, 9)`` digits; ``build_kv_retrieval``: ``nnoise =
+  [928, 2500]`` for ``[64 * 1024, 128 * 1024]``, ``ans_id = min(int(cnt * nnoise / nsample), nnoise)``, the
+  ``text``/``question`` strings);
 * NVIDIA/TensorRT-LLM ``examples/infinitebench/eval_utils.py`` at commit f430a4b447ef4cba22698902d43eae0debf08594
   (``create_prompt``'s two templates);
 * OpenBMB/InfiniteBench ``data/construct_synthetic_dataset.py`` at commit 89b7855365b35d5f4be30fa5560ec783287fbb54
@@ -28,6 +29,7 @@ from evalctx.tokenizer import ByteTokenizer
 # --- upstream, reimplemented (see the module docstring for the source) ------------------------------------------
 NUM_NOISE = [326, 652, 1305, 2610, 5220, 10440, 20880, 41760]
 STEP = [6, 12, 22, 45, 90, 180, 360, 720]
+KV_LEVELS, NNOISE = [64 * 1024, 128 * 1024], [928, 2500]  # TensorRT-LLM's build_kv_retrieval (OpenBMB's: 928, 1855)
 TEMPLATES = {
     "passkey": "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz "
                "you about the important information.\n\n{context}\n\n{input}\n\nThe pass key is",
@@ -148,10 +150,30 @@ def test_the_kv_prompt_is_upstreams_for_its_pairs(cnt):
     ans_id = min(int(cnt * n / 500), n)
     s = get_task("kv_retrieval")(tok, {"shape": "upstream"}).make_sample(16384, ans_id / n, seed=3)
     records = [list(p) for p in UUID_PAIR.findall(s.prompt)]
-    assert len(records) == n == 312 and s.meta["n_pairs"] == n and s.meta["asked_pair"] == ans_id
+    assert len(records) == n == 232 and s.meta["n_pairs"] == n and s.meta["asked_pair"] == ans_id  # 928 per 64K
     eg = build_kv_retrieval_one(records, cnt, nnoise=n)
     assert s.prompt == create_prompt(eg, "kv_retrieval") and s.target == [eg["answer"]]
     assert s.meta["prompt_tokens"] == len(s.prompt_ids) != 16384 == s.context_length
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_the_kv_pair_counts_are_upstreams_table_at_its_levels(level):
+    """Issue 26 B: at each of TensorRT-LLM's levels the prompt holds exactly its ``nnoise`` pairs (928 at 64K,
+    not 2500 x 64K / 128K = 1250), and is upstream's prompt for those pairs."""
+    length, n = KV_LEVELS[level], NNOISE[level]
+    assert upstream_pairs(length) == n
+    cnt = 123
+    ans_id = min(int(cnt * n / 500), n)
+    s = get_task("kv_retrieval")(ByteTokenizer(), {"shape": "upstream"}).make_sample(length, ans_id / n, seed=5)
+    records = [list(p) for p in UUID_PAIR.findall(s.prompt)]
+    assert len(records) == n == s.meta["n_pairs"] and s.meta["asked_pair"] == ans_id
+    assert s.prompt == create_prompt(build_kv_retrieval_one(records, cnt, nnoise=n), "kv_retrieval")
+
+
+def test_kv_pair_counts_between_and_beyond_the_levels():
+    """evalctx's own counts where upstream has no level: 928 per 64K below, linear between, 2500 per 128K above."""
+    assert [upstream_pairs(x) for x in (1, 16384, 65535, 65536, 98304, 131071, 131072, 262144, 1048576)] == [
+        1, 232, 927, 928, 1714, 2499, 2500, 5000, 20000]
 
 
 def test_upstreams_asked_indices_are_reached_from_their_depths():

@@ -8,7 +8,7 @@ in the JSON object below.\\n\\n{context}\\n\\n{input}"``; 50 new tokens; scored 
 ``get_score_one_kv_retrieval`` (:func:`evalctx.scoring.kv_retrieval_match`). The last line of ``input`` is the
 answer prefix here, so chat mode puts it in the assistant turn as passkey does.
 
-Exact length. Upstream keeps a fixed number of pairs (2500 at its 128K level) whatever the tokenizer; here the
+Exact length. Upstream keeps a fixed number of pairs (928 at its 64K level, 2500 at 128K) whatever the tokenizer; here the
 object holds as many whole pairs as make the prompt exactly ``context_length`` tokens, the JSON intact. Pairs are
 counted in context (one tokenization of a batch of them); the object is filled with fresh pairs until less than one
 pair is left, then filler pairs are swapped for fresh ones with more tokens (uuids tokenize to different counts)
@@ -20,12 +20,18 @@ never truncated. Depth is the asked pair's place among the pairs: index
 ``round(depth * (n_pairs - 1))``.
 
 ``shape = "upstream"`` builds instead the prompt upstream builds, byte for byte: :func:`upstream_pairs` whole pairs
-for the asked length (2500 at 128K, TensorRT-LLM's ``nnoise``), the asked pair at index ``min(int(depth x n), n -
-1)`` (upstream's ``ans_id`` over the shuffled records), no padding; the sample's ``context_length`` is the prompt's
-own token count. Followed: NVIDIA/TensorRT-LLM ``examples/infinitebench/construct_synthetic_dataset.py``
-(``build_kv_retrieval``, commit a17b14f6) and ``eval_utils.py`` (commit f430a4b4). The uuids are evalctx's own
-seeded draws (upstream's come from lost-in-the-middle's unseeded ``uuid4``), so the text around them is upstream's,
-the uuids are not.
+for the asked length, the asked pair at index ``min(int(depth x n), n - 1)`` (upstream's ``ans_id`` over the
+shuffled records), no padding; the sample's ``context_length`` is the prompt's own token count. Followed:
+NVIDIA/TensorRT-LLM ``examples/infinitebench/construct_synthetic_dataset.py`` (``build_kv_retrieval``, commit
+a17b14f6), the copy ``eval_long_context.py`` pairs with, and ``eval_utils.py`` (commit f430a4b4). Its ``nnoise``
+table has two levels, ``[928, 2500]`` for ``[64 * 1024, 128 * 1024]`` (it builds only the 128K one; the
+``--test_level`` help says 0 or 1): those counts are taken exactly at 65,536 and 131,072 tokens. Between the levels
+evalctx interpolates linearly (floored), below 64K it keeps the 64K level's rate (928 per 65,536 tokens) and above
+128K the 128K level's (2500 per 131,072 tokens): those counts are evalctx's, no upstream builds them. OpenBMB/
+InfiniteBench's own ``data/construct_synthetic_dataset.py`` (commits 89b78553, 220fd2e0) differs: ``nnoise = [928,
+1855]`` (1855 at 128K), ``ans_id = (cnt // interv) * interv`` and the instruction inside ``input``; evalctx follows
+TensorRT-LLM's. The uuids are evalctx's own seeded draws (upstream's come from lost-in-the-middle's unseeded
+``uuid4``), so the text around them is upstream's, the uuids are not.
 """
 
 from __future__ import annotations
@@ -58,8 +64,9 @@ _MIN_CACHE: dict[tuple[str, ...], int] = {}
 
 
 SHAPES = ("exact", "upstream")
-UPSTREAM_PAIRS_128K = 2500
-"""construct_synthetic_dataset.py's ``nnoise`` at its 128K level (the level it builds)."""
+UPSTREAM_NNOISE = {64 * 1024: 928, 128 * 1024: 2500}
+"""TensorRT-LLM's construct_synthetic_dataset.py (a17b14f6) ``build_kv_retrieval``: ``nnoise = [928, 2500]`` for the
+levels ``[64 * 1024, 128 * 1024]``."""
 
 
 def pair_text(key: str, value: str) -> str:
@@ -67,9 +74,17 @@ def pair_text(key: str, value: str) -> str:
 
 
 def upstream_pairs(asked_length: int) -> int:
-    """Key-value pairs upstream puts in a prompt of ``asked_length`` tokens: 2500 per 131,072 tokens, rounded down,
-    at least 1 (its 128K level exactly; its older 64K level had 928, this rate gives 1250)."""
-    return max(1, asked_length * UPSTREAM_PAIRS_128K // 131072)
+    """Key-value pairs in an upstream-shaped prompt of ``asked_length`` tokens: TensorRT-LLM's ``nnoise`` exactly at
+    its levels (928 at 65,536, 2500 at 131,072 tokens); between them linear interpolation, below the first level
+    its rate (928 per 65,536 tokens), above the last its rate (2500 per 131,072 tokens); rounded down, at least 1."""
+    (lo, n_lo), (hi, n_hi) = sorted(UPSTREAM_NNOISE.items())
+    if asked_length <= lo:
+        n = asked_length * n_lo // lo
+    elif asked_length >= hi:
+        n = asked_length * n_hi // hi
+    else:
+        n = n_lo + (asked_length - lo) * (n_hi - n_lo) // (hi - lo)
+    return max(1, n)
 
 
 def upstream_prompt(pairs: list[tuple[str, str]], asked: int) -> str:
