@@ -102,7 +102,9 @@ def test_preflight_uses_the_llms_limits(standin, tmp_path):
              SimpleNamespace(id="long", context_length=4090, max_new_tokens=8)]
     reasons = b.preflight(specs)
     assert sorted(reasons) == ["chunk", "long"] and "enable_chunked_prefill=true" in reasons["chunk"]
-    assert "max_seq_len is 4096" in reasons["long"]
+    # trtllm-llm has no engine to rebuild: max_seq_len is the LLM's argument (issue 26, D)
+    assert ("the LLM was loaded with max_seq_len 4096: pass --backend-opt max_seq_len=4098 or more"
+            in reasons["long"] and "rebuild" not in reasons["long"] and "drop lengths > 4088" in reasons["long"])
     # a request the LLM would refuse at submission never reaches it, and is an error row
     too_long = request("x", "y" * 600)
     assert "max_num_tokens 512" in b.generate([too_long])[0].error
@@ -229,7 +231,7 @@ def test_without_the_guard_the_standin_loses_the_needle(standin, tmp_path):
 
 
 def test_a_release_that_reports_no_kv_cache_needs_the_token_budget(standin, tmp_path, caplog):
-    standin.BEHAVIOUR["iteration_stats"] = False
+    standin.BEHAVIOUR.update(iteration_stats=False, kv_capacity_api=False)
     with pytest.raises(UsageError, match=r"did not report the KV cache it allocated .* pass --backend-opt "
                                          r"max_tokens_in_paged_kv_cache=N") as err:
         backend(hf_dir(tmp_path))
@@ -251,3 +253,69 @@ def test_the_request_timeout_scales_with_the_prompt_unless_given(standin, tmp_pa
     assert backend(hf_dir(tmp_path), request_timeout_s="30").options.timeout_s(1_048_576) == 30.0
     with pytest.raises(UsageError, match="request_timeout_s=0.0"):
         backend(hf_dir(tmp_path), request_timeout_s="0")
+
+
+# --- issue 26 A: the KV capacity of a model with several attention window sizes (VSWA) ----------------------------
+def gemma_dir(tmp_path: Path) -> Path:
+    """A Gemma-3-like checkpoint: five sliding-window layers of 512 to one full-attention layer."""
+    path = hf_dir(tmp_path)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "max_position_embeddings": 131072,
+        "num_hidden_layers": 6, "sliding_window": 512,
+        "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}))
+    return path
+
+
+def test_several_windows_hold_samples_to_the_largest_windows_pool_not_the_sum(standin, tmp_path):
+    """TensorRT-LLM gives each window size its own pool and reports maxNumBlocks summed over them (2048 tokens
+    here: 7 blocks for the 512 window, 57 for the 4096 one); a sample that fits the sum but not the full-attention
+    layers' pool (1824 tokens) is answered wrongly without an error. It must be unsupported, with the numbers."""
+    standin.BEHAVIOUR["kv_pool_tokens"] = 500
+    b = backend(gemma_dir(tmp_path), max_seq_len="4096")
+    assert b._llm.kv_blocks == 64 and b._llm.get_kv_cache_capacity()["maxNumTokens"] == 2048  # the sum
+    assert (b.kv_capacity, b.kv_blocks, b.kv_window, b.kv_capacity_source) == (1824, (57, 32), 4096, "allocated")
+    specs = [SimpleNamespace(id="fits", context_length=1800, max_new_tokens=8),
+             SimpleNamespace(id="long", context_length=1900, max_new_tokens=8)]
+    reasons = b.preflight(specs)
+    assert list(reasons) == ["long"] and "\n" not in reasons["long"]
+    assert "largest attention window (4096)" in reasons["long"] and "holds 1824 tokens" in reasons["long"]
+    out = b.generate([request("fits", "y" * 1799), request("long", "y" * 1899)])  # +BOS
+    assert out[0].text == " 42" and out[1].text is None and "holds 1824 tokens" in out[1].error
+    assert b.row_columns()["runtime_kv_cache_tokens"] == 1824
+
+
+def test_several_windows_without_per_window_stats_are_refused_in_one_line(standin, tmp_path):
+    """A release whose stats carry only the summed maxNumBlocks: no safe capacity, and max_tokens is ignored
+    under VSWA, so the run is refused whatever max_tokens_in_paged_kv_cache says."""
+    standin.BEHAVIOUR["window_iteration_stats"] = False
+    for opts in ({}, {"max_tokens_in_paged_kv_cache": "1000"}):
+        with pytest.raises(UsageError, match=r"several attention window sizes \(512, full\).*no per-window "
+                                             r"KV-cache figure.*kvCacheIterationStats") as err:
+            backend(gemma_dir(tmp_path), max_seq_len="4096", **opts)
+        assert "\n" not in str(err.value)
+
+
+def test_one_window_reads_the_capacity_api_without_a_probe(standin, tmp_path):
+    """The newest LLM has get_kv_cache_capacity(): read without running a request or draining the stats."""
+    standin.BEHAVIOUR.update(kv_pool_tokens=1000, iteration_stats=False)
+    b = backend(hf_dir(tmp_path), max_seq_len="4096")
+    assert (b.kv_capacity, b.kv_blocks, b.kv_capacity_source) == (992, (31, 32), "allocated")
+    standin.BEHAVIOUR.update(iteration_stats=True, kv_capacity_api=False)  # older: the probe and get_stats
+    b = backend(hf_dir(tmp_path), max_seq_len="4096")
+    assert (b.kv_capacity, b.kv_blocks, b.kv_capacity_source) == (992, (31, 32), "allocated")
+
+
+def test_rows_show_the_deadline_rule_and_the_manifest_the_applied_deadlines(standin, tmp_path):
+    """Issue 26 C: unset, request_timeout_s scales with the batch's prompt tokens; rows record the rule (not None)
+    and info() the deadlines the batches got."""
+    from evalctx.backends.trtllm.backend import TIMEOUT_BASE_S, TIMEOUT_PER_TOKEN_S
+
+    b = backend(hf_dir(tmp_path))
+    b.generate([request("a", "y" * 99)])
+    cols = b.row_columns()
+    assert cols["runtime_request_timeout_s"] == "600 + 0.004 x batch prompt tokens"
+    assert (cols["runtime_request_timeout_base_s"], cols["runtime_request_timeout_per_token_s"]) == (
+        TIMEOUT_BASE_S, TIMEOUT_PER_TOKEN_S)
+    assert b.info()["request_deadlines_s"] == {"batches": 1, "min_s": 600.4, "max_s": 600.4}  # 100 tokens
+    fixed = backend(hf_dir(tmp_path), request_timeout_s="30").row_columns()
+    assert (fixed["runtime_request_timeout_s"], fixed["runtime_request_timeout_per_token_s"]) == (30.0, 0.0)

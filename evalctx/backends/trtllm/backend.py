@@ -84,6 +84,25 @@ class SharedOptions:
             return float(self.request_timeout_s)
         return TIMEOUT_BASE_S + TIMEOUT_PER_TOKEN_S * max(0, prompt_tokens)
 
+    def timeout_columns(self) -> dict[str, Any]:
+        """The deadline rule as row columns, so every row shows the deadline it ran under: a batch of P prompt
+        tokens in all gets ``runtime_request_timeout_base_s + runtime_request_timeout_per_token_s x P`` seconds;
+        ``runtime_request_timeout_s`` is the given value, or the rule in words where it scales with the prompt."""
+        if self.request_timeout_s is not None:
+            return {"runtime_request_timeout_s": float(self.request_timeout_s),
+                    "runtime_request_timeout_base_s": float(self.request_timeout_s),
+                    "runtime_request_timeout_per_token_s": 0.0}
+        return {"runtime_request_timeout_s": f"{TIMEOUT_BASE_S:g} + {TIMEOUT_PER_TOKEN_S:g} x batch prompt tokens",
+                "runtime_request_timeout_base_s": TIMEOUT_BASE_S,
+                "runtime_request_timeout_per_token_s": TIMEOUT_PER_TOKEN_S}
+
+
+def deadline_summary(applied: list[float]) -> dict[str, Any] | None:
+    """The per-batch deadlines a run applied, for the manifest: how many batches, the shortest and the longest."""
+    if not applied:
+        return None
+    return {"batches": len(applied), "min_s": round(min(applied), 3), "max_s": round(max(applied), 3)}
+
 
 TIMEOUT_BASE_S = 600.0
 """The default deadline's fixed part: engine warm-up, queueing, and the answer's decode steps."""
@@ -157,6 +176,8 @@ class TRTLLMBackend(Backend):
         self.pad_id = options.pad_id if options.pad_id is not None else default_pad_id(self.tokenizer, self.end_ids)
         self.version: str | None = None
         self.dropped: list[str] = []
+        self.deadlines_s: list[float] = []
+        """The deadline each batch was given (request_timeout_s, or the rule scaled with its prompt tokens)."""
         self.applied: dict[str, Any] = {}
         self.placement = Placement(None, None, None)
         self._lora: Any = None
@@ -366,6 +387,7 @@ class TRTLLMBackend(Backend):
                 raise
             return [r or error_result(req, one_line(exc), n) for r, req in zip(results, reqs)]
         timeout = self.options.timeout_s(sum(len(r.prompt_ids) for r in reqs))
+        self.deadlines_s.append(timeout)
         outcomes = ex.collect(self._executor, ids, t0=t0, timeout_s=timeout,
                               streaming=self._streaming)
         for (i, _), rid in zip(built, ids):
@@ -409,7 +431,7 @@ class TRTLLMBackend(Backend):
             "runtime_enable_context_fmha_fp32_acc": self.applied.get("enable_context_fmha_fp32_acc"),
             "runtime_fail_fast_on_attention_window": self.applied.get("fail_fast_on_attention_window_too_large"),
             "runtime_lora_dir": self.applied.get("lora_dir"),
-            "runtime_request_timeout_s": o.request_timeout_s,
+            **o.timeout_columns(),
             "runtime_world_size": self.engine.world_size,
             "runtime_replicas": self.replicas,
             "runtime_timing": "executor" if self._perf else "host",
@@ -428,6 +450,7 @@ class TRTLLMBackend(Backend):
             "runtime": self.runtime_columns(),
             "placement": dataclasses.asdict(self.placement),
             "dropped": list(self.dropped),
+            "request_deadlines_s": deadline_summary(self.deadlines_s),
             "end_ids": list(self.end_ids),
             "pad_id": self.pad_id,
         }

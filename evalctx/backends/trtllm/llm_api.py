@@ -8,7 +8,8 @@ ends only its own row: ``RequestOutput.result()`` runs in a helper thread, becau
 ``tensorrt_llm/executor/result.py`` ignores ``result(timeout)``'s timeout (``_result_step`` calls ``queue.get()``
 without it), and a request still running at the deadline is ``abort()``-ed. The PyTorch backend has no fail-fast
 and shrinks the attention window to the KV cache it got, so samples are held to the capacity read back after load
-(:meth:`TRTLLMAPIBackend._resolve_kv_capacity`).
+(:meth:`TRTLLMAPIBackend._resolve_kv_capacity`; for models with several attention window sizes, the pool of the
+largest window, read from the per-window stats, since ``maxNumBlocks`` sums the pools).
 
 Launch: evalctx runs in one process. With tensor_parallel_size > 1 on one node, plain ``evalctx run`` lets the LLM
 spawn its MPI workers itself (mpi4py's MPIPoolExecutor; needs mpi4py); under mpirun or Slurm use
@@ -16,7 +17,10 @@ spawn its MPI workers itself (mpi4py's MPIPoolExecutor; needs mpi4py); under mpi
 on rank 0 with the MPI variables removed while the other ranks serve as workers.
 Sources: tensorrt_llm/llmapi/llm.py (commit 4c05a748 and a later indexed version: generate/generate_async,
 _check_arguments, get_stats), llm_args.py (TorchLlmArgs, KvCacheConfig; the newest declares fail-fast on TrtLlmArgs
-only), executor/result.py, _torch/pyexecutor/resource_manager.py (adjust_window_sizes_for_vswa). Never run on a real GPU here.
+only), executor/result.py, _torch/pyexecutor/resource_manager.py (adjust_window_sizes_for_vswa,
+calculate_max_num_blocks_for_vswa), _torch/pyexecutor/kv_cache_stats.py (kvCacheIterationStats, commit a1510015),
+py_executor.py and llm.py (get_kv_cache_capacity, newest indexed), executor jsonSerialization.cpp (KvCacheStats keys).
+Never run on a real GPU here.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
-from evalctx.backends.trtllm.backend import SharedOptions
+from evalctx.backends.trtllm.backend import SharedOptions, deadline_summary
 from evalctx.backends.trtllm.executor import WINDOW_ADVICE
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
+from evalctx.kv_layout import layer_windows
 from evalctx.preflight import EngineLimits, SampleLike, check, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult
 
@@ -117,7 +122,12 @@ class TRTLLMAPIBackend(Backend):
         wanted = (ctx.max_input_len or 0) + (ctx.max_new_tokens or 0)
         self.llm_args: dict[str, Any] = {}
         self.dropped: list[str] = []
+        self.deadlines_s: list[float] = []
+        """The deadline each batch was given (request_timeout_s, or the rule scaled with its prompt tokens)."""
         self.version: str | None = None
+        windows = layer_windows(self.checkpoint_config) if self.checkpoint_config else None
+        self.window_sizes = sorted({w for w in windows}, key=lambda w: (w is None, w or 0)) if windows else []
+        """The checkpoint's attention window sizes (None: full attention); several = VSWA in TensorRT-LLM."""
         self._llm: Any = None
         self._failed = False
         self._load(options.max_seq_len or wanted or None)
@@ -128,6 +138,8 @@ class TRTLLMAPIBackend(Backend):
         self.kv_capacity: int | None = None
         self.kv_capacity_source: str | None = None
         self.kv_blocks: tuple[int, int] | None = None
+        self.kv_window: int | None = None
+        """Under VSWA, the (largest) attention window whose pool bounds one sequence, as TensorRT-LLM keys it."""
         self._resolve_kv_capacity()
 
     def _check_tokenizer(self, spec: str | None) -> None:
@@ -209,18 +221,46 @@ class TRTLLMAPIBackend(Backend):
         The PyTorch backend has no fail-fast: the newest llm_args.py declares
         ``fail_fast_on_attention_window_too_large`` on TrtLlmArgs only, and the KV cache manager
         (``_torch/pyexecutor/resource_manager.py``, ``adjust_window_sizes_for_vswa``) shrinks the attention windows
-        until one sequence fits the memory it got, ignoring ``max_tokens`` for models with several windows. A
-        cache smaller than max_seq_len would then drop a sample's first tokens silently, the early needles with
-        them. So the capacity actually allocated is read back after load (:meth:`_read_kv_capacity`); a release
-        that does not report it falls back to ``max_tokens_in_paged_kv_cache`` with a warning (an upper bound the
-        memory fraction may undercut), and without that either the run is refused.
+        until one sequence fits the memory it got. A cache smaller than max_seq_len would then drop a sample's first
+        tokens silently, the early needles with them. So the capacity actually allocated is read back after load.
 
-        Raises UsageError: the capacity cannot be read and no max_tokens_in_paged_kv_cache is given.
+        One window size: ``llm.get_kv_cache_capacity()`` where the release has it (newest llm.py, no request
+        needed; it also covers KVCacheManagerV2, whose stats report ``max_num_blocks`` 0), else the iteration
+        stats (:meth:`_read_kv_capacity`); a release that reports neither falls back to
+        ``max_tokens_in_paged_kv_cache`` with a warning (an upper bound the memory fraction may undercut), and
+        without that either the run is refused.
+
+        Several window sizes (VSWA: Gemma 2/3, gpt-oss, ...; read from the checkpoint's config by
+        :func:`evalctx.kv_layout.layer_windows`): TensorRT-LLM gives each window size its own pool, splitting the
+        memory between them (``calculate_max_num_blocks_for_vswa``) and ignoring ``max_tokens``, and
+        ``maxNumBlocks`` -- in the iteration stats and in ``get_kv_cache_capacity()`` alike -- is the sum over the
+        pools (``BlockManager::getMaxNumBlocks``), more than the full-attention layers' pool holds. A sequence is
+        bounded by the pool of the largest window, read from the per-window stats (``kvCacheIterationStats``);
+        where the release reports no per-window figure the run is refused.
+
+        Raises UsageError: the capacity cannot be read (and, for one window size, no max_tokens_in_paged_kv_cache
+        is given).
         """
-        read = self._read_kv_capacity()
-        if read is not None:
-            self.kv_blocks = read
-            self.kv_capacity, self.kv_capacity_source = read[0] * read[1], "allocated"
+        if len(self.window_sizes) > 1:
+            read = self._read_kv_capacity(per_window=True)
+            if read is None:
+                shown = ", ".join("full" if w is None else str(w) for w in self.window_sizes)
+                raise UsageError(
+                    f"tensorrt_llm {self.version}: {self.model_dir} has several attention window sizes ({shown}), so "
+                    "TensorRT-LLM splits the KV cache into one pool per window (ignoring max_tokens_in_paged_kv_cache)"
+                    " and shrinks the windows silently when the largest one's pool is smaller than a sample, but this "
+                    "release reports no per-window KV-cache figure (get_stats() has no kvCacheIterationStats; "
+                    "kvCacheStats.maxNumBlocks sums the pools and overstates it): install a tensorrt_llm whose "
+                    "get_stats() reports kvCacheIterationStats, or run this model with backend hf (or trtllm, an "
+                    "engine with fail_fast_on_attention_window_too_large)")
+            blocks, per_block, window = read
+            self.kv_blocks, self.kv_window = (blocks, per_block), window
+            self.kv_capacity, self.kv_capacity_source = min(blocks * per_block, window), "allocated"
+            return
+        read2 = self._capacity_api() or self._read_kv_capacity()
+        if read2 is not None:
+            self.kv_blocks = (read2[0], read2[1])
+            self.kv_capacity, self.kv_capacity_source = read2[0] * read2[1], "allocated"
             return
         cap = self.options.max_tokens_in_paged_kv_cache
         if cap is None:
@@ -234,13 +274,37 @@ class TRTLLMAPIBackend(Backend):
                     "max_tokens_in_paged_kv_cache=%d, which the memory fraction may undercut (check the 'max tokens' "
                     "log line)", self.version, cap)
 
-    def _read_kv_capacity(self) -> tuple[int, int] | None:
-        """(blocks, tokens per block) of the KV cache the executor allocated, or None where it cannot tell.
+    def _capacity_api(self) -> tuple[int, int] | None:
+        """(blocks, tokens per block) from ``llm.get_kv_cache_capacity()`` (newest llm.py, beta:
+        ``PyExecutor.get_kv_cache_capacity``: the manager's ``max_num_blocks``, else KVCacheManagerV2's
+        ``blocks_in_primary_pool``, times ``tokens_per_block``; ``{}`` when unknown), or None where the release
+        lacks it or it tells nothing. Under VSWA its ``maxNumBlocks`` is the sum over the window pools: not used."""
+        api = getattr(self._llm, "get_kv_cache_capacity", None)
+        if not callable(api):
+            return None
+        try:
+            cap = api()
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            log.debug("llm.get_kv_cache_capacity failed: %s", one_line(exc))
+            return None
+        blocks = cap.get("maxNumBlocks") if isinstance(cap, dict) else None
+        per_block = cap.get("tokensPerBlock") if isinstance(cap, dict) else None
+        if _positive(blocks) and _positive(per_block):
+            return blocks, per_block
+        return None
+
+    def _read_kv_capacity(self, per_window: bool = False) -> tuple[int, ...] | None:
+        """(blocks, tokens per block) of the KV cache the executor allocated, or None where it cannot tell; with
+        ``per_window``, (blocks, tokens per block, window) of the largest window's pool.
 
         Iteration stats (``LLM(enable_iter_perf_stats=True)``, ``llm.get_stats(timeout)``: one JSON object per
-        executor iteration, ``kvCacheStats.maxNumBlocks`` and ``tokensPerBlock``) exist only once an iteration ran,
-        so one request of one prompt token and one new token is run first. Raises what a fatal error (CUDA, out of
-        memory) raises; other failures only make the capacity unknown.
+        executor iteration, ``kvCacheStats.maxNumBlocks`` and ``tokensPerBlock``; newer releases add
+        ``kvCacheIterationStats``, ``{str(window): {"primaryMaxNumBlocks": ..., "primaryFreeNumBlocks": ...}}``,
+        one entry per window pool) exist only once an iteration ran, so one request of one prompt token and one
+        new token is run first. Raises what a fatal error (CUDA, out of memory) raises; other failures only make
+        the capacity unknown.
         """
         if not self.llm_args.get("enable_iter_perf_stats") or not hasattr(self._llm, "get_stats"):
             return None
@@ -274,7 +338,7 @@ class TRTLLMAPIBackend(Backend):
         except Exception as exc:  # NoStatsAvailable and friends: the release cannot tell
             log.debug("llm.get_stats failed: %s", one_line(exc))
             return None
-        best: tuple[int, int] | None = None
+        best: tuple[int, ...] | None = None
         for snap in snapshots or []:
             if isinstance(snap, str):
                 try:
@@ -284,10 +348,17 @@ class TRTLLMAPIBackend(Backend):
             kv = snap.get("kvCacheStats") if isinstance(snap, dict) else None
             if not isinstance(kv, dict):
                 continue
-            blocks, per_block = kv.get("maxNumBlocks"), kv.get("tokensPerBlock")
-            if isinstance(blocks, int) and isinstance(per_block, int) and blocks > 0 and per_block > 0:
-                if best is None or blocks * per_block > best[0] * best[1]:
-                    best = (blocks, per_block)
+            per_block = kv.get("tokensPerBlock")
+            if not _positive(per_block):
+                continue
+            if per_window:
+                found = _largest_window_pool(snap)
+                if found is not None and (best is None or found[0] * per_block > best[0] * best[1]):
+                    best = (found[0], per_block, found[1])
+                continue
+            blocks = kv.get("maxNumBlocks")
+            if _positive(blocks) and (best is None or blocks * per_block > best[0] * best[1]):
+                best = (blocks, per_block)
         return best
 
     def _kv_reason(self, prompt_tokens: int, max_new_tokens: int) -> str | None:
@@ -300,7 +371,12 @@ class TRTLLMAPIBackend(Backend):
         need_kv = -(-need // block) * block
         if need_kv <= capacity:
             return None
-        if self.kv_capacity_source == "allocated":
+        if self.kv_capacity_source == "allocated" and self.kv_window is not None:
+            held = (f"the pool of the largest attention window ({self.kv_window}) in the KV cache tensorrt_llm "
+                    f"allocated holds {capacity} tokens ({self.kv_blocks[0]} blocks of {block}; the model has "
+                    f"{len(self.window_sizes)} window sizes, each with its own pool)")
+            fix = ("raise kv_cache_free_gpu_memory_fraction or tensor_parallel_size, or pass kv_cache_dtype=fp8")
+        elif self.kv_capacity_source == "allocated":
             held = f"the KV cache tensorrt_llm allocated holds {capacity} tokens ({self.kv_blocks[0]} blocks of {block})"
             fix = ("raise kv_cache_free_gpu_memory_fraction or tensor_parallel_size, or pass kv_cache_dtype=fp8")
         else:
@@ -309,6 +385,19 @@ class TRTLLMAPIBackend(Backend):
         return (f"prompt {prompt_tokens} + max_new_tokens {max_new_tokens} needs {need_kv} KV-cache tokens but {held}: "
                 f"the PyTorch backend would shrink the attention window and lose the prompt's first tokens; {fix}, "
                 f"or drop lengths > {max(0, capacity - max_new_tokens)}")
+
+    def _seq_reason(self, prompt_tokens: int, max_new_tokens: int) -> str | None:
+        """Why a sample does not fit the LLM's max_seq_len, with this backend's fix (there is no engine to
+        rebuild: max_seq_len is an LLM argument); None when it fits or max_seq_len is unknown."""
+        need = prompt_tokens + max_new_tokens
+        if not self.max_seq_len or need <= self.max_seq_len:
+            return None
+        stated = self.model_limits.max_positions or self.model_limits.trained_positions
+        within = f" (the checkpoint states {stated} positions)" if stated else ""
+        return (f"prompt {prompt_tokens} + max_new_tokens {max_new_tokens} = {need} tokens but the LLM was loaded with "
+                f"max_seq_len {self.max_seq_len}: pass --backend-opt max_seq_len={need} or more{within}, or leave "
+                f"max_seq_len unset (the run's longest prompt plus its answer budget), or drop lengths > "
+                f"{max(0, self.max_seq_len - max_new_tokens)}")
 
     # --------------------------------------------------------------------------------------------- preflight
     def limits(self) -> EngineLimits:
@@ -329,7 +418,8 @@ class TRTLLMAPIBackend(Backend):
 
     def preflight(self, samples: Sequence[SampleLike]) -> dict[str, str]:
         """The engine limits' reasons, and first of all the KV cache's (:meth:`_kv_reason`, with its numbers)."""
-        out = {s.id: r for s in samples if (r := self._kv_reason(s.context_length, s.max_new_tokens)) is not None}
+        out = {s.id: r for s in samples if (r := self._seq_reason(s.context_length, s.max_new_tokens)
+                                            or self._kv_reason(s.context_length, s.max_new_tokens)) is not None}
         out.update(preflight([s for s in samples if s.id not in out], self.limits()))
         return out
 
@@ -346,8 +436,8 @@ class TRTLLMAPIBackend(Backend):
     def _check_request(self, req: GenerationRequest) -> str | None:
         if not req.prompt_ids:
             return "empty prompt"
-        return self._kv_reason(len(req.prompt_ids), req.max_new_tokens) or check(len(req.prompt_ids),
-                                                                                 req.max_new_tokens, self.limits())
+        n, g = len(req.prompt_ids), req.max_new_tokens
+        return self._seq_reason(n, g) or self._kv_reason(n, g) or check(n, g, self.limits())
 
     def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
         try:
@@ -372,6 +462,7 @@ class TRTLLMAPIBackend(Backend):
         for w in waits.values():
             w.start()
         timeout = self.options.timeout_s(sum(len(r.prompt_ids) for r in reqs))
+        self.deadlines_s.append(timeout)
         deadline = t0 + timeout
         for w in waits.values():
             w.join(max(0.0, deadline - time.perf_counter()))
@@ -427,7 +518,7 @@ class TRTLLMAPIBackend(Backend):
             "runtime_kv_cache_free_gpu_memory_fraction": o.kv_cache_free_gpu_memory_fraction,
             "runtime_kv_cache_enable_block_reuse": o.kv_cache_enable_block_reuse,
             "runtime_kv_cache_dtype": o.kv_cache_dtype,
-            "runtime_request_timeout_s": o.request_timeout_s,
+            **o.timeout_columns(),
             "runtime_tokens_per_block": o.tokens_per_block,
             "runtime_fail_fast_on_attention_window": o.fail_fast_on_attention_window_too_large
             if "fail_fast_on_attention_window_too_large" in self.llm_args else None,
@@ -443,6 +534,7 @@ class TRTLLMAPIBackend(Backend):
                 for k, v in self.llm_args.items()}
         return {"backend": self.name, "options": dataclasses.asdict(self.options), "tensorrt_llm_version": self.version,
                 "llm_args": args, "runtime": self.runtime_columns(), "dropped": list(self.dropped),
+                "request_deadlines_s": deadline_summary(self.deadlines_s),
                 "end_ids": list(self.end_ids), "pad_id": self.pad_id}
 
     def row_columns(self) -> dict[str, Any]:
@@ -454,6 +546,37 @@ class TRTLLMAPIBackend(Backend):
             _ABANDONED.append(llm)  # never shut down nor destroyed: the error ends the run instead of a hang
         elif llm is not None:
             llm.shutdown()
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _largest_window_pool(snap: dict[str, Any]) -> tuple[int, int] | None:
+    """(blocks, window) of the largest attention window's pool in one iteration-stats object, or None where it
+    reports no per-window figure. ``kvCacheIterationStats`` (newer releases, ``_torch/pyexecutor/kv_cache_stats.py``
+    ``append_kv_cache_iteration_stats``): ``primaryMaxNumBlocks`` of the pool, else ``primaryFreeNumBlocks`` (free
+    blocks, a lower bound of the pool); ``kvCacheStats.numFreeBlocksPerWindowSize`` where a release serializes the
+    C++ KvCacheStats' map (free blocks: a lower bound). The window is TensorRT-LLM's key: the full-attention layers'
+    window is max_seq_len, or less where adjust_window_sizes_for_vswa shrank it."""
+    pools: dict[int, int] = {}
+    per = snap.get("kvCacheIterationStats")
+    if isinstance(per, dict):
+        for key, stats in per.items():
+            if not isinstance(stats, dict):
+                continue
+            blocks = stats.get("primaryMaxNumBlocks")
+            blocks = blocks if _positive(blocks) else stats.get("primaryFreeNumBlocks")
+            if str(key).isdigit() and _positive(blocks):
+                pools[int(key)] = blocks
+    kv = snap.get("kvCacheStats")
+    free = kv.get("numFreeBlocksPerWindowSize") if isinstance(kv, dict) else None
+    if not pools and isinstance(free, dict):
+        pools = {int(k): v for k, v in free.items() if str(k).isdigit() and _positive(v)}
+    if not pools:
+        return None
+    window = max(pools)
+    return pools[window], window
 
 
 def _hf_config(model_dir: str) -> dict[str, Any] | None:

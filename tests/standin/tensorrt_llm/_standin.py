@@ -28,6 +28,10 @@ BEHAVIOUR: dict = {
     "kv_pool_tokens": 4_000_000,
     "lost_answer": [35, 51],  # " 0" in evalctx's ByteTokenizer
     "iteration_stats": True,  # LLM API: get_stats() reports kvCacheStats (False: a release that does not)
+    # LLM API, several attention window sizes (VSWA): get_stats() also reports kvCacheIterationStats, one entry per
+    # window pool (newer releases); False: only kvCacheStats, whose maxNumBlocks sums the pools
+    "window_iteration_stats": True,
+    "kv_capacity_api": True,  # LLM API: LLM.get_kv_cache_capacity() exists (newest llm.py; False: older releases)
 }
 BEHAVIOUR.update(json.loads(os.environ.get("EVALCTX_STANDIN_BEHAVIOUR", "{}")))
 WORLD = {"rank": 0, "size": 1}

@@ -115,9 +115,21 @@ class LLM:
         self._ids = itertools.count(1)
         self._shutdown = False
         kv = self.args.kv_cache_config
-        pool = min(S.BEHAVIOUR["kv_pool_tokens"], kv.max_tokens or S.BEHAVIOUR["kv_pool_tokens"])
-        self.kv_blocks = pool // kv.tokens_per_block  # whole blocks, as the KV cache manager allocates them
-        self.kv_tokens = self.kv_blocks * kv.tokens_per_block
+        tpb = kv.tokens_per_block
+        windows = _windows(hf, self.args.max_seq_len)
+        if len(windows) == 1:  # one window size: one pool, min(memory, max_tokens)
+            pool = min(S.BEHAVIOUR["kv_pool_tokens"], kv.max_tokens or S.BEHAVIOUR["kv_pool_tokens"])
+            self.window_blocks = {next(iter(windows)): pool // tpb}  # whole blocks, as the manager allocates them
+        else:
+            # VSWA (resource_manager.py calculate_max_num_blocks_for_vswa): the memory is split between one pool per
+            # window size in proportion to layers x window, and kv_cache_config.max_tokens is ignored. The memory is
+            # what would hold kv_pool_tokens tokens in every layer.
+            layers = sum(windows.values())
+            weight = sum(w * n for w, n in windows.items())
+            self.window_blocks = {w: S.BEHAVIOUR["kv_pool_tokens"] * layers * w // weight // tpb for w in windows}
+        self.kv_blocks = sum(self.window_blocks.values())  # BlockManager::getMaxNumBlocks sums over the pools
+        # what one sequence can hold: the pool of the largest window (the full-attention layers)
+        self.kv_tokens = self.window_blocks[max(self.window_blocks)] * tpb
         self._stats: list = []  # iteration stats not yet fetched (get_stats drains them)
         self._iter_stats = bool(kwargs.get("enable_iter_perf_stats"))
 
@@ -127,12 +139,32 @@ class LLM:
         out, self._stats = self._stats, []
         return out
 
+    def get_kv_cache_capacity(self):
+        """The newest llm.py's ``get_kv_cache_capacity`` (PyExecutor.get_kv_cache_capacity): the manager's
+        ``max_num_blocks`` -- under VSWA the sum over the window pools -- times ``tokens_per_block``; {} where the
+        executor has no KV cache manager. Absent (AttributeError) where ``BEHAVIOUR["kv_capacity_api"]`` is off."""
+        tpb = self.args.kv_cache_config.tokens_per_block
+        return {"maxNumBlocks": self.kv_blocks, "tokensPerBlock": tpb, "maxNumTokens": self.kv_blocks * tpb}
+
+    def __getattribute__(self, name):
+        if name == "get_kv_cache_capacity" and not S.BEHAVIOUR["kv_capacity_api"]:
+            raise AttributeError(name)  # an older release: hasattr() is False
+        return object.__getattribute__(self, name)
+
     def _iteration(self):
         if self._iter_stats and S.BEHAVIOUR["iteration_stats"]:
             kv = self.args.kv_cache_config
-            self._stats.append({"iter": len(self._stats), "kvCacheStats": {
+            snap = {"iter": len(self._stats), "kvCacheStats": {  # executor KvCacheStats JSON: no per-window field
                 "maxNumBlocks": self.kv_blocks, "freeNumBlocks": self.kv_blocks, "usedNumBlocks": 0,
-                "tokensPerBlock": kv.tokens_per_block}})
+                "tokensPerBlock": kv.tokens_per_block}}
+            if S.BEHAVIOUR["window_iteration_stats"]:
+                # newer base_worker._stats_serializer: kv_cache_stats.append_kv_cache_iteration_stats, keyed by
+                # str(window size), one entry per pool
+                snap["kvCacheIterationStats"] = {str(w): {
+                    "primaryMaxNumBlocks": b, "primaryFreeNumBlocks": b, "primaryUsedNumBlocks": 0,
+                    "secondaryMaxNumBlocks": 0, "secondaryFreeNumBlocks": 0, "secondaryUsedNumBlocks": 0}
+                    for w, b in self.window_blocks.items()}
+            self._stats.append(snap)
 
     def generate_async(self, inputs, sampling_params=None, streaming=False, **kwargs):
         if self._shutdown:
@@ -169,6 +201,20 @@ class LLM:
 
     def shutdown(self):
         self._shutdown = True
+
+
+def _windows(hf: dict, max_seq_len: int) -> dict:
+    """{attention window: layers} as TensorRT-LLM sizes its pools: a full-attention layer's window is
+    max_seq_len; ``layer_types`` with ``sliding_window`` (Gemma 2/3, gpt-oss), else one window for all layers."""
+    c = hf.get("text_config") or hf
+    n = c.get("num_hidden_layers") or 1
+    sliding = c.get("sliding_window")
+    types = c.get("layer_types") or (["sliding_attention" if sliding else "full_attention"] * n)
+    out: dict = {}
+    for kind in types:
+        w = min(sliding, max_seq_len) if kind == "sliding_attention" and sliding else max_seq_len
+        out[w] = out.get(w, 0) + 1
+    return out
 
 
 __all__ = ["LLM", "SamplingParams", "KvCacheConfig", "RequestError"]
