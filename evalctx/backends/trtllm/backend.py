@@ -87,12 +87,13 @@ class SharedOptions:
     def timeout_columns(self) -> dict[str, Any]:
         """The deadline rule as row columns, so every row shows the deadline it ran under: a batch of P prompt
         tokens in all gets ``runtime_request_timeout_base_s + runtime_request_timeout_per_token_s x P`` seconds;
-        ``runtime_request_timeout_s`` is the given value, or the rule in words where it scales with the prompt."""
+        ``runtime_request_timeout_s`` is the given value, or None where it scales with the prompt (a number or None
+        in every run, so that runs concatenate into one float column; the two rule columns are always numbers)."""
         if self.request_timeout_s is not None:
             return {"runtime_request_timeout_s": float(self.request_timeout_s),
                     "runtime_request_timeout_base_s": float(self.request_timeout_s),
                     "runtime_request_timeout_per_token_s": 0.0}
-        return {"runtime_request_timeout_s": f"{TIMEOUT_BASE_S:g} + {TIMEOUT_PER_TOKEN_S:g} x batch prompt tokens",
+        return {"runtime_request_timeout_s": None,
                 "runtime_request_timeout_base_s": TIMEOUT_BASE_S,
                 "runtime_request_timeout_per_token_s": TIMEOUT_PER_TOKEN_S}
 
