@@ -17,9 +17,11 @@ compacts when it fills. With prefix reuse it also keeps, at every prefill-chunk 
 it (a later prompt may share the prefix up to any boundary). Where that would be no smaller than the sequence the
 layer keeps it whole.
 
-KV precision (``kv_dtype``): the model dtype (fp32, bf16, fp16), or fp8 (e4m3) and int8 with one float32 scale per
+KV precision (``kv_dtype``): the model dtype (fp32, bf16, fp16); fp8 (e4m3) and int8 with one float32 scale per
 token and KV head (the head vector's absolute maximum over the format's largest value: 448 for e4m3, 127 for
-int8), the per-token-head dynamic scaling of vLLM's and LMDeploy's quantized KV caches.
+int8), finer than the engines' schemes, so its cost is a lower bound of theirs; or ``fp8_tensor``: e4m3 with one
+scale of 1 per tensor, what vLLM does without calibrated scales (TensorRT-LLM, and vLLM with a quantized
+checkpoint, use calibrated per-tensor scales, which evalctx cannot reproduce without the calibration).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-QUANTIZED_KV = ("fp8", "int8")
-"""KV dtypes stored with per-token, per-head scales."""
+QUANTIZED_KV = ("fp8", "int8", "fp8_tensor")
+"""KV formats stored in 8 bits; all but fp8_tensor with per-token, per-head scales."""
+SCALED_KV = ("fp8", "int8")
 SCALE_BYTES = 4
 """One float32 scale per token and KV head, for K and for V."""
-_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+_ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "fp8_tensor": 1}
 _SHARED_KV = ("kv_sharing_modes", "num_kv_shared_layers")
 
 
@@ -86,7 +89,7 @@ def element_bytes(kv_dtype: str) -> int:
 
 def bytes_per_position(kv_heads: int, head_dim: int, kv_dtype: str, value_dim: int | None = None) -> int:
     """K and V bytes one position costs in one layer for ``kv_heads`` heads (this rank's), scales included."""
-    scale = SCALE_BYTES if kv_dtype in QUANTIZED_KV else 0
+    scale = SCALE_BYTES if kv_dtype in SCALED_KV else 0
     return kv_heads * ((head_dim + (value_dim or head_dim)) * element_bytes(kv_dtype) + 2 * scale)
 
 

@@ -14,7 +14,8 @@ Per rank, for a batch of ``b`` sequences of ``tokens`` positions (prompt plus ge
 * **KV cache**: preallocated for ``b x tokens`` positions, ``2 x layers x ceil(kv_heads/K) x head_dim`` elements each,
   in full-attention layers; sliding-window and chunked layers hold their window (:mod:`evalctx.kv_layout`, which
   also gives the bytes of fp8/int8 elements and their scales). A quantized cache is read back one layer at a time
-  in the model dtype: ``2 x b x tokens x ceil(kv_heads/K) x head_dim x a`` bytes more at the peak.
+  in the model dtype, through float32 where scaled: ``2 x b x tokens x ceil(kv_heads/K) x head_dim x (a + 4)``
+  bytes more at the peak (``a`` alone for fp8_tensor).
 * **activations** of one prefill chunk of ``c`` tokens (hf transformers, eager modules, bf16/fp16 ``a`` bytes):
   the largest of the MLP (``3 x c x intermediate/K`` for act(gate), up and their product, plus the residual and
   normed input ``2 x c x hidden``), attention (q, its RoPE temporaries and the output, ``6 x c x heads/K x
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from evalctx.dtypes import canonical_dtype
-from evalctx.kv_layout import QUANTIZED_KV, kv_groups
+from evalctx.kv_layout import QUANTIZED_KV, SCALED_KV, kv_groups
 from evalctx.plan import GB, KV_DTYPES, ModelShape, rank_memory
 
 DEFAULT_RESERVE_GB = 2.0
@@ -117,7 +118,8 @@ def hf_rank_memory(shape: ModelShape, tokens: int, *, chunk: int, batch: int = 1
     unknown dtype.
     """
     step = min(chunk or tokens, tokens)
-    kv_dtype = canonical_dtype(kv_dtype or dtype, KV_DTYPES, "KV-cache dtype")
+    if kv_dtype != "fp8_tensor":
+        kv_dtype = canonical_dtype(kv_dtype or dtype, KV_DTYPES, "KV-cache dtype")
     base = rank_memory(shape, tp=tp, pp=1, weight_dtype=dtype, kv_dtype=dtype, kv_tokens=tokens * batch,
                        max_num_tokens=max(1, step), batch=batch)
     a = 4.0 if dtype == "fp32" else 2.0
@@ -126,8 +128,9 @@ def hf_rank_memory(shape: ModelShape, tokens: int, *, chunk: int, batch: int = 1
                              head_dim=shape.head_dim, kv_dtype=kv_dtype, step=chunk, reuse_every=reuse_every,
                              batch=batch))
     act = hf_activation_bytes(shape, step, tokens, batch=batch, tp=tp, act_bytes=a, attention=attention)
-    if kv_dtype in QUANTIZED_KV:  # one layer's keys and values read back in the model dtype
-        act += int(2 * batch * max(g.positions for g in groups) * heads * shape.head_dim * a)
+    if kv_dtype in QUANTIZED_KV:  # one layer's keys and values read back, through float32 where scaled
+        read = a + (4 if kv_dtype in SCALED_KV else 0)
+        act += int(2 * batch * max(g.positions for g in groups) * heads * shape.head_dim * read)
     return HFMemory(tp=tp, tokens=tokens, batch=batch, chunk=step, weights=base.weights,
                     kv_cache=sum(g.bytes for g in groups), activations=act, reserve=int(reserve_gb * GB),
                     kv_dtype=kv_dtype, kv_groups=groups)

@@ -93,7 +93,7 @@ def test_the_cache_holds_what_the_preflight_counts(tmp_path: Path) -> None:
             assert held < 0.6 * full  # 2 of 3 layers hold 47 of 308 positions
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["fp8", "int8", "fp8_tensor"])
 def test_a_quantized_kv_cache_is_close_stores_less_and_is_exact_under_reuse_and_chunking(kv_dtype: str) -> None:
     """fp8/int8 with per token-head scales: first-token logits within a few percent of the model dtype's, half the
     bytes or less (fp32 model: a quarter plus scales), and the same answers whatever the chunking and reuse (the
@@ -108,13 +108,14 @@ def test_a_quantized_kv_cache_is_close_stores_less_and_is_exact_under_reuse_and_
     base_logits = ref.last_prefill_logits
     runs = {}
     for chunk, reuse in ((64, "false"), (64, "true"), (0, "false"), (100, "true")):
-        engine = _backend(path, chunk_size=chunk, prefix_reuse=reuse, kv_dtype=kv_dtype)
+        opts = {"kv_dtype": "fp8", "kv_scale": "tensor"} if kv_dtype == "fp8_tensor" else {"kv_dtype": kv_dtype}
+        engine = _backend(path, chunk_size=chunk, prefix_reuse=reuse, **opts)
         runs[(chunk, reuse)] = [engine.generate([r])[0] for r in reqs]
         if (chunk, reuse) == (64, "false"):
             err = float((engine.last_prefill_logits - base_logits).norm() / base_logits.norm())
             assert 0 < err < 0.1, err
             layer = engine._cache.layers[0]
-            assert layer.store.k.dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv_dtype]
+            assert layer.store.k.dtype == (torch.int8 if kv_dtype == "int8" else torch.float8_e4m3fn)
             assert engine._cache.held_bytes() < 0.3 * ref._cache.held_bytes()
             assert engine.info()["kv_dtype"] == kv_dtype and engine.row_columns()["hf_kv_dtype"] == kv_dtype
     texts = {key: [r.text for r in rows] for key, rows in runs.items()}
@@ -125,13 +126,55 @@ def test_a_quantized_kv_cache_is_close_stores_less_and_is_exact_under_reuse_and_
 
 
 def test_kv_dtype_spellings_and_a_bad_one(tmp_path: Path) -> None:
-    from evalctx.backends.hf.backend import _kv_dtype
+    from evalctx.backends.hf.backend import _kv_format
     from evalctx.errors import UsageError
 
-    assert _kv_dtype("auto") is None and _kv_dtype("FP8") == "fp8" and _kv_dtype("e4m3") == "fp8"
-    assert _kv_dtype("int8") == "int8"
+    assert _kv_format("auto", "token", "bf16") is None and _kv_format("FP8", "token", "bf16") == "fp8"
+    assert _kv_format("e4m3", "token", "bf16") == "fp8" and _kv_format("int8", "token", "fp32") == "int8"
+    assert _kv_format("bfloat16", "token", "bf16") is None  # the model dtype, named
+    assert _kv_format("fp8", "tensor", "bf16") == "fp8_tensor"
     with pytest.raises(UsageError, match="kv_dtype='fp4' is not one of auto"):
-        _kv_dtype("fp4")
+        _kv_format("fp4", "token", "bf16")
+    with pytest.raises(UsageError, match=r"kv_dtype='fp16' is not one of auto \(the model dtype, bf16\)"):
+        _kv_format("fp16", "token", "bf16")
+    with pytest.raises(UsageError, match="kv_scale=tensor is fp8's"):
+        _kv_format("int8", "tensor", "bf16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_quantizing_leaves_the_models_tensors_alone_and_reads_back_small_vectors(dtype: str) -> None:
+    from evalctx.backends.hf.cache import PreallocatedLayer
+
+    dt = getattr(torch, dtype)
+    keys = torch.randn(1, 2, 5, 16).to(dt)
+    keys[0, 0, 0] = 1e-6  # a vector whose scale underflows fp16
+    values = torch.randn(1, 2, 5, 16).to(dt)
+    before = keys.clone(), values.clone()
+    layer = PreallocatedLayer(8, "fp8")
+    k, v = layer.update(keys, values)
+    assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
+    assert float(k[0, 0, 0].float().abs().min()) > 0  # read back through float32, not a zero scale
+    rel = float((k.float() - keys.float()).norm() / keys.float().norm())
+    assert rel < 0.05, rel
+
+
+def test_the_load_probe_exercises_window_layers(tmp_path: Path) -> None:
+    """Windows up to the device's cap are probed past the window (the layers compact and pass an offset)."""
+    from evalctx.backends.hf.support import probe_length
+
+    model = families.build(dataclasses.replace(families.by_name("gemma3"),
+                                               config={**families.by_name("gemma3").config, "sliding_window": 64}),
+                           tmp_path / "g3")
+    backend = _backend(model)
+    assert probe_length(backend)[0] == 64 + 48
+    assert "window layers of 64 exercised" in backend.forward_check
+    big = _backend(_small_window("gemma3", tmp_path / "w16"))
+    assert "window layers of 16 exercised" in big.forward_check
+
+
+def test_conformance_refuses_a_quantized_cache(capsys: pytest.CaptureFixture) -> None:
+    assert main(["conformance", "--model", "tiny", "--backend-opt", "kv_dtype=fp8"]) == 2
+    assert "a quantized KV cache differs by design" in capsys.readouterr().err
 
 
 def test_window_positions_arithmetic() -> None:
@@ -185,6 +228,13 @@ def test_plan_counts_the_kv_cache_per_layer_kind(tmp_path: Path, capsys: pytest.
     assert "window 512      20 layers x       4,607 positions" in text and "holds 0.20x" in text
     assert main(["plan", "--backend", "hf", "--config", str(cfg), "--context", "1000", "--kv-dtype", "fp16"]) == 2
     assert "fp8 or int8, not fp16" in capsys.readouterr().err
+    assert main(["plan", "--backend", "hf", "--config", str(cfg), "--context", "131072", "--json",
+                 "--kv-dtype", "fp8", "--kv-scale", "tensor"]) == 0
+    unscaled = json.loads(capsys.readouterr().out)
+    assert unscaled["per_rank"]["kv_cache"] == (2 * 4 * 256) * (4 * 131072 + 20 * 4607)  # no scales stored
+    assert main(["plan", "--backend", "hf", "--config", str(cfg), "--context", "1000", "--prefix-reuse",
+                 "--chunk-size", "0"]) == 2
+    assert "reuses whole prefill chunks" in capsys.readouterr().err
 
 
 def test_the_check_fails_when_a_window_layer_misplaces_its_keys(monkeypatch: pytest.MonkeyPatch,

@@ -91,7 +91,7 @@ def test_plan_command_for_hf(llama3_dir, capsys):
 
 
 def test_plan_command_for_hf_refuses_what_hf_cannot_do(llama3_dir, capsys):
-    with pytest.raises(UsageError, match=r"KV cache in the model dtype \(bf16\), fp8 or int8, not fp16"):
+    with pytest.raises(UsageError, match=r"KV cache in the model dtype \(bf16; --weight-dtype sets it\), fp8 or int8, not fp16"):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--kv-dtype", "fp16"], capsys)
     with pytest.raises(UsageError, match="runs fp32, fp16 or bf16"):
         _plan(["--backend", "hf", "--config", str(llama3_dir), "--context", "1024", "--weight-dtype", "int4"], capsys)

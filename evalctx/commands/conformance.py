@@ -59,6 +59,10 @@ def main(args: argparse.Namespace) -> int:
     for key in ("chunk_size", "prefix_reuse"):
         if key in raw:
             raise UsageError(f"conformance: {key} is what it varies: use --chunk-sizes / --prefix-reuse")
+    if str(raw.get("kv_dtype", "auto")).lower() not in ("auto", "model"):
+        raise UsageError("conformance checks the engine against the model, in the model's dtype; a quantized KV "
+                         "cache differs by design: measure its cost with two evalctx runs (kv_dtype=auto and "
+                         f"kv_dtype={raw['kv_dtype']}) and evalctx compare")
     base = parse_options(HFBackend, raw)
     world = init_world(HFBackend.ranks_per_replica(base, None))
     if world.n_replicas > 1:

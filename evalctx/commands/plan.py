@@ -18,7 +18,7 @@ from evalctx.argtypes import fraction, non_negative_float, positive_float, posit
 from evalctx.dtypes import canonical_dtype
 from evalctx.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError
-from evalctx.kv_layout import QUANTIZED_KV, bytes_per_position, layer_windows
+from evalctx.kv_layout import bytes_per_position, layer_windows
 from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, ModelShape,
                           Plan, RankMemory, load_shape, plan)
 
@@ -61,6 +61,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="whose memory layout to plan (default trtllm; hf: what the hf backend's preflight decides)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="hf: prefill chunk in tokens (default: the hf backend's default)")
+    p.add_argument("--kv-scale", choices=("token", "tensor"), default="token",
+                   help="hf, with --kv-dtype fp8|int8: a scale per token and KV head (default), or fp8 with one unit "
+                        "scale per tensor (the backend's kv_scale)")
     p.add_argument("--prefix-reuse", action="store_true",
                    help="hf: count the window snapshots prefix reuse keeps (the backend's prefix_reuse=true)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -229,9 +232,17 @@ def _hf(args: argparse.Namespace) -> str:
     if dtype not in hf_dtypes:
         raise UsageError(f"evalctx plan --backend hf: the hf backend runs fp32, fp16 or bf16, not {dtype}")
     kv_dtype = canonical_dtype(args.kv_dtype, None, "--kv-dtype") if args.kv_dtype else dtype
-    if kv_dtype not in (dtype, *QUANTIZED_KV):
+    if kv_dtype not in (dtype, "fp8", "int8"):
         raise UsageError(f"evalctx plan --backend hf: the hf backend keeps the KV cache in the model dtype "
-                         f"({dtype}), fp8 or int8, not {kv_dtype}")
+                         f"({dtype}; --weight-dtype sets it), fp8 or int8, not {kv_dtype}")
+    if args.kv_scale == "tensor":
+        if kv_dtype != "fp8":
+            raise UsageError("evalctx plan --backend hf: --kv-scale tensor is fp8's uncalibrated per-tensor scale: "
+                             "pass it with --kv-dtype fp8")
+        kv_dtype = "fp8_tensor"
+    if args.prefix_reuse and args.chunk_size == 0:
+        raise UsageError("evalctx plan --backend hf: prefix reuse reuses whole prefill chunks: drop --prefix-reuse "
+                         "or pass --chunk-size > 0, as the backend requires")
     if not args.context:
         raise UsageError("evalctx plan: pass --context TOKENS (prompt plus generated)")
     warning = position_warning(args.context, shape)
@@ -261,7 +272,7 @@ def _hf(args: argparse.Namespace) -> str:
     lines = [
         f"model    {shape.architecture or 'model'} from {shape.source}",
         f"hf       {dtype} weights{'' if given else ' (dtype=auto on CUDA)'}, {kv_dtype} KV cache"
-        f"{' with a float32 scale per token and KV head' if kv_dtype in QUANTIZED_KV else ''}, preallocated for "
+        f"{' with a float32 scale per token and KV head' if kv_dtype in ('fp8', 'int8') else ''}, preallocated for "
         f"{args.context:,} tokens x batch {args.batch}, prefill chunk {m.chunk}, "
         + ("lower-right SDPA (no mask tensor)" if attention == LOWER_RIGHT_SDPA else
            f"attention {attention} (not plain causal: a chunk x context mask per chunk)"),

@@ -45,14 +45,33 @@ from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
 _DTYPES = {"auto": None, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _kv_dtype(spec: str) -> str | None:
-    """The kv_dtype option: None for the model dtype, else "fp8" or "int8"; UsageError for anything else."""
+def _kv_format(spec: str, scale: str, model_dtype: str) -> str | None:
+    """The KV cache format from the kv_dtype and kv_scale options: None for the model dtype (``model_dtype``, the
+    short name, may be named too), "fp8"/"int8" (scale per token and KV head) or "fp8_tensor" (fp8, one unit scale
+    per tensor); UsageError naming what to pass otherwise."""
+    from evalctx.dtypes import canonical_dtype
+
     key = spec.strip().lower().replace("-", "_")
     if key in ("auto", "model", ""):
-        return None
-    named = {"fp8": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "float8_e4m3fn": "fp8", "int8": "int8"}.get(key)
-    if named is None:
-        raise UsageError(f"backend hf: kv_dtype={spec!r} is not one of auto (the model dtype), fp8 (e4m3), int8")
+        named: str | None = None
+    else:
+        try:
+            named = {"e4m3": "fp8", "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8"}.get(key) or canonical_dtype(key)
+        except UsageError:
+            named = key
+        if named == model_dtype:
+            named = None
+        elif named not in ("fp8", "int8"):
+            raise UsageError(f"backend hf: kv_dtype={spec!r} is not one of auto (the model dtype, {model_dtype}), "
+                             "fp8 (e4m3), int8")
+    if scale not in ("token", "tensor"):
+        raise UsageError(f"backend hf: kv_scale={scale!r} is not one of token (a scale per token and KV head), "
+                         "tensor (fp8 with one unit scale per tensor)")
+    if scale == "tensor":
+        if named != "fp8":
+            raise UsageError("backend hf: kv_scale=tensor is fp8's uncalibrated per-tensor scale: pass it with "
+                             "kv_dtype=fp8 (int8 needs a calibrated scale per tensor, which evalctx does not have)")
+        return "fp8_tensor"
     return named
 
 
@@ -89,9 +108,11 @@ class HFBackend(Backend):
         default: a warm row's TTFT is not a cold prefill (its n_cached_prompt_tokens says how much was reused, and
         latency tables leave such rows out). Needs chunk_size > 0."""
         kv_dtype: str = "auto"
-        """KV cache precision: auto (the model dtype), fp8 (e4m3) or int8, each with one float32 scale per token and
-        KV head (evalctx.kv_layout): to measure what a quantized KV cache costs in accuracy (compare the run with
-        one at auto)."""
+        """KV cache precision: auto (the model dtype), fp8 (e4m3) or int8 (evalctx.kv_layout): to measure what a
+        quantized KV cache costs in accuracy (compare the run with one at auto)."""
+        kv_scale: str = "token"
+        """Scales of a quantized KV cache: token (one float32 scale per token and KV head, finer than the serving
+        engines' schemes) or tensor (fp8 only: one unit scale per tensor, as vLLM without calibrated scales)."""
         window_kv: bool = True
         """Sliding-window and chunked-attention layers keep only the positions their window needs (Gemma 2/3,
         gpt-oss, Mistral, Llama 4; evalctx.kv_layout); false keeps every position in every layer."""
@@ -127,7 +148,6 @@ class HFBackend(Backend):
             raise UsageError("backend hf: chunk_size must be >= 0")
         if options.memory_gb < 0:
             raise UsageError("backend hf: memory_gb must be >= 0 (0 = the device's own memory)")
-        self.kv_dtype = _kv_dtype(options.kv_dtype)
         if options.prefix_reuse and options.chunk_size == 0:
             raise UsageError("backend hf: prefix_reuse reuses whole prefill chunks: set chunk_size > 0 "
                              "(e.g. chunk_size=4096)")
@@ -144,6 +164,7 @@ class HFBackend(Backend):
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
         self.short_dtype = _DTYPES[dtype]
+        self.kv_dtype = _kv_format(options.kv_dtype, options.kv_scale, self.short_dtype)
         resolved = resolve_model(ctx.model)
         self.model_name = resolved.name
         self.model_path = resolved.path
@@ -466,7 +487,8 @@ class HFBackend(Backend):
             "tp": self.tp,
             "prefix_reuse": self.options.prefix_reuse,
             "kv_dtype": self.kv_dtype or self.short_dtype,
-            "kv_layout": self.memcheck.layout_text(),
+            "kv_layout": self.memcheck.layout_text((self.ctx.max_input_len or 0) + (self.ctx.max_new_tokens or 0)
+                                                   or None),
             "decoding": describe(self.greedy),
             "end_ids": sorted(self.eos_ids),
             "forward_check": self.forward_check,

@@ -23,7 +23,8 @@ positions hold valid keys. A window layer cropped to n needs the W-1 positions b
 snapshots them at every multiple of it during prefill (the backend reuses whole prefill chunks).
 
 **KV precision.** With ``kv_dtype`` fp8 (e4m3) or int8 each position's keys and values are stored quantized with
-one float32 scale per KV head (absolute maximum / 448 or / 127), and ``update`` returns them dequantized to the
+one float32 scale per KV head (absolute maximum / 448 or / 127), or with "fp8_tensor" cast to e4m3 with one scale
+of 1 per tensor (an engine's fp8 cache without calibrated scales), and ``update`` returns them dequantized to the
 model dtype: every key attention reads, the current chunk's included, went through the quantized cache, as in a
 serving engine's paged attention over an fp8 cache (vLLM). The dequantized copy is one layer's at a time.
 """
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-_QMAX = {"fp8": 448.0, "int8": 127.0}
+_QMAX = {"fp8": 448.0, "fp8_tensor": 448.0, "int8": 127.0}
 
 
 class CacheFullError(RuntimeError):
@@ -42,20 +43,22 @@ class CacheFullError(RuntimeError):
 
 
 class _Store:
-    """Position-major K and V buffers (positions, batch, heads, dim), in the model dtype or quantized with per
-    position, per head float32 scales."""
+    """Position-major K and V buffers (positions, batch, heads, dim), in the model dtype, or quantized
+    (:data:`evalctx.kv_layout.QUANTIZED_KV`): "fp8"/"int8" with a float32 scale per position and head, "fp8_tensor"
+    with one scale of 1 for the whole tensor (values saturate at +-448)."""
 
     def __init__(self, size: int, key_states: Any, value_states: Any, kv_dtype: str | None) -> None:
         import torch
 
         batch, heads, _, k_dim = key_states.shape
         self.dtype, self.device, self.kv_dtype = key_states.dtype, key_states.device, kv_dtype
-        store = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}.get(kv_dtype or "", self.dtype)
+        store = {"fp8": torch.float8_e4m3fn, "fp8_tensor": torch.float8_e4m3fn,
+                 "int8": torch.int8}.get(kv_dtype or "", self.dtype)
         dims = (k_dim, value_states.shape[-1])
         # empty, not zeros: only written positions are ever read.
         self.k, self.v = (torch.empty((size, batch, heads, d), dtype=store, device=self.device) for d in dims)
         self.k_scale = self.v_scale = None
-        if kv_dtype:
+        if kv_dtype in ("fp8", "int8"):
             self.k_scale, self.v_scale = (torch.empty((size, batch, heads, 1), dtype=torch.float32,
                                                       device=self.device) for _ in dims)
 
@@ -64,13 +67,16 @@ class _Store:
         return int(self.k.shape[0])
 
     def _quantize(self, x: Any, data: Any, scale: Any) -> None:
+        import torch
+
         qmax = _QMAX[self.kv_dtype or ""]
-        xf = x.float()
-        s = xf.abs().amax(dim=-1, keepdim=True).div_(qmax).clamp_min_(1e-12)
-        xf.div_(s)
+        xf = x.to(torch.float32, copy=True)  # a copy: the model's own key/value tensors stay as they were
+        if scale is not None:
+            s = xf.abs().amax(dim=-1, keepdim=True).div_(qmax).clamp_min_(1e-12)
+            xf.div_(s)
+            scale.copy_(s)
         if self.kv_dtype == "int8":
             xf.round_()
-        scale.copy_(s)
         data.copy_(xf.clamp_(-qmax, qmax).to(data.dtype))  # clamped: a cast to e4m3 does not saturate
 
     def write(self, start: int, key_states: Any, value_states: Any) -> None:
@@ -81,16 +87,24 @@ class _Store:
             self.k[start:end].copy_(k)
             self.v[start:end].copy_(v)
         else:
-            self._quantize(k, self.k[start:end], self.k_scale[start:end])
-            self._quantize(v, self.v[start:end], self.v_scale[start:end])
+            self._quantize(k, self.k[start:end], None if self.k_scale is None else self.k_scale[start:end])
+            self._quantize(v, self.v[start:end], None if self.v_scale is None else self.v_scale[start:end])
 
     def read(self, start: int, end: int) -> tuple[Any, Any]:
-        """Positions start..end as (batch, heads, n, dim) tensors in the model dtype (views when not quantized)."""
+        """Positions start..end as (batch, heads, n, dim) tensors in the model dtype (views when not quantized).
+        Scaled values are multiplied in float32, then cast: a scale cast to fp16 would underflow for small
+        vectors, and one rounded to bf16 would err by up to 0.4% on every element."""
+        import torch
+
         if self.kv_dtype is None:
             return _view(self.k[start:end]), _view(self.v[start:end])
-        k = self.k[start:end].to(self.dtype).mul_(self.k_scale[start:end].to(self.dtype))
-        v = self.v[start:end].to(self.dtype).mul_(self.v_scale[start:end].to(self.dtype))
-        return _view(k), _view(v)
+        out = []
+        for data, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            if scale is None:
+                out.append(_view(data[start:end].to(self.dtype)))
+            else:
+                out.append(_view(data[start:end].to(torch.float32).mul_(scale[start:end]).to(self.dtype)))
+        return out[0], out[1]
 
     def buffers(self) -> list[Any]:
         return [b for b in (self.k, self.v, self.k_scale, self.v_scale) if b is not None]

@@ -60,11 +60,13 @@ class MemoryCheck:
                               dtype=self.dtype, attention=self.attention, **self.kv)
 
     def layout_text(self, tokens: int | None = None) -> str | None:
-        """The KV cache's layers by kind and its precision (for the manifest), for ``tokens`` positions (default:
-        the model's stated positions, else 131,072); None when the model's shape could not be read."""
+        """The KV cache's layers by kind and its precision (for the manifest), for ``tokens`` positions (the run's
+        longest prompt plus budget; default: the model's stated positions, else 131,072), which the text names;
+        None when the model's shape could not be read."""
         if self.shape is None:
             return None
-        return self.memory(tokens or self.shape.max_position_embeddings or 131072).layout_text()
+        n = tokens or self.shape.max_position_embeddings or 131072
+        return f"at {n:,} positions: {self.memory(n).layout_text()}"
 
     def capacity_text(self) -> str:
         from evalctx.plan import GB

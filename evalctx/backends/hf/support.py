@@ -9,8 +9,9 @@ Those models are refused before loading, in one line.
 For everything else, :func:`check_engine_matches_forward` compares, right after loading, the engine's chunked
 prefill of a short probe (three chunks into the preallocated cache) with the model's own forward over the whole
 probe: a family whose attention, cache use or rotary embedding the engine gets wrong is refused in one line
-instead of being measured silently wrong. The probe is short, so it checks the plumbing, not the length-dependent
-parts; those (RoPE scaling thresholds, sliding windows) are covered by ``evalctx conformance`` and its tests.
+instead of being measured silently wrong. The probe is short (48 tokens, or past the smallest attention window
+where that is short enough to compute at load: :func:`probe_length`), so it checks the plumbing and the window
+layers, not RoPE scaling thresholds; those, and long windows, are covered by ``evalctx conformance``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,23 @@ STATE_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm
 
 PROBE_TOKENS = 48
 PROBE_CHUNK = 16
+WINDOW_PROBE_CAP = {"cuda": 8192, "cpu": 1024}
+"""The longest window whose layers the probe exercises (it then spans the window and three chunks more, so the
+window layers compact and hand their keys to the model's mask with an offset); longer windows are left to
+``evalctx conformance``, since the reference forward over the whole probe costs more than a load should."""
+
+
+def probe_length(backend: Any) -> tuple[int, str]:
+    """Tokens of the load-time probe and a note on the window layers: 48, or past the smallest sliding or
+    chunked window where that window is at most :data:`WINDOW_PROBE_CAP` for the device."""
+    windows = sorted({w for w in (getattr(backend, "kv_windows", None) or ()) if w is not None})
+    if not windows:
+        return PROBE_TOKENS, ""
+    w = windows[0]
+    if w > WINDOW_PROBE_CAP.get(backend.device.type, WINDOW_PROBE_CAP["cpu"]):
+        return PROBE_TOKENS, (f"; the window layers (window {w}) are longer than the probe: `evalctx conformance "
+                              f"--model DIR --lengths {w // 2} {2 * w}` checks them")
+    return max(PROBE_TOKENS, w + 3 * PROBE_CHUNK), f"; window layers of {w} exercised"
 
 
 def check_supported(config: Any, model_name: str) -> None:
@@ -61,7 +79,8 @@ def check_engine_matches_forward(backend: Any) -> str:
     tp replica runs it alike (the same collectives)."""
     import torch
 
-    ids = _probe_ids(backend)
+    n, window_note = probe_length(backend)
+    ids = _probe_ids(backend, n)
     model = backend.model
     limit = tolerance(backend.dtype)
     failures = (RuntimeError, ValueError, TypeError, IndexError, AttributeError, NotImplementedError, KeyError)
@@ -84,7 +103,7 @@ def check_engine_matches_forward(backend: Any) -> str:
     if not err <= limit:
         raise UsageError(_refusal(backend, ids.shape[1], f"relative logit error {err:.2g} > {limit:g}"))
     return (f"chunked prefill matches the model's forward: relative logit error {err:.1g} <= {limit:g} "
-            f"({ids.shape[1]} tokens, chunks of {PROBE_CHUNK})")
+            f"({ids.shape[1]} tokens, chunks of {PROBE_CHUNK}{window_note})")
 
 
 def _refusal(backend: Any, n: int, why: str) -> str:
@@ -93,12 +112,12 @@ def _refusal(backend: Any, n: int, why: str) -> str:
             f"would not be the model's; try attn_implementation=eager, or evaluate it through --backend http")
 
 
-def _probe_ids(backend: Any) -> Any:
-    """A fixed probe of :data:`PROBE_TOKENS` ids in the run's tokenizer (text, repeated as needed)."""
+def _probe_ids(backend: Any, n: int = PROBE_TOKENS) -> Any:
+    """A fixed probe of ``n`` ids in the run's tokenizer (text, repeated as needed)."""
     import torch
 
     text = "The grass is green. The sky is blue. The pass key is 71432. Remember it. What is the pass key? "
     ids = backend.ctx.tokenizer.encode(text * 4, add_special_tokens=True)
-    while len(ids) < PROBE_TOKENS:
+    while len(ids) < n:
         ids = ids + ids
-    return torch.tensor([ids[:PROBE_TOKENS]], dtype=torch.long, device=backend.device)
+    return torch.tensor([ids[:n]], dtype=torch.long, device=backend.device)
