@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from evalctx.tasks import get_task  # noqa: E402
 from evalctx.tasks import haystack as haystack_mod  # noqa: E402
 from evalctx.tasks import placement  # noqa: E402
-from evalctx.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
+from evalctx.models.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
 
 def stdlib_text(limit_bytes: int) -> list[str]:

@@ -15,7 +15,7 @@ model's heads per GPU at each length up to 128K (the 128K rate stands for longer
 1M takes 15 s a call). GEMM FLOPs per token and layer = 2 x (q, k, v, o and the three MLP matrices); attention
 FLOPs per layer = 2 x 2 x heads x head_dim x n(n+1)/2 (QK^T and PV, causal); lm_head for the last position only.
 Decode ms/token = (latency - TTFT) / (max_new_tokens - 1), with ``ignore_eos`` so every run decodes its budget.
-Planned GiB = evalctx.memory's weights + KV cache + activations for the run (no reserve), beside torch's peak.
+Planned GiB = evalctx.capacity.memory's weights + KV cache + activations for the run (no reserve), beside torch's peak.
 ``--small`` builds a 2-layer model that runs on CPU, to try the script.
 """
 
@@ -68,7 +68,7 @@ def write_random(dest: Path, cfg: "object") -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     dest.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(dest)
@@ -184,8 +184,8 @@ def run_one(model: str, lengths: list[int], tp: int, chunk: int, new: int, out: 
 def main_run(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from evalctx.memory import hf_rank_memory
-    from evalctx.plan import load_shape
+    from evalctx.capacity.memory import hf_rank_memory
+    from evalctx.capacity.plan import load_shape
 
     cfg = json.loads((Path(args.model) / "config.json").read_text())
     shape, _ = load_shape(args.model)
@@ -247,7 +247,7 @@ def profile(args: argparse.Namespace) -> None:
     from evalctx.backends.base import BackendContext, parse_options
     from evalctx.backends.hf import HFBackend
     from evalctx.records import GenerationRequest
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     opts = parse_options(HFBackend, {"chunk_size": args.chunk, "ignore_eos": True})
     backend = HFBackend(opts, BackendContext(model=args.model, tokenizer=load_tokenizer(args.model)))

@@ -1,6 +1,6 @@
 """What the hf backend's KV cache layouts cost and save on a GPU: bf16 vs fp8 vs int8 KV, and window-only sliding
 layers vs every position kept, at long context (TTFT, decode ms/token, torch's peak memory, the KV bytes the cache
-holds against what evalctx.memory plans, and the first-token logits' relative error against the bf16 cache).
+holds against what evalctx.capacity.memory plans, and the first-token logits' relative error against the bf16 cache).
 
     python benchmarks/bench_kv_memory.py --out /tmp/kv \\
         --case llama8b:32:131072:bf16,fp8,int8 --case llama8b:4:1048576:bf16,fp8 \\
@@ -13,7 +13,7 @@ bf16, fp8, int8 (the KV dtype; window layers hold their window), and ``-full`` t
 layer (window_kv=false). Each variant runs ``--repeats`` random prompts of LENGTH tokens with ``ignore_eos`` and 32
 new tokens; the last one's numbers are kept (the first pays for kernel selection). One load of a model serves all
 its variants: they differ only in the cache each request builds (HFBackend.new_cache reads ``kv_dtype`` and
-``kv_windows``), and the memory planned for each is evalctx.memory's with the variant's settings.
+``kv_windows``), and the memory planned for each is evalctx.capacity.memory's with the variant's settings.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def run_case(model: Path, length: int, variants: list[str], repeats: int, chunk:
     from evalctx.backends.base import BackendContext, parse_options
     from evalctx.backends.hf import HFBackend
     from evalctx.backends.hf.cache import model_windows
-    from evalctx.memory import hf_rank_memory
-    from evalctx.plan import shape_from_hf
+    from evalctx.capacity.memory import hf_rank_memory
+    from evalctx.capacity.plan import shape_from_hf
     from evalctx.records import GenerationRequest
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     opts = parse_options(HFBackend, {"chunk_size": chunk, "ignore_eos": True, "memory_gb": 0})
     backend = HFBackend(opts, BackendContext(model=str(model), tokenizer=load_tokenizer(str(model))))

@@ -1,5 +1,5 @@
 """Depth-sweep prefix reuse of the hf backend: an N-depth linear passkey sweep at one length, run in the order the
-runner gives it (evalctx.prefix_order), once cold and once with ``prefix_reuse``: prompt tokens computed, prefill
+runner gives it (evalctx.run.prefix_order), once cold and once with ``prefix_reuse``: prompt tokens computed, prefill
 time (the sum of TTFT), generation wall time, and whether the answers are the same token ids.
 
     # CPU: the embedded tiny model
@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evalctx.config import parse_suite  # noqa: E402
-from evalctx.prefix_order import computed_tokens, order_by_prefix, prefix_windows  # noqa: E402
+from evalctx.run.prefix_order import computed_tokens, order_by_prefix, prefix_windows  # noqa: E402
 from evalctx.records import GenerationRequest  # noqa: E402
-from evalctx.sampling import SampleBuilder  # noqa: E402
-from evalctx.tokenizer import load_tokenizer  # noqa: E402
+from evalctx.run.sampling import SampleBuilder  # noqa: E402
+from evalctx.models.tokenizer import load_tokenizer  # noqa: E402
 
 
 def sweep(model: str, length: int, depths: int, mode: str) -> list[Any]:

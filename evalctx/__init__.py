@@ -12,16 +12,16 @@ __version__ = "0.1.0"
 
 # Analysis entry points, imported on first use so that `import evalctx` never loads pandas or matplotlib.
 _LAZY = {
-    "load_run": "evalctx.analysis",
-    "load_runs": "evalctx.analysis",
-    "effective_length": "evalctx.analysis",
-    "suite_average": "evalctx.analysis",
-    "suite_effective_length": "evalctx.analysis",
+    "load_run": "evalctx.analysis.runs",
+    "load_runs": "evalctx.analysis.runs",
+    "effective_length": "evalctx.analysis.runs",
+    "suite_average": "evalctx.analysis.runs",
+    "suite_effective_length": "evalctx.analysis.runs",
     "summarize": "evalctx.results.summary",
-    "compare": "evalctx.compare",
+    "compare": "evalctx.analysis.compare",
     "write_report": "evalctx.report.render",
     "load_suite": "evalctx.config",
-    "load_tokenizer": "evalctx.tokenizer",
+    "load_tokenizer": "evalctx.models.tokenizer",
     "get_task": "evalctx.tasks",
 }
 

@@ -21,7 +21,7 @@ from evalctx.errors import LengthError, RunFailed, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
-    from evalctx.sampling import SampleBuilder, SampleSpec
+    from evalctx.run.sampling import SampleBuilder, SampleSpec
 
 # Subcommands that live in their own module: (name, module). Each module has add_parser(sub) and main(args).
 COMMAND_MODULES = [
@@ -107,7 +107,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from evalctx.limits import check_suite
+    from evalctx.capacity.limits import check_suite
 
     if args.tasks:
         # "--tasks a b" and "--tasks a,b" alike: the comma form is what --allow-different and --family take
@@ -136,8 +136,8 @@ def _overrides(suite, args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_run(args: argparse.Namespace) -> int:
     from evalctx.backends.base import parse_kv_flags
     from evalctx.config import load_suite
-    from evalctx.chat_identity import parse_date
-    from evalctx.runner import RunConfig, Runner
+    from evalctx.models.chat_identity import parse_date
+    from evalctx.run.runner import RunConfig, Runner
 
     if not 0.0 <= args.max_error_rate <= 1.0:
         raise UsageError(f"--max-error-rate must be a share between 0 and 1, not {args.max_error_rate}")
@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     errors = df.loc[df["status"] == "error", "error"]
     if len(errors):
         print(_error_note(errors, outcome.n_total, args.max_error_rate, outcome.status), file=sys.stderr)
-    from evalctx.status import EXIT_BELOW_MIN_ACCURACY, exit_code
+    from evalctx.run.status import EXIT_BELOW_MIN_ACCURACY, exit_code
 
     code = exit_code(outcome.status)
     if args.min_accuracy is not None and code == 0:
@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _error_note(errors: pd.Series, n_total: int, max_rate: float, status: str) -> str:
     """Why a run with error rows exits as it does (the accuracy printed is over the scored samples only), with the
     most frequent error message (``errors``: the error column of the error rows) so that the cause is on screen."""
-    from evalctx.status import COMPLETE_WITH_ERRORS
+    from evalctx.run.status import COMPLETE_WITH_ERRORS
 
     n_error = len(errors)
     counts = errors.fillna("(no message)").value_counts()
@@ -219,10 +219,10 @@ def _size(n_bytes: float) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from evalctx.config import load_suite
     from evalctx.results.rundir import StorageError
-    from evalctx.sampling import SampleBuilder
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.run.sampling import SampleBuilder
+    from evalctx.models.tokenizer import load_tokenizer
 
-    from evalctx.chat_identity import parse_date, uses_date
+    from evalctx.models.chat_identity import parse_date, uses_date
 
     if args.out != "-":
         out = Path(args.out)
@@ -268,7 +268,7 @@ def _output(path: Path) -> Any:
 
 
 def _write_samples(args: argparse.Namespace, builder: SampleBuilder, out: TextIO) -> None:
-    from evalctx.progress import Progress
+    from evalctx.run.progress import Progress
 
     specs = builder.specs()
     n_tokens = sum(s.context_length for s in specs)
@@ -378,8 +378,8 @@ def _error(message: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from evalctx.dist import abort_if_distributed
-    from evalctx.interrupts import signal_name, signals_as_interrupts
+    from evalctx.run.dist import abort_if_distributed
+    from evalctx.run.interrupts import signal_name, signals_as_interrupts
 
     parser, handlers = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

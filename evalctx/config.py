@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from evalctx.errors import UsageError
-from evalctx.limits import check_suite
+from evalctx.capacity.limits import check_suite
 from evalctx.results.rundir import check_name
 
 SUITES_DIR = Path(__file__).parent / "suites"

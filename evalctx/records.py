@@ -62,7 +62,7 @@ class Sample:
     depth_actual: float | None = None
     """Where the needle really sits: needle token offset within the haystack / haystack tokens."""
     scorer: str = "string_match_all"
-    """Name of the scorer in :mod:`evalctx.scoring`."""
+    """Name of the scorer in :mod:`evalctx.tasks.scoring`."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Task-specific extras (haystack name, key, template variant); flattened as ``meta_*`` columns."""
     special_spans: list[tuple[int, int]] = field(default_factory=list)

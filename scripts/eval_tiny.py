@@ -68,8 +68,8 @@ def evaluate(model_dir: Path, variants: list[str], modes: list[str], lengths: li
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evalctx.scoring import score
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.tasks.scoring import score
+    from evalctx.models.tokenizer import HFTokenizer
 
     tok = HFTokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=getattr(torch, dtype),

@@ -335,7 +335,7 @@ def readers_after_kill(c: Campaign, rows: int) -> Case:
     """A retrying rerun killed after some rows: report, compare and the gate read what a resume would see."""
     def case(w: Path) -> str | None:
         sys.path.insert(0, str(REPO))
-        from evalctx import analysis
+        from evalctx.analysis import runs as analysis
         from evalctx.results.rundir import read_journals
 
         opts = ("--backend-opt", "fail_every=3", "--backend-opt", "delay_s=0.02")

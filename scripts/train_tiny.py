@@ -150,7 +150,7 @@ def answer_text(sample: Any) -> str:
 def tokenizer_corpus(seed: int, per_config: int) -> list[str]:
     """The generators' own text: prompts rendered through the byte tokenizer (raw and chat), essays, noise."""
     from evalctx.tasks.haystack import NOISE_SENTENCE, essay_haystack
-    from evalctx.tokenizer import ByteTokenizer
+    from evalctx.models.tokenizer import ByteTokenizer
 
     rng = random.Random(seed)
     texts = [essay_haystack().text] * 3 + [(NOISE_SENTENCE + "\n") * 20]
@@ -214,7 +214,7 @@ _W: dict[str, Any] = {}
 
 
 def _worker_init(tok_dir: str, cfg: dict[str, Any]) -> None:
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     tok = HFTokenizer(tok_dir)
     _W.update(tok=tok, pool=TaskPool(tok), cfg=cfg)

@@ -28,7 +28,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     1 KV head), built here: no downloads."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from evalctx.tokenizer import ByteTokenizer
+    from evalctx.models.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,

@@ -8,9 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from evalctx import analysis
+from evalctx.analysis import runs as analysis
 from evalctx.errors import UsageError
-from evalctx.stats import wilson_interval
+from evalctx.analysis.stats import wilson_interval
 from run_fixtures import write_run
 
 
@@ -178,7 +178,7 @@ def test_effective_length_table_uses_ruler_notation(tmp_path) -> None:
 def test_relative_effective_length_of_a_model_failing_at_the_shortest_length_is_none() -> None:
     import pandas as pd
 
-    from evalctx.analysis import effective_length
+    from evalctx.analysis.runs import effective_length
 
     rows = [{"label": "m", "task": "passkey", "context_length": n, "depth": 0.5, "status": "ok", "score": 0.0,
              "latency_s": 0.1, "ttft_s": 0.05} for n in (512, 1024, 2048) for _ in range(5)]

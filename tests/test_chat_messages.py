@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evalctx.tasks import get_task
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 
 @pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multiquery"])

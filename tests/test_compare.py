@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evalctx import compare as cmp
-from evalctx.analysis import load_run
+from evalctx.analysis import compare as cmp
+from evalctx.analysis.runs import load_run
 from evalctx.cli import main as cli_main
 from run_fixtures import write_run
 
@@ -302,7 +302,7 @@ def test_compare_refuses_an_entry_name_that_is_another_task_in_each_run(tmp_path
     # an option the baseline does not record (added since, default = the old behaviour) is not a difference
     base, cand = load_run(runs / "base"), load_run(runs / "same")
     base["task_options"] = base["task_options"].str.replace('"key_type": "words", ', "")
-    from evalctx.comparability import differences
+    from evalctx.analysis.comparability import differences
 
     assert [d for d in differences({}, base, {}, cand) if d.setting == "task"] == []
     assert [d for d in differences({}, base.drop(columns=["task_type", "task_options"]), {},
@@ -344,7 +344,7 @@ def test_the_gate_never_passes_a_run_still_running_unfinished_or_nothing_compare
 
 
 def test_newcombe_interval_known_values() -> None:
-    from evalctx.stats import newcombe_interval
+    from evalctx.analysis.stats import newcombe_interval
 
     # Newcombe (1998), example 1: 56/70 - 48/80, method 10
     lo, hi = newcombe_interval(48, 80, 56, 70)

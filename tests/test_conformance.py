@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from evalctx.backends.hf import families  # noqa: E402
 from evalctx.cli import main  # noqa: E402
-from evalctx.models import resolve_model  # noqa: E402
+from evalctx.models.embedded import resolve_model  # noqa: E402
 
 
 def _matrix(path: Path) -> list[list[str]]:
@@ -70,7 +70,7 @@ def test_the_check_fails_when_a_prefix_is_reused_across_rotations(monkeypatch: p
 def test_rope_rotation_follows_the_prompt_length_only_where_the_type_says(tmp_path: Path) -> None:
     from evalctx.backends.base import BackendContext, parse_options
     from evalctx.backends.hf import HFBackend
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     for name, same in (("llama", True), ("llama3.1", True), ("qwen2.5-yarn", True), ("dynamic-ntk", False),
                        ("phi3-longrope", False)):
@@ -118,7 +118,7 @@ def _reference(model: Path, df: pd.DataFrame) -> dict[str, str]:
 
     from evalctx.backends.hf.conformance import Reference
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
     task = get_task("passkey")(tok, {})
@@ -162,7 +162,7 @@ def test_an_end_token_of_the_tokenizer_ends_the_answer_though_generation_config_
     """generation_config.json says the answer ends on '.' (the tiny model ends every passkey answer with ' N.'),
     the tokenizer says </s>: either ends it, nothing after the end is glued on, and the run stops before the
     budget."""
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     model = _tiny_copy(tmp_path / "m")
     dot = load_tokenizer(model).encode(".")[-1]
@@ -233,7 +233,7 @@ def test_repetition_penalty_of_the_generation_config_applies_as_in_generate(tmp_
     from evalctx.backends.hf import HFBackend
     from evalctx.backends.hf.conformance import sample_prompts
     from evalctx.records import GenerationRequest
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
     reqs = [GenerationRequest(sample_id=name, prompt_ids=ids, prompt="", max_new_tokens=8)
@@ -255,7 +255,7 @@ def test_a_wrong_engine_is_refused_at_load(monkeypatch: pytest.MonkeyPatch, tmp_
     from evalctx.backends.base import BackendContext, parse_options
     from evalctx.backends.hf import HFBackend
     from evalctx.errors import UsageError
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     real = cache.PreallocatedLayer.update
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from evalctx.cli import main
-from evalctx.progress import Progress
+from evalctx.run.progress import Progress
 from evalctx.results.table import format_summary
 
 SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")

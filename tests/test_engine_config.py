@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evalctx.engine_config import load_engine_config
+from evalctx.capacity.engine_config import load_engine_config
 from evalctx.errors import UsageError
 
 ENGINES = Path(__file__).parent / "data" / "engines"

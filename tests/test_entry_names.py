@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evalctx.analysis import load_run
+from evalctx.analysis.runs import load_run
 from evalctx.cli import main
-from evalctx.compare import compare
+from evalctx.analysis.compare import compare
 from evalctx.config import Suite, TaskSpec, load_suite, parse_suite
 from evalctx.errors import UsageError
-from evalctx.sampling import SampleBuilder, enumerate_specs
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.run.sampling import SampleBuilder, enumerate_specs
+from evalctx.models.tokenizer import ByteTokenizer
 from run_fixtures import write_run
 
 def two_niah(name1: str = "", name2: str = "") -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from evalctx import compare as cmp
-from evalctx.analysis import load_run
+from evalctx.analysis import compare as cmp
+from evalctx.analysis.runs import load_run
 from evalctx.cli import main
 from run_fixtures import write_run
 

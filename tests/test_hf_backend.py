@@ -15,7 +15,7 @@ from evalctx.backends.base import BackendContext, parse_options  # noqa: E402
 from evalctx.backends.hf import HFBackend  # noqa: E402
 from evalctx.cli import main  # noqa: E402
 from evalctx.records import GenerationRequest  # noqa: E402
-from evalctx.tokenizer import ByteTokenizer  # noqa: E402
+from evalctx.models.tokenizer import ByteTokenizer  # noqa: E402
 
 SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
 
@@ -212,8 +212,8 @@ def test_ignore_eos_decodes_the_whole_budget(tiny_llama: Path) -> None:
 
 
 def test_memory_preflight_marks_what_does_not_fit_unsupported(tiny_llama: Path, tmp_path: Path) -> None:
-    from evalctx.memory import hf_rank_memory, longest_fitting
-    from evalctx.plan import GB, shape_from_hf
+    from evalctx.capacity.memory import hf_rank_memory, longest_fitting
+    from evalctx.capacity.plan import GB, shape_from_hf
 
     shape = shape_from_hf(transformers.AutoConfig.from_pretrained(tiny_llama).to_dict())
     mem = {n: hf_rank_memory(shape, n + 8, chunk=64, dtype="fp32", attention="sdpa").total for n in (300, 600)}
@@ -243,7 +243,7 @@ def test_weights_that_cannot_fit_stop_before_loading(tiny_llama: Path) -> None:
                                          r"\(memory_gb\): no tp up to 16 fits it: raise memory_gb$"):
         make_backend(tiny_llama, memory_gb=1)
     # Llama-3-8B's weights in 10 GB: tp=2 still needs 10.6 GB, tp=4 fits.
-    from evalctx.plan import ModelShape
+    from evalctx.capacity.plan import ModelShape
 
     backend = make_backend(tiny_llama, memory_gb=10)
     backend.memcheck.shape = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
@@ -254,8 +254,8 @@ def test_weights_that_cannot_fit_stop_before_loading(tiny_llama: Path) -> None:
 
 
 def test_batches_split_to_fit_memory(tiny_llama: Path) -> None:
-    from evalctx.memory import hf_rank_memory
-    from evalctx.plan import GB, shape_from_hf
+    from evalctx.capacity.memory import hf_rank_memory
+    from evalctx.capacity.plan import GB, shape_from_hf
 
     shape = shape_from_hf(transformers.AutoConfig.from_pretrained(tiny_llama).to_dict())
     tok = ByteTokenizer()

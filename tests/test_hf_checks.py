@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from evalctx.backends.base import BackendContext, parse_options  # noqa: E402
 from evalctx.backends.hf import HFBackend  # noqa: E402
-from evalctx.tokenizer import ByteTokenizer  # noqa: E402
+from evalctx.models.tokenizer import ByteTokenizer  # noqa: E402
 
 
 def _random_model(path: Path, kind: str, **cfg: object) -> Path:
@@ -93,7 +93,7 @@ def test_a_bpe_trained_on_other_text_is_refused(tmp_path: Path) -> None:
     from tokenizer_fixtures import save_hf
 
     from evalctx.errors import UsageError
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     other = HFTokenizer(save_hf("bpe_digits", tmp_path / "other", vocab_size=1024))
     with pytest.raises(UsageError, match="does not tokenize like the one tiny ships.*pass --tokenizer tiny"):
@@ -111,7 +111,7 @@ def test_ids_beyond_the_embedding_table_are_refused(byte_llama: Path, tmp_path: 
     from tokenizer_fixtures import get_tokenizer
 
     from evalctx.errors import UsageError
-    from evalctx.tokenizer_check import check_tokenizer
+    from evalctx.models.tokenizer_check import check_tokenizer
 
     with pytest.raises(UsageError, match=r"has 2000 text tokens but .* 259 rows"):
         make_backend(byte_llama, tokenizer=get_tokenizer("bpe_llama3"))
@@ -131,7 +131,7 @@ def test_a_model_without_tokenizer_files(tmp_path: Path, capsys) -> None:
     import shutil
 
     from evalctx.cli import main
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     tiny = resolve_model("tiny").path
     bare = tmp_path / "bare"

@@ -90,7 +90,7 @@ def _gqa_tiny(dest: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     src = resolve_model("tiny").path
     tiny = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)

@@ -18,7 +18,7 @@ from evalctx.backends.openai_http import HTTPBackend
 from evalctx.cli import main
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import GenerationRequest
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
 TOK = ByteTokenizer()
@@ -397,7 +397,7 @@ def test_llamacpp_preset_refuses_ids_and_runs_one_request_at_a_time() -> None:
 
 
 def test_max_model_len_makes_samples_unsupported_before_any_request() -> None:
-    from evalctx.sampling import SampleSpec
+    from evalctx.run.sampling import SampleSpec
 
     stub = StubServer(owned_by="vllm")
     with stub.run() as url:

@@ -14,7 +14,7 @@ from http_helpers import LlamaCppStub, Reply, StubServer, completion, free_port,
 
 from evalctx.backends.fake import oracle_answer
 from evalctx.cli import main
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 SUITE_TOML = """
 name = "http_small"
@@ -111,7 +111,7 @@ def test_chat_through_the_chat_endpoint_stops_with_the_template_message(tmp_path
 def test_chat_prompts_through_completions_leave_the_bos_text_to_llamacpp(tmp_path: Path, suite: str) -> None:
     """The tiny model's chat template starts with "<s>" as text; llama.cpp adds a BOS and parses "<s>" as a second
     one whatever add_special_tokens says, so the prompt goes without it and the counts match."""
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     stub = LlamaCppStub(load_tokenizer("tiny"))
     with stub.run() as url:

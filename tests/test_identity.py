@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from evalctx import fingerprint
-from evalctx.fingerprint import changed_files, folder_files, model_fingerprint
+from evalctx.models import fingerprint
+from evalctx.models.fingerprint import changed_files, folder_files, model_fingerprint
 
 TINY = Path(__file__).resolve().parent.parent / "evalctx" / "data" / "models" / "tiny"
 
@@ -44,7 +44,7 @@ def test_model_fingerprint_of_paths_names_and_servers(tmp_path: Path) -> None:
 
 def test_the_tokenizer_fingerprint_covers_the_chat_template(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     shutil.copytree(TINY, tmp_path / "t")
     before = HFTokenizer(tmp_path / "t").fingerprint()

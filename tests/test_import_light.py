@@ -8,7 +8,7 @@ HEAVY = ("torch", "transformers", "mpi4py", "matplotlib", "tensorrt_llm", "scipy
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, evalctx, evalctx.cli, evalctx.config, evalctx.runner, evalctx.backends.base;"
+        "import sys, evalctx, evalctx.cli, evalctx.config, evalctx.run.runner, evalctx.backends.base;"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

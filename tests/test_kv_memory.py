@@ -19,11 +19,11 @@ from evalctx.backends.hf.backend import HFBackend  # noqa: E402
 from evalctx.backends.hf.cache import PreallocatedLayer, WindowLayer  # noqa: E402
 from evalctx.backends.base import parse_options  # noqa: E402
 from evalctx.cli import main  # noqa: E402
-from evalctx.kv_layout import layer_windows, window_positions  # noqa: E402
-from evalctx.memory import hf_rank_memory  # noqa: E402
-from evalctx.plan import shape_from_hf  # noqa: E402
+from evalctx.capacity.kv_layout import layer_windows, window_positions  # noqa: E402
+from evalctx.capacity.memory import hf_rank_memory  # noqa: E402
+from evalctx.capacity.plan import shape_from_hf  # noqa: E402
 from evalctx.records import GenerationRequest  # noqa: E402
-from evalctx.tokenizer import load_tokenizer  # noqa: E402
+from evalctx.models.tokenizer import load_tokenizer  # noqa: E402
 
 WINDOW = 16
 WINDOWED = [f.name for f in families.FAMILIES if layer_windows({**families._BASE, **f.config}) not in (None,)
@@ -98,7 +98,7 @@ def test_a_quantized_kv_cache_is_close_stores_less_and_is_exact_under_reuse_and_
     """fp8/int8 with per token-head scales: first-token logits within a few percent of the model dtype's, half the
     bytes or less (fp32 model: a quarter plus scales), and the same answers whatever the chunking and reuse (the
     quantization of a position does not depend on its chunk)."""
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     path = resolve_model("tiny").path
     ref = _backend(path, chunk_size=64)

@@ -13,10 +13,10 @@ from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HAVE_HF, TOKENIZER_NAMES, g
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
-from evalctx.scoring import get_scorer, kv_retrieval_match
+from evalctx.tasks.scoring import get_scorer, kv_retrieval_match
 from evalctx.tasks import get_task
 from evalctx.tasks.base import Task
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 needs_hf = pytest.mark.skipif(not HAVE_HF, reason="needs tokenizers and transformers")
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
@@ -240,7 +240,7 @@ def test_lengths_right_above_the_minimum_build_where_space_runs_are_tokens(tmp_p
     from tokenizer_fixtures import build_rust
     from transformers import PreTrainedTokenizerFast
 
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     rust, specials = build_rust("bpe_llama3")
     rust.add_tokens([" " * k for k in range(2, 22)])  # whitespace runs as single tokens

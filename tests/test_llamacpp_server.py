@@ -92,8 +92,8 @@ class Margins:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from evalctx.models import resolve_model
-        from evalctx.tokenizer import load_tokenizer
+        from evalctx.models.embedded import resolve_model
+        from evalctx.models.tokenizer import load_tokenizer
 
         if mode not in self.samples:
             path = self.work / f"samples-{mode}.jsonl"

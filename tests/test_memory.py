@@ -1,4 +1,4 @@
-"""The hf memory arithmetic (evalctx.memory) and ``evalctx plan --backend hf``: the issue's Llama-3-8B example."""
+"""The hf memory arithmetic (evalctx.capacity.memory) and ``evalctx plan --backend hf``: the issue's Llama-3-8B example."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from evalctx.commands import plan as plan_cmd
 from evalctx.errors import UsageError
-from evalctx.memory import hf_activation_bytes, hf_rank_memory, longest_fitting
-from evalctx.plan import GB, ModelShape
+from evalctx.capacity.memory import hf_activation_bytes, hf_rank_memory, longest_fitting
+from evalctx.capacity.plan import GB, ModelShape
 
 GiB = 2**30
 LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8, head_dim=128,

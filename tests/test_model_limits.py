@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evalctx.preflight import EngineLimits, check, limits_from_hf_config, window_flags
+from evalctx.capacity.preflight import EngineLimits, check, limits_from_hf_config, window_flags
 
 
 def test_a_window_of_256_refuses_a_900_token_prompt():
@@ -64,8 +64,8 @@ def test_beyond_the_stated_window_is_a_flag_not_a_refusal():
 def test_engine_limits_carry_the_window_and_the_stated_positions():
     from pathlib import Path
 
-    from evalctx.engine_config import load_engine_config
-    from evalctx.preflight import limits_from_engine
+    from evalctx.capacity.engine_config import load_engine_config
+    from evalctx.capacity.preflight import limits_from_engine
 
     engine = load_engine_config(Path(__file__).parent / "data" / "engines" / "v1")
     lim = limits_from_engine(engine, max_input_len=None, chunked_context=True, kv_cache_tokens=None,
@@ -84,8 +84,8 @@ def test_an_engines_position_embedding_type_decides_refuse_or_flag(tmp_path, kin
     import json
     from pathlib import Path
 
-    from evalctx.engine_config import load_engine_config
-    from evalctx.preflight import limits_from_engine
+    from evalctx.capacity.engine_config import load_engine_config
+    from evalctx.capacity.preflight import limits_from_engine
 
     data = json.loads((Path(__file__).parent / "data" / "engines" / "v1" / "config.json").read_text())
     data["pretrained_config"]["max_position_embeddings"] = 1024

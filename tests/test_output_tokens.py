@@ -10,8 +10,8 @@ import pytest
 
 from evalctx.cli import main
 from evalctx.records import GenerationResult, Sample
-from evalctx.runner import make_record
-from evalctx.tokenizer import load_tokenizer
+from evalctx.run.runner import make_record
+from evalctx.models.tokenizer import load_tokenizer
 
 SUITE = """
 name = "eos"

@@ -10,7 +10,7 @@ from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HAVE_HF, HF_KINDS, TOKENIZE
 from evalctx.errors import LengthError, UsageError
 from evalctx.tasks.haystack import NOISE_SENTENCE, Haystack, essay_haystack, noise_haystack
 from evalctx.tasks.placement import SENTINEL, Needle, assemble, minimum_length, render_frame
-from evalctx.tokenizer import ByteTokenizer, load_tokenizer
+from evalctx.models.tokenizer import ByteTokenizer, load_tokenizer
 
 HAYSTACKS = {"noise": lambda: noise_haystack("\n"), "noise_inline": lambda: noise_haystack(" "),
              "essay": lambda: essay_haystack()}
@@ -183,7 +183,7 @@ def test_depth_one_reaches_every_length_when_the_start_seam_jumps(mode):
     ("bpe_llama3", "essay", 3000), ("sp_llama2", "noise", 3000), ("bpe_gpt2", "essay", 3000)])
 def test_a_depth_sweep_shares_the_prefix_up_to_the_earlier_needle(name, hay_name, length):
     """Depth 1 included: each prompt of a sweep equals the depth-1 one up to its own needle (the prefix reuse of
-    evalctx/prefix_order.py depends on it), and the depth-1 needle follows the haystack's joiner after a cut unit."""
+    evalctx/run/prefix_order.py depends on it), and the depth-1 needle follows the haystack's joiner after a cut unit."""
     if name != "tiny" and not HAVE_HF:
         pytest.skip("needs tokenizers and transformers")
     tok = load_tokenizer("tiny") if name == "tiny" else get_tokenizer(name)

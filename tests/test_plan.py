@@ -10,7 +10,7 @@ import pytest
 
 from evalctx.commands import plan as plan_cmd
 from evalctx.errors import UsageError
-from evalctx.plan import GB, ModelShape, kv_bytes_per_token, load_shape, plan
+from evalctx.capacity.plan import GB, ModelShape, kv_bytes_per_token, load_shape, plan
 
 ENGINES = Path(__file__).parent / "data" / "engines"
 LLAMA2_70B = ModelShape(num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8, head_dim=128,
@@ -128,7 +128,7 @@ def test_plan_command_needs_a_context_for_hf_configs(tmp_path, capsys):
                                            ("FP16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32"),
                                            ("float", "fp32"), ("fp8", "fp8"), ("float8_e4m3fn", "fp8")])
 def test_dtype_spellings_are_one_dtype(spelled, short):
-    from evalctx.dtypes import canonical_dtype
+    from evalctx.capacity.dtypes import canonical_dtype
 
     assert canonical_dtype(spelled) == short
     assert plan(LLAMA2_70B, 1024, weight_dtype=spelled).weight_bytes == plan(LLAMA2_70B, 1024,

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from evalctx.analysis import load_runs, summary  # noqa: E402
+from evalctx.analysis.runs import load_runs, summary  # noqa: E402
 from evalctx.errors import UsageError  # noqa: E402
 from evalctx.report import plots  # noqa: E402
 from run_fixtures import write_run  # noqa: E402
@@ -71,7 +71,7 @@ def test_heatmaps_of_results_without_depths_have_one_row(two_runs) -> None:
 
 
 def test_difference_heatmap(two_runs, tmp_path) -> None:
-    from evalctx.compare import compare
+    from evalctx.analysis.compare import compare
 
     fp16, int8 = (two_runs[two_runs["label"] == x] for x in ("fp16", "int8kv"))
     result = compare(fp16, int8)

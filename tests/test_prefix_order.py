@@ -1,4 +1,4 @@
-"""The runner's sample order for prefix caches (evalctx.prefix_order): common prefixes of token ids, the order that
+"""The runner's sample order for prefix caches (evalctx.run.prefix_order): common prefixes of token ids, the order that
 computes each distinct prefix token once, windows, and the runner journaling in that order."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 
 from evalctx.cli import main
 from evalctx.config import load_suite
-from evalctx.prefix_order import common_prefix, computed_tokens, order_by_prefix, prefix_windows
-from evalctx.sampling import SampleBuilder
-from evalctx.tokenizer import load_tokenizer
+from evalctx.run.prefix_order import common_prefix, computed_tokens, order_by_prefix, prefix_windows
+from evalctx.run.sampling import SampleBuilder
+from evalctx.models.tokenizer import load_tokenizer
 
 SWEEP = """
 name = "sweep"

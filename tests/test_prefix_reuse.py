@@ -19,7 +19,7 @@ from evalctx.backends.hf import HFBackend  # noqa: E402
 from evalctx.cli import main  # noqa: E402
 from evalctx.errors import UsageError  # noqa: E402
 from evalctx.records import GenerationRequest  # noqa: E402
-from evalctx.tokenizer import ByteTokenizer  # noqa: E402
+from evalctx.models.tokenizer import ByteTokenizer  # noqa: E402
 
 TOK = ByteTokenizer()
 HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 3

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from evalctx.engine_config import load_engine_config
-from evalctx.preflight import EngineLimits, check, limits_from_engine, preflight
+from evalctx.capacity.engine_config import load_engine_config
+from evalctx.capacity.preflight import EngineLimits, check, limits_from_engine, preflight
 from evalctx.records import Sample
 
 ENGINES = Path(__file__).parent / "data" / "engines"

@@ -122,7 +122,7 @@ def test_reports_mask_secrets_of_old_manifests(evil_report: tuple[Path, Path, Pa
 
 @pytest.mark.parametrize("label", ["cost $5", "$x$", "a $ b $ c $", "_hidden", r"\$"])
 def test_dollar_and_underscore_labels_draw_as_typed(tmp_path: Path, label: str) -> None:
-    from evalctx.analysis import load_run
+    from evalctx.analysis.runs import load_run
 
     df = load_run(write_run(tmp_path, "d", label=label, **OPTS))
     fig = heatmap(df, "passkey", path=tmp_path / "h.png")
@@ -139,7 +139,7 @@ def test_api_key_never_reaches_manifest_or_reports(tmp_path: Path) -> None:
     from evalctx.backends.base import BackendContext, parse_options
     from evalctx.backends.fake import FakeBackend
     from evalctx.serve import make_server
-    from evalctx.tokenizer import ByteTokenizer
+    from evalctx.models.tokenizer import ByteTokenizer
 
     pd = pytest.importorskip("pandas")
     tok = ByteTokenizer()

@@ -14,12 +14,12 @@ from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, TOKENIZER_NAMES, get_tokeni
 from evalctx.config import load_suite
 from evalctx.errors import LengthError
 from evalctx.records import Sample
-from evalctx.scoring import get_scorer
+from evalctx.tasks.scoring import get_scorer
 from evalctx.tasks import get_task
 from evalctx.tasks.distractors import DistractorHaystack
 from evalctx.tasks.keys import ADJECTIVES, NOUNS, draw, draw_pooled, in_distractor_pool
 from evalctx.tasks.niah import NEEDLE
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,7 +230,7 @@ def test_old_sample_ids_and_prompts_are_unchanged():
     import hashlib
 
     from evalctx.config import Suite, TaskSpec
-    from evalctx.sampling import enumerate_specs
+    from evalctx.run.sampling import enumerate_specs
 
     suite = Suite("ids", [TaskSpec("passkey", [700], [0.0, 1.0]), TaskSpec("niah_single", [800], [0.5]),
                           TaskSpec("niah_multikey", [900], [0.25])])

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from http_helpers import LlamaCppStub
 
-from evalctx import chat_identity
+from evalctx.models import chat_identity
 from evalctx.cli import main
-from evalctx.models import resolve_model
-from evalctx.tokenizer import ByteTokenizer, load_tokenizer
+from evalctx.models.embedded import resolve_model
+from evalctx.models.tokenizer import ByteTokenizer, load_tokenizer
 
 # Llama 3.2's template, cut to what matters here: the system header writes today's date through strftime_now.
 DATED = (

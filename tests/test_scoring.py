@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evalctx.errors import UsageError
-from evalctx.scoring import (SCORERS, first_int_match, get_scorer, landmark_int_match, ruler_postprocess, score,
+from evalctx.tasks.scoring import (SCORERS, first_int_match, get_scorer, landmark_int_match, ruler_postprocess, score,
                              string_match_all, string_match_part)
 
 

@@ -10,7 +10,7 @@ import pytest
 from evalctx.errors import LengthError
 from evalctx.tasks import get_task
 from evalctx.tasks.haystack import Haystack, essay_haystack, normalise_whitespace
-from evalctx.tokenizer import load_tokenizer
+from evalctx.models.tokenizer import load_tokenizer
 
 TEXTS = {
     "chinese": "城里的老街上总有一家茶馆。它不大，门口挂着一块木牌！为什么人们愿意坐在这里呢？",

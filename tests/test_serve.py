@@ -22,7 +22,7 @@ from evalctx.backends.fake import FakeBackend
 from evalctx.cli import build_parser, main
 from evalctx.records import GenerationRequest
 from evalctx.serve import make_server
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
 PASSKEY = "Grass is green. The pass key is 68142. Remember it. Sky is blue. What is the pass key? The pass key is"

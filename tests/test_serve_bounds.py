@@ -16,7 +16,7 @@ from http_helpers import serving
 from evalctx.backends.base import BackendContext, parse_options
 from evalctx.backends.fake import FakeBackend
 from evalctx.serve import ServeLimits, make_server
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 BODY = json.dumps({"prompt": "The pass key is 12345. Remember it. What is the pass key? The pass key is",
                    "max_tokens": 4}).encode()

@@ -180,7 +180,7 @@ def test_show_an_unsupported_sample_that_has_no_prompt_is_not_an_error(
     """A sample no prompt of its exact length fits is an unsupported row; show used to end on that LengthError
     (exit 2) after printing the row."""
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import ByteTokenizer
+    from evalctx.models.tokenizer import ByteTokenizer
 
     lo = get_task("niah_single")(ByteTokenizer(), {}).min_length()
     suite = tmp_path / "unb.toml"

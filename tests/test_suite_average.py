@@ -9,7 +9,7 @@ import pytest
 
 import evalctx
 import evalctx.results
-from evalctx import analysis
+from evalctx.analysis import runs as analysis
 from evalctx.results.summary import summarize
 from evalctx.results.table import format_summary
 

@@ -11,10 +11,10 @@ from tokenizer_fixtures import CHAT_TOKENIZER_NAMES, HAVE_HF, TOKENIZER_NAMES, g
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
-from evalctx.scoring import get_scorer
+from evalctx.tasks.scoring import get_scorer
 from evalctx.tasks import TASKS, get_task, list_tasks
 from evalctx.tasks.base import Task
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 TRTLLM_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the important information.\n\n")
@@ -175,7 +175,7 @@ def test_sample_id_depends_on_everything_that_matters():
 def test_spec_ids_are_the_sample_ids(tmp_path):
     """A suite's spec id is the task's own sample id: options with defaults filled in, the haystack's content."""
     from evalctx.config import Suite, TaskSpec
-    from evalctx.sampling import SampleBuilder, enumerate_specs
+    from evalctx.run.sampling import SampleBuilder, enumerate_specs
 
     tok = ByteTokenizer()
     (tmp_path / "a.txt").write_text("One sentence here. Another one there. And a third.")
@@ -381,7 +381,7 @@ def test_niah_needles_at_the_very_end_stay_apart(haystack, sep):
 def test_min_length_covers_the_draws(tok_name, mode, task_name, options):
     """min_length() is the longest minimum over many draws: at min_length() + NEAR_MINIMUM every draw builds, so
     the runner's up-front build of the near-minimum specs finds every sample a short length cannot hold."""
-    from evalctx.sampling import SampleBuilder
+    from evalctx.run.sampling import SampleBuilder
 
     task = get_task(task_name)(get_tokenizer(tok_name), options, mode)
     lo = task.min_length()

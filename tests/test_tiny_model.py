@@ -73,9 +73,9 @@ def test_digits_one_per_token_and_chat_template(tiny):
 
 
 def test_answers_a_real_passkey_prompt(tiny):
-    from evalctx.scoring import first_int_match
+    from evalctx.tasks.scoring import first_int_match
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     _, model = tiny
     tok = HFTokenizer(TINY)

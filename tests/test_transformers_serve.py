@@ -24,7 +24,7 @@ import pytest
 from http_helpers import free_port
 
 from evalctx.cli import main
-from evalctx.models import resolve_model
+from evalctx.models.embedded import resolve_model
 
 pytest.importorskip("torch")
 pytest.importorskip("fastapi")

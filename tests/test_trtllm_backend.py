@@ -23,7 +23,7 @@ from evalctx.backends.trtllm.backend import TRTLLMBackend
 from evalctx.backends.trtllm.launch import place, session_order
 from evalctx.errors import UsageError
 from evalctx.records import FLAGS, GenerationRequest
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 from trtllm_util import FakeComm, make_engine, request, standin  # noqa: F401  (standin is a fixture)
 
 

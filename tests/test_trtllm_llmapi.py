@@ -13,7 +13,7 @@ import pytest
 from evalctx.backends.base import BackendContext, backend_class, parse_options
 from evalctx.backends.trtllm.llm_api import TRTLLMAPIBackend
 from evalctx.errors import UsageError
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 from trtllm_util import request, standin  # noqa: F401  (standin is a fixture)
 
 
@@ -181,8 +181,8 @@ def test_the_checkpoints_own_limits_and_tokenizer_are_checked(standin, tmp_path)
     not the checkpoint's is one line before the LLM loads."""
     import shutil
 
-    from evalctx.models import resolve_model
-    from evalctx.preflight import window_flags
+    from evalctx.models.embedded import resolve_model
+    from evalctx.capacity.preflight import window_flags
 
     path = hf_dir(tmp_path)
     specs = [SimpleNamespace(id="short", context_length=200, max_new_tokens=6),

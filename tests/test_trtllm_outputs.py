@@ -10,7 +10,7 @@ import pytest
 
 from evalctx.backends.trtllm.outputs import Timing, default_end_ids, engine_timing, is_fatal, strip_end, to_result
 from evalctx.records import GenerationRequest
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 
 def perf(arrival, first, last, reused=0):

@@ -24,7 +24,7 @@ from evalctx.errors import UsageError
 from evalctx.tasks import get_task
 from evalctx.tasks.kv_retrieval import upstream_pairs
 from evalctx.tasks.passkey import UPSTREAM_LEVELS, upstream_noise_lines, upstream_prompt
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 # --- upstream, reimplemented (see the module docstring for the source) ------------------------------------------
 NUM_NOISE = [326, 652, 1305, 2610, 5220, 10440, 20880, 41760]

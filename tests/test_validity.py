@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from evalctx.cli import main
-from evalctx.scoring import score
+from evalctx.tasks.scoring import score
 
 DATA = Path(__file__).parent / "data"
 
@@ -44,7 +44,7 @@ def test_kind4_targets_are_lists_and_rescoring_from_the_parquet_agrees(tmp_path:
 
 
 def test_kind4_results_written_before_the_list_column_load_as_lists(tmp_path: Path) -> None:
-    from evalctx.analysis import load_run
+    from evalctx.analysis.runs import load_run
 
     from run_fixtures import write_run
 
@@ -82,7 +82,7 @@ def tiny_copy_appending_eos(dest: Path) -> Path:
 def test_kind1_a_tokenizer_that_appends_eos_builds_the_same_prompts(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     eos_tok = HFTokenizer(tiny_copy_appending_eos(tmp_path / "tiny-eos"))
     assert eos_tok._rust.encode("The pass key is").ids[-1] == 2  # its files really append </s>
@@ -114,7 +114,7 @@ def _niah_suite(tmp_path: Path, lengths: str, samples: int = 30) -> str:
 def test_kind2_a_length_below_the_true_minimum_is_refused_up_front(tmp_path: Path, capsys) -> None:
     pytest.importorskip("transformers")
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     need = get_task("niah_single")(load_tokenizer("tiny"), {}).min_length()
     assert need > 92  # one draw needed 92; keys and values differ, the run needed 95 at sample 56
@@ -132,9 +132,9 @@ def test_kind2_a_length_below_the_true_minimum_is_refused_up_front(tmp_path: Pat
 @pytest.mark.parametrize("near", [32, 0])  # 0: nothing built up front, the loop's own check must hold
 def test_kind2_samples_that_cannot_be_built_become_unsupported_rows(tmp_path: Path, capsys, monkeypatch,
                                                                     near: int) -> None:
-    from evalctx.sampling import SampleBuilder
+    from evalctx.run.sampling import SampleBuilder
     from evalctx.tasks import get_task
-    from evalctx.tokenizer import ByteTokenizer
+    from evalctx.models.tokenizer import ByteTokenizer
 
     monkeypatch.setattr(SampleBuilder, "NEAR_MINIMUM", near)
     lo = get_task("niah_single")(ByteTokenizer(), {}).min_length()

@@ -2,7 +2,7 @@
 
 Each is trained with the ``tokenizers`` library on the noise and essay haystacks themselves, so its merges cross
 sentence seams the way a real tokenizer's would, wrapped in ``PreTrainedTokenizerFast``, saved to a temporary
-folder and loaded back through :class:`evalctx.tokenizer.HFTokenizer` exactly as a user's tokenizer would be.
+folder and loaded back through :class:`evalctx.models.tokenizer.HFTokenizer` exactly as a user's tokenizer would be.
 Built once per process (module-level cache).
 """
 
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from evalctx.tasks.haystack import DEFAULT_ESSAY_DIR, NOISE_SENTENCE
-from evalctx.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from evalctx.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 # Llama-3's pre-tokenizer regex (tiktoken cl100k style).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evalctx.records import GenerationRequest
-from evalctx.tokenizer import ByteTokenizer
+from evalctx.models.tokenizer import ByteTokenizer
 
 STANDIN = Path(__file__).parent / "standin"
 ENGINES = Path(__file__).parent / "data" / "engines"

@@ -26,7 +26,7 @@ class BackendContext:
     model: str | None = None
     """Model or engine directory, or an embedded name; backend-specific."""
     tokenizer: Any = None
-    """The :class:`evalctx.tokenizer.Tokenizer` that built the prompts."""
+    """The :class:`evalctx.models.tokenizer.Tokenizer` that built the prompts."""
     world_rank: int = 0
     world_size: int = 1
     replica: int = 0
@@ -72,7 +72,7 @@ class Backend:
         return {}
 
     def limits(self) -> Any:
-        """The :class:`evalctx.preflight.EngineLimits` of the engine and model, or None when unknown (the runner
+        """The :class:`evalctx.capacity.preflight.EngineLimits` of the engine and model, or None when unknown (the runner
         flags rows beyond a rotary model's stated window from them)."""
         return None
 

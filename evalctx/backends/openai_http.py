@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from evalctx import chat_identity, redact
+from evalctx import redact
+
+from evalctx.models import chat_identity
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.http_client import Answer, Client, Fatal, Retryable, one_line
 from evalctx.backends.http_servers import PRESETS, ServerFacts, ServerPreset, detect

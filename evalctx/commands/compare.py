@@ -73,9 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def main(args: argparse.Namespace) -> int:
-    from evalctx.analysis import load_manifest, load_run
-    from evalctx.comparability import check, check_runs, differences
-    from evalctx.compare import compare
+    from evalctx.analysis.runs import load_manifest, load_run
+    from evalctx.analysis.comparability import check, check_runs, differences
+    from evalctx.analysis.compare import compare
 
     kwargs = gate_kwargs(args)
     base_manifest, cand_manifest = load_manifest(args.base), load_manifest(args.cand)

@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     require_extra("transformers", "hf")
     from evalctx.backends.base import parse_kv_flags, parse_options
     from evalctx.backends.hf import HFBackend
-    from evalctx.dist import init_world
+    from evalctx.run.dist import init_world
 
     if args.markdown and not Path(args.markdown).parent.is_dir():
         raise UsageError(f"--markdown {args.markdown}: the folder {Path(args.markdown).parent} does not exist")
@@ -115,8 +115,8 @@ def _check(model: str, args: argparse.Namespace, raw: dict[str, str], world: Any
     from evalctx.backends.hf import HFBackend
     from evalctx.backends.hf.conformance import Reference, compare, default_cases, sample_prompts
     from evalctx.backends.hf.families import LENGTHS
-    from evalctx.models import resolve_model
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.embedded import resolve_model
+    from evalctx.models.tokenizer import load_tokenizer
 
     resolved = resolve_model(model)
     tokenizer = load_tokenizer(args.tokenizer or model)
@@ -147,7 +147,7 @@ def _check(model: str, args: argparse.Namespace, raw: dict[str, str], world: Any
 def model_thresholds(config: Any) -> list[int]:
     """Positions where the model's attention or rotation changes: sliding window, attention chunk, the original
     RoPE window (LongRoPE, YaRN, llama3, dynamic NTK's max_position_embeddings)."""
-    from evalctx.model_facts import rope_facts
+    from evalctx.capacity.model_facts import rope_facts
 
     text = getattr(config, "text_config", None) or config
     out = {getattr(text, "sliding_window", None), getattr(text, "attention_chunk_size", None),

@@ -106,7 +106,7 @@ def read_runs(history: Path) -> list[dict[str, Any]]:
 
 def pick_baseline(history: Path, run_id: str, label: str, suite: str | None) -> tuple[Path | None, list[str]]:
     """The last passing run of the same label and suite whose directory still exists, and notes on skipped ones."""
-    from evalctx.analysis import is_run_dir
+    from evalctx.analysis.runs import is_run_dir
 
     notes = []
     for entry in reversed(read_runs(history)):
@@ -156,9 +156,9 @@ def _summary_rows(df: Any, run_id: str, label: str, date: str, passed: bool) -> 
 
 
 def main(args: argparse.Namespace) -> int:
-    from evalctx.analysis import load_manifest, load_run
-    from evalctx.comparability import check, differences
-    from evalctx.compare import CompareResult, compare
+    from evalctx.analysis.runs import load_manifest, load_run
+    from evalctx.analysis.comparability import check, differences
+    from evalctx.analysis.compare import CompareResult, compare
 
     kwargs = gate_kwargs(args)
     run_dir, history = Path(args.run_dir), Path(args.history)
@@ -237,6 +237,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _baseline_id(baseline: Path | None) -> str | None:
-    from evalctx.analysis import load_manifest
+    from evalctx.analysis.runs import load_manifest
 
     return None if baseline is None else str(load_manifest(baseline).get("run_id") or baseline.name)

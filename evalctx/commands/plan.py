@@ -2,7 +2,7 @@
 
 Defaults come from the config: an engine config.json gives dtype, KV dtype, tp, pp, max_num_tokens, tokens per
 block and max_seq_len; a Hugging Face config.json gives the shape only. Flags override.
-With ``--backend hf`` it prints what the hf backend's memory preflight decides (evalctx.memory): weights, a KV
+With ``--backend hf`` it prints what the hf backend's memory preflight decides (evalctx.capacity.memory): weights, a KV
 cache preallocated for the whole context, one prefill chunk's activations and a reserve, per tp.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from evalctx.argtypes import fraction, non_negative_float, positive_float, positive_int
-from evalctx.dtypes import canonical_dtype
-from evalctx.engine_config import EngineConfig, short_dtype
+from evalctx.capacity.dtypes import canonical_dtype
+from evalctx.capacity.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError
-from evalctx.kv_layout import bytes_per_position, layer_windows
-from evalctx.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, ModelShape,
+from evalctx.capacity.kv_layout import bytes_per_position, layer_windows
+from evalctx.capacity.plan import (DEFAULT_MAX_NUM_TOKENS, DEFAULT_TOKENS_PER_BLOCK, GB, KV_DTYPES, WEIGHT_DTYPES, ModelShape,
                           Plan, RankMemory, load_shape, plan)
 
 
@@ -84,7 +84,7 @@ def _config_path(spec: str) -> str:
     """A path as given, else an embedded model's directory (``tiny``)."""
     if Path(spec).expanduser().exists() or "/" in spec:
         return spec
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     return str(resolve_model(spec).path)
 
@@ -159,7 +159,7 @@ def position_warning(context: int, shape: ModelShape) -> str | None:
     """A warning when the planned context is longer than the positions (or the sliding window in every layer)
     the model's config states; a Hugging Face config is read as the hf backend's preflight reads it (a rotary
     model's window RoPE-scaled as vLLM scales it: YaRN factor 4 over 32K states 128K)."""
-    from evalctx.preflight import limits_from_hf_config
+    from evalctx.capacity.preflight import limits_from_hf_config
 
     try:
         data = json.loads(Path(shape.source).read_text())
@@ -214,7 +214,7 @@ def _hf(args: argparse.Namespace) -> str:
     """The hf backend's view: per tp, weights + preallocated KV + chunk activations + reserve, and what fits."""
     from evalctx.backends.hf.attention import LOWER_RIGHT_SDPA
     from evalctx.backends.hf.backend import HFBackend
-    from evalctx.memory import hf_rank_memory, longest_fitting
+    from evalctx.capacity.memory import hf_rank_memory, longest_fitting
 
     shape, engine = load_shape(_config_path(args.config))
     if engine is not None:

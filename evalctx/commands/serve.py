@@ -58,7 +58,7 @@ def build_server(args: argparse.Namespace) -> Any:
     """The bound server for parsed ``serve`` arguments (tests serve it from a thread)."""
     from evalctx.backends.base import BackendContext, backend_class, parse_kv_flags, parse_options
     from evalctx.serve import MIB, ServeLimits, make_server
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.models.tokenizer import load_tokenizer
 
     if args.max_buffered_mb < args.max_body_mb:
         raise UsageError(f"--max-buffered-mb {args.max_buffered_mb:g} is below --max-body-mb {args.max_body_mb:g}: "

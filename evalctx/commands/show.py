@@ -79,8 +79,8 @@ def _rebuild(manifest: dict[str, Any], row: Any, full: bool) -> dict[str, Any] |
     """The sample's prompt record built again from the manifest, or why it cannot be."""
     from evalctx.config import Suite, TaskSpec
     from evalctx.results.prompts import prompt_record
-    from evalctx.sampling import SampleBuilder
-    from evalctx.tokenizer import load_tokenizer
+    from evalctx.run.sampling import SampleBuilder
+    from evalctx.models.tokenizer import load_tokenizer
 
     tok_info = manifest.get("tokenizer") or {}
     suite_json = manifest.get("suite") or {}
@@ -94,7 +94,7 @@ def _rebuild(manifest: dict[str, Any], row: Any, full: bool) -> dict[str, Any] |
         return f"its tokenizer cannot be loaded here ({exc})"
     if tok.fingerprint() != tok_info.get("fingerprint"):
         return f"the tokenizer at {tok_info.get('name')} is not the one the run used (fingerprint differs)"
-    from evalctx.chat_identity import pinned_date, uses_date
+    from evalctx.models.chat_identity import pinned_date, uses_date
 
     template = manifest.get("chat_template") or {}
     tok.chat_date = pinned_date(manifest, None)  # the day the run's chat prompts were rendered for
@@ -131,7 +131,7 @@ def _value(row: Any, key: str) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    from evalctx.analysis import load_manifest, load_run
+    from evalctx.analysis.runs import load_manifest, load_run
     from evalctx.results.prompts import read_prompts, render
 
     run_dir = Path(args.run)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
-from evalctx.analysis import length_label
+from evalctx.analysis.runs import length_label
 from evalctx.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover

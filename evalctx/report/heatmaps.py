@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import pandas as pd
 
-from evalctx.analysis import length_label
+from evalctx.analysis.runs import length_label
 from evalctx.errors import UsageError
 from evalctx.report.figures import (cell_text_color, figure, labels_of, require_matplotlib, save, select_task,
                                     title_text)
@@ -26,7 +26,7 @@ from evalctx.results.summary import summarize
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from evalctx.compare import CompareResult
+    from evalctx.analysis.compare import CompareResult
 
 ACCURACY_CMAP = "cividis"
 DIFFERENCE_CMAP = "RdBu"
@@ -147,7 +147,7 @@ def difference_heatmap(base: pd.DataFrame, cand: pd.DataFrame, task: str, result
     both accuracies under it ("-40" over "100→60%"). ``base`` and ``cand`` are the samples of one run each.
     Blue: the candidate is better, red: worse, on a fixed -100..+100 scale so that two plots compare.
 
-    ``result`` (the gate's :func:`evalctx.compare.compare` of the two) marks the cells it judged a significant
+    ``result`` (the gate's :func:`evalctx.analysis.compare.compare` of the two) marks the cells it judged a significant
     drop (▼: regression, error_regression) or rise (▲: improved). Cells only one run has, or with no scored
     sample on a side, are hatched white and say so. Raises UsageError when neither run has the task."""
     require_matplotlib()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from evalctx.analysis import RULER_THRESHOLD, _eff_text, effective_length
+from evalctx.analysis.runs import RULER_THRESHOLD, _eff_text, effective_length
 from evalctx.errors import UsageError
 from evalctx.report.figures import (LEGEND_CHARS, count_text, figure, labels_of, line_style, log2_length_axis, mpl_text,
                                     readable_log_y, save, seconds_text, select_task)

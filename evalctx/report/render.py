@@ -19,9 +19,11 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from evalctx import analysis, redact
-from evalctx.analysis import length_label
-from evalctx.compare import CompareResult, compare, display_table
+from evalctx import redact
+
+from evalctx.analysis import runs as analysis
+from evalctx.analysis.runs import length_label
+from evalctx.analysis.compare import CompareResult, compare, display_table
 from evalctx.errors import UsageError
 from evalctx.report import metadata, samples
 from evalctx.report.document import Document
@@ -198,7 +200,7 @@ def _pairs(df: pd.DataFrame, run_ids: list[str], manifests: Mapping[str, Mapping
         cand = df[df["run_id"] == rid]
         result = comparisons.get(rid) or compare(base, cand)
         if not result.differences:
-            from evalctx.comparability import differences
+            from evalctx.analysis.comparability import differences
 
             result.differences = differences(base_manifest, base, manifests[rid], cand)
         b, c = base, cand
@@ -209,8 +211,8 @@ def _pairs(df: pd.DataFrame, run_ids: list[str], manifests: Mapping[str, Mapping
 
 
 def _differences_text(result: CompareResult) -> str | None:
-    """The runs' differences besides their cells (:mod:`evalctx.comparability`) as one sentence, or None."""
-    from evalctx.comparability import lines as difference_lines
+    """The runs' differences besides their cells (:mod:`evalctx.analysis.comparability`) as one sentence, or None."""
+    from evalctx.analysis.comparability import lines as difference_lines
 
     if not result.differences:
         return None

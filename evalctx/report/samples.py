@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from evalctx import redact
-from evalctx.analysis import length_label
+from evalctx.analysis.runs import length_label
 
 MAX_MESSAGES = 5
 """Error messages listed per label, the most frequent first."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 from evalctx.registry import lazy_attributes
 
 _LAZY = {
-    "load_run": "evalctx.analysis",
-    "load_runs": "evalctx.analysis",
-    "effective_length": "evalctx.analysis",
-    "suite_average": "evalctx.analysis",
-    "suite_average_table": "evalctx.analysis",
-    "suite_effective_length": "evalctx.analysis",
+    "load_run": "evalctx.analysis.runs",
+    "load_runs": "evalctx.analysis.runs",
+    "effective_length": "evalctx.analysis.runs",
+    "suite_average": "evalctx.analysis.runs",
+    "suite_average_table": "evalctx.analysis.runs",
+    "suite_effective_length": "evalctx.analysis.runs",
     "summarize": "evalctx.results.summary",
 }
 

@@ -92,7 +92,7 @@ def depth_lines(rows: pd.DataFrame) -> list[str]:
 
 
 def _average_lines(df: pd.DataFrame) -> list[str]:
-    from evalctx.analysis import RULER_THRESHOLD, suite_average, suite_eff_text, suite_effective_length
+    from evalctx.analysis.runs import RULER_THRESHOLD, suite_average, suite_eff_text, suite_effective_length
 
     avg = suite_average(df.assign(label=""))
     eff = suite_effective_length(df.assign(label=""))[""]

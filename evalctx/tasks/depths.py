@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from evalctx.errors import UsageError
-from evalctx.limits import check_depth_count
+from evalctx.capacity.limits import check_depth_count
 
 
 def _linspace(n: int) -> list[float]:

@@ -24,7 +24,7 @@ import re
 
 from evalctx.tasks.haystack import Haystack, TokenStream
 from evalctx.tasks.keys import distractor_words, draw_pooled, in_distractor_pool
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 _VERSION = 2  # 2: word keys dealt from a deck, never repeated within it. Bump when the generated lines change: the fingerprint enters every sample id
 _FIRST_LINES = 256

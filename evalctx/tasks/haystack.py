@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalctx.errors import UsageError
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 """RULER's ``noise`` haystack sentence, which is also the InfiniteBench/TensorRT-LLM passkey noise line."""

@@ -12,14 +12,14 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from evalctx import chat_identity
+from evalctx.models import chat_identity
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
 from evalctx.tasks.base import Task
 from evalctx.tasks.haystack import Haystack
 from evalctx.tasks.placement import (PROMPT_MODES, SENTINEL, Frame, Needle, assemble, minimum_length,
                                      render_frame)
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 MIN_PROBES = 64
 """Seeded draws (each at depths 0 and 1) whose longest minimum and longest answer the task reports."""
@@ -206,7 +206,7 @@ class HaystackTask(Task):
         Keys, values and the question that names them differ in tokens from draw to draw (a 7-digit value, an
         adjective-noun key), so one draw's minimum is not the task's: a length that fits one key is too short for
         another. A draw beyond every probed one is still possible; its sample becomes an unsupported row (see
-        :meth:`evalctx.sampling.SampleBuilder.unbuildable`), never a failed run.
+        :meth:`evalctx.run.sampling.SampleBuilder.unbuildable`), never a failed run.
         """
         return self._probe()[0]
 

@@ -5,7 +5,7 @@ Upstream (InfiniteBench Retrieve.KV, copied into TensorRT-LLM ``examples/infinit
 ``context = 'JSON data:\\n{"k": "v", "k": "v", ...}'`` and ``input = '\\nKey: "k"\\nThe value associated with the
 specified key is: '``; ``eval_utils.create_prompt`` renders ``"Extract the value corresponding to the specified key
 in the JSON object below.\\n\\n{context}\\n\\n{input}"``; 50 new tokens; scored by ``compute_scores``'s
-``get_score_one_kv_retrieval`` (:func:`evalctx.scoring.kv_retrieval_match`). The last line of ``input`` is the
+``get_score_one_kv_retrieval`` (:func:`evalctx.tasks.scoring.kv_retrieval_match`). The last line of ``input`` is the
 answer prefix here, so chat mode puts it in the assistant turn as passkey does.
 
 Exact length. Upstream keeps a fixed number of pairs (928 at its 64K level, 2500 at 128K) whatever the tokenizer; here the
@@ -46,7 +46,7 @@ from evalctx.records import Sample
 from evalctx.tasks.haystack_task import MIN_PROBES, HaystackTask
 from evalctx.tasks.keys import draw
 from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
 CONTEXT_OPEN = "JSON data:\n{"

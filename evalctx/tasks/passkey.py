@@ -25,7 +25,7 @@ from evalctx.records import Sample
 from evalctx.tasks.haystack import Haystack, get_haystack
 from evalctx.tasks.haystack_task import Draw, HaystackTask
 from evalctx.tasks.placement import SENTINEL, Needle, _token_containing, render_frame
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 TRTLLM_INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                       "I will quiz you about the important information.")

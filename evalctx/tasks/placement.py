@@ -17,7 +17,7 @@ from typing import Sequence
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.tasks.haystack import Haystack, TokenStream
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 SENTINEL = "@@EVALCTX_HAYSTACK@@"
 """Stands for the haystack while a template (or a chat template) is rendered; split out afterwards."""
@@ -179,7 +179,7 @@ class _Builder:
 
         The window starts at stream token 0 and ends at token ``h`` (possibly mid-sentence), whatever the depths,
         so prompts that differ only in their needles' depths share everything before the earlier needle (the
-        prefix a depth sweep reuses, evalctx/prefix_order.py). Needles at depth < 1 go at the sentence (or line)
+        prefix a depth sweep reuses, evalctx/run/prefix_order.py). Needles at depth < 1 go at the sentence (or line)
         boundary nearest their depth; needles at depth 1 go at the window's end, right before ``post``, after a
         possibly cut last sentence -- as gkamradt's needle test (trim the context, append the needle at depth 100)
         and RULER (needle after the last, possibly partial, sentence) do. :meth:`needle_insert` puts the

@@ -7,12 +7,12 @@ last position only; attention of each chunk against all keys so far runs on the 
 With ``tp > 1`` each replica is ``tp`` MPI ranks sharing one torch.distributed group and transformers' own tensor
 parallel plan (:mod:`.parallel`); every rank runs the same batch, the leader's results are kept.
 Before loading, the weights must fit; before any generation, each sample's weights + KV cache + activations must
-fit the GPU (:mod:`evalctx.memory`), else the sample is an ``unsupported`` row that says by how much.
+fit the GPU (:mod:`evalctx.capacity.memory`), else the sample is an ``unsupported`` row that says by how much.
 TTFT is the prefill time through the first generated token; latency covers decode too.
 
 With ``prefix_reuse`` the cache outlives a request: the next prompt keeps the positions it shares with the
 previous one (their common prefix of token ids, rounded down to whole chunks) and computes the rest. The runner
-orders each length's prompts so consecutive ones share the most (:mod:`evalctx.prefix_order`): an 11-depth sweep
+orders each length's prompts so consecutive ones share the most (:mod:`evalctx.run.prefix_order`): an 11-depth sweep
 then computes about 0.6x the prompt tokens. Every position is still computed in the same chunk, against the same
 keys, as in a cold prefill, so answers equal a run without reuse; a warm row's TTFT is the prefill of its suffix
 alone, and the row says so with ``n_cached_prompt_tokens`` > 0.
@@ -34,13 +34,13 @@ from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, describe, end
 from evalctx.backends.hf.memory_check import MemoryCheck
 from evalctx.backends.hf.rope import PromptRope
 from evalctx.backends.hf.support import check_engine_matches_forward, check_supported
-from evalctx.dtypes import torch_dtype_name
+from evalctx.capacity.dtypes import torch_dtype_name
 from evalctx.errors import UsageError, require_extra
-from evalctx.model_facts import SHAPE_FIELDS, rope_facts
-from evalctx.prefix_order import common_prefix
-from evalctx.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
+from evalctx.capacity.model_facts import SHAPE_FIELDS, rope_facts
+from evalctx.run.prefix_order import common_prefix
+from evalctx.capacity.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult, Sample
-from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
+from evalctx.models.tokenizer_check import check_tokenizer, own_tokenizer
 
 _DTYPES = {"auto": None, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -49,7 +49,7 @@ def _kv_format(spec: str, scale: str, model_dtype: str) -> str | None:
     """The KV cache format from the kv_dtype and kv_scale options: None for the model dtype (``model_dtype``, the
     short name, may be named too), "fp8"/"int8" (scale per token and KV head) or "fp8_tensor" (fp8, one unit scale
     per tensor); UsageError naming what to pass otherwise."""
-    from evalctx.dtypes import canonical_dtype
+    from evalctx.capacity.dtypes import canonical_dtype
 
     key = spec.strip().lower().replace("-", "_")
     if key in ("auto", "model", ""):
@@ -108,14 +108,14 @@ class HFBackend(Backend):
         default: a warm row's TTFT is not a cold prefill (its n_cached_prompt_tokens says how much was reused, and
         latency tables leave such rows out). Needs chunk_size > 0."""
         kv_dtype: str = "auto"
-        """KV cache precision: auto (the model dtype), fp8 (e4m3) or int8 (evalctx.kv_layout): to measure what a
+        """KV cache precision: auto (the model dtype), fp8 (e4m3) or int8 (evalctx.capacity.kv_layout): to measure what a
         quantized KV cache costs in accuracy (compare the run with one at auto)."""
         kv_scale: str = "token"
         """Scales of a quantized KV cache: token (one float32 scale per token and KV head, finer than the serving
         engines' schemes) or tensor (fp8 only: one unit scale per tensor, as vLLM without calibrated scales)."""
         window_kv: bool = True
         """Sliding-window and chunked-attention layers keep only the positions their window needs (Gemma 2/3,
-        gpt-oss, Mistral, Llama 4; evalctx.kv_layout); false keeps every position in every layer."""
+        gpt-oss, Mistral, Llama 4; evalctx.capacity.kv_layout); false keeps every position in every layer."""
         generation_config: str = "model"
         """How the model's generation_config.json shapes greedy decoding: "model" applies what
         ``generate(do_sample=False)`` applies (repetition_penalty) and refuses, naming it, a field evalctx cannot
@@ -141,7 +141,7 @@ class HFBackend(Backend):
         # The run has its own progress line; transformers' per-load bars would interleave with it on stderr.
         transformers.utils.logging.disable_progress_bar()
 
-        from evalctx.models import resolve_model
+        from evalctx.models.embedded import resolve_model
 
         dtype = options.dtype if options.dtype == "auto" else torch_dtype_name(options.dtype, "backend hf dtype")
         if options.chunk_size < 0:
@@ -265,7 +265,7 @@ class HFBackend(Backend):
         return (model if self.tp > 1 else model.to(self.device)).eval()
 
     def check_tokenizer(self, resolved: Any) -> None:
-        """The tokenizer that builds the prompts must be this model's (evalctx.tokenizer_check): UsageError."""
+        """The tokenizer that builds the prompts must be this model's (evalctx.models.tokenizer_check): UsageError."""
         own = own_tokenizer(resolved.path, resolved.gguf_file, self.ctx.tokenizer)
         rows = self.model.get_input_embeddings().num_embeddings
         check_tokenizer(self.ctx.tokenizer, resolved.name, rows, own, own_spec=self.ctx.model)

@@ -11,7 +11,7 @@ Each buffer is laid out position-major, (capacity, batch, kv_heads, head_dim), a
 (batch, kv_heads, positions, head_dim): the strides then do not depend on the capacity, so attention kernels that
 plan per shape and stride (cuDNN) reuse their plans across prompts of different lengths.
 
-**Windows.** A sliding-window or chunked-attention layer (:mod:`evalctx.kv_layout`) is a :class:`WindowLayer`: a
+**Windows.** A sliding-window or chunked-attention layer (:mod:`evalctx.capacity.kv_layout`) is a :class:`WindowLayer`: a
 buffer of ``W - 1 + step`` positions holding the most recent ones; when a chunk would not fit, the last W-1 are
 moved to the front. It reports the absolute offset of its first held key through ``get_mask_sizes``, as
 transformers' DynamicSlidingWindowLayer does, so the model's own sliding or chunked mask (built from absolute
@@ -44,7 +44,7 @@ class CacheFullError(RuntimeError):
 
 class _Store:
     """Position-major K and V buffers (positions, batch, heads, dim), in the model dtype, or quantized
-    (:data:`evalctx.kv_layout.QUANTIZED_KV`): "fp8"/"int8" with a float32 scale per position and head, "fp8_tensor"
+    (:data:`evalctx.capacity.kv_layout.QUANTIZED_KV`): "fp8"/"int8" with a float32 scale per position and head, "fp8_tensor"
     with one scale of 1 for the whole tensor (values saturate at +-448)."""
 
     def __init__(self, size: int, key_states: Any, value_states: Any, kv_dtype: str | None) -> None:
@@ -318,10 +318,10 @@ class WindowLayer(PreallocatedLayer):
 
 def model_windows(config: Any) -> tuple[int | None, ...] | None:
     """Per decoder layer of a transformers ``config``, its attention window (None: full), as
-    :func:`evalctx.kv_layout.layer_windows` reads it, when transformers' own reading
+    :func:`evalctx.capacity.kv_layout.layer_windows` reads it, when transformers' own reading
     (``get_layer_types_and_kwargs``, which its DynamicCache and masks follow, where the release has it) agrees;
     None otherwise (every layer kept whole: never a window the model's mask does not apply)."""
-    from evalctx.kv_layout import layer_windows
+    from evalctx.capacity.kv_layout import layer_windows
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     ours = layer_windows(text.to_dict())
@@ -344,14 +344,14 @@ class PreallocatedCache(Cache):
     """A :class:`transformers.Cache` for ``batch`` sequences of up to ``capacity`` positions each: one layer per
     decoder layer, :class:`PreallocatedLayer` for full attention and :class:`WindowLayer` where ``layers`` gives a
     window (``layers``: an int for that many full layers, or per layer None or the window, as
-    :func:`evalctx.kv_layout.layer_windows` returns). ``step``: the longest query (the prefill chunk; 0 = the
+    :func:`evalctx.capacity.kv_layout.layer_windows` returns). ``step``: the longest query (the prefill chunk; 0 = the
     whole prompt, which keeps every layer whole); ``reuse_every``: the prefix-reuse granularity (0 = no reuse);
     ``kv_dtype``: None (the model dtype), "fp8" or "int8". Buffers are allocated on each layer's first update
     (then the device, dtype and this rank's KV heads under tensor parallelism are known)."""
 
     def __init__(self, layers: int | Sequence[int | None], capacity: int, batch: int, *, step: int = 0,
                  reuse_every: int = 0, kv_dtype: str | None = None) -> None:
-        from evalctx.kv_layout import window_positions
+        from evalctx.capacity.kv_layout import window_positions
 
         windows: Sequence[int | None] = [None] * layers if isinstance(layers, int) else layers
         made: list[PreallocatedLayer] = []

@@ -112,7 +112,7 @@ def build(family: Family, dest: Path, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars: noise in a matrix's output
     torch.manual_seed(seed)

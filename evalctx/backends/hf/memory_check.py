@@ -1,5 +1,5 @@
 """The hf backend's memory preflight: whether the weights, and then each sample's KV cache and activations, fit
-one device of the replica, decided from the configuration and :mod:`evalctx.memory`'s arithmetic alone (every rank
+one device of the replica, decided from the configuration and :mod:`evalctx.capacity.memory`'s arithmetic alone (every rank
 decides the same), with the numbers and what would fit."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class MemoryCheck:
                  windows: Any = None, reuse_every: int = 0) -> None:
         import torch
 
-        from evalctx.plan import GB, shape_from_hf
+        from evalctx.capacity.plan import GB, shape_from_hf
 
         self.torch = torch
         self.device = device
@@ -54,7 +54,7 @@ class MemoryCheck:
         return self.shape is not None and self.capacity is not None
 
     def memory(self, tokens: int, batch: int = 1, tp: int | None = None) -> Any:
-        from evalctx.memory import hf_rank_memory
+        from evalctx.capacity.memory import hf_rank_memory
 
         return hf_rank_memory(self.shape, tokens, chunk=self.chunk_size, batch=batch, tp=tp or self.tp,
                               dtype=self.dtype, attention=self.attention, **self.kv)
@@ -69,7 +69,7 @@ class MemoryCheck:
         return f"at {n:,} positions: {self.memory(n).layout_text()}"
 
     def capacity_text(self) -> str:
-        from evalctx.plan import GB
+        from evalctx.capacity.plan import GB
 
         return f"{self.memory_gb:g} GB (memory_gb)" if self.memory_gb else \
             f"{self.capacity / GB:.1f} GB on {self.torch.cuda.get_device_name(self.device)}"
@@ -94,7 +94,7 @@ class MemoryCheck:
 
     def reason(self, prompt: int, budget: int) -> str | None:
         """Why ``prompt`` tokens plus ``budget`` new ones do not fit (with what would), or None when they do."""
-        from evalctx.memory import longest_fitting
+        from evalctx.capacity.memory import longest_fitting
 
         mem = self.memory(prompt + budget)
         if mem.fits(self.capacity):
@@ -117,6 +117,6 @@ class MemoryCheck:
         return b
 
     def describe(self) -> str:
-        from evalctx.plan import GB
+        from evalctx.capacity.plan import GB
 
         return self.note or f"on: {self.capacity / GB:.1f} GB per device"

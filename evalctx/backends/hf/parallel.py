@@ -1,6 +1,6 @@
 """Tensor parallelism for the hf backend: one torch.distributed process group per replica, transformers' tp plan.
 
-evalctx's MPI world is R replicas x K ranks (:mod:`evalctx.dist`). Each replica's K ranks form their own
+evalctx's MPI world is R replicas x K ranks (:mod:`evalctx.run.dist`). Each replica's K ranks form their own
 torch.distributed default group (world size K, rank = rank in the replica): transformers' ``tp_plan="auto"``
 shards over the default group's whole world, so a group per replica is what lets ``mpirun -n 4 ...
 --backend-opt tp=2`` run two independent 2-way replicas. The replica leader opens the rendezvous store on a free

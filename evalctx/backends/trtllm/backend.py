@@ -21,11 +21,11 @@ from evalctx.backends.trtllm import lora
 from evalctx.backends.trtllm.launch import Placement, check_visible, executor_device, place
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
-from evalctx.engine_config import EngineConfig, load_engine_config
+from evalctx.capacity.engine_config import EngineConfig, load_engine_config
 from evalctx.errors import UsageError, require_extra
-from evalctx.preflight import EngineLimits, SampleLike, check, limits_from_engine, preflight
+from evalctx.capacity.preflight import EngineLimits, SampleLike, check, limits_from_engine, preflight
 from evalctx.records import GenerationRequest, GenerationResult
-from evalctx.tokenizer_check import check_tokenizer
+from evalctx.models.tokenizer_check import check_tokenizer
 
 log = logging.getLogger("evalctx.backends.trtllm")
 _ABANDONED: list[Any] = []
@@ -222,7 +222,7 @@ class TRTLLMBackend(Backend):
     def _load_tokenizer(self) -> Any:
         if not self.options.tokenizer_dir:
             raise UsageError("backend trtllm needs a tokenizer: pass --tokenizer DIR")
-        from evalctx.tokenizer import load_tokenizer
+        from evalctx.models.tokenizer import load_tokenizer
 
         return load_tokenizer(self.options.tokenizer_dir)
 

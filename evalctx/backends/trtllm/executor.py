@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from evalctx.backends.trtllm.launch import Placement
 from evalctx.backends.trtllm.outputs import one_line
-from evalctx.engine_config import EngineConfig
+from evalctx.capacity.engine_config import EngineConfig
 from evalctx.errors import UsageError
 
 log = logging.getLogger("evalctx.backends.trtllm")

@@ -40,8 +40,8 @@ from evalctx.backends.trtllm.executor import WINDOW_ADVICE
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
-from evalctx.kv_layout import layer_windows
-from evalctx.preflight import EngineLimits, SampleLike, check, limits_from_hf_config, preflight
+from evalctx.capacity.kv_layout import layer_windows
+from evalctx.capacity.preflight import EngineLimits, SampleLike, check, limits_from_hf_config, preflight
 from evalctx.records import GenerationRequest, GenerationResult
 
 log = logging.getLogger("evalctx.backends.trtllm")
@@ -143,8 +143,8 @@ class TRTLLMAPIBackend(Backend):
         self._resolve_kv_capacity()
 
     def _check_tokenizer(self, spec: str | None) -> None:
-        """Before the LLM loads: the tokenizer must be the checkpoint's (evalctx.tokenizer_check), as for hf."""
-        from evalctx.tokenizer_check import check_tokenizer, own_tokenizer
+        """Before the LLM loads: the tokenizer must be the checkpoint's (evalctx.models.tokenizer_check), as for hf."""
+        from evalctx.models.tokenizer_check import check_tokenizer, own_tokenizer
 
         if self.tokenizer is None or self.checkpoint_config is None:
             return
@@ -231,7 +231,7 @@ class TRTLLMAPIBackend(Backend):
         without that either the run is refused.
 
         Several window sizes (VSWA: Gemma 2/3, gpt-oss, ...; read from the checkpoint's config by
-        :func:`evalctx.kv_layout.layer_windows`): TensorRT-LLM gives each window size its own pool, splitting the
+        :func:`evalctx.capacity.kv_layout.layer_windows`): TensorRT-LLM gives each window size its own pool, splitting the
         memory between them (``calculate_max_num_blocks_for_vswa``) and ignoring ``max_tokens``, and
         ``maxNumBlocks`` -- in the iteration stats and in ``get_kv_cache_capacity()`` alike -- is the sum over the
         pools (``BlockManager::getMaxNumBlocks``), more than the full-attention layers' pool holds. A sequence is
@@ -585,6 +585,6 @@ def _hf_config(model_dir: str) -> dict[str, Any] | None:
         data = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    from evalctx.engine_config import is_engine_config
+    from evalctx.capacity.engine_config import is_engine_config
 
     return data if isinstance(data, dict) and not is_engine_config(data) else None

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evalctx.engine_config import EngineConfig
+from evalctx.capacity.engine_config import EngineConfig
 from evalctx.errors import UsageError
 
 

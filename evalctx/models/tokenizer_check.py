@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from evalctx.errors import UsageError
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 PROBE = ("There is an important info hidden inside a lot of irrelevant text. The pass key is 40213. Remember it. "
          "One of the special magic numbers for quiet-harbor is: 9876543.\n\nWhat is the pass key? "
@@ -86,6 +86,6 @@ def own_tokenizer(folder: Path, gguf_file: str | None, given: Tokenizer) -> Toke
     if not gguf_file and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
                                                                    "tokenizer.model")):
         return None
-    from evalctx.tokenizer import HFTokenizer
+    from evalctx.models.tokenizer import HFTokenizer
 
     return HFTokenizer(folder, gguf_file=gguf_file)

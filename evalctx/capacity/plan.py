@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from evalctx.dtypes import canonical_dtype
-from evalctx.engine_config import EngineConfig, is_engine_config, parse_engine_config
+from evalctx.capacity.dtypes import canonical_dtype
+from evalctx.capacity.engine_config import EngineConfig, is_engine_config, parse_engine_config
 from evalctx.errors import UsageError
 
 GB = 1e9
@@ -45,7 +45,7 @@ DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's default (1.x BuildConfig)
 
 
 def dtype_bytes(dtype: str | float, allowed: tuple[str, ...] = WEIGHT_DTYPES) -> float:
-    """Bytes per element; ``dtype`` in any standard spelling (``float16``, ``fp16``, ``half``, see evalctx.dtypes)."""
+    """Bytes per element; ``dtype`` in any standard spelling (``float16``, ``fp16``, ``half``, see evalctx.capacity.dtypes)."""
     if isinstance(dtype, (int, float)):
         return float(dtype)
     return DTYPE_BYTES[canonical_dtype(dtype, allowed)]

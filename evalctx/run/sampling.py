@@ -15,7 +15,7 @@ from typing import Any
 from evalctx.config import Suite, TaskSpec, check_entry_names
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
-from evalctx.tokenizer import Tokenizer
+from evalctx.models.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,18 @@
 """Memory per GPU of one rank of a tensor-parallel replica running chunked prefill: weights + KV cache + activations.
 
-The arithmetic is engine-agnostic (a :class:`~evalctx.plan.ModelShape`, a dtype, tp, a chunk and the tokens the
+The arithmetic is engine-agnostic (a :class:`~evalctx.capacity.plan.ModelShape`, a dtype, tp, a chunk and the tokens the
 cache must hold in, bytes out); what differs between engines is which buffers stay live while one chunk runs,
 passed as :class:`Activations`. The hf backend's preflight and ``evalctx plan --backend hf`` call it, so what the
 planner prints is what the backend decides. (The TensorRT-LLM activation model still lives in
-:func:`evalctx.plan.activation_bytes`; ``plan()`` keeps its ``kv_cache_free_gpu_memory_fraction`` logic.)
+:func:`evalctx.capacity.plan.activation_bytes`; ``plan()`` keeps its ``kv_cache_free_gpu_memory_fraction`` logic.)
 
 Per rank, for a batch of ``b`` sequences of ``tokens`` positions (prompt plus generation budget), tp ``K``:
 
 * **weights**: the attention and MLP matrices split over K (transformers' tp plan for Llama-style models:
   q/k/v/gate/up column-wise, o/down row-wise); the embedding table and norms replicated on every rank; lm_head
-  split column-wise (its output is gathered). Same layout as :func:`evalctx.plan.rank_memory` at pp=1.
+  split column-wise (its output is gathered). Same layout as :func:`evalctx.capacity.plan.rank_memory` at pp=1.
 * **KV cache**: preallocated for ``b x tokens`` positions, ``2 x layers x ceil(kv_heads/K) x head_dim`` elements each,
-  in full-attention layers; sliding-window and chunked layers hold their window (:mod:`evalctx.kv_layout`, which
+  in full-attention layers; sliding-window and chunked layers hold their window (:mod:`evalctx.capacity.kv_layout`, which
   also gives the bytes of fp8/int8 elements and their scales). A quantized cache is read back one layer at a time
   in the model dtype, through float32 where scaled: ``2 x b x tokens x ceil(kv_heads/K) x head_dim x (a + 4)``
   bytes more at the peak (``a`` alone for fp8_tensor).
@@ -37,9 +37,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from evalctx.dtypes import canonical_dtype
-from evalctx.kv_layout import QUANTIZED_KV, SCALED_KV, kv_groups
-from evalctx.plan import GB, KV_DTYPES, ModelShape, rank_memory
+from evalctx.capacity.dtypes import canonical_dtype
+from evalctx.capacity.kv_layout import QUANTIZED_KV, SCALED_KV, kv_groups
+from evalctx.capacity.plan import GB, KV_DTYPES, ModelShape, rank_memory
 
 DEFAULT_RESERVE_GB = 2.0
 """CUDA context (~0.5 GB), cuBLAS and NCCL workspaces, and allocator fragmentation."""
@@ -61,7 +61,7 @@ class HFMemory:
     reserve: int
     kv_dtype: str = "bf16"
     kv_groups: tuple = ()
-    """The KV cache by layer kind (:class:`evalctx.kv_layout.LayerGroup`), full layers first."""
+    """The KV cache by layer kind (:class:`evalctx.capacity.kv_layout.LayerGroup`), full layers first."""
 
     @property
     def total(self) -> int:
@@ -113,7 +113,7 @@ def hf_rank_memory(shape: ModelShape, tokens: int, *, chunk: int, batch: int = 1
 
     ``chunk`` 0 means the whole prompt in one step; a chunk longer than ``tokens`` is cut to it. ``dtype`` is the
     weights' (fp32, fp16, bf16); ``kv_dtype`` the KV cache's (default: ``dtype``; or fp8, int8). ``windows``: per
-    layer None or its attention window (:func:`evalctx.kv_layout.layer_windows`; default: every layer full);
+    layer None or its attention window (:func:`evalctx.capacity.kv_layout.layer_windows`; default: every layer full);
     ``reuse_every``: the prefix-reuse granularity (0 = none). Raises :class:`~evalctx.errors.UsageError` for an
     unknown dtype.
     """

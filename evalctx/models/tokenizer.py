@@ -125,7 +125,7 @@ class HFTokenizer:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UsageError(f"tokenizer directory not found: {self.path} (pass --tokenizer DIR with tokenizer files)")
-        from evalctx.fingerprint import TOKENIZER_FILES
+        from evalctx.models.fingerprint import TOKENIZER_FILES
 
         if not gguf_file and not any((self.path / n).is_file() for n in TOKENIZER_FILES):
             raise UsageError(f"{self.path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
@@ -257,7 +257,7 @@ class HFTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def fingerprint(self) -> str:
-        from evalctx.fingerprint import TOKENIZER_FILES
+        from evalctx.models.fingerprint import TOKENIZER_FILES
 
         h = hashlib.sha1()
         for name in TOKENIZER_FILES:  # chat templates too: they decide chat-mode prompts
@@ -276,7 +276,7 @@ class HFTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """The template over ``messages`` with the generation prompt. With :attr:`chat_date` set, templates that
         write today's date (Llama 3.x's ``strftime_now``) write that date instead, so a prompt does not change with
-        the day it is built on (:mod:`evalctx.chat_identity`)."""
+        the day it is built on (:mod:`evalctx.models.chat_identity`)."""
         if not self.has_chat_template():
             raise UsageError(f"tokenizer {self.path} has no chat template: use prompt_mode = \"raw\"")
         extra = self._pin_date()
@@ -310,7 +310,7 @@ def load_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
         return ByteTokenizer()
     if s == "byte-chat":
         return ByteTokenizer(chat=True)
-    from evalctx.models import resolve_model
+    from evalctx.models.embedded import resolve_model
 
     resolved = resolve_model(s)
     return HFTokenizer(resolved.path, gguf_file=resolved.gguf_file)

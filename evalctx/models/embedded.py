@@ -12,7 +12,7 @@ from pathlib import Path
 
 from evalctx.errors import UsageError
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from evalctx.engine_config import EngineConfig
+from evalctx.capacity.engine_config import EngineConfig
 
 
 class SampleLike(Protocol):

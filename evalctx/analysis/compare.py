@@ -51,7 +51,7 @@ from typing import Any
 import pandas as pd
 
 from evalctx.results.summary import warm_rows
-from evalctx.stats import newcombe_interval
+from evalctx.analysis.stats import newcombe_interval
 
 CELL = ["task", "context_length", "depth"]
 LENGTH = ["task", "context_length"]
@@ -135,7 +135,7 @@ class CompareResult:
     problems: list[str] = field(default_factory=list)
     """Why the gate cannot pass whatever the cells say (nothing compared, a run that did not finish); each fails it."""
     differences: list[Any] = field(default_factory=list)
-    """:class:`evalctx.comparability.Difference` of the two runs besides their cells (settings compared across
+    """:class:`evalctx.analysis.comparability.Difference` of the two runs besides their cells (settings compared across
     with ``--allow-different``, and the system under test), set by the caller that read the manifests."""
     errors: dict[str, Any] = field(default_factory=dict)
     """Run-level error rates over the cells both runs have: ``base_rate``, ``cand_rate``, ``base_errors``,
@@ -173,7 +173,7 @@ class CompareResult:
     def to_markdown(self, only_notable: bool = False) -> str:
         """The headline, the test settings and a Markdown table (all cells, or only those not ``ok``)."""
         t = self.table if not only_notable else self.table[self.table["verdict"] != "ok"]
-        from evalctx.comparability import lines as difference_lines
+        from evalctx.analysis.comparability import lines as difference_lines
 
         lines = [f"**{self.headline()}**", "", self.settings(), ""]
         if self.differences:
@@ -199,7 +199,7 @@ class CompareResult:
 
 
 def _as_dicts(diffs: list[Any]) -> list[dict[str, Any]]:
-    from evalctx.comparability import as_dicts
+    from evalctx.analysis.comparability import as_dicts
 
     return as_dicts(diffs)
 
@@ -217,7 +217,7 @@ def _delta(d: Any, lo: Any, hi: Any) -> str:
 
 def display_table(t: pd.DataFrame) -> pd.DataFrame:
     """The table as short strings for Markdown/HTML: accuracy with n, ratios as x1.23."""
-    from evalctx.analysis import length_label
+    from evalctx.analysis.runs import length_label
 
     def acc(a: Any, n: Any) -> str:
         if pd.isna(n):

@@ -21,23 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from evalctx import chat_identity, redact
+from evalctx import redact
+
+from evalctx.models import chat_identity
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
 from evalctx.config import Suite, config_hash
-from evalctx.dist import TAG_DONE, TAG_PROGRESS, World, init_world
+from evalctx.run.dist import TAG_DONE, TAG_PROGRESS, World, init_world
 from evalctx.errors import LengthError, RefusedBeforeWork, RunFailed, UsageError
-from evalctx.fingerprint import changed_files, model_fingerprint
-from evalctx.interrupts import signal_name
-from evalctx.limits import check_suite
-from evalctx.prefix_order import order_by_prefix, prefix_windows
-from evalctx.preflight import EngineLimits, window_flags
-from evalctx.progress import Progress
+from evalctx.models.fingerprint import changed_files, model_fingerprint
+from evalctx.run.interrupts import signal_name
+from evalctx.capacity.limits import check_suite
+from evalctx.run.prefix_order import order_by_prefix, prefix_windows
+from evalctx.capacity.preflight import EngineLimits, window_flags
+from evalctx.run.progress import Progress
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
 from evalctx.results import lock, prompts, rundir
-from evalctx.sampling import SampleBuilder, SampleSpec
-from evalctx.scoring import get_scorer
-from evalctx.status import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INCOMPLETE, INTERRUPTED, RUNNING
-from evalctx.tokenizer import Tokenizer, load_tokenizer
+from evalctx.run.sampling import SampleBuilder, SampleSpec
+from evalctx.tasks.scoring import get_scorer
+from evalctx.run.status import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INCOMPLETE, INTERRUPTED, RUNNING
+from evalctx.models.tokenizer import Tokenizer, load_tokenizer
 
 
 S = TypeVar("S", SampleSpec, Sample)
@@ -529,7 +531,7 @@ class Runner:
 
         try:
             # Each window's prompts are built first and run in the order of their token ids, so that consecutive
-            # prompts share the longest prefix (evalctx.prefix_order): KV caches that keep it (hf prefix_reuse,
+            # prompts share the longest prefix (evalctx.run.prefix_order): KV caches that keep it (hf prefix_reuse,
             # servers' prefix caches) compute only what differs.
             for window in prefix_windows(mine):
                 samples, unbuilt = self._build(window, extra)

@@ -60,7 +60,7 @@ def model_fingerprint(spec: str | None) -> dict[str, Any] | None:
     or None when it names none (an http server's model name): then the name alone is the identity."""
     if not spec:
         return None
-    from evalctx.models import local_model_dir
+    from evalctx.models.embedded import local_model_dir
 
     folder = local_model_dir(spec)
     if folder is None:
