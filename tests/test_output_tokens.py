@@ -10,7 +10,7 @@ import pytest
 
 from evalctx.cli import main
 from evalctx.records import GenerationResult, Sample
-from evalctx.run.runner import make_record
+from evalctx.run.rows import make_record
 from evalctx.models.tokenizer import load_tokenizer
 
 SUITE = """

@@ -67,7 +67,7 @@ def test_latency_plot_says_which_rows_it_pools() -> None:
 def test_a_warm_rows_prefill_rate_counts_the_tokens_it_computed(cached: int | None, rate: float) -> None:
     """A warm row's TTFT timed its 1024-token suffix: 4096 tokens over it would read as a 4x faster prefill."""
     from evalctx.records import GenerationResult, Sample
-    from evalctx.run.runner import make_record
+    from evalctx.run.rows import make_record
 
     sample = Sample(id="s", task="passkey", context_length=4096, depth=0.75, seed=0, prompt="p",
                     prompt_ids=[1] * 4096, target=["7"], needle_token_index=3072, max_new_tokens=4)

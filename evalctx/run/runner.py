@@ -10,39 +10,34 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import getpass
-import hashlib
 import os
-import platform
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any
 
 from evalctx import redact
-
-from evalctx.models import chat_identity
 from evalctx.backends.base import Backend, BackendContext, backend_class, parse_options
-from evalctx.config import Suite, config_hash
-from evalctx.run.dist import TAG_DONE, TAG_PROGRESS, World, init_world
-from evalctx.errors import LengthError, RefusedBeforeWork, RunFailed, UsageError
-from evalctx.models.fingerprint import changed_files, model_fingerprint
-from evalctx.run.interrupts import signal_name
 from evalctx.capacity.limits import check_suite
-from evalctx.run.prefix_order import order_by_prefix, prefix_windows
-from evalctx.capacity.preflight import EngineLimits, window_flags
-from evalctx.run.progress import Progress
-from evalctx.records import SCHEMA_VERSION, GenerationRequest, GenerationResult, Sample, SampleRecord
-from evalctx.results import lock, prompts, rundir
-from evalctx.run.sampling import SampleBuilder, SampleSpec
-from evalctx.tasks.scoring import get_scorer
-from evalctx.run.status import COMPLETE, COMPLETE_WITH_ERRORS, FAILED, INCOMPLETE, INTERRUPTED, RUNNING
+from evalctx.config import Suite, config_hash
+from evalctx.errors import LengthError, RefusedBeforeWork, RunFailed, UsageError
+from evalctx.models import chat_identity
+from evalctx.models.fingerprint import changed_files, model_fingerprint
 from evalctx.models.tokenizer import Tokenizer, load_tokenizer
-
-
-S = TypeVar("S", SampleSpec, Sample)
+from evalctx.records import SCHEMA_VERSION, GenerationRequest, Sample
+from evalctx.results import lock, prompts, rundir
+from evalctx.run.closing import close_run
+from evalctx.run.dist import TAG_DONE, TAG_PROGRESS, World, init_world
+from evalctx.run.environment import git_sha, gpus, versions
+from evalctx.run.interrupts import signal_name
+from evalctx.run.prefix_order import order_by_prefix, prefix_windows
+from evalctx.run.progress import Progress
+from evalctx.run.rows import make_record, unsupported_record
+from evalctx.run.sampling import SampleBuilder, SampleSpec
+from evalctx.run.schedule import batches, shard
+from evalctx.run.status import FAILED, INTERRUPTED, RUNNING
 
 
 class IdentityChanged(RefusedBeforeWork):
@@ -81,116 +76,6 @@ class RunOutcome:
     status: str
     summary: Any = None
     """pandas DataFrame (rank 0 only)."""
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("evalctx", "numpy", "pandas", "pyarrow", "torch", "transformers", "tokenizers", "mpi4py",
-                "tensorrt_llm"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _gpus() -> list[str]:
-    torch = sys.modules.get("torch")  # only if a backend already imported it: never import torch for this
-    if torch is None or not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-
-
-def shard(specs: Sequence[SampleSpec], n_replicas: int) -> list[list[SampleSpec]]:
-    """Longest-processing-time-first: each spec goes to the replica with the fewest tokens so far; within a replica
-    the longest prompts run first so an out-of-memory shows up at once."""
-    loads = [0] * n_replicas
-    shards: list[list[SampleSpec]] = [[] for _ in range(n_replicas)]
-    for s in sorted(specs, key=lambda s: (-s.context_length, s.id)):
-        r = min(range(n_replicas), key=lambda i: (loads[i], i))
-        shards[r].append(s)
-        loads[r] += s.context_length + s.max_new_tokens
-    return shards
-
-
-def batches(specs: Sequence[S], batch_size: int) -> list[list[S]]:
-    """Consecutive specs (or samples) of equal length and budget, at most ``batch_size`` each (equal lengths need no
-    padding)."""
-    out: list[list[S]] = []
-    for s in specs:
-        if out and len(out[-1]) < batch_size and out[-1][0].context_length == s.context_length \
-                and out[-1][0].max_new_tokens == s.max_new_tokens:
-            out[-1].append(s)
-        else:
-            out.append([s])
-    return out
-
-
-def short_budget(sample: Sample, res: GenerationResult) -> bool:
-    """The budget cannot hold this sample's answer and the output was not stopped by the model (EOS) before it."""
-    need = sample.meta.get("answer_tokens")
-    return isinstance(need, int) and sample.max_new_tokens < need and res.finish_reason != "stop"
-
-
-def make_record(run_id: str, sample: Sample, res: GenerationResult, replica: int, extra: dict[str, Any],
-                limits: EngineLimits | None = None) -> dict:
-    status = "error" if res.error is not None or res.text is None else "ok"
-    flags = list(res.flags)
-    if status == "ok":
-        flags += ["short_budget"] if short_budget(sample, res) else []
-        flags += window_flags(len(sample.prompt_ids), sample.max_new_tokens, limits)
-    sc = get_scorer(sample.scorer)(res.text, sample.target) if status == "ok" else None
-    # Tokens the prefill computed: a warm row's TTFT timed only the suffix after its cached prefix, so the whole
-    # prompt over that time would read as a prefill several times faster than the model's.
-    computed = len(sample.prompt_ids) - (res.n_cached_prompt_tokens or 0)
-    prefill_tps = computed / res.ttft_s if res.ttft_s else None
-    decode_tps = None
-    # Decode steps: every generated token after the first, prefill's; an answer that stopped on EOS took one more
-    # step for that EOS, which n_output_tokens does not count.
-    steps = (res.n_output_tokens or 0) - 1 + (res.finish_reason == "stop")
-    if res.latency_s and res.ttft_s is not None and steps > 0 and res.latency_s > res.ttft_s:
-        decode_tps = steps / (res.latency_s - res.ttft_s)
-    meta = {f"meta_{k}": v for k, v in sample.meta.items() if isinstance(v, (str, int, float, bool))}
-    rec = SampleRecord(
-        run_id=run_id, sample_id=sample.id, task=sample.task, context_length=sample.context_length,
-        depth=sample.depth, depth_actual=sample.depth_actual, seed=sample.seed, prompt_mode=sample.prompt_mode,
-        needle_token_index=sample.needle_token_index, target=list(sample.target),
-        completion=None if res.text is None else redact.mask_text(res.text),
-        extracted=sc.extracted if sc else None, score=sc.value if sc else None, status=status,
-        n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=res.n_output_tokens, latency_s=res.latency_s,
-        ttft_s=res.ttft_s, prefill_tokens_per_s=prefill_tps, decode_tokens_per_s=decode_tps,
-        batch_size=res.batch_size, finish_reason=res.finish_reason, peak_memory_bytes=res.peak_memory_bytes,
-        error=None if res.error is None else redact.mask_text(res.error),
-        prompt_sha1=hashlib.sha1(sample.prompt.encode("utf-8")).hexdigest(),
-        scorer=sample.scorer, max_new_tokens=sample.max_new_tokens, replica=replica, finished_at=time.time(),
-        n_cached_prompt_tokens=res.n_cached_prompt_tokens, flags=flags, task_type=sample.task_type,
-        task_options=sample.task_options, extra={**extra, **meta},
-    )
-    return rec.to_row()
-
-
-def unsupported_record(run_id: str, spec: SampleSpec, reason: str, extra: dict[str, Any]) -> dict:
-    rec = SampleRecord(
-        run_id=run_id, sample_id=spec.id, task=spec.task, context_length=spec.context_length, depth=spec.depth,
-        depth_actual=None, seed=spec.seed, prompt_mode=spec.prompt_mode, needle_token_index=-1, target=[],
-        completion=None, extracted=None, score=None, status="unsupported", n_prompt_tokens=None,
-        n_output_tokens=None, latency_s=None, ttft_s=None, prefill_tokens_per_s=None, decode_tokens_per_s=None,
-        batch_size=None, finish_reason=None, peak_memory_bytes=None, error=reason, prompt_sha1="", scorer="",
-        max_new_tokens=spec.max_new_tokens, replica=-1, finished_at=time.time(), task_type=spec.task_type,
-        task_options=spec.task_options, extra=dict(extra),
-    )
-    return rec.to_row()
 
 
 class Runner:
@@ -325,11 +210,11 @@ class Runner:
             "chat_template": self.chat_template,
             "identity": self.identity,
             "model_fingerprint": self.model_fingerprint,
-            "versions": _versions(),
-            "git_sha": _git_sha(),
+            "versions": versions(),
+            "git_sha": git_sha(),
             "host": socket.gethostname(),
             "user": getpass.getuser(),
-            "gpus": _gpus(),
+            "gpus": gpus(),
             "world": {"size": self.world.size, "replicas": self.world.n_replicas,
                       "ranks_per_replica": self.world.ranks_per_replica},
             "batch_size": self.batch_size,
@@ -598,34 +483,7 @@ class Runner:
         return [make_record(self.run_id, s, r, w.replica, extra, limits) for s, r in zip(samples, results)]
 
     def _finish(self, backend: Backend, created_at: str, n_new: int) -> RunOutcome:
-        import pandas as pd
-
-        from evalctx.records import record_fields
-        from evalctx.results.summary import summarize
-
-        rows = self._journal_rows()
-        wanted = {s.id for s in self.specs}
-        df = pd.DataFrame([r for sid, r in rows.items() if sid in wanted])
-        if df.empty:
-            df = pd.DataFrame(columns=record_fields())
-        df = df.sort_values(["task", "context_length", "depth", "sample_id"]).reset_index(drop=True)
-        if len(df):
-            # One run, one label: a resume under another --label (same --run-id, same configuration) renames the
-            # run; rows of the earlier attempts would otherwise keep the old one and split the run in reports.
-            df["label"] = self.label
-        missing = len(wanted) - len(df)
-        n_error = int((df["status"] == "error").sum()) if len(df) else 0
-        error_rate = n_error / len(wanted) if wanted else 0.0
-        if missing:
-            status = INCOMPLETE
-        else:
-            status = COMPLETE_WITH_ERRORS if error_rate > self.cfg.max_error_rate else COMPLETE
-        rundir.atomic_write_parquet(df, self.run_dir / rundir.RESULTS)
-        summary = summarize(df)
-        rundir.atomic_write_text(self.run_dir / rundir.SUMMARY, summary.to_csv(index=False))
-        manifest = self._manifest(backend, status, created_at)
-        manifest["counts"] = {k: int(v) for k, v in df["status"].value_counts().items()} if len(df) else {}
-        manifest["error_rate"] = error_rate
-        manifest["max_error_rate"] = self.cfg.max_error_rate
-        rundir.write_manifest(self.run_dir, manifest)
+        status, summary = close_run(self.run_dir, self._journal_rows(), {s.id for s in self.specs}, self.label,
+                                    self.cfg.max_error_rate,
+                                    lambda status: self._manifest(backend, status, created_at))
         return RunOutcome(self.run_dir, len(self.specs), n_new, status, summary)
