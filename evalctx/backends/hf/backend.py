@@ -21,26 +21,25 @@ alone, and the row says so with ``n_cached_prompt_tokens`` > 0.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from evalctx.backends.base import Backend, BackendContext
-from evalctx.backends.hf.cache import model_windows
 from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels, plain_causal,
                                            register_lower_right_sdpa)
-from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, describe, end_ids
+from evalctx.backends.hf.cache import model_windows
+from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, decode, describe, end_ids
 from evalctx.backends.hf.memory_check import MemoryCheck
 from evalctx.backends.hf.rope import PromptRope
 from evalctx.backends.hf.support import check_engine_matches_forward, check_supported
 from evalctx.capacity.dtypes import torch_dtype_name
-from evalctx.errors import UsageError, require_extra
 from evalctx.capacity.model_facts import SHAPE_FIELDS, rope_facts
-from evalctx.run.prefix_order import common_prefix
 from evalctx.capacity.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
-from evalctx.records import GenerationRequest, GenerationResult, Sample
+from evalctx.errors import UsageError, require_extra
 from evalctx.models.tokenizer_check import check_tokenizer, own_tokenizer
+from evalctx.records import GenerationRequest, GenerationResult
+from evalctx.run.prefix_order import common_prefix
 
 _DTYPES = {"auto": None, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -429,49 +428,11 @@ class HFBackend(Backend):
         return results
 
     def _decode(self, cache: Any, stepper: GreedyStepper, next_tok: Any, max_new: int) -> list[Any]:
-        """Greedy decode until every sequence has ended or ``max_new`` tokens exist (the first included).
-
-        On CUDA the end check reads the flag of the token before the newest one, which is ready without waiting
-        for the step in flight: the host queues step k+1 while the GPU runs step k, at the cost of at most one
-        step past the end (its token is cut with everything after the end token). Every rank of a tp replica
-        sees the same gathered logits, so all take the same number of steps.
-        """
-        torch = self.torch
-        generated = [next_tok]
-        eos = None
-        if self.eos_ids and not self.options.ignore_eos:
-            eos = torch.tensor(sorted(self.eos_ids), device=self.device)
-        lag = 1 if self.device.type == "cuda" else 0
-        flags: list[tuple[Any, Any]] = []
-        done = torch.zeros(next_tok.shape[0], dtype=torch.bool, device=self.device)
-        for _ in range(max_new - 1):
-            if eos is not None:
-                done |= torch.isin(next_tok, eos)
-                flags.append(self._flag(done.all()))
-                if len(flags) > lag and self._read(flags[-1 - lag]):
-                    break
-            outp = self.model(input_ids=next_tok[:, None], use_cache=True, logits_to_keep=1,
-                              **{self._cache_kw: cache})
-            next_tok = stepper.next_tokens(outp.logits[:, -1, :])
-            generated.append(next_tok)
-        return generated
-
-    def _flag(self, value: Any) -> tuple[Any, Any]:
-        """Start copying a 0-d bool tensor to the host; on CUDA without waiting for it."""
-        if self.device.type != "cuda":
-            return None, value
-        host = self.torch.empty((), dtype=self.torch.bool, pin_memory=True)
-        host.copy_(value, non_blocking=True)
-        event = self.torch.cuda.Event()
-        event.record()
-        return event, host
-
-    @staticmethod
-    def _read(flag: tuple[Any, Any]) -> bool:
-        event, value = flag
-        if event is not None:
-            event.synchronize()
-        return bool(value)
+        """Greedy decode after the prefill's token (:func:`.greedy.decode`)."""
+        ends = set() if self.options.ignore_eos else self.eos_ids
+        return decode(lambda ids: self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                             **{self._cache_kw: cache}).logits[:, -1, :],
+                      stepper, next_tok, max_new, ends)
 
     # ------------------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ Upstream: ``GenerationMixin._get_logits_processor`` in transformers' ``generatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from evalctx.errors import UsageError
 
@@ -145,3 +145,53 @@ class GreedyStepper:
 def describe(rules: GreedyRules) -> str:
     """One line for the manifest: the processors that apply to greedy decoding."""
     return f"greedy ({', '.join(rules.applied) if rules.applied else 'plain argmax'})"
+
+
+def decode(step: Callable[[Any], Any], stepper: GreedyStepper, next_tok: Any, max_new: int,
+           ends: set[int]) -> list[Any]:
+    """Greedy decode until every sequence has ended on one of ``ends`` or ``max_new`` tokens exist (``next_tok``,
+    the prefill's, included). ``step(ids)`` runs the model on (batch, 1) ids and returns the (batch, vocab) logits.
+    Returns the tokens per step, each (batch,).
+
+    On CUDA the end check reads the flag of the token before the newest one, which is ready without waiting
+    for the step in flight: the host queues step k+1 while the GPU runs step k, at the cost of at most one
+    step past the end (its token is cut with everything after the end token). Every rank of a tp replica
+    sees the same gathered logits, so all take the same number of steps.
+    """
+    import torch
+
+    device = next_tok.device
+    generated = [next_tok]
+    eos = torch.tensor(sorted(ends), device=device) if ends else None
+    lag = 1 if device.type == "cuda" else 0
+    flags: list[tuple[Any, Any]] = []
+    done = torch.zeros(next_tok.shape[0], dtype=torch.bool, device=device)
+    for _ in range(max_new - 1):
+        if eos is not None:
+            done |= torch.isin(next_tok, eos)
+            flags.append(_flag(done.all()))
+            if len(flags) > lag and _read(flags[-1 - lag]):
+                break
+        next_tok = stepper.next_tokens(step(next_tok[:, None]))
+        generated.append(next_tok)
+    return generated
+
+
+def _flag(value: Any) -> tuple[Any, Any]:
+    """Start copying a 0-d bool tensor to the host; on CUDA without waiting for it."""
+    import torch
+
+    if value.device.type != "cuda":
+        return None, value
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return event, host
+
+
+def _read(flag: tuple[Any, Any]) -> bool:
+    event, value = flag
+    if event is not None:
+        event.synchronize()
+    return bool(value)
