@@ -12,7 +12,8 @@ import pytest
 
 from evalctx.cli import main
 from evalctx.config import load_suite
-from evalctx.run.prefix_order import common_prefix, computed_tokens, order_by_prefix, prefix_windows
+from evalctx.backends.base import common_prefix
+from evalctx.run.prefix_order import computed_tokens, order_by_prefix, prefix_windows
 from evalctx.run.sampling import SampleBuilder
 from evalctx.models.tokenizer import load_tokenizer
 

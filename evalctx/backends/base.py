@@ -181,3 +181,22 @@ def parse_kv_flags(flags: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"backend option {flag!r} must be key=value (one option per --backend-opt flag)")
         out[key.strip()] = value
     return out
+
+
+_BLOCK = 4096
+"""Tokens compared per slice in :func:`common_prefix` (C-speed comparison; only the last block is walked)."""
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id sequences (0 when the first ids differ): what a
+    backend's prefix cache can keep, and what the runner orders prompts by (:mod:`evalctx.run.prefix_order`)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n:
+        j = min(i + _BLOCK, n)
+        if a[i:j] != b[i:j]:
+            while a[i] == b[i]:
+                i += 1
+            return i
+        i = j
+    return n

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, TypeVar
 
+from evalctx.backends.base import common_prefix
+
 WINDOW_TOKENS = 1 << 24
 """Prompt tokens built ahead and ordered together (at least one sample): 16M tokens hold an 11-depth sweep at 1M
 and cost about 40 bytes a token as Python lists and text while they wait."""
-
-_BLOCK = 4096
-"""Tokens compared per slice in :func:`common_prefix` (C-speed comparison; only the last block is walked)."""
 
 
 class _Sized(Protocol):
@@ -34,20 +33,6 @@ class _Sized(Protocol):
 
 
 S = TypeVar("S", bound=_Sized)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token id sequences (0 when the first ids differ)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n:
-        j = min(i + _BLOCK, n)
-        if a[i:j] != b[i:j]:
-            while a[i] == b[i]:
-                i += 1
-            return i
-        i = j
-    return n
 
 
 def prefix_windows(specs: Sequence[S], window_tokens: int = WINDOW_TOKENS) -> list[list[S]]:

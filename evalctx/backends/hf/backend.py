@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-from evalctx.backends.base import Backend, BackendContext
+from evalctx.backends.base import Backend, BackendContext, common_prefix
 from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels, plain_causal,
                                            register_lower_right_sdpa)
 from evalctx.backends.hf.cache import model_windows
@@ -39,7 +39,6 @@ from evalctx.capacity.preflight import EngineLimits, SampleLike, limits_from_hf_
 from evalctx.errors import UsageError, require_extra
 from evalctx.models.tokenizer_check import check_tokenizer, own_tokenizer
 from evalctx.records import GenerationRequest, GenerationResult
-from evalctx.run.prefix_order import common_prefix
 
 _DTYPES = {"auto": None, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
