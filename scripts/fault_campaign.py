@@ -336,7 +336,7 @@ def readers_after_kill(c: Campaign, rows: int) -> Case:
     def case(w: Path) -> str | None:
         sys.path.insert(0, str(REPO))
         from evalctx.analysis import runs as analysis
-        from evalctx.results.rundir import read_journals
+        from evalctx.results.journal import read_journals
 
         opts = ("--backend-opt", "fail_every=3", "--backend-opt", "delay_s=0.02")
         assert c.run(w, *opts).returncode == 3

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evalctx.errors import UsageError
-from evalctx.results import lock, rundir
+from evalctx.results import journal, lock, rundir
 
 ROW = {"sample_id": "s1", "task": "passkey", "status": "ok", "context_length": 300, "depth": 0.5, "score": 1.0,
        "completion": " 1.", "finished_at": 1.0}
@@ -29,18 +29,18 @@ def journal_file(run_dir: Path, name: str = "replica-0") -> Path:
 
 # --- torn tails -------------------------------------------------------------------------------------------------
 def test_torn_tail_is_cut_so_the_next_append_is_readable(tmp_path: Path) -> None:
-    j = rundir.Journal(tmp_path, "replica-0", "h1")
+    j = journal.Journal(tmp_path, "replica-0", "h1")
     j.append(rows(3))
     j.close()
     p = journal_file(tmp_path)
     data = p.read_bytes()
     p.write_bytes(data[:-25])  # the last row lost its end, as a kill -9 or a full disk leaves it
-    assert len(rundir.read_journals(tmp_path)) == 2
-    assert rundir.repair_tail(p) > 0
-    j = rundir.Journal(tmp_path, "replica-0", "h1")
+    assert len(journal.read_journals(tmp_path)) == 2
+    assert journal.repair_tail(p) > 0
+    j = journal.Journal(tmp_path, "replica-0", "h1")
     j.append([dict(ROW, sample_id="s2", finished_at=9.0)])
     j.close()
-    got = rundir.read_journals(tmp_path, "h1")
+    got = journal.read_journals(tmp_path, "h1")
     assert sorted(got) == ["s0", "s1", "s2"]  # without the repair, s2 would be glued to the torn line and lost
     assert p.read_bytes().endswith(b"\n") and p.read_bytes().count(b"\n") == 3
 
@@ -49,17 +49,17 @@ def test_whole_row_missing_only_its_newline_is_kept(tmp_path: Path) -> None:
     p = journal_file(tmp_path)
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps(dict(ROW, sample_id="a")) + "\n" + json.dumps(dict(ROW, sample_id="b")))
-    assert rundir.repair_tail(p) == 0
-    assert sorted(rundir.read_journals(tmp_path)) == ["a", "b"]
+    assert journal.repair_tail(p) == 0
+    assert sorted(journal.read_journals(tmp_path)) == ["a", "b"]
 
 
 def test_repair_notes_name_the_file(tmp_path: Path) -> None:
     p = journal_file(tmp_path)
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps(ROW) + '\n{"sample_id": "x", "ta')
-    notes = rundir.repair_journals(tmp_path)
+    notes = journal.repair_journals(tmp_path)
     assert len(notes) == 1 and "replica-0.jsonl" in notes[0] and "torn" in notes[0]
-    assert rundir.repair_journals(tmp_path) == []
+    assert journal.repair_journals(tmp_path) == []
 
 
 def test_garbled_middle_line_is_skipped_and_noted(tmp_path: Path) -> None:
@@ -68,13 +68,13 @@ def test_garbled_middle_line_is_skipped_and_noted(tmp_path: Path) -> None:
     p.write_text(json.dumps(dict(ROW, sample_id="a")) + "\n" + '{"sample_id": "b", "ta{"sample_id"\n'
                  + json.dumps(dict(ROW, sample_id="c")) + "\n")
     problems: list[str] = []
-    assert sorted(rundir.read_journals(tmp_path, problems=problems)) == ["a", "c"]
+    assert sorted(journal.read_journals(tmp_path, problems=problems)) == ["a", "c"]
     assert len(problems) == 1 and ":2:" in problems[0]
 
 
 # --- failed appends ---------------------------------------------------------------------------------------------
 def test_failed_append_is_cut_back_and_raises_storage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    j = rundir.Journal(tmp_path, "replica-0", "h1")
+    j = journal.Journal(tmp_path, "replica-0", "h1")
     j.append(rows(2))
     size = journal_file(tmp_path).stat().st_size
     real_write = os.write
@@ -94,11 +94,11 @@ def test_failed_append_is_cut_back_and_raises_storage_error(tmp_path: Path, monk
     assert journal_file(tmp_path).stat().st_size == size  # no torn line left behind
     j.append([dict(ROW, sample_id="later", finished_at=99.0)])
     j.close()
-    assert sorted(rundir.read_journals(tmp_path)) == ["later", "s0", "s1"]
+    assert sorted(journal.read_journals(tmp_path)) == ["later", "s0", "s1"]
 
 
 def test_interrupt_mid_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    j = rundir.Journal(tmp_path, "replica-0", "h1")
+    j = journal.Journal(tmp_path, "replica-0", "h1")
     real_write = os.write
 
     def interrupted(fd: int, data: bytes) -> int:
@@ -116,12 +116,12 @@ def test_interrupt_mid_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: p
 # --- identity and shape -----------------------------------------------------------------------------------------
 def test_rows_carry_the_config_hash_and_other_configs_are_left_out(tmp_path: Path) -> None:
     for name, h in (("replica-0", "mine"), ("replica-1", "other")):
-        j = rundir.Journal(tmp_path, name, h)
+        j = journal.Journal(tmp_path, name, h)
         j.append([dict(ROW, sample_id=f"{name}-x")])
         j.close()
-    assert rundir.journal_config_hashes(tmp_path) == {"mine", "other"}
+    assert journal.journal_config_hashes(tmp_path) == {"mine", "other"}
     problems: list[str] = []
-    assert list(rundir.read_journals(tmp_path, "mine", problems)) == ["replica-0-x"]
+    assert list(journal.read_journals(tmp_path, "mine", problems)) == ["replica-0-x"]
     assert "1 journal row(s) of another configuration" in problems[0]
 
 
@@ -136,7 +136,7 @@ def test_rows_of_the_wrong_type_are_one_line_errors(tmp_path: Path, field: str, 
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps(ROW) + "\n" + json.dumps(dict(ROW, sample_id="b", **{field: value})) + "\n")
     with pytest.raises(UsageError, match=f"replica-0.jsonl:2: journal row has {field}=") as exc:
-        rundir.read_journals(tmp_path)
+        journal.read_journals(tmp_path)
     assert "\n" not in str(exc.value)
 
 
@@ -145,15 +145,15 @@ def test_row_lacking_a_field_is_an_error(tmp_path: Path) -> None:
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps({k: v for k, v in ROW.items() if k != "task"}) + "\n")
     with pytest.raises(UsageError, match="lacks 'task'"):
-        rundir.read_journals(tmp_path)
+        journal.read_journals(tmp_path)
 
 
 def test_journal_that_is_a_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "journal").write_text("x")
     with pytest.raises(UsageError, match="is a file, not the journal folder"):
-        rundir.read_journals(tmp_path)
+        journal.read_journals(tmp_path)
     with pytest.raises(UsageError, match="is a file"):
-        rundir.Journal(tmp_path, "replica-0", "h")
+        journal.Journal(tmp_path, "replica-0", "h")
 
 
 @pytest.mark.parametrize("content, needle", [("{bad", "not valid JSON"), ("", "not valid JSON"),
@@ -214,7 +214,7 @@ def test_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
         rundir.write_manifest(tmp_path, {"a": 1})
         rundir.atomic_write_text(tmp_path / rundir.SUMMARY, "x\n")
         rundir.atomic_write_parquet(pd.DataFrame({"a": [1]}), tmp_path / rundir.RESULTS)
-        j = rundir.Journal(tmp_path, "replica-0", "h")
+        j = journal.Journal(tmp_path, "replica-0", "h")
         j.close()
         owner = lock.acquire(tmp_path, "test", "now")
         owner.release()
@@ -280,7 +280,7 @@ def test_journal_rows_that_cannot_be_right_are_not_taken(tmp_path) -> None:
 
     from evalctx.config import load_suite
     from evalctx.errors import UsageError
-    from evalctx.results import rundir
+    from evalctx.results import journal
 
     j = tmp_path / "journal"
     j.mkdir()
@@ -290,7 +290,7 @@ def test_journal_rows_that_cannot_be_right_are_not_taken(tmp_path) -> None:
             {**base, "sample_id": "b", "completion": None}]
     (j / "replica-0.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
     problems: list[str] = []
-    got = rundir.read_journals(tmp_path, problems=problems)
+    got = journal.read_journals(tmp_path, problems=problems)
     assert got["a"]["completion"] == " 99999." and "b" not in got
     assert any("answered twice with different answers" in p for p in problems)
     assert any("ok without a completion and a score" in p for p in problems)

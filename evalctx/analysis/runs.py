@@ -16,7 +16,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from evalctx.errors import UsageError
-from evalctx.results.rundir import read_journals, read_manifest
+from evalctx.results.journal import read_journals
+from evalctx.results.rundir import read_manifest
 from evalctx.results.summary import summarize
 
 # RULER's effective-length threshold is Llama-2-7B's 4K score, 85.6 on a 0-100 scale.

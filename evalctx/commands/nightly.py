@@ -65,7 +65,7 @@ def _locked(history: Path) -> Iterator[None]:
 def repair_history(history: Path) -> list[str]:
     """Before appending (with the history lock held): cut a torn last line off summary.csv and runs.jsonl (a kill
     or a full disk mid-append), so that the next night's line is not glued onto it; one note per repair."""
-    from evalctx.results.rundir import repair_tail
+    from evalctx.results.journal import repair_tail
 
     def whole_csv_row(path: Path) -> Any:
         with path.open(newline="", encoding="utf-8") as fh:

@@ -1,4 +1,5 @@
-"""Run results: the run directory (rundir), per-cell summaries (summary), the end-of-run table (table).
+"""Run results: the run directory (rundir), its journals (journal), per-cell summaries (summary), the end-of-run
+table (table).
 
 The analysis entry points are re-exported here, imported on first use so that importing a submodule (the runner
 imports rundir) never loads pandas: ``evalctx.results.load_runs``, ``summarize``, ``effective_length``,

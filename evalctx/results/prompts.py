@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evalctx.records import Sample
-from evalctx.results.rundir import PROMPTS_DIR, read_jsonl
+from evalctx.results.journal import read_jsonl
+from evalctx.results.rundir import PROMPTS_DIR
 
 LOG_MODES = ("excerpt", "full")
 EXCERPT_CHARS = 1000
