@@ -19,6 +19,10 @@ malformed answers are not. Each request of a batch is one HTTP request; at most 
 is the time to the first streamed chunk that carries generated text, as the client sees it (network and queueing
 included). Server presets (:mod:`evalctx.backends.http_servers`) send the fields each server honours for greedy
 decoding.
+
+This module builds each request, sends it and judges the answer. What the backend asks the server about itself
+(its models, which server it is, its context, the greedy check) is in :mod:`evalctx.backends.http_probes`; why a
+prompt was counted differently is told by :mod:`evalctx.backends.http_length_check`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import os
 import random
 import sys
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +44,10 @@ from evalctx import redact
 from evalctx.models import chat_identity
 from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.http_client import Answer, Client, Fatal, Retryable, one_line
-from evalctx.backends.http_servers import PRESETS, ServerFacts, ServerPreset, detect
-from evalctx.errors import LengthError, RefusedBeforeWork, UsageError
+from evalctx.backends.http_length_check import PromptLengthCheck
+from evalctx.backends.http_probes import ServerProbes, _normalize_url, _only_model, _served_models
+from evalctx.backends.http_servers import PRESETS, ServerFacts, ServerPreset
+from evalctx.errors import UsageError
 from evalctx.records import GenerationRequest, GenerationResult
 
 _MAX_RETRY_AFTER_S = 60.0
@@ -50,67 +55,6 @@ _WHOLE = {"stop", "length", "eos"}
 """Finish reasons of an answer the model ended itself or at max_tokens (vLLM and SGLang also say "abort")."""
 _STREAM_ONLY = ("stream", "stream_options")
 _NOT_SAMPLING = {"model", "prompt", "messages", "max_tokens", *_STREAM_ONLY}
-
-
-def _normalize_url(url: str) -> str:
-    parsed = urllib.parse.urlsplit(url.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise UsageError(f"backend http: base_url must look like http://HOST:PORT/v1, not {url!r}")
-    path = parsed.path.rstrip("/") or "/v1"  # every OpenAI-compatible server mounts its API there
-    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
-
-
-def _served_models(client: Client) -> Any:
-    try:
-        return client.get_json(client.prefix + "/models")
-    except (OSError, http.client.HTTPException, ValueError, Fatal) as exc:
-        raise UsageError(f"backend http: {client.base_url}/models did not answer ({one_line(str(exc), 160)}): "
-                         "is the server up at base_url?") from None
-
-
-def _prefill_insert(tokenizer: Any, req: GenerationRequest) -> str | None:
-    """What the tokenizer's chat template writes between the generation prompt and a continued final assistant
-    message (``continue_final_message``) that evalctx's prompt does not have, or None (no difference, or no
-    Hugging Face template to ask)."""
-    hf = getattr(tokenizer, "hf", None)
-    messages = (req.extra or {}).get("messages")
-    if hf is None or not messages:
-        return None
-    try:
-        continued = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-    except Exception:  # a template that refuses to continue a message: nothing to say about it here
-        return None
-    ours = req.prompt
-    if continued == ours:
-        return None
-    start = next((i for i, (a, b) in enumerate(zip(continued, ours)) if a != b), min(len(continued), len(ours)))
-    end = 0
-    while end < min(len(continued), len(ours)) - start and continued[-1 - end] == ours[-1 - end]:
-        end += 1
-    extra = continued[start:len(continued) - end]
-    return extra if extra and len(continued) > len(ours) else None
-
-
-_PROBE_WORDS = ("orchard", "lantern", "quarry", "velvet", "harbor", "thistle", "compass", "meadow", "glacier",
-                "pepper", "saddle", "violin", "ember", "canyon", "ribbon", "falcon", "marble", "tundra", "walnut",
-                "beacon", "cobalt", "drizzle", "fennel", "gravel", "hollow", "juniper", "kettle", "lichen")
-"""The greedy check's probe: unrelated words, whose continuation has no one likely next token."""
-
-
-def _card(models: Any, name: str) -> dict[str, Any]:
-    """The /v1/models entry whose id is ``name`` (else the only one; else empty)."""
-    data = models.get("data") if isinstance(models, dict) else None
-    cards = [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
-    return next((c for c in cards if c.get("id") == name), cards[0] if len(cards) == 1 else {})
-
-
-def _only_model(models: Any) -> str:
-    data = models.get("data") if isinstance(models, dict) else None
-    ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
-    if len(ids) != 1 or not ids[0]:
-        raise UsageError(f"backend http: the server lists {len(ids)} models ({', '.join(map(str, ids))}): "
-                         "pass --backend-opt model=NAME")
-    return str(ids[0])
 
 
 def _bos_text(tokenizer: Any, ids: Sequence[int], prompt: str) -> str | None:
@@ -122,7 +66,7 @@ def _bos_text(tokenizer: Any, ids: Sequence[int], prompt: str) -> str | None:
     return text if isinstance(text, str) and text and prompt.startswith(text) else None
 
 
-class HTTPBackend(Backend):
+class HTTPBackend(ServerProbes, PromptLengthCheck, Backend):
     name: ClassVar[str] = "http"
     resume_free: ClassVar[tuple[str, ...]] = ("verify_greedy",)
 
@@ -234,20 +178,6 @@ class HTTPBackend(Backend):
 
     def _warn(self, message: str) -> None:
         print(f"evalctx: warning: backend http: {redact.mask_text(message)}", file=sys.stderr)
-
-    def _recognise(self) -> ServerFacts:
-        try:
-            openapi = self.client.get_json("/openapi.json")
-        except (OSError, http.client.HTTPException, ValueError, Fatal):
-            openapi = None
-        facts = detect(self._models_answer, openapi)
-        if facts.preset is None:
-            self._warn(f"the server at {self.base_url} is not one evalctx knows ({facts.how}): evalctx sends "
-                       "temperature 0 with the OpenAI API's frequency and presence penalties at 0 only, which "
-                       "every OpenAI-compatible server takes; a server whose defaults add a repetition penalty "
-                       "does not decode greedily then (the greedy check catches a server that samples). If you "
-                       f"know the server, pass --backend-opt server=NAME ({', '.join(p for p in PRESETS if p != 'openai')})")
-        return facts
 
     # ------------------------------------------------------------------------------------------------------
     def _prompt_text(self, req: GenerationRequest) -> tuple[str, bool | None]:
@@ -456,121 +386,6 @@ class HTTPBackend(Backend):
                        "their TTFT and latency count as cold; serve vLLM with --enable-prompt-tokens-details, SGLang "
                        "with --enable-cache-report, or turn the prefix cache off for timing (docs/http.md)")
 
-    def _check_length(self, req: GenerationRequest, res: GenerationResult) -> None:
-        """Stop the run at a prompt the server counted differently, saying why from what was actually sent."""
-        n, want = res.n_prompt_tokens, len(req.prompt_ids)
-        if res.error is not None or n is None or n == want:
-            return
-        o = self.options
-        head = f"backend http: the server counted {n} prompt tokens for a {want}-token prompt"
-        if o.endpoint == "chat":
-            if not (req.extra or {}).get("messages"):
-                raise LengthError(f"{head}: the chat endpoint wraps the prompt in the server's chat template. Use "
-                                  "endpoint=completions for token-exact prompts")
-            prefix = req.extra["messages"][-1].get("role") == "assistant"
-            if prefix and not o.continue_final_message:
-                raise LengthError(f"{head} rendered from the sample's chat messages: with continue_final_message="
-                                  "false the server closes the answer prefix (the final assistant message) as a "
-                                  "finished turn. Drop continue_final_message=false, or use endpoint=completions "
-                                  "(the default): the prompt then goes as evalctx rendered it")
-            inserted = _prefill_insert(self.ctx.tokenizer, req) if prefix else None
-            if inserted:
-                raise LengthError(
-                    f"{head} rendered from the sample's chat messages: the chat template renders the answer prefix "
-                    f"continued as an assistant turn (continue_final_message) with {inserted!r} before it, text that "
-                    f"its generation prompt, which evalctx measured, does not have (an empty think block of a "
-                    f"Qwen3-style template). Use endpoint=completions (the default): the prompt then goes as evalctx "
-                    f"rendered it")
-            prefill = " or ignores continue_final_message (llama.cpp does) and closes the answer prefix" \
-                if prefix else ""
-            raise LengthError(f"{head} rendered from the sample's chat messages: the server's chat template differs "
-                              f"from --tokenizer's{prefill}. Use endpoint=completions (the default): the prompt then "
-                              "goes as evalctx rendered it")
-        if o.send == "ids":
-            raise LengthError(f"{head} sent as token ids: the server does not take the ids as given")
-        prompt, add_special = self._prompt_text(req)
-        ids_fix = ", or send=ids" if self.preset.takes_ids else ""
-        own = "this server adds it whatever it is sent, so --tokenizer must be the served model's own"
-        if n == want + 1 and (add_special is False or len(prompt) < len(req.prompt)):
-            how = "add_special_tokens=false was sent" if add_special is False else "its BOS text was left out"
-            raise LengthError(f"{head}: it added a BOS token although {how}; the server does not honour that. "
-                              + ("Use send=ids" if self.preset.takes_ids else "Use prompt_mode raw"))
-        added_bos = req.add_special_tokens and self._tokenizer_added_bos(req)
-        if n == want + 1 and add_special is None and not added_bos:
-            # A chat-templated prompt gets here only from a server that ignores add_special_tokens, with no BOS
-            # text to leave out (see _prompt_text): its template starts with none.
-            held = "--tokenizer does not add" if req.add_special_tokens \
-                else "that --tokenizer's chat template does not start with"
-            fix = f"pass --backend-opt add_special_tokens=false{ids_fix}" \
-                if self.preset.honours_add_special_tokens else own
-            raise LengthError(f"{head}: it added a BOS token {held}; {fix}")
-        if n == want - 1 and add_special is None and added_bos:
-            fix = f"pass --backend-opt add_special_tokens=true{ids_fix}" \
-                if self.preset.honours_add_special_tokens else own.replace("adds it", "leaves it out")
-            raise LengthError(f"{head}: it did not add the BOS token that --tokenizer adds; {fix}")
-        raise LengthError(f"{head}: its tokenizer splits the prompt text differently from --tokenizer "
-                          f"{getattr(self.ctx.tokenizer, 'name', '')}; pass the served model's own tokenizer"
-                          + (", or send=ids so that the server gets evalctx's token ids" if self.preset.takes_ids
-                             else ""))
-
-    def _tokenizer_added_bos(self, req: GenerationRequest) -> bool:
-        """Whether the prompt's ids start with a token the tokenizer added (a BOS), not one of the text."""
-        tok = self.ctx.tokenizer
-        plain = tok.encode(req.prompt[:200], add_special_tokens=False) if tok is not None else []
-        return bool(req.prompt_ids) and req.prompt_ids[:1] != plain[:1]
-
-    # ------------------------------------------------------------------------------------------------------
-    def preflight(self, samples: Sequence[Any]) -> dict[str, str]:
-        """Samples that cannot fit the context the server states: vLLM/SGLang/trtllm-serve's ``max_model_len`` in
-        /v1/models, llama.cpp's ``n_ctx`` in /props (a llama.cpp server with context shift would otherwise drop
-        half the context and answer). Then, before any sample, the greedy check (:meth:`check_greedy`)."""
-        if samples and self.options.verify_greedy:
-            self.check_greedy()
-        limits = []
-        if self.facts.max_model_len is not None and self.preset.name in ("vllm", "sglang", "trtllm"):
-            # evalctx serve reports the trained window but runs past it on purpose, like the hf backend
-            limits.append(("max_model_len", self.facts.max_model_len))
-        n_ctx = self.identity().get("props.n_ctx")
-        if isinstance(n_ctx, int) and n_ctx > 0:
-            limits.append(("n_ctx (/props)", n_ctx))
-        if not limits:
-            return {}
-        what, limit = min(limits, key=lambda x: x[1])
-        return {s.id: f"context_length + max_new_tokens = {s.context_length + s.max_new_tokens} exceeds the "
-                      f"server's {what} {limit}"
-                for s in samples if s.context_length + s.max_new_tokens > limit}
-
-    def check_greedy(self) -> None:
-        """Send one probe prompt (a fixed list of unrelated words: a sampled continuation of it is almost never the
-        same twice) three times with the run's settings; UsageError naming the likely cause unless all three
-        answers are the same. Once per backend."""
-        if self._greedy_checked:
-            return
-        self._greedy_checked = True
-        probe = " ".join(_PROBE_WORDS) + " "
-        ids = self.ctx.tokenizer.encode(probe, add_special_tokens=True) if self.ctx.tokenizer is not None else []
-        req = GenerationRequest(sample_id="greedy-check", prompt_ids=ids, prompt=probe, max_new_tokens=24)
-        path, body = self._body(req)
-        body.pop("stream", None)
-        body.pop("stream_options", None)
-        answers = []
-        for _ in range(3):
-            try:
-                answers.append(self._post(path, body).text)
-            except (Fatal, Retryable) as exc:
-                self._warn(f"the greedy check got no answer ({one_line(str(exc), 160)}); rows will show errors "
-                           "if the server keeps failing")
-                return
-        if len(set(answers)) > 1:
-            shown = " / ".join(one_line(repr(a), 40) for a in answers)
-            raise RefusedBeforeWork(
-                f"backend http: {self.base_url} does not decode greedily: one probe prompt sent 3 times with "
-                f"temperature {self.options.temperature:g} got {len(set(answers))} different answers ({shown}), so "
-                "every score would be a random draw. Likely: the served model's generation_config.json samples "
-                "(do_sample: true) and the server takes it over temperature 0 (transformers serve "
-                "--continuous-batching does), or the server ignores temperature; serve the model with greedy "
-                "defaults, or pass --backend-opt verify_greedy=false to run anyway")
-
     def info(self) -> dict[str, Any]:
         d = super().info()
         d["options"] = dict(d["options"], api_key="***" if self.options.api_key else None)
@@ -595,28 +410,6 @@ class HTTPBackend(Backend):
                              "version": self.facts.version, "max_model_len": self.facts.max_model_len},
                   "sampling": sampling, "concurrency": self.concurrency})
         return d
-
-    def identity(self) -> dict[str, Any]:
-        """The served model as the server states it: its /v1/models card (``id``, vLLM's ``root`` -- the checkpoint
-        path -- and ``parent``, ``owned_by``, ``max_model_len``), llama.cpp's /props (``model_path``, ``n_ctx``),
-        and the server version where it tells one. Absent fields are left out (None)."""
-        self.info()  # fetches /v1/models and the version once
-        card = _card(self._models_answer, self.model_name)
-        out: dict[str, Any] = {f"models.{k}": card.get(k) for k in ("id", "root", "parent", "owned_by",
-                                                                   "max_model_len")}
-        out["server.version"] = self.facts.version
-        if self.preset.name == "llamacpp" or self.facts.preset is None:
-            if self._props is None:
-                try:
-                    self._props = self.client.get_json("/props", timeout=5.0)
-                except (OSError, http.client.HTTPException, ValueError, Fatal):
-                    self._props = {}
-            props = self._props
-            if isinstance(props, dict) and props:
-                settings = props.get("default_generation_settings")
-                out["props.model_path"] = props.get("model_path")
-                out["props.n_ctx"] = settings.get("n_ctx") if isinstance(settings, dict) else props.get("n_ctx")
-        return {k: v for k, v in out.items() if v is not None}
 
     def row_columns(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model_name, "http_endpoint": self.options.endpoint,
