@@ -335,9 +335,13 @@ def model_windows(config: Any) -> tuple[int | None, ...] | None:
         types, kwargs = get_layer_types_and_kwargs(text)
     except (AttributeError, TypeError, ValueError):
         return None
-    theirs = tuple(None if t == "full_attention" else kw.get("sliding_window", -1)
-                   if t in ("sliding_attention", "chunked_attention") else -1 for t, kw in zip(types, kwargs))
-    return ours if theirs == ours else None
+    if len(types) != len(ours) or any((t == "full_attention") != (w is None) for t, w in zip(types, ours)):
+        return None  # transformers reads the layer kinds otherwise
+    # Where this release gives per-layer kwargs, the windows must agree too (some releases return other shapes).
+    theirs = [kw.get("sliding_window") for kw in kwargs if isinstance(kw, dict)] if len(kwargs) == len(ours) else []
+    if len(theirs) == len(ours) and any(w is not None and t != w for t, w in zip(theirs, ours)):
+        return None
+    return ours
 
 
 class PreallocatedCache(Cache):
