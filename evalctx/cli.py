@@ -164,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     import pandas as pd
 
-    from evalctx.results.table import format_summary
+    from evalctx.analysis.table import format_summary
 
     df = pd.read_parquet(outcome.run_dir / "results.parquet")
     if args.json:

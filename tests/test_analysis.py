@@ -10,7 +10,7 @@ import pytest
 
 from evalctx.analysis import runs as analysis
 from evalctx.errors import UsageError
-from evalctx.analysis.stats import wilson_interval
+from evalctx.stats import wilson_interval
 from run_fixtures import write_run
 
 

@@ -344,7 +344,7 @@ def test_the_gate_never_passes_a_run_still_running_unfinished_or_nothing_compare
 
 
 def test_newcombe_interval_known_values() -> None:
-    from evalctx.analysis.stats import newcombe_interval
+    from evalctx.stats import newcombe_interval
 
     # Newcombe (1998), example 1: 56/70 - 48/80, method 10
     lo, hi = newcombe_interval(48, 80, 56, 70)

@@ -12,7 +12,7 @@ import pytest
 
 from evalctx.cli import main
 from evalctx.run.progress import Progress
-from evalctx.results.table import format_summary
+from evalctx.analysis.table import format_summary
 
 SUITE = str(Path(__file__).parent / "data" / "suites" / "fake_small.toml")
 

@@ -91,7 +91,7 @@ def test_the_run_table_names_cells_built_away_from_their_depth(tmp_path: Path) -
                  "--run-id", "zh", "--no-progress"]) == 0
     df = pd.read_parquet(tmp_path / "zh" / "results.parquet")
     assert (df["status"] == "ok").all() and (df["score"] == 1).all()
-    from evalctx.results.table import depth_lines
+    from evalctx.analysis.table import depth_lines
 
     off = df.assign(depth_actual=df["depth"] + 0.08 * (df["depth"] > 0))
     line = " ".join(depth_lines(off))

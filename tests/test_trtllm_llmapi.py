@@ -83,10 +83,10 @@ def test_errors_and_stuck_requests_end_only_their_own_rows(standin, tmp_path, re
 
 
 def test_an_abort_that_never_ends_the_request_fails_the_run_instead_of_hanging(standin, tmp_path, monkeypatch):
-    from evalctx.backends.trtllm import llm_api
+    from evalctx.backends.trtllm import waiting
 
     standin.BEHAVIOUR.update(hang_token=ord("?") + 3, abort_lost=True, block_cap_s=2.0)
-    monkeypatch.setattr(llm_api, "ABORT_GRACE_S", 0.1)
+    monkeypatch.setattr(waiting, "ABORT_GRACE_S", 0.1)
     b = backend(hf_dir(tmp_path), request_timeout_s="0.1")
     with pytest.raises(RuntimeError, match=r"aborted requests \['stuck'\] got no final response within 0.1 s"):
         b.generate([request("stuck", "where?")])

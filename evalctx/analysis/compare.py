@@ -51,7 +51,7 @@ from typing import Any
 import pandas as pd
 
 from evalctx.results.summary import warm_rows
-from evalctx.analysis.stats import newcombe_interval
+from evalctx.stats import newcombe_interval
 
 CELL = ["task", "context_length", "depth"]
 LENGTH = ["task", "context_length"]

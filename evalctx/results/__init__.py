@@ -1,24 +1,15 @@
-"""Run results: the run directory (rundir), its journals (journal), per-cell summaries (summary), the end-of-run
-table (table).
+"""Run results on disk: the run directory (rundir: names, the manifest, atomic writes), its append-only journals
+(journal), the owner lock (lock), the prompt log (prompts) and per-cell summaries (summary). Reading finished runs
+back is :mod:`evalctx.analysis` (``evalctx.load_runs``, ``suite_average``, ...), the layer above this one.
 
-The analysis entry points are re-exported here, imported on first use so that importing a submodule (the runner
-imports rundir) never loads pandas: ``evalctx.results.load_runs``, ``summarize``, ``effective_length``,
-``suite_average`` (RULER's per-length average over a suite's tasks) and ``suite_effective_length``.
+``summarize`` is importable from here, loaded on first use (pandas is not imported with the package).
 """
 
 from __future__ import annotations
 
 from evalctx.registry import lazy_attributes
 
-_LAZY = {
-    "load_run": "evalctx.analysis.runs",
-    "load_runs": "evalctx.analysis.runs",
-    "effective_length": "evalctx.analysis.runs",
-    "suite_average": "evalctx.analysis.runs",
-    "suite_average_table": "evalctx.analysis.runs",
-    "suite_effective_length": "evalctx.analysis.runs",
-    "summarize": "evalctx.results.summary",
-}
+_LAZY = {"summarize": "evalctx.results.summary"}
 
 __getattr__ = lazy_attributes("evalctx.results", _LAZY)
 

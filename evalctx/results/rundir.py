@@ -275,15 +275,3 @@ def _type_name(t: type, item: type | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-_MOVED_TO_JOURNAL = ("Journal", "journal_config_hashes", "read_journals", "repair_journals")
-
-
-def __getattr__(name: str) -> Any:
-    """The journal names evalctx/run/runner.py still reads as ``rundir.NAME``; they live in
-    :mod:`evalctx.results.journal` (imported here lazily: journal imports this module). To go once runner.py
-    imports them from there."""
-    if name in _MOVED_TO_JOURNAL:
-        from evalctx.results import journal
-
-        return getattr(journal, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from evalctx.analysis.stats import wilson_interval
+from evalctx.stats import wilson_interval
 
 DEFAULT_BY: tuple[str, ...] = ("task", "context_length", "depth")
 

@@ -27,6 +27,7 @@ from evalctx.models import chat_identity
 from evalctx.models.fingerprint import changed_files, model_fingerprint
 from evalctx.models.tokenizer import Tokenizer, load_tokenizer
 from evalctx.records import SCHEMA_VERSION, GenerationRequest, Sample
+from evalctx.results import journal as journals
 from evalctx.results import lock, prompts, rundir
 from evalctx.run.closing import close_run
 from evalctx.run.dist import TAG_DONE, TAG_PROGRESS, World, init_world
@@ -177,7 +178,7 @@ class Runner:
     def _journal_rows(self) -> dict[str, dict[str, Any]]:
         """This configuration's journaled rows by sample id; what had to be skipped is said once, on stderr."""
         problems: list[str] = []
-        rows = rundir.read_journals(self.run_dir, self.config_hash, problems)
+        rows = journals.read_journals(self.run_dir, self.config_hash, problems)
         for p in problems:
             if p not in self._noted:
                 self._noted.add(p)
@@ -227,7 +228,7 @@ class Runner:
         hash every journal row carries; return the original creation time on resume."""
         old = rundir.read_manifest(self.run_dir)
         if old is None:
-            other = rundir.journal_config_hashes(self.run_dir) - {self.config_hash}
+            other = journals.journal_config_hashes(self.run_dir) - {self.config_hash}
             if other:
                 which = ", ".join(sorted(h or "none (rows older than the hash)" for h in other))
                 raise UsageError(f"run dir {self.run_dir} has no manifest.json and its journals hold rows of another "
@@ -264,7 +265,7 @@ class Runner:
         owner = lock.acquire(self.run_dir, redact.mask_command(self.cfg.command), started)
         try:
             rundir.remove_stale_temporaries(self.run_dir)
-            for note in rundir.repair_journals(self.run_dir):
+            for note in journals.repair_journals(self.run_dir):
                 print(f"evalctx: {note}", file=sys.stderr)
             created_at = self._check_existing() or started
             pending = self._pending_ids()
@@ -362,7 +363,7 @@ class Runner:
             if w.is_root:
                 rundir.write_manifest(self.run_dir, self._manifest(backend, RUNNING, created_at))
                 if unsupported:
-                    j = rundir.Journal(self.run_dir, "preflight", self.config_hash)
+                    j = journals.Journal(self.run_dir, "preflight", self.config_hash)
                     j.append(unsupported_record(self.run_id, s, unsupported[s.id], extra)
                              for s in pending if s.id in unsupported)
                     j.close()
@@ -397,8 +398,8 @@ class Runner:
                 if reqs is None:
                     return 0
                 backend.generate(reqs)
-        journal = rundir.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash)
-        prompt_log = rundir.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash, prompts.PROMPTS_DIR) \
+        journal = journals.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash)
+        prompt_log = journals.Journal(self.run_dir, f"replica-{w.replica}", self.config_hash, prompts.PROMPTS_DIR) \
             if self.cfg.log_samples else None
         n_new = 0
 

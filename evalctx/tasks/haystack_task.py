@@ -46,7 +46,7 @@ DEPTH_TOLERANCE = 0.10
 boundary) ..."""
 DEPTH_TOLERANCE_TOKENS = 64
 """... or this many tokens, whichever is more (at short lengths one sentence is more than 10%); beyond, the sample
-is refused. Within it, a cell whose needles sit more than :data:`evalctx.results.table.DEPTH_NOTE` away is noted
+is refused. Within it, a cell whose needles sit more than :data:`evalctx.analysis.table.DEPTH_NOTE` away is noted
 under the run's table."""
 
 

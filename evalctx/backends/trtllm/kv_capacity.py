@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+from evalctx.backends.trtllm import waiting
 from evalctx.backends.trtllm.outputs import is_fatal, one_line
 from evalctx.errors import UsageError
 from evalctx.records import GenerationRequest
@@ -136,14 +137,12 @@ class KVCapacityGuard:
                 raise
             log.debug("KV-capacity probe refused: %s", one_line(exc))
             return None
-        from evalctx.backends.trtllm import llm_api  # the requests' waiter and abort grace (llm_api imports us)
-
-        wait = llm_api._Wait(item)
+        wait = waiting.Wait(item)
         wait.start()
         wait.join(PROBE_TIMEOUT_S)
         if wait.is_alive():
             item.abort()
-            wait.join(llm_api.ABORT_GRACE_S)
+            wait.join(waiting.ABORT_GRACE_S)
             if wait.is_alive():
                 self._failed = True
                 raise RuntimeError(f"tensorrt_llm: a one-token request got no response within {PROBE_TIMEOUT_S:g} s "

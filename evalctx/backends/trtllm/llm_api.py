@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from evalctx.backends.base import Backend, BackendContext
 from evalctx.backends.trtllm.backend import SharedOptions, deadline_summary
 from evalctx.backends.trtllm.executor import WINDOW_ADVICE
 from evalctx.backends.trtllm.kv_capacity import KVCapacityGuard
+from evalctx.backends.trtllm import waiting
 from evalctx.backends.trtllm.outputs import (default_end_ids, default_pad_id, engine_timing, error_result,
                                              host_timing, is_fatal, one_line, run_checked, to_result)
 from evalctx.errors import UsageError, require_extra
@@ -55,26 +55,6 @@ GUARDED_ARGS = ("fail_fast_on_attention_window_too_large", "enable_iter_perf_sta
 TorchLlmArgs has no fail-fast (a TrtLlmArgs field), and evalctx guards the KV cache by its capacity either way
 (:meth:`TRTLLMAPIBackend._resolve_kv_capacity`, which refuses the run where it can read no capacity)."""
 _ABANDONED: list[Any] = []
-ABORT_GRACE_S = 60.0
-"""After aborting, how long to wait for the aborted requests' final responses before giving up on the run."""
-
-
-class _Wait(threading.Thread):
-    """``item.result()`` in a daemon thread: the caller can stop waiting at a deadline whatever the release does
-    with ``result(timeout)``, and a result that never comes cannot keep the process alive at exit."""
-
-    def __init__(self, item: Any) -> None:
-        super().__init__(daemon=True, name="evalctx-trtllm-result")
-        self.item = item
-        self.error: BaseException | None = None
-        self.ended_at: float | None = None
-
-    def run(self) -> None:
-        try:
-            self.item.result()
-        except BaseException as exc:  # reported by the caller as this request's row (or the run's error)
-            self.error = exc
-        self.ended_at = time.perf_counter()
 
 
 class TRTLLMAPIBackend(KVCapacityGuard, Backend):
@@ -282,7 +262,7 @@ class TRTLLMAPIBackend(KVCapacityGuard, Backend):
                 if is_fatal(exc):
                     raise
                 pending.append(exc)
-        waits = {i: _Wait(item) for i, item in enumerate(pending) if not isinstance(item, Exception)}
+        waits = {i: waiting.Wait(item) for i, item in enumerate(pending) if not isinstance(item, Exception)}
         for w in waits.values():
             w.start()
         timeout = self.options.timeout_s(sum(len(r.prompt_ids) for r in reqs))
@@ -293,16 +273,16 @@ class TRTLLMAPIBackend(KVCapacityGuard, Backend):
         late = {i for i, w in waits.items() if w.is_alive()}
         for i in late:
             pending[i].abort()
-        grace_end = time.perf_counter() + ABORT_GRACE_S
+        grace_end = time.perf_counter() + waiting.ABORT_GRACE_S
         for i in late:
             waits[i].join(max(0.0, grace_end - time.perf_counter()))
         stuck = [reqs[i].sample_id for i in sorted(late) if waits[i].is_alive()]
         if stuck:
             raise RuntimeError(f"tensorrt_llm: aborted requests {stuck} got no final response within "
-                               f"{ABORT_GRACE_S:g} s; the LLM's state is unknown")
+                               f"{waiting.ABORT_GRACE_S:g} s; the LLM's state is unknown")
         return [self._outcome(req, pending[i], waits.get(i), i in late, t0, n, timeout) for i, req in enumerate(reqs)]
 
-    def _outcome(self, req: GenerationRequest, item: Any, wait: _Wait | None, late: bool, t0: float,
+    def _outcome(self, req: GenerationRequest, item: Any, wait: waiting.Wait | None, late: bool, t0: float,
                  n: int, timeout: float) -> GenerationResult:
         if isinstance(item, Exception):
             return error_result(req, one_line(item), n)
