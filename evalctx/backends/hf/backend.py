@@ -28,7 +28,6 @@ from typing import Any, ClassVar, Sequence
 from evalctx.backends.base import Backend, BackendContext, common_prefix
 from evalctx.backends.hf.attention import (LOWER_RIGHT_SDPA, auto_attention, cuda_kernels, plain_causal,
                                            register_lower_right_sdpa)
-from evalctx.backends.hf.cache import model_windows
 from evalctx.backends.hf.greedy import GreedyRules, GreedyStepper, decode, describe, end_ids
 from evalctx.backends.hf.memory_check import MemoryCheck
 from evalctx.backends.hf.rope import PromptRope
@@ -178,6 +177,8 @@ class HFBackend(Backend):
                                  "not a plain causal model (sliding or chunked layers, soft-capping, sinks, or a "
                                  "family evalctx has not verified it on): use attn_implementation=auto")
             register_lower_right_sdpa()
+        from evalctx.backends.hf.cache import model_windows  # imports transformers: after the extra's check
+
         self.kv_windows = model_windows(self.config) if self.config is not None and options.window_kv else None
         self.memcheck = MemoryCheck(self.config, str(self.model_path), device=self.device,
                                     memory_gb=options.memory_gb, chunk_size=options.chunk_size, tp=self.tp,
