@@ -244,3 +244,27 @@ def test_readme_commands_slow_on_a_fresh_venv(tmp_path: Path) -> None:
     cmds = [c for c in readme_commands(README.read_text()) if not c.tags]
     results = run_in_one_shell(cmds, repo, env, timeout=3 * 3600)
     _check(cmds, results)
+
+
+def _table_text(text: str) -> list[str]:
+    """The run's printed tables without what depends on the machine: the median latency column (p50 s)."""
+    out = []
+    for line in text.strip().splitlines():
+        if re.match(r"^\s*\d+ \|.*\]\s", line):  # a results row: drop its last field, the latency
+            line = line.rsplit(None, 1)[0]
+        out.append(line.rstrip())
+    return out
+
+
+def test_readme_default_run_table_is_the_runs_own_output(tmp_path: Path) -> None:
+    """The README's "What the default run shows" block is what `evalctx run` (no arguments, the embedded tiny model)
+    prints today, cell for cell, notes included (latencies differ by machine and are left out). About 2.5 minutes
+    on a 2-core CPU: the README is the front door, and a table from an older build misleads every new user."""
+    pytest.importorskip("torch")
+    section = README.read_text().split("## What the default run shows", 1)[1]
+    block = section.split("```\n", 2)[1]
+    proc = subprocess.run([sys.executable, "-m", "evalctx.cli", "run", "--out", str(tmp_path), "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = proc.stdout[:proc.stdout.index("\nrun ")]
+    assert _table_text(block) == _table_text(printed)
