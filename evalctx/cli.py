@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from evalctx.argtypes import positive_int, run_name
+from evalctx.commands.argtypes import positive_int, run_name
 from evalctx.errors import LengthError, RunFailed, UsageError
 
 if TYPE_CHECKING:

@@ -264,7 +264,8 @@ def test_readme_default_run_table_is_the_runs_own_output(tmp_path: Path) -> None
     section = README.read_text().split("## What the default run shows", 1)[1]
     block = section.split("```\n", 2)[1]
     proc = subprocess.run([sys.executable, "-m", "evalctx.cli", "run", "--out", str(tmp_path), "--no-progress"],
-                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)},
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = proc.stdout[:proc.stdout.index("\nrun ")]
     assert _table_text(block) == _table_text(printed)

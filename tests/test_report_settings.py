@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evalctx.capacity.model_facts import rope_facts, rope_text
+from evalctx.models.model_facts import rope_facts, rope_text
 from evalctx.report.metadata import settings_table
 
 # A 4.x config.to_dict(), a 5.x one, and the model_config evalctx wrote under 5.x before it read rope_parameters.

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from evalctx.argtypes import positive_int
+from evalctx.commands.argtypes import positive_int
 from evalctx.errors import UsageError, require_extra
 
 DEFAULT_CHUNK = "default"
@@ -147,7 +147,7 @@ def _check(model: str, args: argparse.Namespace, raw: dict[str, str], world: Any
 def model_thresholds(config: Any) -> list[int]:
     """Positions where the model's attention or rotation changes: sliding window, attention chunk, the original
     RoPE window (LongRoPE, YaRN, llama3, dynamic NTK's max_position_embeddings)."""
-    from evalctx.capacity.model_facts import rope_facts
+    from evalctx.models.model_facts import rope_facts
 
     text = getattr(config, "text_config", None) or config
     out = {getattr(text, "sliding_window", None), getattr(text, "attention_chunk_size", None),

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evalctx.argtypes import fraction, non_negative_float, positive_float, positive_int
+from evalctx.commands.argtypes import fraction, non_negative_float, positive_float, positive_int
 from evalctx.capacity.dtypes import canonical_dtype
 from evalctx.capacity.engine_config import EngineConfig, short_dtype
 from evalctx.errors import UsageError

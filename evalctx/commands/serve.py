@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from evalctx.argtypes import port, positive_float, positive_int
+from evalctx.commands.argtypes import port, positive_float, positive_int
 from evalctx.errors import UsageError
 
 

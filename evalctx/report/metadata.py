@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
-from evalctx.capacity.model_facts import rope_facts, rope_text
+from evalctx.models.model_facts import rope_facts, rope_text
 
 Getter = Callable[[Mapping[str, Any]], Any]
 Manifests = list[tuple[str, Mapping[str, Any]]]

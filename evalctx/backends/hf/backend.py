@@ -33,7 +33,7 @@ from evalctx.backends.hf.memory_check import MemoryCheck
 from evalctx.backends.hf.rope import PromptRope
 from evalctx.backends.hf.support import check_engine_matches_forward, check_supported
 from evalctx.capacity.dtypes import torch_dtype_name
-from evalctx.capacity.model_facts import SHAPE_FIELDS, rope_facts
+from evalctx.models.model_facts import SHAPE_FIELDS, rope_facts
 from evalctx.capacity.preflight import EngineLimits, SampleLike, limits_from_hf_config, preflight
 from evalctx.errors import UsageError, require_extra
 from evalctx.models.tokenizer_check import check_tokenizer, own_tokenizer
