@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping
 
-from evalctx.records import Sample
+from evalctx.errors import UsageError
 from evalctx.models.tokenizer import Tokenizer
+from evalctx.records import Sample
+
+
+def check_cell(context_length: Any, depth: Any) -> float:
+    """The depth of a (context_length, depth) cell as a float (a TOML ``1`` and ``1.0`` are the same cell, and the
+    same sample id); UsageError for a length that is not a positive integer or a depth outside 0..1."""
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
+    return float(depth)
 
 
 class Task:

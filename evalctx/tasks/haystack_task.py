@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Mapping
 from evalctx.models import chat_identity
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
-from evalctx.tasks.base import Task
+from evalctx.tasks.base import Task, check_cell
 from evalctx.tasks.haystack import Haystack
 from evalctx.tasks.placement import (PROMPT_MODES, SENTINEL, Frame, Needle, assemble, minimum_length,
                                      render_frame)
@@ -124,11 +124,7 @@ class HaystackTask(Task):
         return render_frame(self.tokenizer, self.prompt_mode, draw.user_text, draw.answer_prefix)
 
     def make_sample(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> Sample:
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
-            raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
-        if not 0.0 <= depth <= 1.0:
-            raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
-        depth = float(depth)  # a TOML ``1`` and ``1.0`` are the same cell (and the same sample id)
+        depth = check_cell(context_length, depth)
         mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
         for _ in range(100):

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Mapping
 
 from evalctx.errors import LengthError, UsageError
 from evalctx.records import Sample
+from evalctx.tasks.base import check_cell
 from evalctx.tasks.haystack_task import MIN_PROBES, HaystackTask
 from evalctx.tasks.keys import draw
 from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
@@ -123,11 +124,7 @@ class KvRetrievalTask(HaystackTask):
         return dict(self.options)
 
     def make_sample(self, context_length: int, depth: float, seed: int, max_new_tokens: int | None = None) -> Sample:
-        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
-            raise UsageError(f"context_length must be a positive integer, got {context_length!r}")
-        if not 0.0 <= depth <= 1.0:
-            raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
-        depth = float(depth)
+        depth = check_cell(context_length, depth)
         mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(context_length, depth, seed)
         if self.shape == "upstream":

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Mapping
 
 from evalctx.errors import UsageError
 from evalctx.records import Sample
+from evalctx.tasks.base import check_cell
 from evalctx.tasks.haystack import Haystack, get_haystack
 from evalctx.tasks.haystack_task import Draw, HaystackTask
 from evalctx.tasks.placement import SENTINEL, Needle, _token_containing, render_frame
@@ -149,11 +150,7 @@ class PasskeyTask(HaystackTask):
 
         Raises UsageError for a non-positive length or a depth outside 0..1.
         """
-        if isinstance(asked_length, bool) or not isinstance(asked_length, int) or asked_length < 1:
-            raise UsageError(f"context_length must be a positive integer, got {asked_length!r}")
-        if not 0.0 <= depth <= 1.0:
-            raise UsageError(f"depth {depth!r} is outside 0..1: depths are fractions 0..1, not percent")
-        depth = float(depth)
+        depth = check_cell(asked_length, depth)
         mnt = self.default_budget() if max_new_tokens is None else max_new_tokens
         rng = self._rng(asked_length, depth, seed)
         draw = self._draw(rng, depth)  # the same key an exact-length sample of this cell hides
