@@ -87,10 +87,10 @@ def element_bytes(kv_dtype: str) -> int:
     return _ELEMENT_BYTES[kv_dtype]
 
 
-def bytes_per_position(kv_heads: int, head_dim: int, kv_dtype: str, value_dim: int | None = None) -> int:
+def bytes_per_position(kv_heads: int, head_dim: int, kv_dtype: str) -> int:
     """K and V bytes one position costs in one layer for ``kv_heads`` heads (this rank's), scales included."""
     scale = SCALE_BYTES if kv_dtype in SCALED_KV else 0
-    return kv_heads * ((head_dim + (value_dim or head_dim)) * element_bytes(kv_dtype) + 2 * scale)
+    return kv_heads * (2 * head_dim * element_bytes(kv_dtype) + 2 * scale)
 
 
 @dataclass(frozen=True)

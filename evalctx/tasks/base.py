@@ -9,6 +9,21 @@ from evalctx.models.tokenizer import Tokenizer
 from evalctx.records import Sample
 
 
+SHAPES = ("exact", "upstream")
+"""Prompt shapes of the tasks that can build upstream's prompts: exact token counts, or upstream's whole lines."""
+
+
+def take_shape(task: str, options: dict[str, Any]) -> str:
+    """Pop the ``shape`` option from ``options`` (default "exact"); UsageError naming the choices otherwise. It joins
+    a task's options only where it is not the default, so exact-length runs keep the options, sample ids and
+    task_options they had before it existed (resume and compare depend on them)."""
+    shape = options.pop("shape", "exact")
+    if shape not in SHAPES:
+        raise UsageError(f"task {task}: unknown shape {shape!r}: choose exact (prompts of exactly the asked token "
+                         "count) or upstream (InfiniteBench's prompts byte for byte)")
+    return shape
+
+
 def check_cell(context_length: Any, depth: Any) -> float:
     """The depth of a (context_length, depth) cell as a float (a TOML ``1`` and ``1.0`` are the same cell, and the
     same sample id); UsageError for a length that is not a positive integer or a depth outside 0..1."""

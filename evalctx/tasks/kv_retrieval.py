@@ -41,9 +41,9 @@ from bisect import bisect_right
 from itertools import accumulate
 from typing import Any, ClassVar, Mapping
 
-from evalctx.errors import LengthError, UsageError
+from evalctx.errors import LengthError
 from evalctx.records import Sample
-from evalctx.tasks.base import check_cell
+from evalctx.tasks.base import check_cell, take_shape
 from evalctx.tasks.haystack_task import MIN_PROBES, HaystackTask
 from evalctx.tasks.keys import draw
 from evalctx.tasks.placement import SENTINEL, _token_containing, render_frame
@@ -64,7 +64,6 @@ _MAX_ASKED = 100
 _MIN_CACHE: dict[tuple[str, ...], int] = {}
 
 
-SHAPES = ("exact", "upstream")
 UPSTREAM_NNOISE = {64 * 1024: 928, 128 * 1024: 2500}
 """TensorRT-LLM's construct_synthetic_dataset.py (a17b14f6) ``build_kv_retrieval``: ``nnoise = [928, 2500]`` for the
 levels ``[64 * 1024, 128 * 1024]``."""
@@ -107,12 +106,8 @@ class KvRetrievalTask(HaystackTask):
 
     def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
                  prompt_mode: str = "raw") -> None:
-        # ``shape`` joins the options only where it is not the default, so exact-length runs keep their sample ids.
         given = dict(options or {})
-        self.shape = given.pop("shape", "exact")
-        if self.shape not in SHAPES:
-            raise UsageError(f"task kv_retrieval: unknown shape {self.shape!r}: choose exact (prompts of exactly the "
-                             "asked token count) or upstream (InfiniteBench's prompts byte for byte)")
+        self.shape = take_shape(self.name, given)
         super().__init__(tokenizer, given, prompt_mode)
         if self.shape == "upstream":
             self.options["shape"] = self.explicit["shape"] = "upstream"

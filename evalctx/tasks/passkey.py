@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Mapping
 
 from evalctx.errors import UsageError
 from evalctx.records import Sample
-from evalctx.tasks.base import check_cell
+from evalctx.tasks.base import check_cell, take_shape
 from evalctx.tasks.haystack import Haystack, get_haystack
 from evalctx.tasks.haystack_task import Draw, HaystackTask
 from evalctx.tasks.placement import SENTINEL, Needle, _token_containing, render_frame
@@ -36,7 +36,6 @@ LANDMARK_INSTRUCTION = ("There is an important info hidden inside a lot of irrel
                         "them. I will quiz you about the important information there.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 TEMPLATES = ("trtllm", "landmark")
-SHAPES = ("exact", "upstream")
 UPSTREAM_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 """construct_synthetic_dataset.py's ``noise``: one line, its newline included."""
 UPSTREAM_ANSWER = "The pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -83,13 +82,8 @@ class PasskeyTask(HaystackTask):
 
     def __init__(self, tokenizer: Tokenizer, options: Mapping[str, Any] | None = None,
                  prompt_mode: str = "raw") -> None:
-        # ``shape`` is an option only where it is not the default: exact-length runs keep the options, sample ids
-        # and task_options they had before it existed (resume and compare depend on them).
         given = dict(options or {})
-        self.shape = given.pop("shape", "exact")
-        if self.shape not in SHAPES:
-            raise UsageError(f"task passkey: unknown shape {self.shape!r}: choose exact (prompts of exactly the asked "
-                             "token count) or upstream (InfiniteBench's prompts byte for byte)")
+        self.shape = take_shape(self.name, given)
         super().__init__(tokenizer, given, prompt_mode)
         if self.shape == "upstream":
             if self.template != "trtllm" or self.options["haystack"] != "noise" or self.options["key_digits"] != 5:

@@ -339,18 +339,17 @@ class HFBackend(Backend):
         self._cache = self.new_cache(capacity, len(prompts))
         return self._cache, 0
 
-    def new_cache(self, capacity: int, batch: int, *, kv_dtype: str | None | bool = True,
-                  step: int | None = None) -> Any:
+    def new_cache(self, capacity: int, batch: int, *, quantized: bool = True, step: int | None = None) -> Any:
         """An empty KV cache as this backend lays it out (windows, precision, reuse snapshots) for ``batch``
-        sequences of ``capacity`` positions. ``kv_dtype=None`` keeps the model dtype whatever the option says;
-        ``step``: the longest query (default: the chunk_size option)."""
+        sequences of ``capacity`` positions. ``quantized=False`` keeps the model dtype whatever the kv_dtype option
+        says; ``step``: the longest query (default: the chunk_size option)."""
         from evalctx.backends.hf.cache import PreallocatedCache
 
         windows = self.kv_windows or self.model.config.num_hidden_layers
         chunk = self.options.chunk_size
         return PreallocatedCache(windows, capacity, batch, step=chunk if step is None else step,
                                  reuse_every=chunk if self.options.prefix_reuse else 0,
-                                 kv_dtype=self.kv_dtype if kv_dtype is True else kv_dtype or None)
+                                 kv_dtype=self.kv_dtype if quantized else None)
 
     def _reusable(self, prompts: list[list[int]]) -> int:
         """Leading positions of ``prompts`` whose keys and values the cache holds: the shortest common prefix of

@@ -93,7 +93,7 @@ def check_engine_matches_forward(backend: Any) -> str:
                              f"{backend.attn_implementation}): {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200]}") from exc
         # The model dtype: a quantized KV cache differs from the forward by design (what it costs is measured).
-        cache = backend.new_cache(ids.shape[1], 1, kv_dtype=None, step=PROBE_CHUNK)
+        cache = backend.new_cache(ids.shape[1], 1, quantized=False, step=PROBE_CHUNK)
         try:
             got = backend.prefill(ids, cache, chunk=PROBE_CHUNK).float()
         except failures as exc:
